@@ -1,0 +1,161 @@
+"""The sans-I/O contract every protocol object follows, and a stack that hosts several.
+
+A protocol object is a synchronous state machine (after aioquic and h11). Its inputs are
+``receive(src, msg, now)``, ``handle_timer(now)`` and API calls that only queue work; its
+outputs, which a driver drains after every input, are ``messages_to_send()``,
+``next_event()`` and ``next_deadline()``. It never reads a clock, draws global randomness or
+touches a socket: ``now`` is passed in and a ``random.Random`` is handed to it.
+
+Drivers (``p2pdeploy.runtime`` on trio, ``p2pdeploy.sim`` on virtual time) follow one loop:
+after each input drain events, then messages, then read the deadline; when a timer fires they
+call ``handle_timer(max(deadline, clock))`` so a core never sees an early time.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter, deque
+from collections.abc import Hashable, Iterable
+from typing import Any
+from typing import Protocol as _TypingProtocol
+
+Address = Hashable
+
+
+class Rng(_TypingProtocol):
+    """The part of ``random.Random`` a core uses; the driver hands in a seeded instance."""
+
+    def random(self) -> float: ...
+    def getrandbits(self, k: int, /) -> int: ...
+    def randrange(self, start: int, stop: int | None = ..., step: int = ..., /) -> int: ...
+    def uniform(self, a: float, b: float, /) -> float: ...
+    def choice(self, seq: Any, /) -> Any: ...
+    def sample(self, population: Any, k: int, /) -> list[Any]: ...
+    def shuffle(self, x: list[Any], /) -> None: ...
+    def expovariate(self, lambd: float, /) -> float: ...
+
+
+class Protocol:
+    """Base class: output buffers and a timer set shared by every protocol object.
+
+    Subclasses call ``self.send(dst, msg)``, ``self.emit(event)`` and
+    ``self.set_timer(name, deadline)``; ``handle_timer`` calls ``on_timer(name, now)`` for each
+    named timer that is due. ``handles`` lists the message classes this protocol receives, so a
+    :class:`Stack` can route to it.
+    """
+
+    handles: tuple[type, ...] = ()
+
+    def __init__(self) -> None:
+        self._outbox: list[tuple[Address, Any]] = []
+        self._events: deque[Any] = deque()
+        self._timers: dict[Hashable, float] = {}
+        self._timer_heap: list[tuple[float, int, Hashable]] = []
+        self._timer_seq = 0
+        #: Inputs dropped by kind (malformed, unexpected, ...): a peer's bad input is counted, never raised.
+        self.dropped: Counter[str] = Counter()
+
+    # -- inputs ----------------------------------------------------------------------------
+    def receive(self, src: Address, msg: Any, now: float) -> None:
+        raise NotImplementedError
+
+    def handle_timer(self, now: float) -> None:
+        """Run every timer whose deadline is at or before ``now``."""
+        heap = self._timer_heap
+        while heap and heap[0][0] <= now:
+            deadline, _, name = heapq.heappop(heap)
+            if self._timers.get(name) != deadline:
+                continue  # cancelled or moved
+            del self._timers[name]
+            self.on_timer(name, now)
+
+    def on_timer(self, name: Hashable, now: float) -> None:
+        raise NotImplementedError
+
+    # -- outputs ---------------------------------------------------------------------------
+    def messages_to_send(self) -> list[tuple[Address, Any]]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def next_event(self) -> Any | None:
+        return self._events.popleft() if self._events else None
+
+    def next_deadline(self) -> float | None:
+        heap = self._timer_heap
+        while heap and self._timers.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)  # discard cancelled entries lazily
+        return heap[0][0] if heap else None
+
+    # -- helpers for subclasses ------------------------------------------------------------
+    def send(self, dst: Address, msg: Any) -> None:
+        self._outbox.append((dst, msg))
+
+    def emit(self, event: Any) -> None:
+        self._events.append(event)
+
+    def set_timer(self, name: Hashable, deadline: float) -> None:
+        """Arm (or move) the timer ``name`` to fire at the absolute time ``deadline``."""
+        self._timers[name] = deadline
+        self._timer_seq += 1
+        heapq.heappush(self._timer_heap, (deadline, self._timer_seq, name))
+
+    def cancel_timer(self, name: Hashable) -> None:
+        self._timers.pop(name, None)
+
+    def timer_deadline(self, name: Hashable) -> float | None:
+        return self._timers.get(name)
+
+
+class Stack(Protocol):
+    """Several protocol objects sharing one node: routes messages by type, merges outputs.
+
+    The layers above the overlay wrap it the way HTTP/3 wraps QUIC; a stack is only the
+    plumbing that lets a driver treat a node's protocols as one object.
+    """
+
+    def __init__(self, layers: Iterable[Protocol]) -> None:
+        super().__init__()
+        self.layers = list(layers)
+        self._route: dict[type, Protocol] = {}
+        for layer in self.layers:
+            for cls in layer.handles:
+                if cls in self._route:
+                    raise ValueError(f"{cls.__name__} is handled by two layers")
+                self._route[cls] = layer
+
+    def receive(self, src: Address, msg: Any, now: float) -> None:
+        layer = self._route.get(type(msg))
+        if layer is None:
+            self.dropped["unexpected"] += 1
+            return
+        layer.receive(src, msg, now)
+
+    def handle_timer(self, now: float) -> None:
+        for layer in self.layers:
+            deadline = layer.next_deadline()
+            if deadline is not None and deadline <= now:
+                layer.handle_timer(now)
+
+    def messages_to_send(self) -> list[tuple[Address, Any]]:
+        out: list[tuple[Address, Any]] = []
+        for layer in self.layers:
+            out.extend(layer.messages_to_send())
+        return out
+
+    def next_event(self) -> Any | None:
+        for layer in self.layers:
+            event = layer.next_event()
+            if event is not None:
+                return event
+        return None
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (layer.next_deadline() for layer in self.layers) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def layer(self, cls: type) -> Any:
+        """The layer that is an instance of ``cls``."""
+        for layer in self.layers:
+            if isinstance(layer, cls):
+                return layer
+        raise KeyError(cls.__name__)
