@@ -1,0 +1,82 @@
+"""The sans-I/O contract: timers, output buffers and the stack that routes by message type."""
+
+import random
+
+import pytest
+
+from p2pdeploy.core import Protocol, Stack
+from p2pdeploy.overlay.ping import Ping, PingProtocol, PingTimedOut, Pong, PongReceived
+
+
+class _Timers(Protocol):
+    def __init__(self):
+        super().__init__()
+        self.fired = []
+
+    def on_timer(self, name, now):
+        self.fired.append((name, now))
+
+
+def test_timers_fire_in_deadline_order_and_cancelled_ones_never_fire():
+    p = _Timers()
+    p.set_timer("b", 2.0)
+    p.set_timer("a", 1.0)
+    p.set_timer("c", 3.0)
+    p.cancel_timer("b")
+    p.set_timer("a", 2.5)  # moved: only the new deadline counts
+    assert p.next_deadline() == 2.5
+    p.handle_timer(2.4)
+    assert p.fired == []
+    p.handle_timer(3.0)
+    assert p.fired == [("a", 3.0), ("c", 3.0)]
+    assert p.next_deadline() is None
+
+
+def _pair():
+    a = PingProtocol(1, random.Random(1))
+    b = PingProtocol(2, random.Random(2))
+    return a, b
+
+
+def test_ping_measures_rtt_and_the_pong_echoes_the_payload():
+    a, b = _pair()
+    nonce = a.ping("b", now=10.0, payload=b"hello")
+    [(dst, msg)] = a.messages_to_send()
+    assert dst == "b" and msg == Ping(nonce, 1, b"hello")
+    b.receive("a", msg, now=10.02)
+    [(dst, reply)] = b.messages_to_send()
+    assert dst == "a" and reply == Pong(nonce, 2, b"hello")
+    a.receive("b", reply, now=10.05)
+    events = [a.next_event(), a.next_event()]
+    received = events[1]
+    assert isinstance(received, PongReceived)
+    assert received.rtt_s == pytest.approx(0.05) and received.payload_bytes == 5
+    assert a.next_deadline() is None  # the timeout was cancelled
+
+
+def test_unanswered_ping_times_out_at_the_rto_and_backs_off():
+    a, _ = _pair()
+    nonce = a.ping("b", now=0.0)
+    assert a.next_deadline() == pytest.approx(1.0)
+    a.handle_timer(a.next_deadline())
+    assert a.next_event() == PingTimedOut("b", nonce)
+
+
+def test_a_pong_from_the_wrong_address_or_nonce_is_dropped_and_counted():
+    a, b = _pair()
+    nonce = a.ping("b", now=0.0)
+    a.receive("mallory", Pong(nonce, 9, b""), now=0.1)
+    a.receive("b", Pong(nonce + 1, 2, b""), now=0.1)
+    assert a.dropped["unsolicited_pong"] == 2
+    assert a.next_event() is None
+
+
+def test_stack_routes_by_type_and_counts_what_no_layer_handles():
+    ping = PingProtocol(1, random.Random(1))
+    stack = Stack([ping])
+    stack.receive("x", Ping(5, 2, b""), now=0.0)
+    assert stack.messages_to_send() == [("x", Pong(5, 1, b""))]
+    stack.receive("x", object(), now=0.0)
+    assert stack.dropped["unexpected"] == 1
+    with pytest.raises(ValueError, match="two layers"):
+        Stack([PingProtocol(1, random.Random(1)), PingProtocol(2, random.Random(2))])

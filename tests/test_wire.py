@@ -1,0 +1,128 @@
+"""The wire codec: round trips, and every kind of bad input is a typed error, never an exception."""
+
+from dataclasses import dataclass
+
+import cbor2
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2pdeploy import wire
+from p2pdeploy.overlay.ping import Ping, Pong
+from p2pdeploy.wire import DATAGRAM_LIMIT_BYTES, DecodeError, NodeId, WireError, decode, encode
+
+
+@wire.record
+@dataclass(frozen=True, slots=True)
+class _Contact:
+    node_id: NodeId
+    address: wire.Address
+
+
+@wire.message(60001)
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    """A test message that uses every kind of field the schema checker knows."""
+
+    key: NodeId
+    count: int
+    ratio: float
+    name: str
+    blob: bytes
+    flag: bool
+    contacts: list[_Contact]
+    pair: tuple[int, str]
+    maybe: int | None
+    attrs: dict[str, int]
+
+
+ids = st.integers(min_value=0, max_value=(1 << 160) - 1)
+addresses = st.one_of(
+    st.tuples(st.text(max_size=20), st.integers(min_value=0, max_value=65535)),
+    st.integers(min_value=0, max_value=10**6),
+)
+samples = st.builds(
+    _Sample,
+    key=ids,
+    count=st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    ratio=st.floats(allow_nan=False),
+    name=st.text(max_size=30),
+    blob=st.binary(max_size=60),
+    flag=st.booleans(),
+    contacts=st.lists(st.builds(_Contact, node_id=ids, address=addresses), max_size=5),
+    pair=st.tuples(st.integers(), st.text(max_size=5)),
+    maybe=st.none() | st.integers(),
+    attrs=st.dictionaries(st.text(max_size=8), st.integers(), max_size=4),
+)
+
+
+@given(samples)
+def test_every_field_kind_survives_a_round_trip(msg):
+    assert decode(encode(msg), limit_bytes=wire.STREAM_LIMIT_BYTES) == msg
+
+
+@given(nonce=st.integers(min_value=0, max_value=2**63 - 1), sender=ids, payload=st.binary(max_size=1000))
+def test_ping_and_pong_round_trip(nonce, sender, payload):
+    for cls in (Ping, Pong):
+        msg = cls(nonce, sender, payload)
+        assert decode(encode(msg)) == msg
+
+
+@given(st.binary(max_size=2000))
+def test_random_bytes_never_raise_and_never_decode_to_garbage(data):
+    result = decode(data)
+    if isinstance(result, DecodeError):
+        assert result.kind in wire.DECODE_ERROR_KINDS
+    else:  # random bytes that happen to be a valid message must re-encode to a message
+        assert decode(encode(result)) == result
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.binary() | st.text(), lambda c: st.lists(c) | st.dictionaries(st.text(), c)))
+def test_random_cbor_values_are_rejected_with_a_kind(value):
+    result = decode(cbor2.dumps(value), limit_bytes=wire.STREAM_LIMIT_BYTES)
+    assert isinstance(result, DecodeError)
+
+
+def test_oversized_datagram_is_rejected_before_parsing():
+    big = encode(Ping(1, 1, b"x" * 2000))
+    assert decode(big) == DecodeError("oversized", f"{len(big)} bytes, limit {DATAGRAM_LIMIT_BYTES}")
+    assert decode(big, limit_bytes=wire.STREAM_LIMIT_BYTES) == Ping(1, 1, b"x" * 2000)
+
+
+def test_unknown_tag_and_bad_version_are_named():
+    assert decode(cbor2.dumps([wire.VERSION, 59999, []])).kind == "unknown_type"
+    assert decode(cbor2.dumps([wire.VERSION + 1, 1, [1, bytes(20), b""]])).kind == "bad_version"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [1, bytes(19), b""],  # an id of the wrong size
+        ["1", bytes(20), b""],  # a string where an int is expected
+        [True, bytes(20), b""],  # a bool is not an int
+        [1, bytes(20)],  # a field missing
+        [1, bytes(20), b"", b""],  # a field too many
+        [1, bytes(20), "text"],  # text where bytes are expected
+    ],
+)
+def test_fields_that_break_the_schema_are_malformed(fields):
+    result = decode(cbor2.dumps([wire.VERSION, wire.tag_of(Ping), fields]))
+    assert isinstance(result, DecodeError) and result.kind == "malformed"
+
+
+def test_encoding_an_invalid_message_is_local_misuse():
+    with pytest.raises(WireError, match="field sender"):
+        encode(Ping(1, 1 << 160, b""))
+    with pytest.raises(WireError, match="not a registered message"):
+        encode(_Contact(1, 2))
+    with pytest.raises(WireError, match="over the limit"):
+        encode(Ping(1, 1, b"x" * 100), limit_bytes=50)
+
+
+def test_a_tag_cannot_name_two_messages():
+    @dataclass(frozen=True)
+    class Other:
+        x: int
+
+    with pytest.raises(WireError, match="already used"):
+        wire.message(wire.tag_of(Ping))(Other)
