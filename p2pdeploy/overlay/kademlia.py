@@ -1,0 +1,659 @@
+"""The Kademlia protocol of one node, sans-I/O: RPCs, lookups, storage and maintenance.
+
+Four RPCs as in the paper (PING is ``Probe``, FIND_NODE, FIND_VALUE, STORE), each request
+carrying a random ``rpc_id`` that its answer echoes. Every message heard updates the routing
+table; a full bucket probes its least-recently-seen contact before a newcomer may replace it.
+
+Multi-step work is an explicit operation object, one per query id the API returns:
+- ``lookup(target)``: an iterative FIND_NODE (``LookupFinished``);
+- ``get(key)``: an iterative FIND_VALUE that stops at the first valid value, or with
+  ``latest=True`` asks all k closest and keeps the highest-sequence record, repairing the
+  replicas that returned an older one (``GetFinished``); on success the value is cached at the
+  closest node on the path that lacked it;
+- ``put(key, value)`` / ``put_record(key, item)``: a lookup, then STORE to the k closest
+  (``PutFinished``);
+- ``bootstrap(addresses)``: probe the given addresses, look ourselves up, then refresh every
+  bucket farther away than our closest neighbour (``Joined``).
+
+Maintenance runs on timers: stale buckets are refreshed with a lookup of a random id in their
+range; replicas republish items they did not hear about for ``replicate_interval_s`` (passing
+on the remaining TTL, never a fresh one); original publishers republish with a fresh TTL every
+``republish_interval_s``; expired items are dropped. A contact that fails a request is counted,
+and replaced only after repeated failures (see ``routing.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from p2pdeploy.core import Address, Protocol, Rng
+from p2pdeploy.overlay.lookup import Lookup
+from p2pdeploy.overlay.routing import ID_SPACE, Contact, RoutingTable
+from p2pdeploy.overlay.storage import (
+    DEFAULT_MAX_TTL_S,
+    DEFAULT_MAX_VALUE_BYTES,
+    Item,
+    LocalStore,
+    check_item,
+    supersedes,
+)
+from p2pdeploy.wire import DecodeError, NodeId, decode, encode, message
+
+# -- messages -------------------------------------------------------------------------------
+
+
+@message(10)
+@dataclass(frozen=True, slots=True)
+class Probe:
+    rpc_id: int
+    sender: NodeId
+
+
+@message(11)
+@dataclass(frozen=True, slots=True)
+class ProbeReply:
+    rpc_id: int
+    sender: NodeId
+
+
+@message(12)
+@dataclass(frozen=True, slots=True)
+class FindNode:
+    rpc_id: int
+    sender: NodeId
+    target: NodeId
+
+
+@message(13)
+@dataclass(frozen=True, slots=True)
+class FindValue:
+    rpc_id: int
+    sender: NodeId
+    key: NodeId
+
+
+@message(14)
+@dataclass(frozen=True, slots=True)
+class Nodes:
+    rpc_id: int
+    sender: NodeId
+    contacts: list[Contact]
+
+
+@message(15)
+@dataclass(frozen=True, slots=True)
+class Value:
+    rpc_id: int
+    sender: NodeId
+    item: Item
+    ttl_s: float
+    contacts: list[Contact]
+
+
+@message(16)
+@dataclass(frozen=True, slots=True)
+class Store:
+    rpc_id: int
+    sender: NodeId
+    key: NodeId
+    item: Item
+    ttl_s: float
+    cached: bool = False
+
+
+@message(17)
+@dataclass(frozen=True, slots=True)
+class StoreReply:
+    rpc_id: int
+    sender: NodeId
+    ok: bool
+    reason: str = ""
+
+
+@message(18)
+@dataclass(frozen=True, slots=True)
+class RoutingSnapshot:
+    """The routing table as saved in the data directory for a fast rejoin (never sent)."""
+
+    node_id: NodeId
+    contacts: list[Contact]
+
+
+REQUESTS = (Probe, FindNode, FindValue, Store)
+REPLIES = (ProbeReply, Nodes, Value, StoreReply)
+
+# -- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LookupFinished:
+    query_id: int
+    target: int
+    closest: list[Contact]
+    hops: int
+    requests: int
+    failures: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetFinished:
+    query_id: int
+    key: int
+    item: Item | None
+    ttl_s: float
+    hops: int
+    requests: int
+
+    @property
+    def found(self) -> bool:
+        return self.item is not None
+
+
+@dataclass(frozen=True, slots=True)
+class PutFinished:
+    query_id: int
+    key: int
+    stored: int
+    refusals: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    query_id: int
+    contacts: int
+
+    @property
+    def ok(self) -> bool:
+        return self.contacts > 0
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KademliaConfig:
+    """Tunable parameters; defaults follow the paper where it gives one."""
+
+    k: int = 20
+    alpha: int = 3
+    b: int = 5
+    disjoint_paths: int = 1
+    rpc_timeout_s: float = 2.0
+    eviction_failures: int = 3
+    refresh_interval_s: float = 3600.0
+    replicate_interval_s: float = 3600.0
+    republish_interval_s: float = 86400.0
+    default_ttl_s: float = 86400.0
+    max_ttl_s: float = DEFAULT_MAX_TTL_S
+    expire_check_interval_s: float = 60.0
+    cache_on_get: bool = True
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    max_stored_items: int = 100_000
+
+    def __post_init__(self) -> None:
+        for name in ("k", "alpha", "b", "disjoint_paths", "eviction_failures", "max_stored_items"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"kademlia.{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("rpc_timeout_s", "refresh_interval_s", "replicate_interval_s", "republish_interval_s",
+                     "default_ttl_s", "max_ttl_s", "expire_check_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"kademlia.{name} must be > 0 (got {getattr(self, name)})")
+
+
+# -- operations -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Rpc:
+    contact: Contact | None  # None while probing a bootstrap address whose id is unknown
+    address: Address
+    query_id: int | None
+    sent_at: float
+
+
+@dataclass(slots=True)
+class _Operation:
+    query_id: int
+    kind: str  # lookup | get | put | join | refresh | replicate | cache
+    target: int
+    lookup: Lookup | None = None
+    latest: bool = False
+    found: list[tuple[Contact | None, Item, float]] = field(default_factory=list)  # None: our own copy
+    item: Item | None = None
+    ttl_s: float = 0.0
+    cached: bool = False
+    stores_waiting: int = 0
+    stored: int = 0
+    refusals: list[str] = field(default_factory=list)
+    probes_waiting: int = 0
+    visible: bool = True  # emits an event when it ends (maintenance work does not)
+
+
+class Kademlia(Protocol):
+    handles = REQUESTS + REPLIES
+
+    def __init__(self, node_id: int, rng: Rng, config: KademliaConfig | None = None) -> None:
+        super().__init__()
+        self.node_id = node_id
+        self.rng = rng
+        self.config = config or KademliaConfig()
+        c = self.config
+        self.table = RoutingTable(node_id, c.k, c.b, eviction_failures=c.eviction_failures)
+        self.store = LocalStore(c.max_stored_items)
+        self.published: dict[int, tuple[Item, float]] = {}  # key -> (item, ttl_s) we originated
+        self._rpcs: dict[int, _Rpc] = {}
+        self._ops: dict[int, _Operation] = {}
+        self._probing: set[int] = set()
+        self._next_query = 0
+        self._started = False
+        self.counters: dict[str, int] = {"requests_sent": 0, "requests_received": 0, "timeouts": 0}
+
+    # -- start and maintenance timers ------------------------------------------------------
+    def start(self, now: float) -> None:
+        """Arm the maintenance timers (the driver calls this once when the node comes up)."""
+        if self._started:
+            return
+        self._started = True
+        c = self.config
+        # spread periodic work so nodes started together do not act in lock-step
+        self.set_timer("refresh", now + c.refresh_interval_s * (0.5 + self.rng.random()))
+        self.set_timer("replicate", now + c.replicate_interval_s * (0.5 + self.rng.random()))
+        self.set_timer("expire", now + c.expire_check_interval_s)
+
+    # -- API -------------------------------------------------------------------------------
+    def bootstrap(self, addresses: list[Address], now: float) -> int:
+        """Join through nodes known only by address; emits ``Joined``."""
+        self.start(now)
+        op = self._new_op("join", self.node_id)
+        for contact in self.table.contacts():  # a restored snapshot counts as known nodes
+            self._request(contact, Probe(0, self.node_id), op, now)
+            op.probes_waiting += 1
+        for address in addresses:
+            rpc_id = self._rpc_id()
+            self._rpcs[rpc_id] = _Rpc(None, address, op.query_id, now)
+            self._send_request(address, Probe(rpc_id, self.node_id), rpc_id, now)
+            op.probes_waiting += 1
+        if op.probes_waiting == 0:
+            self._join_probed(op, now)
+        return op.query_id
+
+    def lookup(self, target: int, now: float) -> int:
+        """Find the k nodes closest to ``target``; emits ``LookupFinished``."""
+        op = self._new_op("lookup", target)
+        self._begin_lookup(op, now)
+        return op.query_id
+
+    def get(self, key: int, now: float, *, latest: bool = False) -> int:
+        """Find the value under ``key``; emits ``GetFinished`` (``item`` is None when absent)."""
+        op = self._new_op("get", key)
+        op.latest = latest
+        local = self.store.get(key, now)
+        if local is not None and not latest:
+            self._finish(op, now, item=local.item, ttl_s=local.expires_at - now)
+            return op.query_id
+        if local is not None:
+            op.found.append((None, local.item, local.expires_at - now))
+        self._begin_lookup(op, now)
+        return op.query_id
+
+    def put(self, key: int, value: bytes, now: float, ttl_s: float | None = None) -> int:
+        """Store an opaque value on the k nodes closest to ``key``; emits ``PutFinished``."""
+        return self.put_item(key, Item(value), now, ttl_s)
+
+    def put_item(self, key: int, item: Item, now: float, ttl_s: float | None = None) -> int:
+        """Store a plain value or a signed record (see ``storage.sign_record``)."""
+        ttl_s = self.config.default_ttl_s if ttl_s is None else ttl_s
+        if not 0 < ttl_s <= self.config.max_ttl_s:
+            raise ValueError(f"ttl_s must be in (0, {self.config.max_ttl_s}] (got {ttl_s})")
+        reason = check_item(key, item, self.config.max_value_bytes)
+        if reason is not None:
+            raise ValueError(f"cannot put key {key:040x}: {reason}")
+        self.published[key] = (item, ttl_s)
+        self.set_timer(("republish", key), now + self.config.republish_interval_s)
+        return self._start_store(key, item, ttl_s, now).query_id
+
+    def closest_known(self, target: int, k: int | None = None) -> list[Contact]:
+        return self.table.closest(target, k)
+
+    def snapshot(self) -> bytes:
+        """The routing table as CBOR bytes, for the data directory."""
+        return encode(RoutingSnapshot(self.node_id, list(self.table.contacts())))
+
+    def restore(self, data: bytes) -> int:
+        """Load contacts saved by ``snapshot``; returns how many (0 for a bad or foreign file)."""
+        snap = decode(data, limit_bytes=len(data))
+        if isinstance(snap, DecodeError) or not isinstance(snap, RoutingSnapshot) or snap.node_id != self.node_id:
+            return 0
+        for contact in snap.contacts:
+            self.table.add(contact)
+        return len(snap.contacts)
+
+    # -- inputs ----------------------------------------------------------------------------
+    def receive(self, src: Address, msg: Any, now: float) -> None:
+        kind = type(msg)
+        if kind in REPLIES:
+            self._on_reply(src, msg, now)
+            return
+        self.counters["requests_received"] += 1
+        self._heard(Contact(msg.sender, src), now)
+        if kind is Probe:
+            self.send(src, ProbeReply(msg.rpc_id, self.node_id))
+        elif kind is FindNode:
+            self.send(src, Nodes(msg.rpc_id, self.node_id, self._closest_for(msg.target, msg.sender)))
+        elif kind is FindValue:
+            stored = self.store.get(msg.key, now)
+            if stored is None:
+                self.send(src, Nodes(msg.rpc_id, self.node_id, self._closest_for(msg.key, msg.sender)))
+            else:
+                contacts = self._closest_for(msg.key, msg.sender)
+                self.send(src, Value(msg.rpc_id, self.node_id, stored.item, stored.expires_at - now, contacts))
+        elif kind is Store:
+            self.send(src, self._accept_store(msg, now))
+        else:
+            self.dropped["unexpected"] += 1
+
+    def _closest_for(self, target: int, requester: int) -> list[Contact]:
+        return [c for c in self.table.closest(target, self.config.k + 1) if c.node_id != requester][: self.config.k]
+
+    def _accept_store(self, msg: Store, now: float) -> StoreReply:
+        if not 0 < msg.ttl_s <= self.config.max_ttl_s:
+            self.dropped["store_bad_ttl"] += 1
+            return StoreReply(msg.rpc_id, self.node_id, False, f"ttl_s must be in (0, {self.config.max_ttl_s}]")
+        reason = check_item(msg.key, msg.item, self.config.max_value_bytes)
+        if reason is None:
+            reason = self.store.put(msg.key, msg.item, msg.ttl_s, now, cached=msg.cached)
+        if reason is not None:
+            self.dropped["store_refused"] += 1
+            return StoreReply(msg.rpc_id, self.node_id, False, reason)
+        return StoreReply(msg.rpc_id, self.node_id, True)
+
+    def _on_reply(self, src: Address, msg: Any, now: float) -> None:
+        rpc = self._rpcs.get(msg.rpc_id)
+        if rpc is None or rpc.address != src or (rpc.contact is not None and rpc.contact.node_id != msg.sender):
+            self.dropped["unsolicited_reply"] += 1
+            return
+        del self._rpcs[msg.rpc_id]
+        self.cancel_timer(("rpc", msg.rpc_id))
+        contact = Contact(msg.sender, src)
+        self._probing.discard(msg.sender)
+        self._heard(contact, now)
+        op = self._ops.get(rpc.query_id) if rpc.query_id is not None else None
+        if op is None:
+            return
+        kind = type(msg)
+        if kind is ProbeReply and op.kind == "join":
+            op.probes_waiting -= 1
+            if op.probes_waiting == 0:
+                self._join_probed(op, now)
+        elif kind is StoreReply:
+            op.stores_waiting -= 1
+            if msg.ok:
+                op.stored += 1
+            else:
+                op.refusals.append(msg.reason)
+            if op.stores_waiting == 0:
+                self._finish(op, now)
+        elif kind in (Nodes, Value) and op.lookup is not None:
+            if kind is Value:
+                self._on_value(op, contact, msg, now)
+            op.lookup.answered(msg.sender, [c for c in msg.contacts if c.node_id != self.node_id])
+            self._advance(op, now)
+
+    def _on_value(self, op: _Operation, contact: Contact, msg: Value, now: float) -> None:
+        if op.kind != "get" or check_item(op.target, msg.item, self.config.max_value_bytes) is not None:
+            self.dropped["invalid_value"] += 1
+            return
+        if not 0 < msg.ttl_s <= self.config.max_ttl_s:
+            self.dropped["invalid_value"] += 1
+            return
+        op.found.append((contact, msg.item, msg.ttl_s))
+        if not op.latest and op.lookup is not None:
+            op.lookup.finish()
+
+    def on_timer(self, name: Hashable, now: float) -> None:
+        c = self.config
+        if isinstance(name, tuple):
+            if name[0] == "rpc":
+                self._on_rpc_timeout(name[1], now)
+            elif name[0] == "republish":
+                self._republish(name[1], now)
+        elif name == "refresh":
+            self._refresh(now)
+            self.set_timer("refresh", now + c.refresh_interval_s / 4)
+        elif name == "replicate":
+            self._replicate(now)
+            self.set_timer("replicate", now + c.replicate_interval_s)
+        elif name == "expire":
+            self.store.expire(now)
+            self.set_timer("expire", now + c.expire_check_interval_s)
+
+    def _on_rpc_timeout(self, rpc_id: int, now: float) -> None:
+        rpc = self._rpcs.pop(rpc_id, None)
+        if rpc is None:
+            return
+        self.counters["timeouts"] += 1
+        if rpc.contact is not None:
+            node_id = rpc.contact.node_id
+            self.table.failed(node_id)
+            if node_id in self._probing:
+                self._probing.discard(node_id)
+                if self.table.get(node_id) is not None and not self.table.is_stale(node_id):
+                    self._probe_lrs(rpc.contact, now)  # one slow answer is not a failure yet
+        op = self._ops.get(rpc.query_id) if rpc.query_id is not None else None
+        if op is None:
+            return
+        if op.kind == "join" and op.probes_waiting > 0 and op.lookup is None:
+            op.probes_waiting -= 1
+            if op.probes_waiting == 0:
+                self._join_probed(op, now)
+        elif op.stores_waiting > 0 and op.lookup is None:
+            op.stores_waiting -= 1
+            op.refusals.append("timeout")
+            if op.stores_waiting == 0:
+                self._finish(op, now)
+        elif op.lookup is not None and rpc.contact is not None:
+            op.lookup.failed(rpc.contact.node_id)
+            self._advance(op, now)
+
+    # -- routing-table upkeep --------------------------------------------------------------
+    def _heard(self, contact: Contact, now: float) -> None:
+        result = self.table.add(contact)
+        if result.probe is not None and result.probe.node_id not in self._probing:
+            self._probe_lrs(result.probe, now)
+
+    def _probe_lrs(self, contact: Contact, now: float) -> None:
+        self._probing.add(contact.node_id)
+        self._request(contact, Probe(0, self.node_id), None, now)
+
+    # -- sending ---------------------------------------------------------------------------
+    def _rpc_id(self) -> int:
+        rpc_id = self.rng.getrandbits(63)
+        while rpc_id in self._rpcs or rpc_id == 0:
+            rpc_id = self.rng.getrandbits(63)
+        return rpc_id
+
+    def _request(self, contact: Contact, template: Any, op: _Operation | None, now: float) -> None:
+        """Send a request to ``contact`` (``template`` with a fresh rpc id) and arm its timeout."""
+        rpc_id = self._rpc_id()
+        msg = dataclasses.replace(template, rpc_id=rpc_id)
+        self._rpcs[rpc_id] = _Rpc(contact, contact.address, op.query_id if op else None, now)
+        self._send_request(contact.address, msg, rpc_id, now)
+
+    def _send_request(self, address: Address, msg: Any, rpc_id: int, now: float) -> None:
+        self.counters["requests_sent"] += 1
+        self.send(address, msg)
+        self.set_timer(("rpc", rpc_id), now + self.config.rpc_timeout_s)
+
+    # -- operations ------------------------------------------------------------------------
+    def _new_op(self, kind: str, target: int, *, visible: bool = True) -> _Operation:
+        self._next_query += 1
+        op = _Operation(self._next_query, kind, target, visible=visible)
+        self._ops[op.query_id] = op
+        return op
+
+    def _begin_lookup(self, op: _Operation, now: float) -> None:
+        c = self.config
+        self.table.touch(op.target, now)
+        seeds = self.table.closest(op.target, c.k * c.disjoint_paths)
+        op.lookup = Lookup(op.target, seeds, k=c.k, alpha=c.alpha, own_id=self.node_id, paths=c.disjoint_paths)
+        self._advance(op, now)
+
+    def _advance(self, op: _Operation, now: float) -> None:
+        lookup = op.lookup
+        assert lookup is not None
+        request = FindValue(0, self.node_id, op.target) if op.kind == "get" else FindNode(0, self.node_id, op.target)
+        for contact in lookup.next_requests():
+            self._request(contact, request, op, now)
+        if lookup.done and not lookup.waiting():
+            self._lookup_done(op, now)
+        elif lookup.done and op.kind == "get" and op.found and not op.latest:
+            self._lookup_done(op, now)  # a value is in hand: answers still in flight do not matter
+
+    def _lookup_done(self, op: _Operation, now: float) -> None:
+        lookup = op.lookup
+        assert lookup is not None
+        if op.kind == "get":
+            self._get_done(op, now)
+        elif op.kind in ("put", "replicate"):
+            targets = lookup.result()
+            op.lookup = None
+            assert op.item is not None
+            if self._closer_than_all(op.target, targets):  # we are a replica ourselves
+                reason = self.store.put(op.target, op.item, op.ttl_s, now)
+                if reason is None:
+                    op.stored += 1
+                else:
+                    op.refusals.append(reason)
+            if not targets:
+                self._finish(op, now)
+                return
+            for contact in targets:
+                self._request(contact, Store(0, self.node_id, op.target, op.item, op.ttl_s), op, now)
+            op.stores_waiting = len(targets)
+        elif op.kind == "join":
+            self._join_looked_up(op, now)
+        else:
+            self._finish(op, now)
+
+    def _closer_than_all(self, key: int, contacts: list[Contact]) -> bool:
+        """True when this node is itself among the k closest to ``key`` it knows."""
+        if len(contacts) < self.config.k:
+            return True
+        return (self.node_id ^ key) < (contacts[-1].node_id ^ key)
+
+    def _get_done(self, op: _Operation, now: float) -> None:
+        lookup = op.lookup
+        assert lookup is not None
+        if not op.found:
+            self._finish(op, now)
+            return
+        _, best, ttl_s = max(op.found, key=lambda f: (f[1].sequence, f[2]))
+        if op.latest:  # read repair: replicas that answered with an older record get the newest
+            for contact, item, _ in op.found:
+                if contact is not None and item != best and supersedes(best, item) is None:
+                    self._request(contact, Store(0, self.node_id, op.target, best, ttl_s), None, now)
+        elif self.config.cache_on_get:
+            holders = {contact.node_id for contact, _, _ in op.found if contact is not None}
+            for candidate in lookup.closest_answered():
+                if candidate.contact.node_id not in holders:
+                    cache_ttl = min(ttl_s, self.config.replicate_interval_s)
+                    self._request(candidate.contact, Store(0, self.node_id, op.target, best, cache_ttl, True), None, now)
+                    break
+        self._finish(op, now, item=best, ttl_s=ttl_s)
+
+    def _join_probed(self, op: _Operation, now: float) -> None:
+        """Bootstrap contacts answered (or not): look ourselves up."""
+        self.table.touch(self.node_id, now)
+        op.lookup = Lookup(self.node_id, self.table.closest(self.node_id), k=self.config.k,
+                           alpha=self.config.alpha, own_id=self.node_id)
+        self._advance(op, now)
+
+    def _join_looked_up(self, op: _Operation, now: float) -> None:
+        """After the self-lookup, refresh every bucket farther than our closest neighbour."""
+        closest = self.table.closest(self.node_id, 1)
+        if closest:
+            nearest_bucket = self.table.bucket_for(closest[0].node_id)
+            for bucket in list(self.table.buckets):
+                if bucket is not nearest_bucket and not bucket.covers(self.node_id):
+                    self._refresh_bucket(bucket, now)
+        self._finish(op, now)
+
+    def _refresh(self, now: float) -> None:
+        for bucket in self.table.stale_buckets(now, self.config.refresh_interval_s):
+            self._refresh_bucket(bucket, now)
+
+    def _refresh_bucket(self, bucket: Any, now: float) -> None:
+        target = bucket.low + self.rng.randrange(bucket.size)
+        op = self._new_op("refresh", target, visible=False)
+        self._begin_lookup(op, now)
+
+    def _start_store(self, key: int, item: Item, ttl_s: float, now: float, *, visible: bool = True) -> _Operation:
+        op = self._new_op("put" if visible else "replicate", key, visible=visible)
+        op.item, op.ttl_s = item, ttl_s
+        self._begin_lookup(op, now)
+        return op
+
+    def _replicate(self, now: float) -> None:
+        """Replica republish: items not refreshed by anyone for an interval go out again."""
+        horizon = now - self.config.replicate_interval_s
+        for key, stored in self.store.items():
+            if stored.cached or stored.refreshed_at > horizon:
+                continue
+            remaining = stored.expires_at - now
+            if remaining > 0:
+                stored.refreshed_at = now
+                self._start_store(key, stored.item, remaining, now, visible=False)
+
+    def _republish(self, key: int, now: float) -> None:
+        published = self.published.get(key)
+        if published is None:
+            return
+        item, ttl_s = published
+        self._start_store(key, item, ttl_s, now, visible=False)
+        self.set_timer(("republish", key), now + self.config.republish_interval_s)
+
+    def unpublish(self, key: int) -> None:
+        """Stop republishing ``key``; its replicas expire with their TTL."""
+        self.published.pop(key, None)
+        self.cancel_timer(("republish", key))
+
+    def _finish(self, op: _Operation, now: float, *, item: Item | None = None, ttl_s: float = 0.0) -> None:
+        self._ops.pop(op.query_id, None)
+        if not op.visible:
+            return
+        lookup = op.lookup
+        hops = lookup.hops() if lookup else 0
+        requests = lookup.requests_sent if lookup else 0
+        if op.kind == "lookup":
+            assert lookup is not None
+            self.emit(LookupFinished(op.query_id, op.target, lookup.result(), hops, requests, lookup.failures))
+        elif op.kind == "get":
+            self.emit(GetFinished(op.query_id, op.target, item, ttl_s, hops, requests))
+        elif op.kind == "put":
+            self.emit(PutFinished(op.query_id, op.target, op.stored, op.refusals))
+        elif op.kind == "join":
+            self.emit(Joined(op.query_id, len(self.table)))
+
+
+__all__ = [
+    "ID_SPACE",
+    "Contact",
+    "FindNode",
+    "FindValue",
+    "GetFinished",
+    "Joined",
+    "Kademlia",
+    "KademliaConfig",
+    "LookupFinished",
+    "Nodes",
+    "Probe",
+    "ProbeReply",
+    "PutFinished",
+    "RoutingSnapshot",
+    "Store",
+    "StoreReply",
+    "Value",
+]

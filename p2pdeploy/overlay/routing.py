@@ -1,0 +1,231 @@
+"""Kademlia's routing table: k-buckets over the 160-bit XOR metric.
+
+As in Maymounkov and Mazières (2002): a bucket covers a prefix block of the id space and
+keeps at most ``k`` contacts ordered least-recently seen first. A bucket that is full splits
+when its range holds our own id, or when its depth in the tree is not a multiple of ``b``
+(the relaxed splitting of section 4.2, with b = 5 as in the reference implementation);
+otherwise the newcomer waits in the bucket's replacement cache while the owner checks the
+least-recently-seen contact. A contact leaves the table only after ``eviction_failures``
+consecutive failed requests *and* when a replacement is waiting, so a slow answer or a quiet
+network never empties the table (the paper keeps stale contacts when nothing replaces them).
+
+``closest(target, k)`` returns the true k closest contacts by XOR: buckets are prefix blocks,
+so their distance intervals to a target are disjoint and can be visited in order.
+
+Not here: sending probes (the protocol in ``kademlia.py`` asks ``add`` what to probe).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from p2pdeploy.wire import ID_BITS, Address, NodeId, record
+
+ID_SPACE = 1 << ID_BITS
+
+
+@record
+@dataclass(frozen=True, slots=True)
+class Contact:
+    """How to reach a node: its id and its address (``(host, port)`` or a simulator index)."""
+
+    node_id: NodeId
+    address: Address
+
+
+def distance(a: int, b: int) -> int:
+    return a ^ b
+
+
+@dataclass(slots=True)
+class _Entry:
+    contact: Contact
+    failures: int = 0
+
+
+class KBucket:
+    """Contacts whose ids lie in ``[low, low + size)``, least-recently seen first."""
+
+    __slots__ = ("low", "size", "depth", "entries", "replacements", "last_lookup")
+
+    def __init__(self, low: int, depth: int) -> None:
+        self.low = low
+        self.depth = depth
+        self.size = 1 << (ID_BITS - depth)
+        self.entries: dict[int, _Entry] = {}
+        self.replacements: dict[int, Contact] = {}
+        self.last_lookup = 0.0
+
+    def covers(self, node_id: int) -> bool:
+        return self.low <= node_id < self.low + self.size
+
+    def least_recently_seen(self) -> _Entry:
+        return next(iter(self.entries.values()))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __repr__(self) -> str:
+        return f"KBucket(depth={self.depth}, low={self.low:040x}, contacts={len(self.entries)})"
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    """What ``RoutingTable.add`` did: ``added``/``updated``/``pending`` (in the replacement cache)
+    or ``ignored`` (our own id). ``probe`` is the least-recently-seen contact of a full bucket that
+    the protocol should check before the newcomer can take its place."""
+
+    outcome: str
+    probe: Contact | None = None
+
+
+class RoutingTable:
+    def __init__(
+        self,
+        own_id: int,
+        k: int = 20,
+        b: int = 5,
+        replacement_cache_size: int | None = None,
+        eviction_failures: int = 3,
+    ) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1 (got {k})")
+        if b < 1:
+            raise ValueError(f"b must be >= 1 (got {b})")
+        self.own_id = own_id
+        self.k = k
+        self.b = b
+        self.replacement_cache_size = replacement_cache_size if replacement_cache_size is not None else 5 * k
+        self.eviction_failures = eviction_failures
+        self.buckets: list[KBucket] = [KBucket(0, 0)]
+
+    # -- lookup of buckets --------------------------------------------------------------------
+    def bucket_index(self, node_id: int) -> int:
+        """Index of the bucket covering ``node_id`` (binary search over the sorted ranges)."""
+        buckets = self.buckets
+        lo, hi = 0, len(buckets) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if buckets[mid].low <= node_id:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def bucket_for(self, node_id: int) -> KBucket:
+        return self.buckets[self.bucket_index(node_id)]
+
+    # -- updates -------------------------------------------------------------------------------
+    def add(self, contact: Contact) -> AddResult:
+        """Record that ``contact`` was heard from (it answered or sent us a request)."""
+        node_id = contact.node_id
+        if node_id == self.own_id:
+            return AddResult("ignored")
+        while True:
+            index = self.bucket_index(node_id)
+            bucket = self.buckets[index]
+            entry = bucket.entries.pop(node_id, None)
+            if entry is not None:  # seen again: most recently seen goes to the tail
+                bucket.entries[node_id] = _Entry(contact, 0)
+                return AddResult("updated")
+            if len(bucket.entries) < self.k:
+                bucket.entries[node_id] = _Entry(contact)
+                bucket.replacements.pop(node_id, None)
+                return AddResult("added")
+            if self._may_split(bucket):
+                self._split(index)
+                continue
+            cache = bucket.replacements
+            cache.pop(node_id, None)
+            cache[node_id] = contact
+            while len(cache) > self.replacement_cache_size:
+                del cache[next(iter(cache))]
+            return AddResult("pending", bucket.least_recently_seen().contact)
+
+    def _may_split(self, bucket: KBucket) -> bool:
+        if bucket.depth >= ID_BITS:
+            return False
+        return bucket.covers(self.own_id) or bucket.depth % self.b != 0
+
+    def _split(self, index: int) -> None:
+        old = self.buckets[index]
+        depth = old.depth + 1
+        low_half, high_half = KBucket(old.low, depth), KBucket(old.low + (old.size >> 1), depth)
+        for half in (low_half, high_half):
+            half.last_lookup = old.last_lookup
+        for node_id, entry in old.entries.items():
+            (low_half if low_half.covers(node_id) else high_half).entries[node_id] = entry
+        for node_id, contact in old.replacements.items():
+            half = low_half if low_half.covers(node_id) else high_half
+            if len(half.entries) < self.k:
+                half.entries[node_id] = _Entry(contact)
+            else:
+                half.replacements[node_id] = contact
+        self.buckets[index : index + 1] = [low_half, high_half]
+
+    def failed(self, node_id: int) -> bool:
+        """Count a failed request to ``node_id``; returns True when it was evicted.
+
+        A contact is replaced only after ``eviction_failures`` consecutive failures and only
+        by a waiting replacement; otherwise it stays, marked stale, until it answers again.
+        """
+        bucket = self.bucket_for(node_id)
+        entry = bucket.entries.get(node_id)
+        if entry is None:
+            bucket.replacements.pop(node_id, None)
+            return False
+        entry.failures += 1
+        if entry.failures < self.eviction_failures or not bucket.replacements:
+            return False
+        del bucket.entries[node_id]
+        newest_id = next(reversed(bucket.replacements))
+        bucket.entries[newest_id] = _Entry(bucket.replacements.pop(newest_id))
+        return True
+
+    def remove(self, node_id: int) -> None:
+        bucket = self.bucket_for(node_id)
+        bucket.entries.pop(node_id, None)
+        bucket.replacements.pop(node_id, None)
+
+    # -- queries -------------------------------------------------------------------------------
+    def get(self, node_id: int) -> Contact | None:
+        entry = self.bucket_for(node_id).entries.get(node_id)
+        return entry.contact if entry else None
+
+    def is_stale(self, node_id: int) -> bool:
+        entry = self.bucket_for(node_id).entries.get(node_id)
+        return entry is not None and entry.failures >= self.eviction_failures
+
+    def closest(self, target: int, k: int | None = None, *, include_stale: bool = False) -> list[Contact]:
+        """The ``k`` contacts closest to ``target`` by XOR distance, closest first."""
+        k = self.k if k is None else k
+        # A bucket is a prefix block, so all its members' distances to the target lie in one
+        # block of the distance space; visiting buckets by that block's start is visiting them
+        # in distance order, and we can stop once k contacts are in hand.
+        order = sorted(self.buckets, key=lambda bk: (bk.low ^ target) & ~(bk.size - 1))
+        found: list[tuple[int, Contact]] = []
+        limit = self.eviction_failures
+        for bucket in order:
+            if len(found) >= k:
+                break
+            for node_id, entry in bucket.entries.items():
+                if include_stale or entry.failures < limit:
+                    found.append((node_id ^ target, entry.contact))
+        return [contact for _, contact in heapq.nsmallest(k, found, key=lambda pair: pair[0])]
+
+    def contacts(self) -> Iterator[Contact]:
+        for bucket in self.buckets:
+            for entry in bucket.entries.values():
+                yield entry.contact
+
+    def __len__(self) -> int:
+        return sum(len(bucket.entries) for bucket in self.buckets)
+
+    def stale_buckets(self, now: float, interval_s: float) -> list[KBucket]:
+        return [bucket for bucket in self.buckets if now - bucket.last_lookup >= interval_s]
+
+    def touch(self, target: int, now: float) -> None:
+        """A lookup for ``target`` ran now: its bucket needs no refresh for a while."""
+        self.bucket_for(target).last_lookup = now
