@@ -463,6 +463,27 @@ class Kademlia(Protocol):
         result = self.table.add(contact)
         if result.probe is not None and result.probe.node_id not in self._probing:
             self._probe_lrs(result.probe, now)
+        elif result.outcome == "added" and len(self.store):
+            self._hand_off(contact, now)
+
+    def _hand_off(self, newcomer: Contact, now: float) -> None:
+        """A node we did not know may be one of the k closest to keys we hold: give it those.
+
+        Only the holder closest to a key among the nodes it knows sends, so a join does not
+        draw k copies of every value (the paper's section 2.5)."""
+        k = self.config.k
+        for key, stored in self.store.items():
+            if stored.cached:
+                continue
+            closest = self.table.closest(key, k)
+            if newcomer not in closest:
+                continue
+            own = self.node_id ^ key
+            if any(c.node_id ^ key < own for c in closest if c.node_id != newcomer.node_id):
+                continue
+            remaining = stored.expires_at - now
+            if remaining > 0:
+                self._request(newcomer, Store(0, self.node_id, key, stored.item, remaining), None, now)
 
     def _probe_lrs(self, contact: Contact, now: float) -> None:
         self._probing.add(contact.node_id)

@@ -16,6 +16,7 @@ back ``answered``/``failed``. It never reads a clock.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -43,6 +44,10 @@ class _Path:
     candidates: list[Candidate] = field(default_factory=list)  # kept sorted by distance
     in_flight: int = 0
     finished: bool = False
+
+
+def _distance(candidate: Candidate) -> int:
+    return candidate.distance
 
 
 class Lookup:
@@ -76,12 +81,7 @@ class Lookup:
             return  # a node belongs to one path only (disjointness)
         candidate = Candidate(contact, node_id ^ self.target, path, hops)
         self.by_id[node_id] = candidate
-        candidates = self.paths[path].candidates
-        # insertion into a short sorted list; shortlists stay small
-        index = len(candidates)
-        while index > 0 and candidates[index - 1].distance > candidate.distance:
-            index -= 1
-        candidates.insert(index, candidate)
+        bisect.insort(self.paths[path].candidates, candidate, key=_distance)
 
     def _head(self, path: _Path) -> list[Candidate]:
         """The k closest candidates of a path that have not failed."""

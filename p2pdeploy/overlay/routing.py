@@ -39,6 +39,10 @@ def distance(a: int, b: int) -> int:
     return a ^ b
 
 
+def _first(pair: tuple[int, Contact]) -> int:
+    return pair[0]
+
+
 @dataclass(slots=True)
 class _Entry:
     contact: Contact
@@ -201,19 +205,27 @@ class RoutingTable:
     def closest(self, target: int, k: int | None = None, *, include_stale: bool = False) -> list[Contact]:
         """The ``k`` contacts closest to ``target`` by XOR distance, closest first."""
         k = self.k if k is None else k
+        limit = self.eviction_failures
+        # Every id outside the bucket that covers the target is farther than every id inside
+        # it (they differ from the target in a higher bit), so a full enough bucket answers alone.
+        home = self.bucket_for(target)
+        if len(home.entries) >= k:
+            inside = [(node_id ^ target, entry.contact) for node_id, entry in home.entries.items()
+                      if include_stale or entry.failures < limit]
+            if len(inside) >= k:
+                return [contact for _, contact in heapq.nsmallest(k, inside, key=_first)]
         # A bucket is a prefix block, so all its members' distances to the target lie in one
         # block of the distance space; visiting buckets by that block's start is visiting them
         # in distance order, and we can stop once k contacts are in hand.
         order = sorted(self.buckets, key=lambda bk: (bk.low ^ target) & ~(bk.size - 1))
         found: list[tuple[int, Contact]] = []
-        limit = self.eviction_failures
         for bucket in order:
             if len(found) >= k:
                 break
             for node_id, entry in bucket.entries.items():
                 if include_stale or entry.failures < limit:
                     found.append((node_id ^ target, entry.contact))
-        return [contact for _, contact in heapq.nsmallest(k, found, key=lambda pair: pair[0])]
+        return [contact for _, contact in heapq.nsmallest(k, found, key=_first)]
 
     def contacts(self) -> Iterator[Contact]:
         for bucket in self.buckets:

@@ -188,3 +188,19 @@ def test_bad_configuration_names_the_field():
         KademliaConfig(alpha=0)
     with pytest.raises(ValueError, match="kademlia.rpc_timeout_s must be > 0"):
         KademliaConfig(rpc_timeout_s=0)
+
+
+def test_a_joining_node_close_to_a_key_is_handed_the_value():
+    net = FakeNet(seed=11, config=KademliaConfig(k=4))
+    net.join_all(20)
+    key = random.Random(3).getrandbits(160)
+    net.call(0, "put", key, b"handed")
+    net.run(until=net.now)
+    # a newcomer whose id is the key itself is the closest node there can be
+    newcomer = Kademlia(key ^ 1, random.Random(5), net.config)
+    newcomer.address = 99
+    net.nodes[99] = newcomer
+    newcomer.start(net.now)
+    net.call(99, "bootstrap", [0])
+    net.run(until=net.now + 10.0)
+    assert newcomer.store.get(key, net.now).item == Item(b"handed")
