@@ -1,0 +1,361 @@
+"""The modelled network: per-pair latency, jitter, loss, and bandwidth for large messages.
+
+Latency between two nodes is fixed per pair and symmetric; a message's one-way delay is that
+latency plus jitter. The pairwise latency comes from one of four models:
+
+- ``euclidean`` (synthetic coordinates, as in Vivaldi's view of the Internet): every node gets a
+  point uniform in the unit square, and latency = ``base_latency_ms`` + distance ×
+  ``latency_scale_ms``. Median over random pairs ≈ base + 0.52 × scale.
+- ``constant``: latency = ``base_latency_ms`` for every pair.
+- ``uniform``: latency = base + U(0, ``latency_scale_ms``), drawn once per pair.
+- ``lognormal``: latency = base + a log-normal draw with median ``latency_scale_ms`` and shape
+  ``latency_sigma``, once per pair.
+
+The pairwise draws of ``uniform`` and ``lognormal`` come from a hash of (seed, pair), so a pair's
+latency does not depend on which pairs happened to talk first, and nothing of size n² is stored.
+
+Jitter is U(0, ``jitter_ms``) per message, so a message is never faster than its pair's latency
+and datagrams may overtake each other, as over UDP.
+
+Messages up to ``large_message_bytes`` are datagrams: each is lost independently with
+probability ``loss``, and its size costs no time. Larger messages travel by stream, as the trio
+runtime sends them over TCP: they are not lost, and they go through a FIFO pipe at each end: the
+sender's uplink (``upload_bytes_per_s``) and, from the arrival of its first byte, the receiver's
+downlink (``download_bytes_per_s``). One large message alone on the path is delivered
+``latency + size / min(upload, download)`` after it was sent; several from one sender queue
+behind each other. There is no fair sharing between concurrent streams and no congestion model.
+
+Messages travel as Python objects, never encoded, for speed. Their size matters only above the
+large-message threshold, so :class:`WireSizer` bounds a message's size from its field values
+cheaply and calls :func:`p2pdeploy.wire.encode` for the exact size only when that bound exceeds
+the threshold; pass another ``size_of`` to :class:`Network` to change this.
+
+A message to a node that is down when it arrives is dropped and counted (``dropped["down"]``);
+a message to an address that is not a node is dropped and counted (``dropped["unknown_address"]``).
+Messages already in flight when their sender crashes are still delivered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import random
+import statistics
+import sys
+import typing
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from p2pdeploy import wire
+
+if TYPE_CHECKING:
+    from p2pdeploy.sim.engine import Engine, Streams
+    from p2pdeploy.sim.host import SimNode
+
+LATENCY_MODELS = ("euclidean", "constant", "uniform", "lognormal")
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkConfig:
+    """The network model's knobs; the scenario's ``[network]`` table maps onto these fields."""
+
+    latency_model: str = "euclidean"
+    base_latency_ms: float = 10.0
+    latency_scale_ms: float = 100.0
+    latency_sigma: float = 0.5
+    jitter_ms: float = 0.0
+    loss: float = 0.0
+    upload_bytes_per_s: float = 1_250_000.0
+    download_bytes_per_s: float = 1_250_000.0
+    large_message_bytes: int = wire.DATAGRAM_LIMIT_BYTES
+
+    def __post_init__(self) -> None:
+        if self.latency_model not in LATENCY_MODELS:
+            raise ValueError(f"latency_model must be one of {', '.join(LATENCY_MODELS)} (got {self.latency_model!r})")
+        if not 0.0 <= self.loss <= 1.0:
+            raise ValueError(f"loss must be between 0 and 1 (got {self.loss})")
+        for name in ("base_latency_ms", "latency_scale_ms", "jitter_ms", "large_message_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("latency_sigma", "upload_bytes_per_s", "download_bytes_per_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
+
+
+class WireSizer:
+    """The wire size of a message, computed exactly only when it may exceed ``threshold_bytes``.
+
+    Calling it returns an int: the exact ``len(wire.encode(msg))`` when a cheap upper bound
+    is over the threshold, otherwise that bound (then at most the threshold). The bound comes
+    from a plan made once per message class from its field annotations: fixed-size fields
+    (``float``, ``bool``, ``NodeId``, and ``int``, which wire messages use for values that fit
+    64 bits) cost a constant, ``bytes`` fields their length, other fields (strings, sequences,
+    maps, records) a bound computed from their value. Messages that are not registered with
+    :mod:`p2pdeploy.wire` get the bound.
+    """
+
+    __slots__ = ("threshold_bytes", "_plans", "_record_fields")
+
+    def __init__(self, threshold_bytes: int) -> None:
+        self.threshold_bytes = threshold_bytes
+        self._plans: dict[type, tuple[int, tuple[str, ...], tuple[str, ...]] | None] = {}
+        self._record_fields: dict[type, tuple[str, ...]] = {}
+
+    def __call__(self, msg: Any) -> int:
+        kind = type(msg)
+        try:
+            plan = self._plans[kind]
+        except KeyError:
+            plan = self._plans[kind] = _size_plan(kind)
+        if plan is None:
+            bound = self.bound(msg)
+        else:
+            bound, byte_fields, other_fields = plan
+            for name in byte_fields:
+                bound += len(getattr(msg, name))
+            for name in other_fields:
+                bound += self.bound(getattr(msg, name))
+        if bound <= self.threshold_bytes:
+            return bound
+        try:
+            return len(wire.encode(msg))
+        except wire.WireError:
+            return bound
+
+    def bound(self, value: Any) -> int:
+        """An upper bound on the CBOR size of ``value`` (a message, record or plain value)."""
+        kind = type(value)
+        if kind is int:
+            return 9 if -(1 << 64) < value < (1 << 64) else 9 + (value.bit_length() + 7) // 8
+        if kind is float or kind is bool or value is None:
+            return 9
+        if kind is bytes:
+            return 9 + len(value)
+        if kind is str:
+            return 9 + 4 * len(value)  # at most four UTF-8 bytes per character
+        if kind is list or kind is tuple:
+            return 9 + sum(self.bound(item) for item in value)
+        if kind is dict:
+            return 9 + sum(self.bound(k) + self.bound(v) for k, v in value.items())
+        names = self._record_fields.get(kind)
+        if names is None:
+            if not dataclasses.is_dataclass(kind):
+                return 9 + len(repr(value))  # an arbitrary object: a generous guess
+            names = self._record_fields[kind] = tuple(f.name for f in dataclasses.fields(kind))
+        # [version, tag, [fields...]]: array headers, version and tag fit in 8 bytes.
+        return 8 + sum(self.bound(getattr(value, name)) for name in names)
+
+
+_FIXED_FIELD_BYTES = {int: 9, float: 9, bool: 1, wire.NodeId: 1 + wire.ID_BYTES}
+
+
+def _size_plan(cls: type) -> tuple[int, tuple[str, ...], tuple[str, ...]] | None:
+    """``(constant bytes, bytes fields, other fields)`` for a dataclass message, else ``None``."""
+    if not dataclasses.is_dataclass(cls):
+        return None
+    try:
+        namespace = dict(vars(sys.modules[cls.__module__]))
+        namespace.update({"NodeId": wire.NodeId, "Address": wire.Address})
+        hints = typing.get_type_hints(cls, globalns=namespace)
+    except Exception:  # unresolvable annotations: fall back to bounding values
+        return None
+    constant = 8  # array headers, version and tag
+    byte_fields: list[str] = []
+    other_fields: list[str] = []
+    for f in dataclasses.fields(cls):
+        hint = hints.get(f.name)
+        fixed = _FIXED_FIELD_BYTES.get(hint) if isinstance(hint, Hashable) else None
+        if fixed is not None:
+            constant += fixed
+        elif hint is bytes:
+            constant += 9
+            byte_fields.append(f.name)
+        else:
+            other_fields.append(f.name)
+    return constant, tuple(byte_fields), tuple(other_fields)
+
+
+class Network:
+    """Carries messages between :class:`~p2pdeploy.sim.host.SimNode` hosts on an :class:`Engine`.
+
+    Addresses are node indices ``0 .. nodes-1``. Counters: ``sent``, ``delivered``,
+    ``large_messages``, ``large_bytes``, and ``dropped`` by reason (``loss``, ``down``,
+    ``unknown_address``).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        streams: Streams,
+        nodes: int,
+        config: NetworkConfig | None = None,
+        *,
+        size_of: Callable[[Any], int] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.config = config = config or NetworkConfig()
+        self.nodes = nodes
+        self.hosts: Sequence[SimNode] = ()
+        self.size_of = size_of or WireSizer(config.large_message_bytes)
+        self.large_message_bytes = config.large_message_bytes
+        self.loss = config.loss
+        self.jitter_s = config.jitter_ms / 1000.0
+        self.base_s = config.base_latency_ms / 1000.0
+        self.scale_s = config.latency_scale_ms / 1000.0
+        #: Per-node link rates; change one with :meth:`set_bandwidth`.
+        self.upload_bytes_per_s = [config.upload_bytes_per_s] * nodes
+        self.download_bytes_per_s = [config.download_bytes_per_s] * nodes
+        self._upload_free_at = [0.0] * nodes
+        self._download_free_at = [0.0] * nodes
+        self._rng = streams.get("network")
+        self._pair_seed = int.from_bytes(hashlib.sha256(f"{streams.seed}:latency".encode()).digest()[:8], "big")
+        self._pair_latency: dict[int, float] = {}
+        self.xs: list[float] = []
+        self.ys: list[float] = []
+        #: ``latency_s(a, b)``: the pair's one-way latency in seconds, without jitter.
+        self.latency_s: Callable[[int, int], float]
+        if config.latency_model == "euclidean":
+            coordinates = streams.fresh("coordinates")
+            self.xs = [coordinates.random() for _ in range(nodes)]
+            self.ys = [coordinates.random() for _ in range(nodes)]
+            self.latency_s = self._latency_euclidean
+        elif config.latency_model == "constant":
+            self.latency_s = self._latency_constant
+        else:
+            self.latency_s = self._latency_pairwise
+        self._normal = statistics.NormalDist(math.log(self.scale_s) if self.scale_s > 0 else 0.0, config.latency_sigma)
+        self._deliver_cb = self._deliver
+        self._arrive_cb = self._arrive_large
+        self.sent = 0
+        self.delivered = 0
+        self.large_messages = 0
+        self.large_bytes = 0
+        self.dropped: Counter[str] = Counter()
+
+    def attach(self, hosts: Sequence[SimNode]) -> None:
+        """The hosts messages are delivered to, indexed by address."""
+        if len(hosts) != self.nodes:
+            raise ValueError(f"expected {self.nodes} hosts (got {len(hosts)})")
+        self.hosts = hosts
+
+    def set_bandwidth(self, address: int, *, upload_bytes_per_s: float, download_bytes_per_s: float) -> None:
+        if not (upload_bytes_per_s > 0 and download_bytes_per_s > 0):
+            raise ValueError("bandwidth must be > 0 bytes per second")
+        self.upload_bytes_per_s[address] = upload_bytes_per_s
+        self.download_bytes_per_s[address] = download_bytes_per_s
+
+    # -- latency models --------------------------------------------------------------------
+    def _latency_constant(self, a: int, b: int) -> float:
+        return self.base_s
+
+    def _latency_euclidean(self, a: int, b: int) -> float:
+        xs = self.xs
+        ys = self.ys
+        return self.base_s + self.scale_s * math.hypot(xs[a] - xs[b], ys[a] - ys[b])
+
+    def _latency_pairwise(self, a: int, b: int) -> float:
+        key = a * self.nodes + b if a < b else b * self.nodes + a
+        latency = self._pair_latency.get(key)
+        if latency is None:
+            u = _unit_interval(self._pair_seed ^ key)
+            if self.config.latency_model == "uniform":
+                spread = u * self.scale_s
+            elif self.scale_s > 0:
+                spread = math.exp(self._normal.inv_cdf(u))  # log-normal with median scale_s
+            else:
+                spread = 0.0
+            latency = self._pair_latency[key] = self.base_s + spread
+        return latency
+
+    # -- carrying messages -----------------------------------------------------------------
+    def send(self, src: int, messages: list[tuple[Any, Any]]) -> None:
+        """Send each ``(dst, msg)`` from ``src``; called by a host after draining its core."""
+        engine = self.engine
+        now = engine.now
+        nodes = self.nodes
+        rng = self._rng
+        loss = self.loss
+        jitter_s = self.jitter_s
+        threshold = self.large_message_bytes
+        size_of = self.size_of
+        latency_s = self.latency_s
+        for dst, msg in messages:
+            self.sent += 1
+            if type(dst) is not int or not 0 <= dst < nodes:
+                self.dropped["unknown_address"] += 1
+                continue
+            size = size_of(msg)
+            if size > threshold:
+                self._send_large(src, dst, msg, size, now)
+                continue
+            if loss and rng.random() < loss:
+                self.dropped["loss"] += 1
+                continue
+            delay = latency_s(src, dst)
+            if jitter_s:
+                delay += rng.random() * jitter_s
+            engine.schedule(now + delay, self._deliver_cb, dst, src, msg)
+
+    def _send_large(self, src: int, dst: int, msg: Any, size: int, now: float) -> None:
+        self.large_messages += 1
+        self.large_bytes += size
+        upload_start = max(now, self._upload_free_at[src])
+        upload_done = upload_start + size / self.upload_bytes_per_s[src]
+        self._upload_free_at[src] = upload_done
+        delay = self.latency_s(src, dst)
+        if self.jitter_s:
+            delay += self._rng.random() * self.jitter_s
+        self.engine.schedule(upload_start + delay, self._arrive_cb, dst, src, msg, size, upload_done + delay)
+
+    def _arrive_large(self, dst: int, src: int, msg: Any, size: int, last_byte_at: float) -> None:
+        """The first byte of a large message reached ``dst``: queue it on the downlink."""
+        download_start = max(self.engine.now, self._download_free_at[dst])
+        download_done = download_start + size / self.download_bytes_per_s[dst]
+        self._download_free_at[dst] = download_done
+        self.engine.schedule(max(download_done, last_byte_at), self._deliver_cb, dst, src, msg)
+
+    def _deliver(self, dst: int, src: int, msg: Any) -> None:
+        host = self.hosts[dst]
+        if host.core is None:
+            self.dropped["down"] += 1
+            return
+        self.delivered += 1
+        host.deliver(src, msg)
+
+    def counters(self) -> dict[str, int]:
+        """The network's counters as one flat mapping (for metrics and summaries)."""
+        out = {
+            "messages_sent": self.sent,
+            "messages_delivered": self.delivered,
+            "large_messages": self.large_messages,
+            "large_bytes": self.large_bytes,
+        }
+        for reason in ("loss", "down", "unknown_address"):
+            out[f"messages_dropped_{reason}"] = self.dropped[reason]
+        return out
+
+
+def _unit_interval(key: int) -> float:
+    """A uniform draw in (0, 1) from an integer key (SplitMix64 finaliser)."""
+    z = (key + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    z ^= z >> 31
+    return (z + 0.5) / 18446744073709551616.0
+
+
+def pair_latency_median_s(network: Network, pairs: int = 20_000, seed: int = 0) -> float:
+    """The median pairwise latency over random distinct pairs (what an RTT/2 should approach)."""
+    rng = random.Random(seed)
+    n = network.nodes
+    samples = []
+    for _ in range(pairs):
+        a = rng.randrange(n)
+        b = rng.randrange(n - 1)
+        if b >= a:
+            b += 1
+        samples.append(network.latency_s(a, b))
+    return statistics.median(samples)
