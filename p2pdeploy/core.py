@@ -150,8 +150,12 @@ class Stack(Protocol):
         return None
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (layer.next_deadline() for layer in self.layers) if d is not None]
-        return min(deadlines) if deadlines else None
+        earliest = None
+        for layer in self.layers:
+            deadline = layer.next_deadline()
+            if deadline is not None and (earliest is None or deadline < earliest):
+                earliest = deadline
+        return earliest
 
     def layer(self, cls: type) -> Any:
         """The layer that is an instance of ``cls``."""

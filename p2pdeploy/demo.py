@@ -12,6 +12,9 @@ Run it with ``python -m p2pdeploy.demo`` (``--nodes N`` for another community si
 from __future__ import annotations
 
 import argparse
+import re
+import shlex
+import subprocess
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -23,7 +26,13 @@ from rich.console import Console
 from rich.table import Table
 
 from p2pdeploy.runtime.address import HostPort, format_host_port
-from p2pdeploy.runtime.localnet import JoinProcess, LocalProcesses, ProcessOutputError, open_local_processes
+from p2pdeploy.runtime.localnet import (
+    JoinProcess,
+    LocalProcesses,
+    ProcessOutputError,
+    open_local_processes,
+    run_p2pdeploy,
+)
 from p2pdeploy.runtime.node import PingTimeout, open_node
 from p2pdeploy.runtime.transport import bind_udp_and_tcp
 
@@ -137,6 +146,59 @@ async def ping(community: Community) -> None:
     )
 
 
+LOOKUP_LINE = re.compile(r"^([0-9a-f]{40}) (\S+)")
+
+
+async def _cli(community: Community, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run and echo ``p2pdeploy ARGS`` (data directories shown relative to the demo's base)."""
+    shown = [arg.replace(str(community.base_dir) + "/", "") for arg in args]
+    community.console.print(f"[bold]$ p2pdeploy {shlex.join(shown)}[/]")
+    result = await run_p2pdeploy(*args)
+    for line in result.stdout.decode(errors="replace").splitlines():
+        community.console.print(f"  {line}", markup=False, soft_wrap=True)
+    if result.returncode != 0:
+        raise ProcessOutputError(
+            f"p2pdeploy {shlex.join(shown)} exited {result.returncode}\n"
+            + (result.stdout + result.stderr).decode(errors="replace")
+        )
+    return result
+
+
+async def overlay(community: Community) -> None:
+    console = community.console
+    nodes = community.nodes
+    for node in nodes:
+        await node.wait_for_line(lambda line: line.startswith("overlay joined"))
+    writer, looker = nodes[1], nodes[0]
+    reader = nodes[-1] if len(nodes) > 2 else nodes[0]
+    console.print(
+        f"{writer.name} stores a value through the CLI, which talks to its running node over the "
+        f"control socket in its data directory; {reader.name} reads it back from the overlay"
+    )
+    await _cli(community, "put", "greeting", f"hello from {writer.name}", "--data-dir", str(writer.data_dir))
+    got = await _cli(community, "get", "greeting", "--data-dir", str(reader.data_dir))
+    if got.stdout != f"hello from {writer.name}\n".encode():
+        raise ProcessOutputError(f"{reader.name} read {got.stdout!r}")
+    console.print(f"{looker.name} looks up the nodes closest to the key of `greeting`:")
+    found = await _cli(community, "lookup", "greeting", "--data-dir", str(looker.data_dir))
+    names = {node.node_id_hex: node.name for node in nodes}
+    table = Table(title="closest to key_id(b'greeting'), by XOR distance", title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("node")
+    table.add_column("id")
+    table.add_column("address")
+    rank = 0
+    for line in found.stdout.decode().splitlines():
+        match = LOOKUP_LINE.match(line)
+        if match:
+            rank += 1
+            table.add_row(str(rank), names.get(match.group(1), "?"), _short(match.group(1)), match.group(2))
+    console.print(table)
+    console.print(
+        "[dim]each node keeps its routing table in DATA_DIR/routing.cbor and rejoins through it after a restart[/]"
+    )
+
+
 async def leave(community: Community) -> None:
     console = community.console
     for node in community.nodes:
@@ -176,6 +238,7 @@ async def _address_is_free(address: HostPort) -> bool:
 STEPS: list[Step] = [
     Step("join", "node processes start, create identities and join through node 1", join),
     Step("ping", "ping/pong with RTT estimation, by UDP and by TCP", ping),
+    Step("overlay", "the Kademlia overlay stores a value on one node and finds it from another", overlay),
     Step("leave", "SIGTERM stops every node gracefully", leave),
 ]
 

@@ -30,6 +30,20 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 
 
+async def run_p2pdeploy(*args: str, timeout_s: float = START_TIMEOUT_S) -> subprocess.CompletedProcess[bytes]:
+    """Run ``p2pdeploy ARGS`` to completion with this interpreter, its output captured.
+
+    A command still running after ``timeout_s`` is killed and :class:`trio.TooSlowError` raised.
+    """
+    with trio.fail_after(timeout_s):
+        return await trio.run_process(
+            [sys.executable, "-m", "p2pdeploy.cli", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+
+
 class ProcessOutputError(Exception):
     """A process did not print what was expected (it exited, or the wait timed out)."""
 

@@ -9,15 +9,24 @@ timer. Core times are ``trio.current_time()`` seconds. It makes no protocol deci
 peer to ping, when a ping is lost and what an RTT is are the core's.
 
 The facade turns core events into awaitable results: :meth:`RuntimeNode.request` runs a core
-API call and waits for the event that finishes it, which is how ``ping`` is written and how a
-later layer's ``lookup`` or ``deploy`` will be. Use it through :func:`open_node`::
+API call and waits for the event that finishes it, which is how ``ping`` and the overlay's
+``lookup``, ``put`` and ``get`` are written (a later layer's ``deploy`` will be too). Use it
+through :func:`open_node`::
 
     async with open_node(listen=("127.0.0.1", 0), data_dir=path, bootstrap=[seed]) as node:
         rtt_s = await node.ping(("127.0.0.1", 7400))
+        await node.wait_joined()
+        replicas = await node.put(key_id(b"greeting"), b"hello")
+        value = await node.get(key_id(b"greeting"))
+
+With a data directory the node keeps its routing table there (``routing.cbor``, CBOR written
+atomically after the join, every ``snapshot_interval_s`` and at shutdown) and restores it on
+start, so a restarted node rejoins through its old contacts even without ``bootstrap``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -27,6 +36,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
@@ -34,9 +44,20 @@ import trio
 from p2pdeploy import wire
 from p2pdeploy.core import Stack
 from p2pdeploy.overlay.identity import Identity
+from p2pdeploy.overlay.kademlia import (
+    GetFinished,
+    Joined,
+    Kademlia,
+    KademliaConfig,
+    LookupFinished,
+    PutFinished,
+)
 from p2pdeploy.overlay.ping import PeerSeen, Ping, PingProtocol, PingTimedOut, PongReceived
+from p2pdeploy.overlay.routing import ID_SPACE, Contact
+from p2pdeploy.overlay.storage import Item
 from p2pdeploy.runtime.address import HostPort, format_host_port
 from p2pdeploy.runtime.layers import CoreContext, LayersFactory, build_core, default_layers
+from p2pdeploy.runtime.snapshot import ROUTING_SNAPSHOT_FILE, read_bounded, write_file_atomically
 from p2pdeploy.runtime.transport import Transport, TransportConfig, path_for
 
 log = logging.getLogger(__name__)
@@ -57,6 +78,26 @@ class NodeNotRunning(RuntimeError):
     """The facade was used before the node started or after it stopped."""
 
 
+class NoOverlay(RuntimeError):
+    """The overlay facade was used on a node whose layers include no Kademlia overlay."""
+
+
+#: The events that finish an overlay query (they carry the ``query_id`` the call returned).
+OVERLAY_RESULTS = (LookupFinished, GetFinished, PutFinished, Joined)
+
+
+def check_key(key: object) -> int:
+    """``key`` if it is an overlay key (a 160-bit int); a clear error otherwise."""
+    if not isinstance(key, int) or isinstance(key, bool):
+        raise TypeError(
+            f"an overlay key is a 160-bit int (got {type(key).__name__}); "
+            "make one from a name with p2pdeploy.api.key_for('name') or key_id(b'name')"
+        )
+    if not 0 <= key < ID_SPACE:
+        raise ValueError(f"an overlay key must be in [0, 2**160) (got {key})")
+    return key
+
+
 @dataclass(frozen=True, slots=True)
 class RuntimeConfig:
     """Tuning knobs of a node (configuration, never private attributes poked from outside)."""
@@ -66,6 +107,14 @@ class RuntimeConfig:
     event_buffer: int = 1024
     #: Pings sent to each bootstrap address before giving up on it.
     join_attempts: int = 3
+    #: Parameters of the Kademlia overlay layer (k, alpha, timeouts, republish intervals, ...).
+    kademlia: KademliaConfig = field(default_factory=KademliaConfig)
+    #: How often the routing table is saved to the data directory (also after the join and at shutdown).
+    snapshot_interval_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.snapshot_interval_s > 0:
+            raise ValueError(f"snapshot_interval_s must be > 0 (got {self.snapshot_interval_s})")
 
 
 @dataclass(eq=False, slots=True)
@@ -85,10 +134,13 @@ class RuntimeNode:
         seed: int | None = None,
         config: RuntimeConfig | None = None,
         identity_created: bool = False,
+        data_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.identity = identity
         self.identity_created = identity_created
         self.config = config or RuntimeConfig()
+        #: Where durable state lives (the routing snapshot); None keeps everything in memory.
+        self.data_dir = None if data_dir is None else Path(data_dir)
         #: Seeded once here; every layer draws from it (``random.Random(None)`` seeds from the OS).
         self.rng = random.Random(seed)
         #: What the runtime counted: traffic by path, and inputs dropped by kind
@@ -96,7 +148,15 @@ class RuntimeNode:
         self.counters: Counter[str] = Counter()
         #: Results of the join: bootstrap address -> RTT in seconds, or None when it did not answer.
         self.bootstrap_rtts: dict[HostPort, float | None] = {}
+        #: The overlay's ``Joined`` event once the join finished (None before, or without an overlay).
+        self.overlay_joined: Joined | None = None
+        #: Contacts loaded from the routing snapshot in the data directory when the node started.
+        self.restored_contacts = 0
+        #: ``trio.current_time()`` when the node started serving.
+        self.started_at: float | None = None
         self._joined = trio.Event()
+        #: One save at a time: saves share the temporary file they write before renaming it.
+        self._snapshot_lock = trio.Lock()
         self._core: Stack | None = None
         self._transport: Transport | None = None
         self._address: HostPort | None = None
@@ -131,6 +191,28 @@ class RuntimeNode:
         """Peers heard from so far: address -> node id."""
         return dict(self.core.layer(PingProtocol).peers)
 
+    @property
+    def overlay(self) -> Kademlia:
+        """The node's Kademlia layer (read its state; change it only through the facade)."""
+        try:
+            return self.core.layer(Kademlia)
+        except KeyError:
+            raise NoOverlay(
+                "this node runs no Kademlia overlay; build it with runtime.layers.default_layers "
+                "or add runtime.layers.kademlia_layer to its layers"
+            ) from None
+
+    def _overlay_or_none(self) -> Kademlia | None:
+        try:
+            return self.overlay
+        except NoOverlay:
+            return None
+
+    @property
+    def snapshot_path(self) -> Path | None:
+        """Where the routing table is saved (None without a data directory)."""
+        return None if self.data_dir is None else self.data_dir / ROUTING_SNAPSHOT_FILE
+
     def core_counters(self) -> dict[str, int]:
         """Inputs the core dropped, by layer and kind (``PingProtocol.unsolicited_pong``, ...)."""
         counts = {f"Stack.{kind}": n for kind, n in self.core.dropped.items()}
@@ -151,24 +233,93 @@ class RuntimeNode:
             raise RuntimeError("a RuntimeNode runs once; make a new one")
         transport = await Transport.bind(listen, self._deliver, self.counters, self.config.transport)
         try:
-            context = CoreContext(self.identity, transport.address, self.rng, trio.current_time())
+            now = trio.current_time()
+            context = CoreContext(self.identity, transport.address, self.rng, now, self.config.kademlia)
             self._core = build_core(context, layers)
+            overlay = self._overlay_or_none()
+            if overlay is not None:
+                self.restored_contacts = self._restore_snapshot(overlay)
+                overlay.start(now)
         except BaseException:
             transport.close()
+            self._core = None
             raise
         self._transport = transport
         self._address = transport.address
+        self.started_at = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(transport.run)
                 await nursery.start(self._run_timer)
+                if overlay is not None and self.data_dir is not None:
+                    nursery.start_soon(self._save_snapshots_periodically)
                 self._after_input()  # layers may have queued work while being built
                 task_status.started()
         finally:
+            if overlay is not None:
+                self._save_snapshot_logged()
             self._transport = None
             self._core = None
             for waiter in self._waiters:  # nobody can answer them now
                 waiter.done.set()
+
+    # -- the routing snapshot ----------------------------------------------------------------
+    def _restore_snapshot(self, overlay: Kademlia) -> int:
+        path = self.snapshot_path
+        if path is None:
+            return 0
+        try:
+            data = read_bounded(path)
+        except (OSError, ValueError) as exc:
+            log.warning("ignored the routing snapshot: %s", exc)
+            return 0
+        if not data:
+            return 0
+        restored = overlay.restore(data)
+        if restored == 0:
+            log.warning("ignored the routing snapshot %s: corrupt, empty or saved by another node", path)
+        else:
+            log.info("restored %d contacts from %s", restored, path)
+        return restored
+
+    def save_snapshot(self) -> Path | None:
+        """Save the routing table to the data directory now; its path, or None when there is
+        nothing to save (no data directory, no overlay, or no contact yet: an empty table would
+        only overwrite a better snapshot)."""
+        path = self.snapshot_path
+        overlay = self._overlay_or_none()
+        if path is None or overlay is None or len(overlay.table) == 0:
+            return None
+        write_file_atomically(path, overlay.snapshot())
+        return path
+
+    def _save_snapshot_logged(self) -> None:
+        try:
+            self.save_snapshot()
+        except OSError as exc:
+            self.counters["snapshot_errors"] += 1
+            log.warning("cannot save the routing snapshot: %s", exc)
+
+    async def _save_snapshot_in_thread(self) -> None:
+        """Encode on the event loop (the core is not thread-safe), write and fsync in a thread."""
+        async with self._snapshot_lock:
+            path = self.snapshot_path
+            overlay = self._overlay_or_none()
+            if path is None or overlay is None or len(overlay.table) == 0:
+                return
+            data = overlay.snapshot()
+            try:
+                await trio.to_thread.run_sync(write_file_atomically, path, data)
+            except OSError as exc:
+                self.counters["snapshot_errors"] += 1
+                log.warning("cannot save the routing snapshot: %s", exc)
+            else:
+                self.counters["snapshots_saved"] += 1
+
+    async def _save_snapshots_periodically(self) -> None:
+        while True:
+            await trio.sleep(self.config.snapshot_interval_s)
+            await self._save_snapshot_in_thread()
 
     async def _run_timer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The node's one timer: a cancel scope whose deadline tracks the core's next deadline."""
@@ -301,7 +452,14 @@ class RuntimeNode:
         return (await self.ping_pong(address, payload, timeout_s)).rtt_s
 
     async def join(self, addresses: Iterable[HostPort]) -> dict[HostPort, float | None]:
-        """Ping each bootstrap address (``join_attempts`` tries each); their RTTs, None if silent."""
+        """Join through the bootstrap addresses; their RTTs, None for an address that stayed silent.
+
+        Two things happen at once: each address is pinged (``join_attempts`` tries each) for
+        its RTT, and the overlay bootstraps (Kademlia's join: probe the addresses and the
+        contacts restored from the routing snapshot, look ourselves up, refresh the buckets).
+        The overlay's ``Joined`` event is kept in :attr:`overlay_joined`.
+        """
+        addresses = list(addresses)
 
         async def join_one(address: HostPort) -> None:
             rtt_s = None
@@ -322,14 +480,87 @@ class RuntimeNode:
             async with trio.open_nursery() as nursery:
                 for address in addresses:
                     nursery.start_soon(join_one, address)
+                nursery.start_soon(self._join_overlay, addresses)
         finally:
             self._joined.set()
         return dict(self.bootstrap_rtts)
 
+    async def _join_overlay(self, addresses: list[HostPort]) -> None:
+        if self._overlay_or_none() is None:
+            return
+        resolved = []
+        for address in addresses:  # the core matches answers by address: give it numeric ones
+            try:
+                resolved.append(await self.resolve(address))
+            except ValueError as exc:
+                log.warning("cannot join the overlay via %s: %s", format_host_port(address), exc)
+        self.overlay_joined = await self.query(lambda overlay, now: overlay.bootstrap(resolved, now))
+        log.info("overlay joined: %d contacts", self.overlay_joined.contacts)
+        await self._save_snapshot_in_thread()
+
     async def wait_joined(self) -> dict[HostPort, float | None]:
-        """Wait until the join that :func:`open_node` started has heard from (or given up on) each bootstrap."""
+        """Wait until the join that :func:`open_node` started is over: each bootstrap answered
+        (or was given up on) and the overlay's join finished (:attr:`overlay_joined`)."""
         await self._joined.wait()
         return dict(self.bootstrap_rtts)
+
+    # -- the overlay facade ------------------------------------------------------------------
+    async def query(self, start: Callable[[Kademlia, float], int]) -> Any:
+        """Run an overlay call ``start(overlay, now)`` that returns a query id; its finishing event.
+
+        The event is the overlay's ``LookupFinished``, ``GetFinished``, ``PutFinished`` or
+        ``Joined`` for that query. Every overlay query ends on its own (the core times out
+        silent peers), so this always returns while the node runs; raises
+        :class:`NodeNotRunning` if the node stops first and :class:`NoOverlay` without an overlay.
+        """
+        overlay = self.overlay
+        return await self.request(
+            lambda now: start(overlay, now),
+            lambda query_id, ev: isinstance(ev, OVERLAY_RESULTS) and ev.query_id == query_id,
+        )
+
+    async def lookup(self, key: int) -> list[Contact]:
+        """The k nodes closest to ``key`` that answered, closest (by XOR) first."""
+        check_key(key)
+        event: LookupFinished = await self.query(lambda overlay, now: overlay.lookup(key, now))
+        return event.closest
+
+    async def put(self, key: int, value: bytes, ttl_s: float | None = None) -> int:
+        """Store ``value`` under ``key`` on the k closest nodes; how many stored it (this node included).
+
+        The node republishes it every ``republish_interval_s`` while it runs. ``ttl_s`` defaults
+        to the overlay's ``default_ttl_s``; a value over ``max_value_bytes`` or a TTL out of
+        range is a :class:`ValueError`.
+        """
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise TypeError(f"a value is bytes (got {type(value).__name__}); encode text first")
+        return await self.put_item(key, Item(bytes(value)), ttl_s)
+
+    async def put_item(self, key: int, item: Item, ttl_s: float | None = None) -> int:
+        """Like :meth:`put` for an :class:`~p2pdeploy.overlay.storage.Item`: a plain value or a
+        signed record from :func:`~p2pdeploy.overlay.storage.sign_record` (stored under its
+        ``record_key``); a forged or misplaced record is a :class:`ValueError`."""
+        check_key(key)
+        if not isinstance(item, Item):
+            raise TypeError(f"put_item takes an Item (got {type(item).__name__}); use put() for bytes")
+        event: PutFinished = await self.query(lambda overlay, now: overlay.put_item(key, item, now, ttl_s))
+        return event.stored
+
+    async def get_item(self, key: int, *, latest: bool = False) -> Item | None:
+        """The item stored under ``key``, or None when no node holds it.
+
+        With ``latest`` every one of the k closest is asked and the highest-sequence record
+        wins (replicas that answered an older one are repaired); without it the first valid
+        value found is returned.
+        """
+        check_key(key)
+        event: GetFinished = await self.query(lambda overlay, now: overlay.get(key, now, latest=latest))
+        return event.item
+
+    async def get(self, key: int) -> bytes | None:
+        """The value stored under ``key``, or None when no node holds it."""
+        item = await self.get_item(key)
+        return None if item is None else item.value
 
     @contextmanager
     def subscribe(self, buffer: int | None = None) -> Iterator[trio.MemoryReceiveChannel[Any]]:
@@ -386,18 +617,23 @@ async def open_node(
     seed: int | None = None,
     layers: LayersFactory = default_layers,
     config: RuntimeConfig | None = None,
+    kademlia: KademliaConfig | None = None,
 ) -> AsyncIterator[RuntimeNode]:
     """Run a node for the duration of the block; it is stopped and its sockets closed on exit.
 
     ``listen`` port 0 lets the OS choose (``node.address`` tells which). The identity comes
     from ``identity``, else from ``data_dir`` (created there on first start, mode 0600), else
-    it is fresh and in memory. With ``bootstrap`` the node pings each address in the
-    background (:meth:`RuntimeNode.wait_joined`). ``layers`` builds the core's protocol layers.
+    it is fresh and in memory. With ``data_dir`` the routing table is saved there and restored
+    on the next start. The node joins in the background through ``bootstrap`` and the restored
+    contacts (:meth:`RuntimeNode.wait_joined`). ``layers`` builds the core's protocol layers;
+    ``kademlia`` replaces ``config.kademlia``.
     """
     created = False
     if identity is None:
         identity, created = load_identity(data_dir)
-    node = RuntimeNode(identity, seed=seed, config=config, identity_created=created)
+    if kademlia is not None:
+        config = dataclasses.replace(config or RuntimeConfig(), kademlia=kademlia)
+    node = RuntimeNode(identity, seed=seed, config=config, identity_created=created, data_dir=data_dir)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run, listen, layers)

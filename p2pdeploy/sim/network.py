@@ -97,27 +97,14 @@ class WireSizer:
     :mod:`p2pdeploy.wire` get the bound.
     """
 
-    __slots__ = ("threshold_bytes", "_plans", "_record_fields")
+    __slots__ = ("threshold_bytes", "_plans")
 
     def __init__(self, threshold_bytes: int) -> None:
         self.threshold_bytes = threshold_bytes
         self._plans: dict[type, tuple[int, tuple[str, ...], tuple[str, ...]] | None] = {}
-        self._record_fields: dict[type, tuple[str, ...]] = {}
 
     def __call__(self, msg: Any) -> int:
-        kind = type(msg)
-        try:
-            plan = self._plans[kind]
-        except KeyError:
-            plan = self._plans[kind] = _size_plan(kind)
-        if plan is None:
-            bound = self.bound(msg)
-        else:
-            bound, byte_fields, other_fields = plan
-            for name in byte_fields:
-                bound += len(getattr(msg, name))
-            for name in other_fields:
-                bound += self.bound(getattr(msg, name))
+        bound = self.bound(msg)
         if bound <= self.threshold_bytes:
             return bound
         try:
@@ -137,16 +124,27 @@ class WireSizer:
         if kind is str:
             return 9 + 4 * len(value)  # at most four UTF-8 bytes per character
         if kind is list or kind is tuple:
-            return 9 + sum(self.bound(item) for item in value)
+            total = 9
+            bound = self.bound
+            for item in value:
+                total += bound(item)
+            return total
         if kind is dict:
             return 9 + sum(self.bound(k) + self.bound(v) for k, v in value.items())
-        names = self._record_fields.get(kind)
-        if names is None:
-            if not dataclasses.is_dataclass(kind):
-                return 9 + len(repr(value))  # an arbitrary object: a generous guess
-            names = self._record_fields[kind] = tuple(f.name for f in dataclasses.fields(kind))
-        # [version, tag, [fields...]]: array headers, version and tag fit in 8 bytes.
-        return 8 + sum(self.bound(getattr(value, name)) for name in names)
+        try:
+            plan = self._plans[kind]
+        except KeyError:
+            plan = self._plans[kind] = _size_plan(kind)
+        if plan is None:
+            return 9 + len(repr(value))  # an arbitrary object: a generous guess
+        # A message or record: [version, tag, [fields...]] headers and its fixed-size fields are
+        # the plan's constant; bytes fields cost their length, the others a bound of their value.
+        total, byte_fields, other_fields = plan
+        for name in byte_fields:
+            total += len(getattr(value, name))
+        for name in other_fields:
+            total += self.bound(getattr(value, name))
+        return total
 
 
 _FIXED_FIELD_BYTES = {int: 9, float: 9, bool: 1, wire.NodeId: 1 + wire.ID_BYTES}

@@ -145,6 +145,7 @@ async def test_a_stream_that_does_not_open_with_a_hello_is_closed():
 
 async def test_a_node_joins_through_its_bootstrap_and_both_see_each_other():
     async with open_node(LOOPBACK) as first:
+        await first.wait_joined()  # its own overlay join (alone: no contacts) is over
         with first.subscribe() as events:
             async with open_node(LOOPBACK, bootstrap=[("localhost", first.address[1])]) as second:
                 rtts = await second.wait_joined()
@@ -210,6 +211,7 @@ async def test_a_layer_added_by_the_factory_gets_its_timer_at_its_deadline_and_i
             ]
 
         async with open_node(LOOPBACK, layers=layers) as node:
+            await node.wait_joined()
             with node.subscribe() as events:
                 started = trio.current_time()
                 fired = await events.receive()

@@ -1,0 +1,435 @@
+"""The local control API: how the ``p2pdeploy`` command acts on the running node of a data directory.
+
+A ``p2pdeploy join`` node listens on a Unix-domain socket in its data directory
+(``control.sock``, mode 0600, so only its owner can talk to it). A connection carries
+length-prefixed frames (:mod:`~p2pdeploy.runtime.framing`), each one wire message
+(:mod:`p2pdeploy.wire`, tags 50-59 below): the client sends a request, the node answers with its
+reply or a :class:`ControlRefusal` naming what was wrong, then the client may send the next.
+Requests: :class:`StatusRequest`, :class:`PutRequest`, :class:`GetRequest`,
+:class:`LookupRequest`; the node serves them through its async facade, so the control API makes
+no protocol decision either.
+
+A frame that is not a valid request is answered with a refusal and the connection is closed;
+the node counts it (``control_malformed``) and carries on. The socket exists only while a node
+runs; one left behind by a killed node is detected (nobody accepts) and replaced by the next
+node, and a client that finds no node gets :class:`NoNodeRunning`. Unix socket paths are short
+(about 100 bytes); a longer data directory is reached through ``/proc/self/fd`` on Linux.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket as stdlib_socket
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from p2pdeploy import wire
+from p2pdeploy.overlay.routing import Contact
+from p2pdeploy.overlay.storage import Item
+from p2pdeploy.runtime.framing import FrameDecoder, FrameTooLarge, frame
+from p2pdeploy.wire import NodeId, message
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from p2pdeploy.runtime.node import RuntimeNode
+
+log = logging.getLogger(__name__)
+
+CONTROL_SOCKET_FILE = "control.sock"
+#: Largest request or reply frame: a value of up to 64 KiB and its envelope fit with room to spare.
+CONTROL_LIMIT_BYTES = 1024 * 1024
+#: Connections served at once; more are closed at once (a local client needs one).
+MAX_CONTROL_CONNECTIONS = 32
+RECEIVE_BYTES = 65536
+#: Unix socket paths longer than this are reached through the directory's file descriptor.
+UNIX_PATH_MAX_BYTES = 100
+
+
+# -- messages -------------------------------------------------------------------------------
+
+
+@message(50)
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """What the node is: id, address, routing table, store and counters."""
+
+
+@message(51)
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    node_id: NodeId
+    host: str
+    port: int
+    data_dir: str
+    uptime_s: float
+    contacts: int
+    buckets: int
+    stored_items: int
+    published_items: int
+    restored_contacts: int
+    #: Traffic and drops: the runtime's counters, ``kademlia.*`` and the core's ``Layer.kind``.
+    counters: dict[str, int]
+
+
+@message(52)
+@dataclass(frozen=True, slots=True)
+class PutRequest:
+    key: NodeId
+    item: Item
+    #: None: the overlay's default TTL.
+    ttl_s: float | None = None
+
+
+@message(53)
+@dataclass(frozen=True, slots=True)
+class PutReply:
+    key: NodeId
+    stored: int
+    refusals: list[str]
+
+
+@message(54)
+@dataclass(frozen=True, slots=True)
+class GetRequest:
+    key: NodeId
+    latest: bool = False
+
+
+@message(55)
+@dataclass(frozen=True, slots=True)
+class GetReply:
+    key: NodeId
+    item: Item | None
+    ttl_s: float
+    hops: int
+
+
+@message(56)
+@dataclass(frozen=True, slots=True)
+class LookupRequest:
+    key: NodeId
+
+
+@message(57)
+@dataclass(frozen=True, slots=True)
+class LookupReply:
+    key: NodeId
+    #: The k closest nodes that answered, closest first.
+    contacts: list[Contact]
+    hops: int
+    requests: int
+
+
+@message(58)
+@dataclass(frozen=True, slots=True)
+class ControlRefusal:
+    """The node could not serve the request; ``reason`` says why and what to do."""
+
+    reason: str
+
+
+REQUESTS = (StatusRequest, PutRequest, GetRequest, LookupRequest)
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+class ControlError(Exception):
+    """The control API could not do what was asked (the message says why)."""
+
+
+class NoNodeRunning(ControlError):
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        super().__init__(
+            f"no node is running with data dir {os.fspath(data_dir)}; "
+            f"start one with `p2pdeploy join --data-dir {os.fspath(data_dir)}`"
+        )
+        self.data_dir = data_dir
+
+
+class NodeAlreadyRunning(ControlError):
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        super().__init__(
+            f"a node is already running with data dir {os.fspath(data_dir)}; "
+            "stop it first or give this one another --data-dir"
+        )
+        self.data_dir = data_dir
+
+
+class ControlRequestRefused(ControlError):
+    """The node answered with a :class:`ControlRefusal`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# -- socket paths ---------------------------------------------------------------------------
+
+
+def control_socket_path(data_dir: str | os.PathLike[str]) -> Path:
+    return Path(data_dir) / CONTROL_SOCKET_FILE
+
+
+@contextmanager
+def _unix_address(path: Path) -> Iterator[str]:
+    """An address the kernel accepts for ``path`` (a short alias through the directory's fd)."""
+    text = os.fspath(path)
+    if len(os.fsencode(text)) <= UNIX_PATH_MAX_BYTES or not os.path.isdir("/proc/self/fd"):
+        yield text
+        return
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{dir_fd}/{path.name}"
+    finally:
+        os.close(dir_fd)
+
+
+# -- the server -----------------------------------------------------------------------------
+
+
+class ControlSocket:
+    """The bound, listening control socket of one node; :meth:`close` removes its file."""
+
+    def __init__(self, sock: stdlib_socket.socket, path: Path, data_dir: Path) -> None:
+        self.path = path
+        self.data_dir = data_dir
+        self._socket = trio.socket.from_stdlib_socket(sock)
+        info = os.stat(path)
+        self._identity = (info.st_dev, info.st_ino)
+
+    @classmethod
+    async def bind(cls, data_dir: str | os.PathLike[str]) -> ControlSocket:
+        """Listen on ``DATA_DIR/control.sock`` (mode 0600); raises :class:`NodeAlreadyRunning`
+        when another node answers there. A socket file left by a killed node is replaced."""
+        directory = Path(data_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = control_socket_path(directory)
+        await _remove_stale_socket(path, directory)
+        sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+        try:
+            with _unix_address(path) as address:
+                old_umask = os.umask(0o177)  # the file is created 0600: no window where others may connect
+                try:
+                    sock.bind(address)
+                finally:
+                    os.umask(old_umask)
+            os.chmod(path, 0o600)
+            sock.listen(16)
+            return cls(sock, path, directory)
+        except BaseException:
+            sock.close()
+            raise
+
+    async def serve(self, node: RuntimeNode, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve requests for ``node`` until cancelled; the socket file is removed on the way out."""
+        connections = 0
+
+        async def serve_one(stream: trio.SocketStream) -> None:
+            nonlocal connections
+            if connections >= MAX_CONTROL_CONNECTIONS:
+                node.counters["control_connections_rejected"] += 1
+                await trio.aclose_forcefully(stream)
+                return
+            connections += 1
+            try:
+                await _serve_connection(node, stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                log.debug("control connection failed: %r", exc)
+            finally:
+                connections -= 1
+                await trio.aclose_forcefully(stream)
+
+        try:
+            await trio.serve_listeners(serve_one, [trio.SocketListener(self._socket)], task_status=task_status)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the socket and remove its file (unless another node has replaced it since)."""
+        self._socket.close()
+        with suppress(OSError):
+            info = os.stat(self.path)
+            if (info.st_dev, info.st_ino) == self._identity:
+                os.unlink(self.path)
+
+
+async def _remove_stale_socket(path: Path, data_dir: Path) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ControlError(f"{path} exists and is not a socket; remove it and start the node again")
+    try:
+        stream = await _connect(path, data_dir)
+    except NoNodeRunning:
+        log.info("removing the control socket left by a node that is gone: %s", path)
+        with suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    await trio.aclose_forcefully(stream)
+    raise NodeAlreadyRunning(data_dir)
+
+
+async def _serve_connection(node: RuntimeNode, stream: trio.SocketStream) -> None:
+    decoder = FrameDecoder(CONTROL_LIMIT_BYTES)
+    while True:
+        data = await stream.receive_some(RECEIVE_BYTES)
+        if not data:
+            return
+        decoder.feed(data)
+        while True:
+            try:
+                payload = decoder.next_frame()
+            except FrameTooLarge as exc:
+                node.counters["control_malformed"] += 1
+                await _reply(stream, ControlRefusal(f"request refused: {exc}"))
+                return
+            if payload is None:
+                break
+            request = wire.decode(payload, CONTROL_LIMIT_BYTES)
+            if isinstance(request, wire.DecodeError):
+                node.counters["control_malformed"] += 1
+                await _reply(stream, ControlRefusal(f"malformed request ({request.kind}: {request.detail})"))
+                return
+            if not isinstance(request, REQUESTS):
+                node.counters["control_malformed"] += 1
+                names = ", ".join(cls.__name__ for cls in REQUESTS)
+                await _reply(stream, ControlRefusal(f"{type(request).__name__} is not a request; send one of {names}"))
+                return
+            node.counters["control_requests"] += 1
+            await _reply(stream, await answer(node, request))
+
+
+async def _reply(stream: trio.SocketStream, reply: Any) -> None:
+    await stream.send_all(frame(wire.encode(reply, CONTROL_LIMIT_BYTES)))
+
+
+async def answer(node: RuntimeNode, request: Any) -> Any:
+    """The reply to one control request, served through the node's facade."""
+    from p2pdeploy.runtime.node import NodeNotRunning, NoOverlay
+
+    try:
+        if isinstance(request, StatusRequest):
+            return status_of(node)
+        if isinstance(request, PutRequest):
+            item, ttl_s = request.item, request.ttl_s
+            event = await node.query(lambda overlay, now: overlay.put_item(request.key, item, now, ttl_s))
+            return PutReply(request.key, event.stored, list(event.refusals))
+        if isinstance(request, GetRequest):
+            event = await node.query(lambda overlay, now: overlay.get(request.key, now, latest=request.latest))
+            return GetReply(request.key, event.item, max(event.ttl_s, 0.0), event.hops)
+        if isinstance(request, LookupRequest):
+            event = await node.query(lambda overlay, now: overlay.lookup(request.key, now))
+            return LookupReply(request.key, list(event.closest), event.hops, event.requests)
+    except (ValueError, TypeError, NodeNotRunning, NoOverlay) as exc:
+        node.counters["control_refused"] += 1
+        return ControlRefusal(str(exc))
+    raise AssertionError(f"unhandled request {request!r}")
+
+
+def status_of(node: RuntimeNode) -> StatusReply:
+    overlay = node.overlay
+    counters = {key: int(value) for key, value in node.counters.items()}
+    counters.update({f"kademlia.{key}": value for key, value in overlay.counters.items()})
+    counters.update(node.core_counters())
+    host, port = node.address
+    uptime_s = 0.0 if node.started_at is None else trio.current_time() - node.started_at
+    return StatusReply(
+        node_id=node.node_id,
+        host=host,
+        port=port,
+        data_dir="" if node.data_dir is None else os.fspath(node.data_dir),
+        uptime_s=uptime_s,
+        contacts=len(overlay.table),
+        buckets=len(overlay.table.buckets),
+        stored_items=len(overlay.store),
+        published_items=len(overlay.published),
+        restored_contacts=node.restored_contacts,
+        counters=counters,
+    )
+
+
+# -- the client -----------------------------------------------------------------------------
+
+
+async def _connect(path: Path, data_dir: str | os.PathLike[str]) -> trio.SocketStream:
+    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    try:
+        try:
+            with _unix_address(path) as address:
+                await sock.connect(address)
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            raise NoNodeRunning(data_dir) from None
+        except PermissionError:
+            raise ControlError(
+                f"cannot reach the node of data dir {os.fspath(data_dir)}: permission denied on {path} "
+                "(it runs as another user?)"
+            ) from None
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+class ControlClient:
+    """One connection to a node's control socket; requests are answered in order."""
+
+    def __init__(self, stream: trio.SocketStream, data_dir: str | os.PathLike[str]) -> None:
+        self._stream = stream
+        self._decoder = FrameDecoder(CONTROL_LIMIT_BYTES)
+        self.data_dir = data_dir
+
+    async def request(self, request: Any) -> Any:
+        """Send ``request``; its reply. A refusal raises :class:`ControlRequestRefused`."""
+        try:
+            await self._stream.send_all(frame(wire.encode(request, CONTROL_LIMIT_BYTES)))
+            payload = await self._next_frame()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, FrameTooLarge) as exc:
+            raise ControlError(f"the node of data dir {os.fspath(self.data_dir)} broke the connection: {exc}") from None
+        reply = wire.decode(payload, CONTROL_LIMIT_BYTES)
+        if isinstance(reply, wire.DecodeError):
+            raise ControlError(f"the node sent a malformed reply ({reply.kind}: {reply.detail})")
+        if isinstance(reply, ControlRefusal):
+            raise ControlRequestRefused(reply.reason)
+        return reply
+
+    async def _next_frame(self) -> bytes:
+        while (payload := self._decoder.next_frame()) is None:
+            data = await self._stream.receive_some(RECEIVE_BYTES)
+            if not data:
+                raise ControlError(
+                    f"the node of data dir {os.fspath(self.data_dir)} closed the connection without answering "
+                    "(it is stopping?)"
+                )
+            self._decoder.feed(data)
+        return payload
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+@asynccontextmanager
+async def open_control(data_dir: str | os.PathLike[str]) -> AsyncIterator[ControlClient]:
+    """A connection to the node running with ``data_dir``; raises :class:`NoNodeRunning`."""
+    stream = await _connect(control_socket_path(data_dir), data_dir)
+    client = ControlClient(stream, data_dir)
+    try:
+        yield client
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def control_request(data_dir: str | os.PathLike[str], request: Any) -> Any:
+    """One request to the node running with ``data_dir``, on a connection of its own."""
+    async with open_control(data_dir) as client:
+        return await client.request(request)

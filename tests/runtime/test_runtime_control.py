@@ -1,0 +1,152 @@
+"""The local control API: requests over the data directory's Unix socket, refusals, and the CLI's errors."""
+
+from __future__ import annotations
+
+import os
+import stat
+from contextlib import AsyncExitStack
+
+import cbor2
+import pytest
+import trio
+from click.testing import CliRunner
+
+from p2pdeploy import api, wire
+from p2pdeploy.cli import main
+from p2pdeploy.overlay.kademlia import KademliaConfig, Probe
+from p2pdeploy.overlay.storage import Item
+from p2pdeploy.runtime.control import (
+    CONTROL_LIMIT_BYTES,
+    ControlError,
+    ControlRefusal,
+    ControlSocket,
+    NodeAlreadyRunning,
+    NoNodeRunning,
+    control_socket_path,
+    open_control,
+)
+from p2pdeploy.runtime.framing import LENGTH_PREFIX, FrameDecoder, frame
+from p2pdeploy.runtime.node import open_node
+
+LOOPBACK = ("127.0.0.1", 0)
+FAST = KademliaConfig(k=8, rpc_timeout_s=1.0)
+
+
+async def serve_node(stack: AsyncExitStack, data_dir, **kwargs):
+    """A node with its control socket served from ``data_dir``, as ``p2pdeploy join`` runs it."""
+    control = await ControlSocket.bind(data_dir)
+    node = await stack.enter_async_context(open_node(LOOPBACK, data_dir=data_dir, kademlia=FAST, **kwargs))
+    nursery = await stack.enter_async_context(trio.open_nursery())
+    stack.callback(nursery.cancel_scope.cancel)
+    await nursery.start(control.serve, node)
+    return node, control
+
+
+async def test_status_put_get_and_lookup_through_the_control_socket(tmp_path):
+    async with AsyncExitStack() as stack:
+        first, _ = await serve_node(stack, tmp_path / "a")
+        second, control = await serve_node(stack, tmp_path / "b", bootstrap=[first.address])
+        await second.wait_joined()
+        assert stat.S_IMODE(os.stat(control.path).st_mode) == 0o600
+        key = api.key_for("greeting")
+        async with open_control(tmp_path / "b") as client:
+            put = await client.request(api.PutRequest(key, Item(b"hello"), 600.0))
+            assert put.stored == 2 and put.refusals == []
+            status = await client.request(api.StatusRequest())
+            assert (status.node_id, (status.host, status.port)) == (second.node_id, second.address)
+            assert (status.contacts, status.stored_items, status.published_items) == (1, 1, 1)
+            assert status.counters["control_requests"] == 2 and status.counters["kademlia.requests_sent"] > 0
+            found = await client.request(api.LookupRequest(key))
+            assert [c.node_id for c in found.contacts] == [first.node_id]
+        reply = await api.control_request(tmp_path / "a", api.GetRequest(key))
+        assert reply.item == Item(b"hello") and 0 < reply.ttl_s <= 600.0
+        missing = await api.control_request(tmp_path / "a", api.GetRequest(api.key_for("nothing")))
+        assert missing.item is None
+        with pytest.raises(api.ControlRequestRefused, match="ttl_s must be in"):
+            await api.control_request(tmp_path / "a", api.PutRequest(key, Item(b"x"), -1.0))
+
+
+async def test_the_control_socket_refuses_garbage_and_keeps_serving(tmp_path):
+    async with AsyncExitStack() as stack:
+        node, control = await serve_node(stack, tmp_path)
+        attempts = [
+            frame(b"\xff\x00 not cbor"),
+            frame(cbor2.dumps({"not": "an envelope"})),
+            frame(wire.encode(Probe(1, 5))),  # a valid message, but not a control request
+            LENGTH_PREFIX.pack(CONTROL_LIMIT_BYTES + 1) + bytes(10),
+        ]
+        for data in attempts:
+            async with await trio.open_unix_socket(os.fspath(control.path)) as stream:
+                await stream.send_all(data)
+                refusal = await _read_reply(stream)
+                assert isinstance(refusal, ControlRefusal), refusal
+                assert await stream.receive_some(1024) == b""  # and the connection is closed
+        assert node.counters["control_malformed"] == len(attempts)
+        # a client that hangs up half-way is harmless too
+        async with await trio.open_unix_socket(os.fspath(control.path)) as stream:
+            await stream.send_all(LENGTH_PREFIX.pack(100) + b"partial")
+        status = await api.control_request(tmp_path, api.StatusRequest())
+        assert status.node_id == node.node_id
+
+
+async def _read_reply(stream):
+    decoder = FrameDecoder(CONTROL_LIMIT_BYTES)
+    with trio.fail_after(10):
+        while (payload := decoder.next_frame()) is None:
+            decoder.feed(await stream.receive_some(65536))
+    return wire.decode(payload, CONTROL_LIMIT_BYTES)
+
+
+async def test_one_node_per_data_dir_and_a_killed_nodes_socket_is_replaced(tmp_path):
+    async with AsyncExitStack() as stack:
+        await serve_node(stack, tmp_path)
+        with pytest.raises(NodeAlreadyRunning, match=f"already running with data dir {tmp_path}"):
+            await ControlSocket.bind(tmp_path)
+    assert not control_socket_path(tmp_path).exists()  # removed when the node stopped
+
+    # a node killed with SIGKILL leaves its socket file; nobody accepts on it
+    import socket
+
+    leftover = socket.socket(socket.AF_UNIX)
+    leftover.bind(os.fspath(control_socket_path(tmp_path)))
+    leftover.close()
+    with pytest.raises(NoNodeRunning):
+        await api.control_request(tmp_path, api.StatusRequest())
+    control = await ControlSocket.bind(tmp_path)
+    control.close()
+
+    control_socket_path(tmp_path).write_text("not a socket")
+    with pytest.raises(ControlError, match="is not a socket"):
+        await ControlSocket.bind(tmp_path)
+
+
+async def test_a_data_dir_too_long_for_a_unix_socket_path_still_works(tmp_path):
+    data_dir = tmp_path / ("d" * 60) / ("e" * 60)
+    async with AsyncExitStack() as stack:
+        node, control = await serve_node(stack, data_dir)
+        assert len(os.fsencode(control.path)) > 108
+        status = await api.control_request(data_dir, api.StatusRequest())
+        assert status.node_id == node.node_id
+
+
+def test_the_cli_says_clearly_when_no_node_runs_with_the_data_dir(tmp_path):
+    for args in (["get", "x"], ["put", "x", "y"], ["lookup", "x"], ["status"]):
+        result = CliRunner().invoke(main, [*args, "--data-dir", str(tmp_path / "nothing")])
+        assert result.exit_code == 1, result.output
+        assert f"no node is running with data dir {tmp_path / 'nothing'}" in result.output
+        assert "p2pdeploy join --data-dir" in result.output
+
+
+@pytest.mark.parametrize(
+    ("setting", "complaint"),
+    [
+        ("nope=1", "unknown Kademlia parameter 'nope'"),
+        ("k=eight", "k takes int"),
+        ("k=0", "kademlia.k must be >= 1"),
+        ("k", "is not KEY=VALUE"),
+    ],
+)
+def test_join_names_a_bad_kademlia_setting(setting, complaint):
+    result = CliRunner().invoke(main, ["join", "--kademlia", setting])
+    assert result.exit_code == 2
+    assert complaint in result.output
