@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NewType, Union
 
@@ -66,7 +67,7 @@ def message(tag: int):
             raise WireError(f"tag {tag} is already used by {_BY_TAG[tag].__name__}")
         _BY_TAG[tag] = cls
         _TAG_OF[cls] = tag
-        _fields_of(cls)
+        _plan(cls)  # resolve the field types now: an unsupported one fails at import
         return cls
 
     return register
@@ -76,7 +77,7 @@ def record(cls: type) -> type:
     """Register a frozen dataclass that travels nested inside messages (no tag of its own)."""
     if not dataclasses.is_dataclass(cls):
         raise WireError(f"{cls.__name__} must be a dataclass to be a record")
-    _fields_of(cls)
+    _plan(cls)
     return cls
 
 
@@ -106,6 +107,243 @@ def message_types() -> dict[int, type]:
     return dict(_BY_TAG)
 
 
+# -- compiled converters ---------------------------------------------------------------------
+# Each field type is turned once into a pair of functions: ``out`` checks a local value and
+# converts it to its CBOR form, ``in_`` checks a decoded CBOR value and converts it back. Both
+# raise _Invalid with a short reason; the message-level functions name the field.
+
+
+class _Invalid(Exception):
+    pass
+
+
+Converter = Callable[[Any], Any]
+_OUT: dict[Any, Converter] = {}
+_IN: dict[Any, Converter] = {}
+
+
+def _converters(hint: Any) -> tuple[Converter, Converter]:
+    out = _OUT.get(hint)
+    if out is None:
+        out, in_ = _compile(hint)
+        _OUT[hint], _IN[hint] = out, in_
+    return out, _IN[hint]
+
+
+def _lazy(hint: Any) -> tuple[Converter, Converter]:
+    """Converters for a nested type, compiled at first use (records may refer to each other)."""
+
+    def out(value: Any) -> Any:
+        return _converters(hint)[0](value)
+
+    def in_(raw: Any) -> Any:
+        return _converters(hint)[1](raw)
+
+    return out, in_
+
+
+def _compile(hint: Any) -> tuple[Converter, Converter]:
+    if hint is Any:
+        return _identity, _identity
+    if hint is type(None) or hint is None:
+        return _none, _none
+    if hint is NodeId:
+        return _node_id_out, _node_id_in
+    if hint is float:
+        return _float_out, _float_in
+    if hint in (int, str, bytes, bool):
+        return _exact(hint), _exact(hint)
+    if dataclasses.is_dataclass(hint):
+        return _record_out(hint), _record_in(hint)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (list, tuple) and (origin is list or (len(args) == 2 and args[1] is Ellipsis)):
+        return _sequence(hint, args[0], origin is tuple)
+    if origin is tuple:
+        return _fixed_tuple(args)
+    if origin is dict:
+        return _mapping(args[0], args[1])
+    if origin in (Union, types.UnionType):
+        return _union(hint, args)
+    raise WireError(f"unsupported field type {hint!r}")
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _none(value: Any) -> None:
+    if value is not None:
+        raise _Invalid("expected null")
+    return None
+
+
+def _node_id_out(value: Any) -> bytes:
+    if type(value) is not int or not 0 <= value < _ID_LIMIT:
+        raise _Invalid(f"expected a {ID_BITS}-bit id")
+    return value.to_bytes(ID_BYTES, "big")
+
+
+def _node_id_in(raw: Any) -> int:
+    if type(raw) is not bytes or len(raw) != ID_BYTES:
+        raise _Invalid(f"expected a {ID_BYTES}-byte id")
+    return int.from_bytes(raw, "big")
+
+
+def _float_out(value: Any) -> Any:
+    if type(value) is not float and type(value) is not int:
+        raise _Invalid("expected a number")
+    return value
+
+
+def _float_in(raw: Any) -> float:
+    if type(raw) is not float and type(raw) is not int:
+        raise _Invalid("expected a number")
+    return float(raw)
+
+
+def _exact(kind: type) -> Converter:
+    problem = f"expected {kind.__name__}"
+
+    def convert(value: Any) -> Any:
+        if type(value) is not kind:
+            raise _Invalid(problem)
+        return value
+
+    return convert
+
+
+def _record_out(cls: type) -> Converter:
+    def out(value: Any) -> list[Any]:
+        if type(value) is not cls:
+            raise _Invalid(f"expected {cls.__name__}")
+        return _fields_out(cls, value)
+
+    return out
+
+
+def _record_in(cls: type) -> Converter:
+    def in_(raw: Any) -> Any:
+        return _fields_in(cls, raw)
+
+    return in_
+
+
+def _sequence(hint: Any, item_hint: Any, as_tuple: bool) -> tuple[Converter, Converter]:
+    item_out, item_in = _lazy(item_hint)
+
+    def out(value: Any) -> list[Any]:
+        if type(value) is not list and type(value) is not tuple:
+            raise _Invalid("expected a sequence")
+        return [item_out(item) for item in value]
+
+    def in_(raw: Any) -> Any:
+        if type(raw) is not list:
+            raise _Invalid("expected an array")
+        items = [item_in(item) for item in raw]
+        return tuple(items) if as_tuple else items
+
+    return out, in_
+
+
+def _fixed_tuple(args: tuple[Any, ...]) -> tuple[Converter, Converter]:
+    pairs = [_lazy(arg) for arg in args]
+    count = len(args)
+
+    def out(value: Any) -> list[Any]:
+        if type(value) is not list and type(value) is not tuple:
+            raise _Invalid("expected a sequence")
+        if len(value) != count:
+            raise _Invalid(f"expected {count} items")
+        return [pair[0](item) for pair, item in zip(pairs, value, strict=True)]
+
+    def in_(raw: Any) -> tuple[Any, ...]:
+        if type(raw) is not list:
+            raise _Invalid("expected an array")
+        if len(raw) != count:
+            raise _Invalid(f"expected {count} items")
+        return tuple(pair[1](item) for pair, item in zip(pairs, raw, strict=True))
+
+    return out, in_
+
+
+def _mapping(key_hint: Any, value_hint: Any) -> tuple[Converter, Converter]:
+    key_out, key_in = _lazy(key_hint)
+    value_out, value_in = _lazy(value_hint)
+
+    def out(value: Any) -> dict[Any, Any]:
+        if not isinstance(value, dict):
+            raise _Invalid("expected a map")
+        return {key_out(k): value_out(v) for k, v in value.items()}
+
+    def in_(raw: Any) -> dict[Any, Any]:
+        if type(raw) is not dict:
+            raise _Invalid("expected a map")
+        return {key_in(k): value_in(v) for k, v in raw.items()}
+
+    return out, in_
+
+
+def _union(hint: Any, args: tuple[Any, ...]) -> tuple[Converter, Converter]:
+    alternatives = [_lazy(arg) for arg in args]
+    problem = f"matches none of {hint}"
+
+    def out(value: Any) -> Any:
+        for convert, _ in alternatives:
+            try:
+                return convert(value)
+            except _Invalid:
+                continue
+        raise _Invalid(problem)
+
+    def in_(raw: Any) -> Any:
+        for _, convert in alternatives:
+            try:
+                return convert(raw)
+            except _Invalid:
+                continue
+        raise _Invalid(problem)
+
+    return out, in_
+
+
+_ID_LIMIT = 1 << ID_BITS
+_PLANS: dict[type, tuple[tuple[str, Converter, Converter], ...]] = {}
+
+
+def _plan(cls: type) -> tuple[tuple[str, Converter, Converter], ...]:
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = tuple((name, *_converters(hint)) for name, hint in _fields_of(cls))
+    return plan
+
+
+def _fields_out(cls: type, obj: Any) -> list[Any]:
+    out = []
+    for name, convert, _ in _plan(cls):
+        try:
+            out.append(convert(getattr(obj, name)))
+        except _Invalid as exc:
+            raise _Invalid(f"field {name}: {exc}") from None
+    return out
+
+
+def _fields_in(cls: type, raw: Any) -> Any:
+    plan = _plan(cls)
+    if type(raw) is not list or len(raw) != len(plan):
+        raise _Invalid(f"expected {len(plan)} fields")
+    values = []
+    for (name, _, convert), item in zip(plan, raw, strict=True):
+        try:
+            values.append(convert(item))
+        except _Invalid as exc:
+            raise _Invalid(f"field {name}: {exc}") from None
+    try:
+        return cls(*values)
+    except (TypeError, ValueError) as exc:  # a constructor's own validation
+        raise _Invalid(str(exc)) from None
+
+
 # -- encoding -------------------------------------------------------------------------------
 
 
@@ -115,42 +353,14 @@ def encode(msg: Any, limit_bytes: int = STREAM_LIMIT_BYTES) -> bytes:
     tag = _TAG_OF.get(cls)
     if tag is None:
         raise WireError(f"{cls.__name__} is not a registered message")
-    data = cbor2.dumps([VERSION, tag, _to_wire_fields(msg)])
+    try:
+        fields = _fields_out(cls, msg)
+    except _Invalid as exc:
+        raise WireError(f"{cls.__name__}: {exc}") from None
+    data = cbor2.dumps([VERSION, tag, fields])
     if len(data) > limit_bytes:
         raise WireError(f"{cls.__name__} encodes to {len(data)} bytes, over the limit of {limit_bytes}")
     return data
-
-
-def _to_wire_fields(obj: Any) -> list[Any]:
-    return [_to_wire(getattr(obj, name), hint, name) for name, hint in _fields_of(type(obj))]
-
-
-def _to_wire(value: Any, hint: Any, name: str) -> Any:
-    problem = _check(value, hint)
-    if problem is not None:
-        raise WireError(f"field {name}: {problem}")
-    return _convert_out(value, hint)
-
-
-def _convert_out(value: Any, hint: Any) -> Any:
-    if hint is NodeId:
-        return value.to_bytes(ID_BYTES, "big")
-    if dataclasses.is_dataclass(hint):
-        return _to_wire_fields(value)
-    origin = typing.get_origin(hint)
-    if origin in (list, tuple):
-        args = typing.get_args(hint)
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            return [_convert_out(v, a) for v, a in zip(value, args, strict=True)]
-        return [_convert_out(v, args[0]) for v in value]
-    if origin is dict:
-        key_hint, value_hint = typing.get_args(hint)
-        return {_convert_out(k, key_hint): _convert_out(v, value_hint) for k, v in value.items()}
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            if _check(value, arg) is None:
-                return _convert_out(value, arg)
-    return value
 
 
 # -- decoding -------------------------------------------------------------------------------
@@ -164,7 +374,7 @@ def decode(data: bytes, limit_bytes: int = DATAGRAM_LIMIT_BYTES) -> Any:
         raw = cbor2.loads(data)
     except Exception as exc:  # cbor2 raises many kinds on hostile input; all mean "malformed"
         return DecodeError("malformed", f"not CBOR: {type(exc).__name__}")
-    if not (isinstance(raw, list) and len(raw) == 3):
+    if not (type(raw) is list and len(raw) == 3):
         return DecodeError("malformed", "envelope must be [version, tag, fields]")
     version, tag, fields = raw
     if type(version) is not int:
@@ -177,111 +387,8 @@ def decode(data: bytes, limit_bytes: int = DATAGRAM_LIMIT_BYTES) -> Any:
     if cls is None:
         return DecodeError("unknown_type", f"tag {tag}")
     try:
-        return _from_wire_fields(cls, fields)
+        return _fields_in(cls, fields)
     except _Invalid as exc:
         return DecodeError("malformed", f"{cls.__name__}: {exc}")
-
-
-class _Invalid(Exception):
-    pass
-
-
-def _from_wire_fields(cls: type, fields: Any) -> Any:
-    spec = _fields_of(cls)
-    if not isinstance(fields, list) or len(fields) != len(spec):
-        raise _Invalid(f"expected {len(spec)} fields")
-    values = {}
-    for (name, hint), raw in zip(spec, fields, strict=True):
-        try:
-            values[name] = _convert_in(raw, hint)
-        except _Invalid as exc:
-            raise _Invalid(f"field {name}: {exc}") from None
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:  # a constructor's own validation
-        raise _Invalid(str(exc)) from None
-
-
-def _convert_in(raw: Any, hint: Any) -> Any:
-    if hint is NodeId:
-        if type(raw) is not bytes or len(raw) != ID_BYTES:
-            raise _Invalid(f"expected a {ID_BYTES}-byte id")
-        return int.from_bytes(raw, "big")
-    if dataclasses.is_dataclass(hint):
-        return _from_wire_fields(hint, raw)
-    origin = typing.get_origin(hint)
-    if origin in (list, tuple):
-        if type(raw) is not list:
-            raise _Invalid("expected an array")
-        args = typing.get_args(hint)
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(raw) != len(args):
-                raise _Invalid(f"expected {len(args)} items")
-            return tuple(_convert_in(v, a) for v, a in zip(raw, args, strict=True))
-        items = [_convert_in(v, args[0]) for v in raw]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if type(raw) is not dict:
-            raise _Invalid("expected a map")
-        key_hint, value_hint = typing.get_args(hint)
-        return {_convert_in(k, key_hint): _convert_in(v, value_hint) for k, v in raw.items()}
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            try:
-                return _convert_in(raw, arg)
-            except _Invalid:
-                continue
-        raise _Invalid(f"matches none of {hint}")
-    problem = _check(raw, hint)
-    if problem is not None:
-        raise _Invalid(problem)
-    return float(raw) if hint is float else raw
-
-
-def _check(value: Any, hint: Any) -> str | None:
-    """Return why ``value`` does not fit ``hint`` (``None`` when it fits)."""
-    if hint is Any:
-        return None
-    if hint is type(None) or hint is None:
-        return None if value is None else "expected null"
-    if hint is NodeId:
-        if type(value) is not int or not 0 <= value < 1 << ID_BITS:
-            return f"expected a {ID_BITS}-bit id"
-        return None
-    if hint is float:
-        return None if type(value) in (float, int) else "expected a number"
-    if hint in (int, str, bytes, bool):
-        return None if type(value) is hint else f"expected {hint.__name__}"
-    if dataclasses.is_dataclass(hint):
-        return None if type(value) is hint else f"expected {hint.__name__}"
-    origin = typing.get_origin(hint)
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            return "expected a sequence"
-        args = typing.get_args(hint)
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                return f"expected {len(args)} items"
-            pairs = zip(value, args, strict=True)
-        else:
-            pairs = ((v, args[0]) for v in value)
-        for item, item_hint in pairs:
-            problem = _check(item, item_hint)
-            if problem is not None:
-                return problem
-        return None
-    if origin is dict:
-        if not isinstance(value, dict):
-            return "expected a map"
-        key_hint, value_hint = typing.get_args(hint)
-        for k, v in value.items():
-            problem = _check(k, key_hint) or _check(v, value_hint)
-            if problem is not None:
-                return problem
-        return None
-    if origin in (Union, types.UnionType):
-        if any(_check(value, arg) is None for arg in typing.get_args(hint)):
-            return None
-        return f"matches none of {hint}"
-    raise WireError(f"unsupported field type {hint!r}")
-
+    except RecursionError:
+        return DecodeError("malformed", f"{cls.__name__}: nested too deeply")
