@@ -116,6 +116,7 @@ class OverlayRunner(Runner):
         self.put_replicas: list[int] = []
         self.joins = 0
         self.joins_failed = 0
+        self.abandoned: dict[str, int] = {}  # queries whose node went down before they finished
         metrics = sim.metrics
         self.hops = metrics.distributions.setdefault("lookup_hops", [])
         self.requests = metrics.distributions.setdefault("lookup_requests", [])
@@ -168,6 +169,10 @@ class OverlayRunner(Runner):
     def on_down(self, address: int) -> None:
         self.cores[address] = None
         self.joined_at[address] = None
+        lost = [key for key in self.pending if key[0] == address]
+        for key in lost:  # the node crashed with these queries under way: nobody will answer them
+            kind, _ = self.pending.pop(key)
+            self.abandoned[kind] = self.abandoned.get(kind, 0) + 1
         super().on_down(address)
 
     def _oracle_fill(self) -> None:
@@ -286,6 +291,7 @@ class OverlayRunner(Runner):
             "log2_n": round(math.log2(nodes), 3),
             "lookups": done,
             "lookups_unfinished": sum(1 for kind, _ in self.pending.values() if kind == "lookup"),
+            "lookups_abandoned": self.abandoned.get("lookup", 0),
             "lookup_success": _ratio(sum(r[0] for r in lookups), done),
             "exact_k_closest": _ratio(sum(r[1] for r in lookups), done),
             "hops_median": metrics.median("lookup_hops"),
@@ -303,6 +309,7 @@ class OverlayRunner(Runner):
         if self.settings["gets"]:
             out["gets"] = len(self.get_results)
             out["gets_unfinished"] = sum(1 for kind, _ in self.pending.values() if kind == "get")
+            out["gets_abandoned"] = self.abandoned.get("get", 0)
             out["get_success"] = _ratio(sum(self.get_results), len(self.get_results))
         return out
 
