@@ -35,6 +35,7 @@ check-slow: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/bench_sim_engine.py
+	$(PY) benchmarks/bench_overlay.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -15,8 +15,8 @@ operation's:
   Both sides answer from the local store when they hold the key and cache on the path.
 
 Then one table with a ratio column (p2pdeploy / kademlia; below 1 means p2pdeploy is faster).
-The simulator's 10^5-node static network is :func:`bench_simulator` (to be filled by the
-simulator's overlay runner; skipped until then).
+The simulator's 10^5-node static network is :func:`bench_simulator`: it builds the network,
+answers the lookups in virtual time and prints its figures and peak memory.
 
     python benchmarks/bench_overlay.py [--nodes 32] [--lookups 1000] [--gets 1000] [--values 100]
 """
@@ -222,11 +222,27 @@ def run_kademlia(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_simulator(nodes: int, lookups: int, seed: int) -> dict[str, Any] | None:
-    """TO BE FILLED by the simulator's overlay runner (p2pdeploy/sim): build a static network
-    of ``nodes`` (10^5 by default) Kademlia cores, answer ``lookups`` lookups of random ids, and
-    return ``{"build_s": ..., "lookups": summarize(...), "peak_rss_mb": peak_rss_mb()}`` (virtual-time
-    latencies). Returning None prints the simulator row as skipped."""
-    return None
+    """The simulator's static network of ``nodes`` Kademlia cores (tables built by the oracle,
+    see ``p2pdeploy/sim/runners/overlay.py``) answering ``lookups`` lookups of random ids in
+    virtual time; returns the summary's figures, the wall time and the peak memory."""
+    from pathlib import Path
+
+    from p2pdeploy.sim.scenario import load_scenario, run_scenario
+
+    scenario = load_scenario(
+        Path(__file__).resolve().parents[1] / "simulations" / "overlay-static.toml",
+        overrides=[f"nodes={nodes}", "overlay.build=oracle", f"overlay.lookups={lookups}", "trace=false",
+                   "overlay.settle_s=0", "duration_s=70"],
+        seed=seed,
+    )
+    started = time.perf_counter()
+    summary = run_scenario(scenario).summary
+    keys = ("lookups", "lookup_success", "exact_k_closest", "hops_median", "hops_p99", "messages_per_lookup",
+            "log2_n", "contacts_median", "events", "events_per_second")
+    result = {key: summary[key] for key in keys}
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
 
 
 # -- the comparison ---------------------------------------------------------------------------
