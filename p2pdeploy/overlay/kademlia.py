@@ -315,8 +315,37 @@ class Kademlia(Protocol):
         self.set_timer(("republish", key), now + self.config.republish_interval_s)
         return self._start_store(key, item, ttl_s, now).query_id
 
+    # -- read-only views for the layers above (they never reach into the table) -------------
     def closest_known(self, target: int, k: int | None = None) -> list[Contact]:
+        """The ``k`` (default: the bucket size) live contacts closest to ``target`` we know."""
         return self.table.closest(target, k)
+
+    def next_hop_towards(self, key: int) -> Contact | None:
+        """The known contact closest to ``key`` if it is closer than this node, else ``None``
+        (this node is then the root of ``key`` as far as it knows): the parent in a tree
+        rooted at ``key``, as SDIMS and Scribe build them."""
+        closest = self.table.closest(key, 1)
+        if closest and closest[0].node_id ^ key < self.node_id ^ key:
+            return closest[0]
+        return None
+
+    def is_among_closest(self, key: int, k: int | None = None) -> bool:
+        """True when this node is one of the ``k`` closest to ``key`` among the nodes it knows."""
+        k = self.config.k if k is None else k
+        closest = self.table.closest(key, k)
+        return len(closest) < k or self.node_id ^ key < closest[-1].node_id ^ key
+
+    def buckets(self) -> list[tuple[int, int, list[Contact]]]:
+        """Each k-bucket as ``(low, size, live contacts)``, in id order: the ranges an
+        El-Ansary broadcast hands down, one contact per bucket."""
+        limit = self.table.eviction_failures
+        return [
+            (bucket.low, bucket.size, [e.contact for e in bucket.entries.values() if e.failures < limit])
+            for bucket in self.table.buckets
+        ]
+
+    def contact_count(self) -> int:
+        return len(self.table)
 
     def snapshot(self) -> bytes:
         """The routing table as CBOR bytes, for the data directory."""

@@ -204,3 +204,24 @@ def test_a_joining_node_close_to_a_key_is_handed_the_value():
     net.call(99, "bootstrap", [0])
     net.run(until=net.now + 10.0)
     assert newcomer.store.get(key, net.now).item == Item(b"handed")
+
+
+def test_next_hop_towards_a_key_leads_to_its_root(joined_net):
+    net = joined_net
+    key = random.Random(21).getrandbits(160)
+    root = min(net.nodes.values(), key=lambda n: n.node_id ^ key)
+    assert root.next_hop_towards(key) is None
+    for start in list(net.nodes.values())[:10]:
+        node, hops = start, 0
+        while (hop := node.next_hop_towards(key)) is not None:
+            assert hop.node_id ^ key < node.node_id ^ key  # every hop gets strictly closer
+            node, hops = net.nodes[hop.address], hops + 1
+        assert node is root and hops <= 8
+
+
+def test_buckets_partition_the_id_space_and_hold_the_table(joined_net):
+    node = joined_net.nodes[0]
+    views = node.buckets()
+    assert views[0][0] == 0 and sum(size for _, size, _ in views) == 1 << 160
+    assert sum(len(contacts) for _, _, contacts in views) == node.contact_count()
+    assert node.is_among_closest(node.node_id)
