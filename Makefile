@@ -26,7 +26,7 @@ demo: $(VENV)/.installed
 	$(PY) -m p2pdeploy.demo
 
 test: $(VENV)/.installed-test
-	$(BIN)/ruff check p2pdeploy tests benchmarks simulations examples
+	$(BIN)/ruff check .
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
