@@ -1,0 +1,138 @@
+"""The replicas of one node: a supervisor per replica, and the admission ledger they draw on.
+
+:class:`ReplicaHost` is a core layer with no messages of its own. The remote protocol (and,
+later, the deployer) calls :meth:`ReplicaHost.start_replica` and :meth:`stop_replica`; the
+driver passes the executor commands it emits to its executor and feeds the executor's reports
+back through :meth:`report`. A replica holds its reservation until it is finished (stopped, or
+failed with no restart coming); its files stay, for its logs, until :meth:`forget`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+from p2pdeploy.core import Address, Protocol, Rng
+from p2pdeploy.fabric.admission import Admission, Demand, Refusal
+from p2pdeploy.fabric.contribution import Contribution
+from p2pdeploy.fabric.executor import ExecutorReport, Removed, RemoveReplica
+from p2pdeploy.fabric.supervisor import ReplicaSpec, ReplicaStatus, Supervisor
+
+
+class ReplicaHost(Protocol):
+    handles: tuple[type, ...] = ()
+
+    def __init__(self, contribution: Contribution, rng: Rng | None = None) -> None:
+        super().__init__()
+        self.admission = Admission(contribution)
+        self.rng = rng
+        self._supervisors: dict[str, Supervisor] = {}
+        #: Who asked for each replica (the public key that signed the start), for authorization.
+        self.requested_by: dict[str, bytes] = {}
+
+    @property
+    def contribution(self) -> Contribution:
+        return self.admission.contribution
+
+    # -- API -------------------------------------------------------------------------------
+    def start_replica(
+        self,
+        spec: ReplicaSpec,
+        demand: Demand,
+        now: float,
+        *,
+        bundle: bytes | None = None,
+        digest: bytes = b"",
+        requested_by: bytes = b"",
+    ) -> Refusal | None:
+        """Admit and start a replica; the refusal (nothing started) when it does not fit."""
+        replica_id = spec.replica_id
+        existing = self._supervisors.get(replica_id)
+        if existing is not None:
+            return Refusal("replica", f"replica: {replica_id} already exists on this node ({existing.status()})")
+        refusal = self.admission.reserve(replica_id, demand)
+        if refusal is not None:
+            return refusal
+        supervisor = Supervisor(spec, self.rng, digest=digest)
+        self._supervisors[replica_id] = supervisor
+        self.requested_by[replica_id] = requested_by
+        supervisor.start(now, bundle)
+        self._collect()
+        return None
+
+    def stop_replica(self, replica_id: str, now: float, reason: str = "stop requested") -> bool:
+        supervisor = self._supervisors.get(replica_id)
+        if supervisor is None:
+            return False
+        supervisor.stop(now, reason)
+        self._collect()
+        return True
+
+    def bundle_fetched(self, replica_id: str, bundle: bytes, now: float) -> None:
+        supervisor = self._supervisors.get(replica_id)
+        if supervisor is not None:
+            supervisor.bundle_fetched(bundle, now)
+            self._collect()
+
+    def forget(self, replica_id: str, now: float) -> bool:
+        """Remove a finished replica's files (``RemoveReplica``); False while it still runs."""
+        supervisor = self._supervisors.get(replica_id)
+        if supervisor is None or not supervisor.finished:
+            return False
+        del self._supervisors[replica_id]
+        self.requested_by.pop(replica_id, None)
+        self.admission.release(replica_id)
+        self.emit(RemoveReplica(replica_id))
+        return True
+
+    def report(self, report: ExecutorReport, now: float) -> None:
+        """An executor report; routed to the replica's supervisor."""
+        if isinstance(report, Removed):
+            return
+        supervisor = self._supervisors.get(report.replica_id)
+        if supervisor is None:
+            self.dropped["unknown_replica"] += 1
+            return
+        supervisor.report(report, now)
+        self._collect()
+
+    # -- queries ---------------------------------------------------------------------------
+    def status(self, replica_id: str) -> ReplicaStatus | None:
+        supervisor = self._supervisors.get(replica_id)
+        return None if supervisor is None else supervisor.status()
+
+    def statuses(self) -> list[ReplicaStatus]:
+        return [s.status() for s in self._supervisors.values()]
+
+    def supervisor(self, replica_id: str) -> Supervisor | None:
+        return self._supervisors.get(replica_id)
+
+    # -- the core contract -----------------------------------------------------------------
+    def receive(self, src: Address, msg: Any, now: float) -> None:
+        self.dropped["unexpected"] += 1
+
+    def handle_timer(self, now: float) -> None:
+        super().handle_timer(now)
+        for supervisor in list(self._supervisors.values()):
+            deadline = supervisor.next_deadline()
+            if deadline is not None and deadline <= now:
+                supervisor.handle_timer(now)
+        self._collect()
+
+    def on_timer(self, name: Hashable, now: float) -> None:
+        pass  # the host arms no timers of its own
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (s.next_deadline() for s in self._supervisors.values()) if d is not None]
+        own = super().next_deadline()
+        if own is not None:
+            deadlines.append(own)
+        return min(deadlines) if deadlines else None
+
+    def _collect(self) -> None:
+        """Move the supervisors' events into this layer's queue; release finished reservations."""
+        for replica_id, supervisor in self._supervisors.items():
+            while (event := supervisor.next_event()) is not None:
+                self.emit(event)
+            if supervisor.finished:
+                self.admission.release(replica_id)

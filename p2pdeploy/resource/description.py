@@ -1,0 +1,95 @@
+"""Describing nodes and matching services to them, in the requirements language.
+
+A node's description is a flat mapping of attributes: the machine's facts (``os``, ``arch``,
+``cores``, ``memory_total``, ``load``...), what the owner contributes (``cpu``, ``memory``,
+``disk``, ``bandwidth``, ``max_services``, ``tags``, ``owner``) and what is still free
+(``cpu_free``, ``memory_free``, ``disk_free``, ``bandwidth_free``, ``services_free``). The
+prospector aggregates these; a service's :class:`Match` says whether a node fits and, when it
+does not, which clause failed (``memory_free >= 512M (memory_free is 256 MiB)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from p2pdeploy.fabric.admission import Demand, Free
+from p2pdeploy.fabric.contribution import Contribution
+from p2pdeploy.fabric.machine import Machine
+from p2pdeploy.fabric.units import format_cores_number, format_size
+from p2pdeploy.resource.requirements import And, Attribute, Compare, Literal, Node, Requirement
+
+
+def node_attributes(
+    contribution: Contribution,
+    free: Free | None = None,
+    machine: Machine | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The attributes of a node: machine facts, the contribution, what is free, and ``extra``."""
+    attrs: dict[str, Any] = machine.attributes() if machine is not None else {}
+    attrs.update(
+        cpu=contribution.cpu_cores,
+        memory=contribution.memory_bytes,
+        disk=contribution.disk_bytes,
+        max_services=contribution.max_services,
+        tags=contribution.tags,
+    )
+    if contribution.bandwidth_bps is not None:
+        attrs["bandwidth"] = contribution.bandwidth_bps
+    if contribution.owner:
+        attrs["owner"] = contribution.owner
+    if free is not None:
+        attrs.update(
+            cpu_free=free.cpu_cores,
+            memory_free=free.memory_bytes,
+            disk_free=free.disk_bytes,
+            services_free=free.services,
+        )
+        if free.bandwidth_bps is not None:
+            attrs["bandwidth_free"] = free.bandwidth_bps
+    attrs.update(extra)
+    return attrs
+
+
+def demand_requirement(demand: Demand) -> Requirement | None:
+    """The demand as a requirement on free resources (``cpu_free >= 0.5 and ...``)."""
+    clauses: list[Node] = [Compare(">=", Attribute("services_free"), Literal(1))]
+    if demand.cpu_cores > 0:
+        clauses.append(Compare(">=", Attribute("cpu_free"), Literal(demand.cpu_cores, format_cores_number(demand.cpu_cores))))
+    if demand.memory_bytes > 0:
+        clauses.append(Compare(">=", Attribute("memory_free"), Literal(demand.memory_bytes, _size_text(demand.memory_bytes))))
+    if demand.disk_bytes > 0:
+        clauses.append(Compare(">=", Attribute("disk_free"), Literal(demand.disk_bytes, _size_text(demand.disk_bytes))))
+    return Requirement(clauses[0] if len(clauses) == 1 else And(tuple(clauses)))
+
+
+def _size_text(size_bytes: int) -> str:
+    """``536870912`` -> ``512M``, when it is a whole number of a unit; plain bytes otherwise."""
+    text = format_size(size_bytes)  # "512 MiB", "1.5 GiB", "100 B"
+    number, unit = text.split(" ")
+    if "." in number or unit == "B":
+        return str(size_bytes)
+    return number + unit[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    ok: bool
+    failed: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return "matches" if self.ok else "; ".join(self.failed)
+
+
+def match(attrs: Mapping[str, Any], requirement: Requirement | None = None, demand: Demand | None = None) -> Match:
+    """Whether a node with ``attrs`` fits a service's ``requirement`` and ``demand``, and what failed."""
+    failed: list[str] = []
+    if demand is not None:
+        needed = demand_requirement(demand)
+        if needed is not None:
+            failed.extend(needed.explain(attrs))
+    if requirement is not None:
+        failed.extend(requirement.explain(attrs))
+    return Match(not failed, tuple(failed))

@@ -1,0 +1,585 @@
+"""The remote protocol: start, stop, status and logs of a replica on a node, with authorization.
+
+Requests (``StartReplica``, ``StopReplica``, ``QueryReplica``, ``FetchLogs``) are signed with
+Ed25519 by the key that sends them, over the canonical wire encoding of the request with an
+empty signature (``b"p2pdeploy remote v1\\n" + encode(request)``). Each carries the target
+node's id, a random 16-byte nonce and the sender's wall-clock timestamp, so a request cannot be
+replayed: not to another node (the node id is signed), not later (the timestamp must be within
+``window_s`` of the node's clock), and not within the window (the node keeps every nonce it
+accepted until its timestamp leaves the window).
+
+A node answers every request with a reply (``StatusReply``, ``LogsReply``) or a ``Refused``
+naming the check that failed and why. :class:`RemoteControl` checks, in this order:
+
+1. ``signature``: the request is signed by the key it names;
+2. ``node``: it is addressed to this node;
+3. ``stale``: its timestamp is within ``window_s`` of this node's wall clock;
+4. ``replay``: its nonce was not seen in the window (nonces are remembered only for keys the
+   node knows, so that strangers, refused next anyway, cannot fill the cache);
+5. ``trust`` (start, status): the owner trusts the key (``Contribution.trusted_keys``);
+   ``authorization`` (stop, logs): the key started the replica, or is an owner key;
+6. ``bundle`` (start): the bundle's signature is valid, by a key the owner trusts, and the
+   bundle is safe and its manifest valid;
+7. ``requirements`` (start): the manifest's requirements hold on this node;
+8. ``admission`` (start): the replica fits the owner's contribution.
+
+Only then does it act, through the :class:`~p2pdeploy.fabric.replicas.ReplicaHost` layer it
+wraps. Logs are I/O: the node emits ``LogsRequested`` and the driver answers with
+:meth:`RemoteControl.answer_logs`.
+
+Time: signed timestamps are wall-clock seconds, while a node's core runs on the driver's clock
+(monotonic in the runtime, virtual in the simulator). Both protocol objects here take the
+``now`` every layer gets and add ``wall_clock_offset_s`` (the driver sets it to wall time minus
+its clock, :meth:`set_wall_clock_offset`); with an offset of 0, ``now`` is wall time.
+
+:class:`RemoteClient` is the sending side: it signs requests, matches replies and times out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from p2pdeploy.core import Address, Protocol, Rng
+from p2pdeploy.fabric.machine import Machine
+from p2pdeploy.fabric.replicas import ReplicaHost
+from p2pdeploy.fabric.supervisor import ReplicaStatus
+from p2pdeploy.overlay.identity import Identity, verify
+from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, Bundle, BundleError, SignedBundle, verify_bundle
+from p2pdeploy.resource.description import node_attributes
+from p2pdeploy.resource.manifest import ManifestError
+from p2pdeploy.wire import STREAM_LIMIT_BYTES, NodeId, encode, message
+
+SIGNATURE_CONTEXT = b"p2pdeploy remote v1\n"
+NONCE_BYTES = 16
+PUBLIC_KEY_BYTES = 32
+MAX_LOG_BYTES = 64 * 1024
+
+
+def _check_common(msg: Any) -> None:
+    if len(msg.signer) != PUBLIC_KEY_BYTES:
+        raise ValueError(f"signer must be a {PUBLIC_KEY_BYTES}-byte public key")
+    if len(msg.nonce) != NONCE_BYTES:
+        raise ValueError(f"nonce must be {NONCE_BYTES} bytes")
+    if len(msg.replica_id) > 64:
+        raise ValueError("replica_id is longer than 64 characters")
+
+
+# -- requests -------------------------------------------------------------------------------
+
+
+@message(30)
+@dataclass(frozen=True, slots=True)
+class StartReplica:
+    request_id: int
+    node: NodeId
+    signer: bytes
+    nonce: bytes
+    timestamp: float
+    replica_id: str
+    bundle: bytes
+    bundle_key: bytes
+    bundle_signature: bytes
+    bindings: dict[str, str]
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if len(self.bundle) > MAX_BUNDLE_BYTES:
+            raise ValueError(f"bundle is larger than {MAX_BUNDLE_BYTES} bytes")
+
+
+@message(31)
+@dataclass(frozen=True, slots=True)
+class StopReplica:
+    request_id: int
+    node: NodeId
+    signer: bytes
+    nonce: bytes
+    timestamp: float
+    replica_id: str
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+
+
+@message(32)
+@dataclass(frozen=True, slots=True)
+class QueryReplica:
+    request_id: int
+    node: NodeId
+    signer: bytes
+    nonce: bytes
+    timestamp: float
+    replica_id: str
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+
+
+@message(33)
+@dataclass(frozen=True, slots=True)
+class FetchLogs:
+    request_id: int
+    node: NodeId
+    signer: bytes
+    nonce: bytes
+    timestamp: float
+    replica_id: str
+    max_bytes: int
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if self.max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+
+
+# -- replies --------------------------------------------------------------------------------
+
+
+@message(34)
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    request_id: int
+    replica_id: str
+    state: str
+    reason: str
+    run: int
+    restarts: int
+    port: int | None
+    healthy: bool
+
+    def __str__(self) -> str:
+        return f"{self.state}: {self.reason}" if self.reason else self.state
+
+
+@message(35)
+@dataclass(frozen=True, slots=True)
+class LogsReply:
+    request_id: int
+    replica_id: str
+    data: bytes
+
+
+@message(36)
+@dataclass(frozen=True, slots=True)
+class Refused:
+    request_id: int
+    #: The check that refused: signature, node, stale, replay, trust, authorization, bundle,
+    #: requirements, admission, replica, busy.
+    check: str
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+REQUESTS = (StartReplica, StopReplica, QueryReplica, FetchLogs)
+REPLIES = (StatusReply, LogsReply, Refused)
+Request = StartReplica | StopReplica | QueryReplica | FetchLogs
+Reply = StatusReply | LogsReply | Refused
+
+
+def signing_payload(request: Request) -> bytes:
+    """What the sender signs: the request with an empty signature, canonically encoded."""
+    unsigned = dataclasses.replace(request, signature=b"")
+    return SIGNATURE_CONTEXT + encode(unsigned, STREAM_LIMIT_BYTES)
+
+
+def sign_request(request: Request, identity: Identity) -> Request:
+    """``request`` signed by ``identity`` (its ``signer`` must be ``identity``'s public key)."""
+    if request.signer != identity.public_key:
+        raise ValueError("the request names another signer than this identity")
+    return dataclasses.replace(request, signature=identity.sign(signing_payload(request)))
+
+
+def verify_request(request: Request) -> bool:
+    return verify(request.signer, request.signature, signing_payload(request))
+
+
+def _key(public_key: bytes) -> str:
+    return public_key.hex()[:16] + "…"
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStartAccepted:
+    replica_id: str
+    signer: bytes
+    service: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStopAccepted:
+    replica_id: str
+    signer: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRefused:
+    src: Address
+    request: str
+    check: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LogsRequested:
+    """The driver reads the replica's logs and calls ``RemoteControl.answer_logs(token, data, now)``."""
+
+    token: int
+    replica_id: str
+    max_bytes: int
+
+
+# -- the node side --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteConfig:
+    #: Requests whose timestamp is further than this from the node's clock are refused.
+    window_s: float = 120.0
+    #: Nonces remembered at once; beyond it new requests are refused as ``busy``.
+    max_nonces: int = 100_000
+    max_log_bytes: int = MAX_LOG_BYTES
+    logs_timeout_s: float = 10.0
+    max_bundle_bytes: int = MAX_BUNDLE_BYTES
+
+    def __post_init__(self) -> None:
+        if not self.window_s > 0:
+            raise ValueError(f"remote.window_s must be > 0 (got {self.window_s})")
+        if self.max_nonces < 1:
+            raise ValueError(f"remote.max_nonces must be >= 1 (got {self.max_nonces})")
+
+
+class RemoteControl(Protocol):
+    """The node side: checks each request and acts on the replicas it hosts."""
+
+    handles = REQUESTS
+
+    def __init__(
+        self,
+        node_id: int,
+        host: ReplicaHost,
+        *,
+        machine: Machine | None = None,
+        owner_keys: frozenset[bytes] = frozenset(),
+        config: RemoteConfig | None = None,
+        wall_clock_offset_s: float = 0.0,
+        node_attributes_extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.node_id = node_id
+        self.host = host
+        self.machine = machine
+        #: Keys that may stop or read any replica here (the node's own key, its owner's).
+        self.owner_keys = frozenset(owner_keys)
+        self.config = config or RemoteConfig()
+        self.wall_clock_offset_s = wall_clock_offset_s
+        self.extra_attributes = dict(node_attributes_extra or {})
+        #: Refusals by check (``signature``, ``replay``...), for the node's counters.
+        self.refused: Counter[str] = Counter()
+        self._nonces: dict[bytes, float] = {}  # nonce -> wall time after which it is stale anyway
+        self._logs_waiting: dict[int, tuple[Address, int, str]] = {}
+        self._next_token = 0
+
+    # -- configuration from the driver -----------------------------------------------------
+    def set_wall_clock_offset(self, offset_s: float) -> None:
+        """Wall time minus the driver's clock; the driver refreshes it when its clock drifts."""
+        self.wall_clock_offset_s = offset_s
+
+    def update_machine(self, machine: Machine) -> None:
+        self.machine = machine
+
+    def attributes(self) -> dict[str, Any]:
+        """This node's description, as requirements see it."""
+        return node_attributes(self.host.contribution, self.host.admission.free(), self.machine, **self.extra_attributes)
+
+    # -- inputs ----------------------------------------------------------------------------
+    def receive(self, src: Address, msg: Any, now: float) -> None:
+        if not isinstance(msg, REQUESTS):
+            self.dropped["unexpected"] += 1
+            return
+        refusal = self._check_envelope(msg, now)
+        if refusal is None:
+            if isinstance(msg, StartReplica):
+                self._start(src, msg, now)
+                return
+            if isinstance(msg, StopReplica):
+                refusal = self._stop(src, msg, now)
+            elif isinstance(msg, QueryReplica):
+                refusal = self._query(src, msg)
+            else:
+                refusal = self._logs(src, msg, now)
+        if refusal is not None:
+            self._refuse(src, msg, *refusal)
+
+    def _check_envelope(self, msg: Request, now: float) -> tuple[str, str] | None:
+        if not verify_request(msg):
+            return "signature", "signature: the request is not signed by the key it names"
+        if msg.node != self.node_id:
+            return "node", f"node: the request is for node {msg.node:040x}, this is {self.node_id:040x}"
+        wall = now + self.wall_clock_offset_s
+        window = self.config.window_s
+        skew = msg.timestamp - wall
+        if abs(skew) > window:
+            direction = "ahead of" if skew > 0 else "behind"
+            return "stale", f"stale: the request's timestamp is {abs(skew):.0f} s {direction} this node's clock (allowed ±{window:g} s)"
+        if msg.nonce in self._nonces:
+            return "replay", "replay: this request (its nonce) was already received"
+        if not self._known_key(msg.signer):
+            return None  # refused by the trust check next; a stranger cannot fill the nonce cache
+        if len(self._nonces) >= self.config.max_nonces:
+            self._expire_nonces(wall)
+            if len(self._nonces) >= self.config.max_nonces:
+                return "busy", "busy: too many requests within the replay window; retry later"
+        self._nonces[msg.nonce] = msg.timestamp + window
+        if self.timer_deadline("nonces") is None:
+            self.set_timer("nonces", now + window)
+        return None
+
+    def _known_key(self, signer: bytes) -> bool:
+        """A key some request of which this node may act on: trusted, an owner's, or a replica's starter."""
+        return (
+            self.host.contribution.trusts(signer)
+            or signer in self.owner_keys
+            or signer in self.host.requested_by.values()
+        )
+
+    def _authorized(self, signer: bytes, replica_id: str) -> bool:
+        return signer in self.owner_keys or self.host.requested_by.get(replica_id) == signer
+
+    def _start(self, src: Address, msg: StartReplica, now: float) -> None:
+        contribution = self.host.contribution
+        if not (contribution.trusts(msg.signer) or msg.signer in self.owner_keys):
+            self._refuse(src, msg, "trust", f"trust: key {_key(msg.signer)} is not trusted by this node's owner")
+            return
+        if not verify_bundle(msg.bundle, msg.bundle_signature, msg.bundle_key):
+            self._refuse(src, msg, "bundle", "bundle: its signature does not match the bundle and the key it names")
+            return
+        if not (contribution.trusts(msg.bundle_key) or msg.bundle_key in self.owner_keys):
+            self._refuse(src, msg, "bundle", f"bundle: signed by {_key(msg.bundle_key)}, a key this node's owner does not trust")
+            return
+        try:
+            bundle = Bundle.parse(msg.bundle, max_bytes=self.config.max_bundle_bytes)
+        except BundleError as exc:
+            self._refuse(src, msg, "bundle", str(exc))
+            return
+        existing = self.host.supervisor(msg.replica_id)
+        if existing is not None and existing.digest == bundle.digest and self.host.requested_by.get(msg.replica_id) == msg.signer:
+            self._reply_status(src, msg.request_id, existing.status())  # a retried start: same answer
+            return
+        manifest = bundle.manifest
+        requirements = manifest.resources.requirements
+        if requirements is not None:
+            failed = requirements.explain(self.attributes())
+            if failed:
+                self._refuse(src, msg, "requirements", "requirements: " + "; ".join(failed))
+                return
+        try:
+            spec = manifest.replica_spec(msg.replica_id, bindings=msg.bindings)
+        except (ManifestError, ValueError) as exc:
+            self._refuse(src, msg, "replica", f"replica: {exc}")
+            return
+        refusal = self.host.start_replica(
+            spec, manifest.demand(), now, bundle=msg.bundle, digest=bundle.digest, requested_by=msg.signer
+        )
+        if refusal is not None:
+            check = "replica" if refusal.resource == "replica" else "admission"
+            self._refuse(src, msg, check, f"admission: {refusal.reason}" if check == "admission" else refusal.reason)
+            return
+        self.emit(ReplicaStartAccepted(msg.replica_id, msg.signer, manifest.name, manifest.version))
+        status = self.host.status(msg.replica_id)
+        assert status is not None
+        self._reply_status(src, msg.request_id, status)
+
+    def _stop(self, src: Address, msg: StopReplica, now: float) -> tuple[str, str] | None:
+        if self.host.status(msg.replica_id) is None:
+            return "replica", f"replica: no replica {msg.replica_id} on this node"
+        if not self._authorized(msg.signer, msg.replica_id):
+            return "authorization", f"authorization: key {_key(msg.signer)} did not start {msg.replica_id} and is not an owner key"
+        self.host.stop_replica(msg.replica_id, now, f"stop requested by {_key(msg.signer)}")
+        self.emit(ReplicaStopAccepted(msg.replica_id, msg.signer))
+        status = self.host.status(msg.replica_id)
+        assert status is not None
+        self._reply_status(src, msg.request_id, status)
+        return None
+
+    def _query(self, src: Address, msg: QueryReplica) -> tuple[str, str] | None:
+        trusted = self.host.contribution.trusts(msg.signer) or self._authorized(msg.signer, msg.replica_id)
+        if not trusted:
+            return "trust", f"trust: key {_key(msg.signer)} is not trusted by this node's owner"
+        status = self.host.status(msg.replica_id)
+        if status is None:
+            return "replica", f"replica: no replica {msg.replica_id} on this node"
+        self._reply_status(src, msg.request_id, status)
+        return None
+
+    def _logs(self, src: Address, msg: FetchLogs, now: float) -> tuple[str, str] | None:
+        if self.host.status(msg.replica_id) is None:
+            return "replica", f"replica: no replica {msg.replica_id} on this node"
+        if not self._authorized(msg.signer, msg.replica_id):
+            return "authorization", f"authorization: key {_key(msg.signer)} did not start {msg.replica_id} and is not an owner key"
+        self._next_token += 1
+        token = self._next_token
+        self._logs_waiting[token] = (src, msg.request_id, msg.replica_id)
+        self.set_timer(("logs", token), now + self.config.logs_timeout_s)
+        self.emit(LogsRequested(token, msg.replica_id, min(msg.max_bytes, self.config.max_log_bytes)))
+        return None
+
+    def answer_logs(self, token: int, data: bytes, now: float) -> None:
+        """The driver read the logs asked for by ``LogsRequested(token, ...)``."""
+        waiting = self._logs_waiting.pop(token, None)
+        if waiting is None:
+            return
+        self.cancel_timer(("logs", token))
+        src, request_id, replica_id = waiting
+        self.send(src, LogsReply(request_id, replica_id, data[-self.config.max_log_bytes :]))
+
+    # -- timers ----------------------------------------------------------------------------
+    def on_timer(self, name: Hashable, now: float) -> None:
+        if name == "nonces":
+            self._expire_nonces(now + self.wall_clock_offset_s)
+            if self._nonces:
+                self.set_timer("nonces", now + self.config.window_s)
+        elif isinstance(name, tuple) and name[0] == "logs":
+            waiting = self._logs_waiting.pop(name[1], None)
+            if waiting is not None:
+                src, request_id, _ = waiting
+                self.send(src, Refused(request_id, "busy", "logs: the node did not read the logs in time"))
+
+    def _expire_nonces(self, wall: float) -> None:
+        for nonce in [n for n, stale_after in self._nonces.items() if stale_after < wall]:
+            del self._nonces[nonce]
+
+    # -- replies ---------------------------------------------------------------------------
+    def _reply_status(self, src: Address, request_id: int, status: ReplicaStatus) -> None:
+        self.send(src, StatusReply(
+            request_id, status.replica_id, status.state.value, status.reason, status.run, status.restarts,
+            status.port, status.healthy,
+        ))  # fmt: skip
+
+    def _refuse(self, src: Address, msg: Request, check: str, reason: str) -> None:
+        self.refused[check] += 1
+        self.emit(RequestRefused(src, type(msg).__name__, check, reason))
+        self.send(src, Refused(msg.request_id, check, reason))
+
+
+# -- the sending side -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAnswered:
+    request_id: int
+    reply: Reply
+
+    @property
+    def ok(self) -> bool:
+        return not isinstance(self.reply, Refused)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTimedOut:
+    request_id: int
+    request: str
+
+
+class RemoteClient(Protocol):
+    """The deployer side: builds signed requests, matches their replies, times them out.
+
+    A lost request is not resent as is (the node would refuse it as a replay): the caller
+    makes a new one, and a start is idempotent for the same signer and bundle.
+    """
+
+    handles = REPLIES
+
+    def __init__(
+        self,
+        identity: Identity,
+        rng: Rng,
+        *,
+        timeout_s: float = 10.0,
+        wall_clock_offset_s: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.identity = identity
+        self.rng = rng
+        self.timeout_s = timeout_s
+        self.wall_clock_offset_s = wall_clock_offset_s
+        self._waiting: dict[int, tuple[Address, str]] = {}
+
+    def set_wall_clock_offset(self, offset_s: float) -> None:
+        self.wall_clock_offset_s = offset_s
+
+    # -- API -------------------------------------------------------------------------------
+    def start(
+        self,
+        address: Address,
+        node_id: int,
+        replica_id: str,
+        bundle: SignedBundle,
+        now: float,
+        bindings: Mapping[str, str] | None = None,
+    ) -> int:
+        request_id, nonce, timestamp = self._envelope(now)
+        request = StartReplica(
+            request_id, node_id, self.identity.public_key, nonce, timestamp, replica_id,
+            bundle.data, bundle.public_key, bundle.signature, dict(bindings or {}),
+        )  # fmt: skip
+        return self._send(address, request, now)
+
+    def stop(self, address: Address, node_id: int, replica_id: str, now: float) -> int:
+        request_id, nonce, timestamp = self._envelope(now)
+        return self._send(address, StopReplica(request_id, node_id, self.identity.public_key, nonce, timestamp, replica_id), now)
+
+    def query(self, address: Address, node_id: int, replica_id: str, now: float) -> int:
+        request_id, nonce, timestamp = self._envelope(now)
+        return self._send(address, QueryReplica(request_id, node_id, self.identity.public_key, nonce, timestamp, replica_id), now)
+
+    def fetch_logs(self, address: Address, node_id: int, replica_id: str, now: float, max_bytes: int = MAX_LOG_BYTES) -> int:
+        request_id, nonce, timestamp = self._envelope(now)
+        request = FetchLogs(request_id, node_id, self.identity.public_key, nonce, timestamp, replica_id, max_bytes)
+        return self._send(address, request, now)
+
+    def make_signed(self, request: Request) -> Request:
+        return sign_request(request, self.identity)
+
+    # -- inputs ----------------------------------------------------------------------------
+    def receive(self, src: Address, msg: Any, now: float) -> None:
+        waiting = self._waiting.get(msg.request_id)
+        if waiting is None or waiting[0] != src:
+            self.dropped["unsolicited_reply"] += 1
+            return
+        del self._waiting[msg.request_id]
+        self.cancel_timer(("request", msg.request_id))
+        self.emit(RequestAnswered(msg.request_id, msg))
+
+    def on_timer(self, name: Hashable, now: float) -> None:
+        if isinstance(name, tuple) and name[0] == "request":
+            waiting = self._waiting.pop(name[1], None)
+            if waiting is not None:
+                self.emit(RequestTimedOut(name[1], waiting[1]))
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _envelope(self, now: float) -> tuple[int, bytes, float]:
+        request_id = self.rng.getrandbits(63)
+        while request_id in self._waiting or request_id == 0:
+            request_id = self.rng.getrandbits(63)
+        nonce = self.rng.getrandbits(8 * NONCE_BYTES).to_bytes(NONCE_BYTES, "big")
+        return request_id, nonce, now + self.wall_clock_offset_s
+
+    def _send(self, address: Address, request: Request, now: float) -> int:
+        signed = sign_request(request, self.identity)
+        self._waiting[request.request_id] = (address, type(request).__name__)
+        self.set_timer(("request", request.request_id), now + self.timeout_s)
+        self.send(address, signed)
+        return request.request_id

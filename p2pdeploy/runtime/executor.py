@@ -1,0 +1,689 @@
+"""The real executor: service processes on this machine, confined, logged, watched, stopped.
+
+It follows the contract of :mod:`p2pdeploy.fabric.executor` (commands in, reports out through
+a sink) on trio:
+
+- ``InstallBundle`` unpacks the bundle (checked, see ``exec_unpack``) into
+  ``<data_dir>/replicas/<id>/app``; the replica's writable ``data`` directory and its ``logs``
+  sit next to it.
+- ``StartProcess`` runs the service's command through the launcher (``sandbox.py``) in a new
+  session, so the whole process group can be signalled: cgroups per run where this node may
+  write them (memory, pids, cpu), rlimits for the rest (RLIMIT_AS for memory when no cgroup
+  limits it, RLIMIT_CPU when asked, RLIMIT_NOFILE, RLIMIT_FSIZE, RLIMIT_NPROC), as an
+  unprivileged user when the node runs as root (``nobody`` by default), with the environment
+  ``PORT``, ``P2PDEPLOY_DATA_DIR``, ``P2PDEPLOY_REPLICA_ID``, ``HOME`` and the service's own
+  variables and bindings. stdout and stderr go to size-capped rotating logs.
+- When the process exits (seen on a pidfd, before it is reaped, so its process group id cannot
+  be reused meanwhile) every other process of its group and cgroups is killed, then it is
+  reaped and the exit reported with its reason: ``memory limit`` (the cgroup's OOM counter,
+  or a ``MemoryError`` under RLIMIT_AS), ``cpu time limit``, ``file size limit``,
+  ``stopped by TERM``, ``killed``, ``exited with code N``...
+- ``SignalProcess`` sends TERM or KILL to the process group (KILL to the cgroups too);
+  ``RunHealthCheck`` runs a TCP, HTTP or command check; ``RemoveReplica`` kills what is left
+  and deletes the replica's files.
+
+When the executor is cancelled (the node stops) every replica's processes are killed and
+reaped under a shielded scope: no process outlives the node that started it. A node killed
+outright cannot do that; where cgroups are available the next executor to start on the machine
+kills what the dead node's replicas left and removes their cgroups. It makes no
+decision about restarts or health thresholds: that is the supervisor's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+import trio
+
+from p2pdeploy.fabric.executor import (
+    REASON_CPU_TIME,
+    REASON_FILE_SIZE,
+    REASON_KILLED,
+    REASON_MEMORY,
+    REASON_TERM,
+    ExecutorCommand,
+    ExecutorReport,
+    HealthResult,
+    InstallBundle,
+    Installed,
+    LogPolicy,
+    ProcessExited,
+    ProcessFailedToStart,
+    ProcessSpec,
+    ProcessStarted,
+    Removed,
+    RemoveReplica,
+    ReportSink,
+    RunHealthCheck,
+    SignalProcess,
+    StartProcess,
+    Usage,
+    check_replica_id,
+    exit_reason,
+)
+from p2pdeploy.resource.bundle import MAX_UNPACKED_BYTES, BundleError
+from p2pdeploy.runtime import sandbox
+from p2pdeploy.runtime.exec_health import check_command, check_http, check_tcp
+from p2pdeploy.runtime.exec_logs import RotatingLog, read_tail
+from p2pdeploy.runtime.exec_unpack import unpack_bundle
+from p2pdeploy.runtime.sandbox import (
+    CgroupLimits,
+    CgroupSupport,
+    ReplicaCgroup,
+    detect_cgroups,
+    sweep_stale_cgroups,
+)
+
+log = logging.getLogger(__name__)
+
+SANDBOX_SCRIPT = str(Path(sandbox.__file__).resolve())
+MEMORY_MARKERS = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc", b"out of memory")
+FILE_SIZE_MARKERS = (b"File too large",)
+STDERR_TAIL_BYTES = 8192
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass(frozen=True, slots=True)
+class RealExecutorConfig:
+    #: The node's data directory; replicas live in ``<data_dir>/replicas/<id>/``.
+    data_dir: Path
+    #: Where replicas live instead, e.g. ``/var/lib/p2pdeploy/replicas`` for a root node whose
+    #: data directory (under ``/root``) the unprivileged service user could not traverse.
+    replicas_dir: Path | None = None
+    #: Create a cgroup per replica run where this node may (never fails when it may not).
+    use_cgroups: bool = True
+    #: Who services run as: ``"auto"`` (``nobody`` when the node is root, else the node's
+    #: user), a user name, a uid, or ``None`` (the node's user, even root).
+    service_user: str | int | None = "auto"
+    #: A root node may instead give each replica a uid of its own from ``[first, last]`` (no
+    #: passwd entry needed). RLIMIT_NPROC counts per uid, so this makes it a per-replica limit
+    #: where no pids cgroup is writable; with the shared ``nobody`` it is shared by all replicas.
+    service_uid_range: tuple[int, int] | None = None
+    #: RLIMIT_AS for memory: ``auto`` (only when no cgroup limits memory), ``always``, ``never``.
+    memory_rlimit: Literal["auto", "always", "never"] = "auto"
+    #: PATH for services; ``None``: a safe default when root, the node's PATH otherwise.
+    service_path: str | None = None
+    default_open_files: int = 1024
+    default_processes: int = 256
+    max_unpacked_bytes: int = MAX_UNPACKED_BYTES
+    #: How long ``RemoveReplica`` waits for a killed process before deleting its files anyway.
+    remove_wait_s: float = 5.0
+    #: After an exit, how long to keep reading what is left in the pipes.
+    drain_s: float = 1.0
+    cgroup_prefix: str = "p2pdeploy"
+    #: Interpreter that runs the launcher (before it execs the service).
+    launcher_python: str = sys.executable
+
+
+@dataclass(eq=False)
+class _Replica:
+    replica_id: str
+    root: Path
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    installed: bool = False
+    log_policy: LogPolicy = field(default_factory=LogPolicy)
+    run: int = 0
+    alive: bool = False
+    pid: int | None = None
+    port: int | None = None
+    process: Any = None
+    cgroup: ReplicaCgroup | None = None
+    log: RotatingLog | None = None
+    plan: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    enforced: dict[str, str] = field(default_factory=dict)
+    rlimit_as: bool = False
+    uid: int | None = None
+    gid: int | None = None
+    peak_processes: int | None = None
+    signals_sent: set[str] = field(default_factory=set)
+    stderr_tail: bytearray = field(default_factory=bytearray)
+    exited: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def app_dir(self) -> Path:
+        return self.root / "app"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "logs"
+
+
+def service_ids(user: str | int | None) -> tuple[int | None, int | None]:
+    """The (uid, gid) services run as for a ``service_user`` setting."""
+    if user == "auto":
+        if os.geteuid() != 0:
+            return None, None
+        user = "nobody"
+    if user is None:
+        return None, None
+    if isinstance(user, int):
+        return user, user
+    entry = pwd.getpwnam(user)
+    return entry.pw_uid, entry.pw_gid
+
+
+class RealExecutor:
+    """Runs replicas as confined subprocesses. Use it through :func:`open_executor`."""
+
+    def __init__(self, config: RealExecutorConfig, sink: ReportSink) -> None:
+        self.config = config
+        self.sink = sink
+        self.root = Path(config.replicas_dir) if config.replicas_dir is not None else Path(config.data_dir) / "replicas"
+        self.support: CgroupSupport = detect_cgroups() if config.use_cgroups else CgroupSupport()
+        self.uid, self.gid = service_ids(config.service_user)
+        self._replicas: dict[str, _Replica] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifetime --------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve commands until cancelled; then kill every replica's processes."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)
+        if self.support.available:  # a node that died without cleaning up left these running
+            for directory in sweep_stale_cgroups(self.support, self.config.cgroup_prefix):
+                log.warning("killed the processes of a dead node's replica and removed %s", directory)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+                for replica in self._replicas.values():
+                    self._kill_all(replica)
+
+    # -- the contract ----------------------------------------------------------------------
+    def execute(self, command: ExecutorCommand) -> None:
+        if self._nursery is None:
+            raise RuntimeError("the executor is not running; use it inside `async with open_executor(...)`")
+        self._nursery.start_soon(self._handle, command)
+
+    def read_logs(self, replica_id: str, max_bytes: int) -> bytes:
+        replica = self._replicas.get(replica_id)
+        if replica is None or max_bytes <= 0:
+            return b""
+        return read_tail(replica.log_dir, max_bytes, replica.log_policy.files)
+
+    def usage(self, replica_id: str) -> Usage | None:
+        replica = self._replicas.get(replica_id)
+        if replica is None:
+            return None
+        pids = self._pids(replica)
+        memory = 0
+        cpu = 0.0
+        for pid in pids:
+            with suppress(psutil.Error):
+                process = psutil.Process(pid)
+                memory += process.memory_info().rss
+                times = process.cpu_times()
+                cpu += times.user + times.system
+        return Usage(
+            running=replica.alive,
+            pid=replica.pid if replica.alive else None,
+            processes=len(pids),
+            memory_bytes=memory,
+            cpu_time_s=cpu,
+            disk_bytes=_tree_size(replica.root),
+            enforced=tuple(f"{what}: {how}" for what, how in sorted(replica.enforced.items())),
+            peak_processes=replica.peak_processes,
+        )
+
+    def replicas(self) -> tuple[str, ...]:
+        return tuple(r.replica_id for r in self._replicas.values() if r.installed)
+
+    def pids(self, replica_id: str) -> set[int]:
+        """Every live process of the replica (its process group and cgroups)."""
+        replica = self._replicas.get(replica_id)
+        return self._pids(replica) if replica is not None else set()
+
+    def replica_dir(self, replica_id: str) -> Path:
+        return self.root / check_replica_id(replica_id)
+
+    # -- dispatch --------------------------------------------------------------------------
+    def _report(self, report: ExecutorReport) -> None:
+        try:
+            self.sink(report)
+        except Exception:  # a broken sink must not take the executor down with it
+            log.exception("the executor's sink failed on %s", type(report).__name__)
+
+    async def _handle(self, command: ExecutorCommand) -> None:
+        try:
+            if isinstance(command, InstallBundle):
+                await self._install(command)
+            elif isinstance(command, StartProcess):
+                await self._start(command.spec)
+            elif isinstance(command, SignalProcess):
+                self._signal(command)
+            elif isinstance(command, RunHealthCheck):
+                await self._health(command)
+            elif isinstance(command, RemoveReplica):
+                await self._remove(command.replica_id)
+        except Exception as exc:
+            log.exception("executor command %s failed", type(command).__name__)
+            if isinstance(command, InstallBundle):
+                self._report(Installed(command.replica_id, False, f"install failed: {exc}"))
+            elif isinstance(command, StartProcess):
+                self._report(ProcessFailedToStart(command.replica_id, command.spec.run, f"start failed: {exc}"))
+            elif isinstance(command, RunHealthCheck):
+                self._report(HealthResult(command.replica_id, command.run, False, f"health check failed: {exc}"))
+
+    def _replica(self, replica_id: str) -> _Replica:
+        replica = self._replicas.get(replica_id)
+        if replica is None:
+            replica = _Replica(replica_id, self.replica_dir(replica_id))
+            replica.uid, replica.gid = self._ids_for_new_replica()
+            self._replicas[replica_id] = replica
+        return replica
+
+    def _ids_for_new_replica(self) -> tuple[int | None, int | None]:
+        uid_range = self.config.service_uid_range
+        if uid_range is None or os.geteuid() != 0:
+            return self.uid, self.gid
+        taken = {r.uid for r in self._replicas.values()}
+        for uid in range(uid_range[0], uid_range[1] + 1):
+            if uid not in taken:
+                return uid, uid
+        raise ValueError(f"every uid of service_uid_range {uid_range[0]}-{uid_range[1]} is in use")
+
+    # -- install ---------------------------------------------------------------------------
+    async def _install(self, command: InstallBundle) -> None:
+        try:
+            replica = self._replica(command.replica_id)
+        except ValueError as exc:
+            self._report(Installed(command.replica_id, False, str(exc)))
+            return
+        async with replica.lock:
+            if replica.alive:
+                self._report(Installed(replica.replica_id, False, f"replica {replica.replica_id} is running; stop it first"))
+                return
+            problem = self._unreachable(replica.root, replica.uid, replica.gid)
+            if problem is not None:
+                self._report(Installed(replica.replica_id, False, problem))
+                return
+            try:
+                await trio.to_thread.run_sync(self._install_files, replica, command.bundle)
+            except BundleError as exc:
+                self._report(Installed(replica.replica_id, False, str(exc)))
+                return
+            replica.installed = True
+        self._report(Installed(replica.replica_id, True))
+
+    def _install_files(self, replica: _Replica, bundle: bytes) -> None:
+        replica.root.mkdir(parents=True, exist_ok=True)
+        replica.root.chmod(0o755)
+        unpack_bundle(bundle, replica.app_dir, max_unpacked_bytes=self.config.max_unpacked_bytes)
+        (replica.data_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        replica.log_dir.mkdir(exist_ok=True)
+        replica.log_dir.chmod(0o750)  # the service cannot rewrite its own logs
+        if replica.uid is not None:
+            for path in (replica.data_dir, replica.data_dir / "tmp"):
+                os.chown(path, replica.uid, replica.gid if replica.gid is not None else -1)
+        replica.data_dir.chmod(0o700)
+
+    @staticmethod
+    def _unreachable(root: Path, uid: int | None, gid: int | None) -> str | None:
+        """Why the service user could not enter ``root`` (an ancestor it cannot traverse), or None."""
+        if uid is None:
+            return None
+        for directory in [*reversed(root.parents), root]:
+            try:
+                st = directory.stat()
+            except FileNotFoundError:
+                break
+            if st.st_uid == uid:
+                ok = st.st_mode & stat.S_IXUSR
+            elif gid is not None and st.st_gid == gid:
+                ok = st.st_mode & stat.S_IXGRP
+            else:
+                ok = st.st_mode & stat.S_IXOTH
+            if not ok:
+                return (
+                    f"{directory} (mode {st.st_mode & 0o777:o}) cannot be entered by the service user "
+                    f"(uid {uid}); use a data directory others can traverse, or set service_user"
+                )
+        return None
+
+    # -- start -----------------------------------------------------------------------------
+    async def _start(self, spec: ProcessSpec) -> None:
+        replica = self._replicas.get(spec.replica_id)
+        if replica is None or not replica.installed:
+            self._report(ProcessFailedToStart(spec.replica_id, spec.run, "not installed"))
+            return
+        async with replica.lock:
+            if replica.alive:
+                self._report(ProcessFailedToStart(spec.replica_id, spec.run, f"already running (run {replica.run})"))
+                return
+            if self._nursery is None:
+                return
+            port = spec.port or self._pick_port(replica.port)
+            env = self._environment(replica, spec, port)
+            cgroup, enforced = self._cgroup_for(spec)
+            rlimits, rlimit_as = self._rlimits(spec, enforced, replica.uid)
+            plan = {
+                "argv": list(spec.argv),
+                "cwd": str(replica.app_dir),
+                "cgroup_procs": cgroup.procs_files if cgroup is not None else [],
+                "rlimits": rlimits,
+                "uid": replica.uid,
+                "gid": replica.gid,
+                "umask": 0o027,
+            }
+            replica.log = RotatingLog(replica.log_dir, spec.logs)
+            replica.log_policy = spec.logs
+            try:
+                process = await trio.lowlevel.open_process(
+                    self._launcher(plan),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=env,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                replica.log.close()
+                if cgroup is not None:
+                    cgroup.remove()
+                self._report(ProcessFailedToStart(spec.replica_id, spec.run, f"cannot start the launcher: {exc.strerror}"))
+                return
+            pidfd = os.pidfd_open(process.pid)
+            replica.run = spec.run
+            replica.alive = True
+            replica.pid = process.pid
+            replica.port = port
+            replica.process = process
+            replica.cgroup = cgroup
+            replica.plan = plan
+            replica.env = env
+            replica.enforced = enforced
+            replica.rlimit_as = rlimit_as
+            replica.signals_sent = set()
+            replica.stderr_tail = bytearray()
+            replica.exited = trio.Event()
+            self._nursery.start_soon(self._watch, replica, process, pidfd, spec.run)
+        self._report(ProcessStarted(spec.replica_id, spec.run, process.pid, port))
+
+    def _launcher(self, plan: dict[str, Any]) -> list[str]:
+        return [self.config.launcher_python, "-I", "-S", SANDBOX_SCRIPT, json.dumps(plan)]
+
+    def _environment(self, replica: _Replica, spec: ProcessSpec, port: int) -> dict[str, str]:
+        path = self.config.service_path
+        if path is None:
+            path = SAFE_PATH if os.geteuid() == 0 else os.environ.get("PATH", SAFE_PATH)
+        env = {
+            "PATH": path,
+            "HOME": str(replica.data_dir),
+            "TMPDIR": str(replica.data_dir / "tmp"),
+            "LANG": "C.UTF-8",
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.update(spec.env)
+        env.update(
+            PORT=str(port),
+            P2PDEPLOY_DATA_DIR=str(replica.data_dir),
+            P2PDEPLOY_REPLICA_ID=spec.replica_id,
+        )
+        return env
+
+    def _cgroup_for(self, spec: ProcessSpec) -> tuple[ReplicaCgroup | None, dict[str, str]]:
+        if not self.support.available:
+            return None, {}
+        limits = spec.limits
+        name = f"{self.config.cgroup_prefix}-{os.getpid()}-{spec.replica_id}-{spec.run}"
+        cgroup = ReplicaCgroup.create(
+            self.support,
+            name,
+            CgroupLimits(
+                memory_bytes=limits.memory_bytes,
+                processes=limits.processes or self.config.default_processes,
+                cpu_cores=limits.cpu_cores,
+            ),
+        )
+        if not cgroup.directories:
+            return None, {}
+        return cgroup, dict(cgroup.enforced)
+
+    def _rlimits(
+        self, spec: ProcessSpec, enforced: dict[str, str], service_uid: int | None
+    ) -> tuple[dict[str, tuple[int, int]], bool]:
+        limits = spec.limits
+        rlimits: dict[str, tuple[int, int]] = {"CORE": (0, 0)}
+        open_files = limits.open_files or self.config.default_open_files
+        rlimits["NOFILE"] = (open_files, open_files)
+        enforced["open_files"] = "rlimit-nofile"
+        if limits.file_size_bytes is not None:
+            rlimits["FSIZE"] = (limits.file_size_bytes, limits.file_size_bytes)
+            enforced["file_size"] = "rlimit-fsize"
+        if limits.cpu_time_s is not None:
+            rlimits["CPU"] = (limits.cpu_time_s, limits.cpu_time_s + 5)  # SIGXCPU, then SIGKILL 5 s later
+            enforced["cpu_time"] = "rlimit-cpu"
+        rlimit_as = False
+        mode = self.config.memory_rlimit
+        if limits.memory_bytes is not None and (mode == "always" or (mode == "auto" and "memory" not in enforced)):
+            rlimits["AS"] = (limits.memory_bytes, limits.memory_bytes)
+            enforced["memory"] = f"{enforced['memory']}+rlimit-as" if "memory" in enforced else "rlimit-as"
+            rlimit_as = True
+        if "processes" not in enforced:
+            uid = service_uid if service_uid is not None else os.getuid()
+            if uid == 0:
+                enforced["processes"] = "none (root ignores RLIMIT_NPROC and no pids cgroup is writable)"
+            else:
+                # RLIMIT_NPROC counts every process of the uid: allow this many more than it has now
+                allowed = _processes_of(uid) + (limits.processes or self.config.default_processes)
+                rlimits["NPROC"] = (allowed, allowed)
+                enforced["processes"] = f"rlimit-nproc (uid {uid})"
+        return rlimits, rlimit_as
+
+    @staticmethod
+    def _pick_port(previous: int | None) -> int:
+        """The replica's previous port when it is still free (clients keep it), else a fresh one."""
+        for candidate in ([previous] if previous else []) + [0]:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+                try:
+                    probe.bind(("", candidate))
+                except OSError:
+                    continue
+                return probe.getsockname()[1]
+        raise OSError("no free port")
+
+    # -- watching a run --------------------------------------------------------------------
+    async def _watch(self, replica: _Replica, process: Any, pidfd: int, run: int) -> None:
+        outcome: tuple[int | None, str | None, str] | None = None
+        try:
+            async with trio.open_nursery() as pumps:
+                pumps.start_soon(self._pump, replica, process.stdout, False)
+                pumps.start_soon(self._pump, replica, process.stderr, True)
+                try:
+                    await trio.lowlevel.wait_readable(pidfd)
+                finally:
+                    # The leader has exited (or we are shutting down) but is not reaped: its
+                    # group id is still reserved, so killing the group hits only its processes.
+                    with trio.CancelScope(shield=True):
+                        self._kill_all(replica)
+                        code = await process.wait()
+                pumps.cancel_scope.deadline = trio.current_time() + self.config.drain_s
+            outcome = self._classify(replica, code)  # before the cgroup (and its OOM counter) goes
+            if replica.cgroup is not None:
+                replica.peak_processes = replica.cgroup.peak_processes()
+        finally:
+            os.close(pidfd)
+            with trio.CancelScope(shield=True):
+                await self._release_run(replica)
+        replica.exited.set()
+        self._report(ProcessExited(replica.replica_id, run, *outcome))
+
+    async def _release_run(self, replica: _Replica) -> None:
+        replica.alive = False
+        if replica.log is not None:
+            replica.log.close()
+            replica.log = None
+        cgroup = replica.cgroup
+        if cgroup is not None:
+            for _ in range(50):  # dying processes leave the cgroup a moment after SIGKILL
+                cgroup.kill()
+                if cgroup.remove():
+                    break
+                await trio.sleep(0.02)
+
+    async def _pump(self, replica: _Replica, stream: Any, is_stderr: bool) -> None:
+        while True:
+            try:
+                chunk = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not chunk:
+                return
+            if is_stderr:
+                tail = replica.stderr_tail
+                tail += chunk
+                if len(tail) > STDERR_TAIL_BYTES:
+                    del tail[: len(tail) - STDERR_TAIL_BYTES]
+            if replica.log is not None:
+                try:
+                    replica.log.write(chunk)
+                except OSError as exc:
+                    log.warning("cannot write the logs of %s: %s", replica.replica_id, exc)
+
+    def _classify(self, replica: _Replica, code: int) -> tuple[int | None, str | None, str]:
+        signal_name = None
+        code_out: int | None = code
+        if code < 0:
+            code_out = None
+            try:
+                signal_name = signal.Signals(-code).name.removeprefix("SIG")
+            except ValueError:
+                signal_name = str(-code)
+        tail = bytes(replica.stderr_tail)
+        oom_kills = replica.cgroup.oom_kills() if replica.cgroup is not None else 0
+        sent = replica.signals_sent
+        if oom_kills > 0 or (replica.rlimit_as and any(marker in tail for marker in MEMORY_MARKERS)):
+            reason = REASON_MEMORY
+        elif signal_name == "XCPU":
+            reason = REASON_CPU_TIME
+        elif signal_name == "XFSZ" or ("file_size" in replica.enforced and any(m in tail for m in FILE_SIZE_MARKERS)):
+            reason = REASON_FILE_SIZE
+        elif signal_name == "TERM" and "TERM" in sent:
+            reason = REASON_TERM
+        elif signal_name == "KILL" and "KILL" in sent:
+            reason = REASON_KILLED
+        elif code == sandbox.LAUNCHER_FAILED and sandbox.LAUNCHER_MARK.encode() in tail:
+            line = tail.split(sandbox.LAUNCHER_MARK.encode(), 1)[1].split(b"\n", 1)[0]
+            reason = line.decode(errors="replace").strip()
+        elif signal_name is None and "TERM" in sent:
+            reason = f"{REASON_TERM} (exited with code {code})"
+        else:
+            reason = exit_reason(code_out, signal_name)
+        return code_out, signal_name, reason
+
+    # -- signals, health, removal ----------------------------------------------------------
+    def _signal(self, command: SignalProcess) -> None:
+        replica = self._replicas.get(command.replica_id)
+        if replica is None or not replica.alive or replica.run != command.run or replica.pid is None:
+            return
+        replica.signals_sent.add(command.signal)
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(replica.pid, signal.SIGTERM if command.signal == "TERM" else signal.SIGKILL)
+        if command.signal == "KILL" and replica.cgroup is not None:
+            replica.cgroup.kill()
+
+    def _kill_all(self, replica: _Replica) -> None:
+        if replica.alive and replica.pid is not None:
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(replica.pid, signal.SIGKILL)
+        if replica.cgroup is not None:
+            replica.cgroup.kill()
+
+    def _pids(self, replica: _Replica) -> set[int]:
+        pids = replica.cgroup.pids() if replica.cgroup is not None and replica.alive else set()
+        if replica.alive and replica.pid is not None:
+            for process in psutil.process_iter(["pid"]):
+                with suppress(psutil.Error):
+                    if os.getpgid(process.pid) == replica.pid:
+                        pids.add(process.pid)
+        return pids
+
+    async def _health(self, command: RunHealthCheck) -> None:
+        replica = self._replicas.get(command.replica_id)
+        if replica is None or not replica.alive or replica.run != command.run:
+            self._report(HealthResult(command.replica_id, command.run, False, "not running"))
+            return
+        check = command.check
+        port = check.port or command.port or replica.port
+        if check.kind == "none":
+            ok, detail = True, "no health check"
+        elif check.kind == "command":
+            plan = dict(replica.plan, argv=list(check.argv))
+            ok, detail = await check_command(self._launcher(plan), replica.env, check.timeout_s)
+        elif port is None:
+            ok, detail = False, "the replica has no port to check"
+        elif check.kind == "tcp":
+            ok, detail = await check_tcp(port, check.timeout_s)
+        else:
+            ok, detail = await check_http(port, check.path, check.timeout_s)
+        self._report(HealthResult(command.replica_id, command.run, ok, detail))
+
+    async def _remove(self, replica_id: str) -> None:
+        replica = self._replicas.get(replica_id)
+        if replica is None:
+            self._report(Removed(replica_id))
+            return
+        async with replica.lock:
+            if replica.alive:
+                replica.signals_sent.add("KILL")
+                self._kill_all(replica)
+                with trio.move_on_after(self.config.remove_wait_s):
+                    await replica.exited.wait()
+            replica.installed = False
+            await trio.to_thread.run_sync(shutil.rmtree, replica.root, True)
+        self._replicas.pop(replica_id, None)
+        self._report(Removed(replica_id))
+
+
+def _processes_of(uid: int) -> int:
+    count = 0
+    for process in psutil.process_iter(["uids"]):
+        uids = process.info.get("uids")
+        if uids is not None and uids.real == uid:
+            count += 1
+    return count
+
+
+def _tree_size(root: Path) -> int:
+    total = 0
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with suppress(OSError):
+                total += os.lstat(os.path.join(directory, name)).st_size
+    return total
+
+
+@asynccontextmanager
+async def open_executor(config: RealExecutorConfig, sink: ReportSink) -> AsyncIterator[RealExecutor]:
+    """Run a :class:`RealExecutor` for the duration of the block; its processes die with it."""
+    executor = RealExecutor(config, sink)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(executor.run)
+        try:
+            yield executor
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,31 @@
+"""Node descriptions and matching services to them."""
+
+from p2pdeploy.fabric.admission import Admission, Demand
+from p2pdeploy.fabric.contribution import Contribution
+from p2pdeploy.fabric.machine import Machine
+from p2pdeploy.fabric.units import GIB, MIB
+from p2pdeploy.resource.description import match, node_attributes
+from p2pdeploy.resource.requirements import Requirement
+
+MACHINE = Machine(cores=4, memory_total_bytes=8 * GIB, memory_free_bytes=6 * GIB, disk_total_bytes=GIB,
+                  disk_free_bytes=GIB, os="linux", arch="aarch64")  # fmt: skip
+
+
+def test_a_node_is_described_by_its_machine_its_contribution_and_what_is_free():
+    contribution = Contribution(cpu_cores=2, memory_bytes=GIB, tags=frozenset({"ssd"}), owner="alice")
+    admission = Admission(contribution)
+    admission.reserve("a", Demand(cpu_cores=1.5, memory_bytes=768 * MIB))
+    attrs = node_attributes(contribution, admission.free(), MACHINE, region="eu")
+    assert (attrs["os"], attrs["arch"], attrs["cores"]) == ("linux", "aarch64", 4)
+    assert (attrs["cpu"], attrs["cpu_free"], attrs["memory_free"]) == (2, 0.5, 256 * MIB)
+    assert attrs["tags"] == {"ssd"} and attrs["owner"] == "alice" and attrs["region"] == "eu"
+    assert attrs["services_free"] == 3
+
+
+def test_matching_names_the_failed_demand_and_the_failed_requirement():
+    attrs = node_attributes(Contribution(cpu_cores=2, memory_bytes=GIB), Admission(Contribution(cpu_cores=0.5)).free(), MACHINE)
+    result = match(attrs, Requirement.parse('arch == "x86_64"'), Demand(cpu_cores=1, memory_bytes=512 * MIB))
+    assert not result.ok
+    assert result.failed == ("cpu_free >= 1 (cpu_free is 0.5)", 'arch == "x86_64" (arch is "aarch64")')
+    assert str(result) == 'cpu_free >= 1 (cpu_free is 0.5); arch == "x86_64" (arch is "aarch64")'
+    assert match(attrs, Requirement.parse('os == "linux"'), Demand(cpu_cores=0.5)).ok
