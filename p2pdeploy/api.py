@@ -19,14 +19,38 @@ To act on a node started by ``p2pdeploy join`` (another process) use its control
     reply = await api.control_request("state", api.GetRequest(api.key_for("greeting")))
 
 Overlay parameters are a :class:`KademliaConfig` (``open_node(..., kademlia=KademliaConfig(k=8))``).
+
+Contributing a machine and running services on others (the remote protocol; every request is
+signed with the node's key, every answer is a ``ReplicaStatusReply``, ``ReplicaLogsReply`` or a
+``Refused`` naming the check that failed)::
+
+    contribution = api.Contribution(cpu_cores=2, trusted_keys=frozenset({deployer_public_key}))
+    async with api.open_node(data_dir="state", contribution=contribution) as node:
+        ...                                          # hosts replicas until the block ends
+
+    bundle = api.Bundle.from_directory("examples/hello").sign(identity)
+    async with api.open_node(identity=identity, layers=api.client_layers) as client:
+        reply = await client.remote_start(("192.0.2.7", 7400), "hello-1", bundle)
+        status = await client.remote_query(("192.0.2.7", 7400), "hello-1")
+        logs = await client.remote_logs(("192.0.2.7", 7400), "hello-1")
+        await client.remote_stop(("192.0.2.7", 7400), "hello-1")
+
+Through a running ``p2pdeploy join`` node instead:
+``await api.control_request("state", api.ReplicaRequest.start(address, "hello-1", bundle))``.
 """
 
 from __future__ import annotations
 
+from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.overlay.identity import Identity, key_id
 from p2pdeploy.overlay.kademlia import KademliaConfig
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import Item, record_key, sign_record
+from p2pdeploy.resource.bundle import Bundle, SignedBundle
+from p2pdeploy.resource.protocol import LogsReply as ReplicaLogsReply
+from p2pdeploy.resource.protocol import Refused
+from p2pdeploy.resource.protocol import StatusReply as ReplicaStatusReply
+from p2pdeploy.runtime.bundlefile import read_signed_bundle, write_signed_bundle
 from p2pdeploy.runtime.control import (
     ControlError,
     ControlRequestRefused,
@@ -37,15 +61,22 @@ from p2pdeploy.runtime.control import (
     NoNodeRunning,
     PutReply,
     PutRequest,
+    ReplicaAnswer,
+    ReplicaRequest,
     StatusReply,
     StatusRequest,
     control_request,
     open_control,
 )
+from p2pdeploy.runtime.executor import RealExecutorConfig
+from p2pdeploy.runtime.layers import client_layers, default_layers
 from p2pdeploy.runtime.node import (
     NodeNotRunning,
     NoOverlay,
+    NoRemoteClient,
+    NotHosting,
     PingTimeout,
+    RemoteTimeout,
     RuntimeConfig,
     RuntimeNode,
     open_node,
@@ -61,7 +92,9 @@ def key_for(name: str | bytes) -> int:
 
 
 __all__ = [
+    "Bundle",
     "Contact",
+    "Contribution",
     "ControlError",
     "ControlRequestRefused",
     "GetReply",
@@ -73,19 +106,33 @@ __all__ = [
     "LookupRequest",
     "NoNodeRunning",
     "NoOverlay",
+    "NoRemoteClient",
     "NodeNotRunning",
+    "NotHosting",
     "PingTimeout",
     "PutReply",
     "PutRequest",
+    "RealExecutorConfig",
+    "Refused",
+    "RemoteTimeout",
+    "ReplicaAnswer",
+    "ReplicaLogsReply",
+    "ReplicaRequest",
+    "ReplicaStatusReply",
     "RuntimeConfig",
     "RuntimeNode",
+    "SignedBundle",
     "StatusReply",
     "StatusRequest",
+    "client_layers",
     "control_request",
+    "default_layers",
     "key_for",
     "key_id",
     "open_control",
     "open_node",
+    "read_signed_bundle",
     "record_key",
     "sign_record",
+    "write_signed_bundle",
 ]

@@ -3,7 +3,9 @@
 Each subcommand parses its options here and hands the work to the driver that owns it:
 ``join`` and ``ping`` to the trio runtime, ``simulate`` to the simulator; ``put``, ``get``,
 ``lookup`` and ``status`` talk to the running ``join`` node of a data directory through its
-control socket.
+control socket. ``key`` and ``bundle`` use the data directory's key; ``replica start|stop|
+status|logs`` send requests signed with it to a node, through the running node of the data
+directory when there is one, else from an ephemeral node.
 """
 
 from __future__ import annotations
@@ -61,6 +63,18 @@ def _data_dir_option(fn: Any) -> Any:
     )(fn)
 
 
+def _key_dir_option(fn: Any, *, requests: bool = False) -> Any:
+    through = "; when a node runs with it, the requests go through that node" if requests else ""
+    return click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        envvar="P2PDEPLOY_DATA_DIR",
+        help=f"The data directory whose key signs (identity.key, created on first use){through} "
+        "[default: $P2PDEPLOY_DATA_DIR, else $XDG_DATA_HOME/p2pdeploy, else ~/.local/share/p2pdeploy].",
+    )(fn)
+
+
 def _configure_logging(verbose: int) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
@@ -75,11 +89,12 @@ def _run_node_command(fn: Any, *args: Any, **kwargs: Any) -> Any:
     import trio
 
     from p2pdeploy.overlay.identity import IdentityError
+    from p2pdeploy.runtime.commands import ReplicaCommandError
     from p2pdeploy.runtime.control import ControlError
 
     try:
         return trio.run(lambda: fn(*args, **kwargs))
-    except (IdentityError, ControlError) as exc:
+    except (IdentityError, ControlError, ReplicaCommandError) as exc:
         raise click.ClickException(str(exc)) from None
     except trio.TooSlowError:
         raise click.ClickException("the node did not answer in time; see its output (`p2pdeploy join -v`)") from None
@@ -139,6 +154,38 @@ def simulate(scenario: str, seed: int | None, overrides: tuple[str, ...], out: s
     help="Where the node keeps its identity, routing table and control socket "
     "[default: $P2PDEPLOY_DATA_DIR, else $XDG_DATA_HOME/p2pdeploy, else ~/.local/share/p2pdeploy].",
 )
+@click.option("--cpu", metavar="CORES|N%", help="Cores services may use in all, e.g. 2 or 0.5, or a share of this machine such as 50% [default: 1].")
+@click.option("--memory", metavar="SIZE|N%", help="Memory services may reserve in all, e.g. 512M, 2G or 25% [default: 1G].")
+@click.option("--disk", metavar="SIZE|N%", help="Disk services may reserve in all, e.g. 10G or 10% of the free disk [default: 5G].")
+@click.option("--bandwidth", metavar="RATE", help="Bandwidth services may reserve in all, e.g. 20Mbit [default: not metered].")
+@click.option("--max-services", type=click.IntRange(min=0), default=None, help="Replicas this node runs at once [default: 4].")
+@click.option(
+    "--trust",
+    multiple=True,
+    metavar="KEY|any",
+    help="Run bundles signed by, and obey requests from, the deployer key KEY (64 hex digits: what "
+    "`p2pdeploy key` prints on the deployer's machine); `any` trusts every key, for an open community "
+    "(repeatable) [default: nobody but this node's own key].",
+)
+@click.option("--allow-tag", "allow_tags", multiple=True, metavar="TAG|any", help="Accept only services tagged TAG (repeatable) [default: any].")
+@click.option("--tag", "tags", multiple=True, metavar="TAG", help="A tag this machine advertises to services' requirements, e.g. ssd or gpu (repeatable).")
+@click.option("--owner", default=None, help="The owner's name, for requirements such as `owner != \"alice\"`.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A TOML file whose [contribution] section sets the same (cpu, memory, disk, bandwidth, "
+    "max_services, trusted_keys, allowed_tags, tags, owner); options given here win "
+    "[default: DATA_DIR/config.toml when it exists].",
+)
+@click.option(
+    "--replicas-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where replicas' files and logs go [default: DATA_DIR/replicas]. A node run as root runs "
+    "services as nobody, who must be able to enter every directory on the way: one under /root cannot be.",
+)
 @click.option(
     "--kademlia",
     "kademlia_settings",
@@ -162,26 +209,82 @@ def join(
     listen: tuple[str, int],
     bootstrap: tuple[tuple[str, int], ...],
     data_dir: str | None,
+    cpu: str | None,
+    memory: str | None,
+    disk: str | None,
+    bandwidth: str | None,
+    max_services: int | None,
+    trust: tuple[str, ...],
+    allow_tags: tuple[str, ...],
+    tags: tuple[str, ...],
+    owner: str | None,
+    config_file: str | None,
+    replicas_dir: str | None,
     kademlia_settings: tuple[tuple[str, str], ...],
     snapshot_interval_s: float,
     verbose: int,
 ) -> None:
-    """Run a node in the foreground until SIGINT or SIGTERM.
+    """Run a node in the foreground, contributing this machine, until SIGINT or SIGTERM.
 
-    Creates the node's identity in the data directory on first start, prints its id and
-    `listening on HOST:PORT`, joins the overlay through the --bootstrap nodes (or the contacts
-    it saved last time) and reports peers as they are heard from. `p2pdeploy put/get/lookup/status
-    --data-dir DIR` act on it through its control socket, DIR/control.sock.
+    Creates the node's identity in the data directory on first start, prints its id, its public
+    key and `listening on HOST:PORT`, joins the overlay through the --bootstrap nodes (or the
+    contacts it saved last time), prints what it contributes and reports peers and replicas as
+    they come. `p2pdeploy put/get/lookup/status/replica --data-dir DIR` act through its control
+    socket, DIR/control.sock.
+
+    \b
+    What a volunteer contributes by default (conservative, never more than the machine has):
+      1 core, 1 GiB of memory, 5 GiB of disk, bandwidth not metered, at most 4 services,
+      services with any tags, and it trusts NO deployer: only bundles and requests signed
+      by this node's own key run here until you add --trust KEY (or --trust any).
+
+    Services run as confined processes (rlimits, cgroups where writable; as `nobody` when the
+    node runs as root) and each reserves what its manifest asks; a request that does not fit
+    is refused with the reason. On SIGINT or SIGTERM the node first stops its replicas (TERM,
+    then KILL after their grace period; a second signal kills them at once).
     """
-    from p2pdeploy.runtime.commands import default_data_dir, kademlia_config, make_console, run_join
-    from p2pdeploy.runtime.node import RuntimeConfig
+    from pathlib import Path
 
+    from p2pdeploy.fabric.contribution import ContributionError
+    from p2pdeploy.runtime.commands import (
+        CONFIG_FILE,
+        ContributionOptionError,
+        contribution_options,
+        default_data_dir,
+        join_contribution,
+        kademlia_config,
+        make_console,
+        run_join,
+    )
+    from p2pdeploy.runtime.executor import RealExecutorConfig
+    from p2pdeploy.runtime.node import RuntimeConfig
+    from p2pdeploy.runtime.probe import probe_machine
+
+    directory = Path(data_dir) if data_dir else default_data_dir()
+    options = contribution_options(
+        cpu=cpu, memory=memory, disk=disk, bandwidth=bandwidth, max_services=max_services,
+        trust=trust, allow_tags=allow_tags, tags=tags, owner=owner,
+    )  # fmt: skip
+    config_path = Path(config_file) if config_file else None
+    if config_path is None and (directory / CONFIG_FILE).is_file():
+        config_path = directory / CONFIG_FILE
+    machine = probe_machine(replicas_dir or directory)
     try:
-        config = RuntimeConfig(kademlia=kademlia_config(kademlia_settings), snapshot_interval_s=snapshot_interval_s)
+        contribution, _ = join_contribution(options, config_path, machine)
+    except ContributionOptionError as exc:
+        raise click.BadParameter(str(exc), param_hint=f"'{exc.option}'") from None
+    except ContributionError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        config = RuntimeConfig(
+            kademlia=kademlia_config(kademlia_settings),
+            snapshot_interval_s=snapshot_interval_s,
+            executor=RealExecutorConfig(directory, replicas_dir=Path(replicas_dir) if replicas_dir else None),
+        )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--kademlia'") from None
     _configure_logging(verbose)
-    _run_node_command(run_join, listen, list(bootstrap), data_dir or default_data_dir(), make_console(), config)
+    _run_node_command(run_join, listen, list(bootstrap), directory, make_console(), config, contribution)
 
 
 def _data_dir_or_default(data_dir: str | None) -> str:
@@ -293,6 +396,205 @@ def ping(
         console=make_console(),
     )
     sys.exit(status)
+
+
+class BindingType(click.ParamType):
+    """``NAME=VALUE``: an environment variable given to the replica (``--bind DATABASE_URL=...``)."""
+
+    name = "NAME=VALUE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, str]:
+        if isinstance(value, tuple):
+            return value
+        key, sep, text = value.partition("=")
+        if not sep or not key:
+            self.fail(f"{value!r} is not NAME=VALUE, e.g. GREETING=hi", param, ctx)
+        return key, text
+
+
+@main.command()
+@_key_dir_option
+def key(data_dir: str | None) -> None:
+    """Print the public key of the data directory (created on first use), alone on a line.
+
+    It is what signs your bundles and requests: give it to the volunteers whose nodes should
+    run your services (`p2pdeploy join --trust KEY`).
+    """
+    from p2pdeploy.runtime.commands import make_console, run_key
+
+    sys.exit(_run_sync_command(run_key, _data_dir_or_default(data_dir), make_console()))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to write the bundle; its signature goes to OUT.sig [default: NAME-VERSION.tar.gz here].",
+)
+@_key_dir_option
+def bundle(directory: str, out: str | None, data_dir: str | None) -> None:
+    """Pack a service DIRECTORY (manifest.toml and its files) into a bundle signed with your key.
+
+    The bundle is a plain deterministic .tar.gz; the signature (Ed25519, by the key of the data
+    directory) is a small text file beside it. `p2pdeploy replica start FILE` sends both.
+    """
+    from p2pdeploy.runtime.commands import make_console, run_bundle
+
+    sys.exit(_run_sync_command(run_bundle, directory, out, _data_dir_or_default(data_dir), make_console()))
+
+
+def _run_sync_command(fn: Any, *args: Any) -> Any:
+    from p2pdeploy.overlay.identity import IdentityError
+
+    try:
+        return fn(*args)
+    except (IdentityError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
+
+
+@main.group()
+def replica() -> None:
+    """Start, stop and watch a replica on one node, with requests signed by your key.
+
+    \b
+    Requests are signed with the key of --data-dir and go out through the node running with
+    that data directory when there is one (its control socket), else from an ephemeral node.
+    The node checks the signature, that it trusts the key (`join --trust`), the bundle's
+    signature, the service's requirements and that it fits the owner's contribution; a refusal
+    is printed on standard error as `refused by node ID at HOST:PORT: CHECK: REASON`.
+    Exit status: 0 done, 1 refused by the node (or the replica failed), 2 usage error.
+    """
+
+
+def _replica_options(fn: Any) -> Any:
+    fn = click.option("-v", "--verbose", count=True, help="Log more (-v: info, -vv: debug) to stderr.")(fn)
+    fn = click.option(
+        "--listen",
+        type=HostPortType(allow_port_zero=True),
+        default=None,
+        help="Advanced: where the ephemeral node listens for answers [default: 127.0.0.1:0 for a loopback "
+        "node, else 0.0.0.0:0].",
+    )(fn)
+    fn = _key_dir_option(fn, requests=True)
+    return click.option(
+        "--node", "target", type=HostPortType(), required=True, help="The node's address (its `listening on` line)."
+    )(fn)
+
+
+_wait_option = click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="Wait until the replica is running (start) or stopped (stop), asking for its status.",
+)
+_timeout_option = click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait with --wait.",
+)
+
+
+@replica.command("start")
+@click.argument("source", metavar="DIR|BUNDLE", type=click.Path(exists=True))
+@click.option("--id", "replica_id", default=None, help="The replica's id on the node [default: NAME-1].")
+@click.option("--bind", "bindings", type=BindingType(), multiple=True, help="An environment variable for the service, NAME=VALUE (repeatable).")
+@_wait_option
+@_timeout_option
+@_replica_options
+def replica_start(
+    source: str,
+    replica_id: str | None,
+    bindings: tuple[tuple[str, str], ...],
+    wait: bool,
+    timeout_s: float,
+    target: tuple[str, int],
+    data_dir: str | None,
+    listen: tuple[str, int] | None,
+    verbose: int,
+) -> None:
+    """Run a service on the node: a service directory (packed and signed now) or a bundle file
+    from `p2pdeploy bundle` (with its .sig beside it)."""
+    from p2pdeploy.runtime.commands import make_console, run_replica_start
+
+    _configure_logging(verbose)
+    sys.exit(
+        _run_node_command(
+            run_replica_start, source, target, replica_id, dict(bindings), _data_dir_or_default(data_dir),
+            make_console(), wait=wait, timeout_s=timeout_s, listen=listen,
+        )  # fmt: skip
+    )
+
+
+@replica.command("stop")
+@click.argument("replica_id", metavar="ID")
+@_wait_option
+@_timeout_option
+@_replica_options
+def replica_stop(
+    replica_id: str,
+    wait: bool,
+    timeout_s: float,
+    target: tuple[str, int],
+    data_dir: str | None,
+    listen: tuple[str, int] | None,
+    verbose: int,
+) -> None:
+    """Stop replica ID on the node (TERM, then KILL after its grace period); its logs stay readable."""
+    from p2pdeploy.runtime.commands import make_console, run_replica_stop
+
+    _configure_logging(verbose)
+    sys.exit(
+        _run_node_command(
+            run_replica_stop, replica_id, target, _data_dir_or_default(data_dir), make_console(),
+            wait=wait, timeout_s=timeout_s, listen=listen,
+        )  # fmt: skip
+    )
+
+
+@replica.command("status")
+@click.argument("replica_id", metavar="ID")
+@_replica_options
+def replica_status(
+    replica_id: str, target: tuple[str, int], data_dir: str | None, listen: tuple[str, int] | None, verbose: int
+) -> None:
+    """Print replica ID's state on the node, then its run, restarts, port and health."""
+    from p2pdeploy.runtime.commands import make_console, run_replica_status
+
+    _configure_logging(verbose)
+    sys.exit(
+        _run_node_command(
+            run_replica_status, replica_id, target, _data_dir_or_default(data_dir), make_console(), listen=listen
+        )
+    )
+
+
+@replica.command("logs")
+@click.argument("replica_id", metavar="ID")
+@click.option(
+    "--bytes", "max_bytes", type=click.IntRange(min=1), default=16384, show_default=True,
+    help="How much of the end of the logs (the node sends at most 64 KiB).",
+)  # fmt: skip
+@_replica_options
+def replica_logs(
+    replica_id: str,
+    max_bytes: int,
+    target: tuple[str, int],
+    data_dir: str | None,
+    listen: tuple[str, int] | None,
+    verbose: int,
+) -> None:
+    """Print the end of replica ID's logs (its stdout and stderr) as the node kept them."""
+    from p2pdeploy.runtime.commands import run_replica_logs
+
+    _configure_logging(verbose)
+    sys.exit(_run_node_command(run_replica_logs, replica_id, target, max_bytes, _data_dir_or_default(data_dir), listen=listen))
 
 
 if __name__ == "__main__":

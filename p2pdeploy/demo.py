@@ -1,10 +1,11 @@
 """``make demo``: a local community of node processes on loopback, narrated step by step.
 
 Five ``p2pdeploy join`` processes start on 127.0.0.1 with OS-chosen ports and temporary data
-directories; nodes 2-5 join through node 1. Each step below shows one capability working
-across real processes; a new capability adds its step to :data:`STEPS` (before ``leave``,
-which stops every node with SIGTERM and checks that each exited cleanly). Whatever happens,
-every process is killed and every directory removed at the end.
+directories; nodes 2-5 join through node 1, and every node trusts the demo's deployer key
+(``--trust``). Each step below shows one capability working across real processes; a new
+capability adds its step to :data:`STEPS` (before ``leave``, which stops every node with
+SIGTERM and checks that each exited cleanly). Whatever happens, every process is killed and
+every directory removed at the end.
 
 Run it with ``python -m p2pdeploy.demo`` (``--nodes N`` for another community size).
 """
@@ -17,7 +18,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,10 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
+from p2pdeploy.overlay.identity import Identity
+from p2pdeploy.resource.bundle import Bundle
 from p2pdeploy.runtime.address import HostPort, format_host_port
+from p2pdeploy.runtime.bundlefile import write_signed_bundle
 from p2pdeploy.runtime.localnet import (
     JoinProcess,
     LocalProcesses,
@@ -37,6 +41,8 @@ from p2pdeploy.runtime.node import PingTimeout, open_node
 from p2pdeploy.runtime.transport import bind_udp_and_tcp
 
 LARGE_PING_PAYLOAD_BYTES = 64 * 1024
+#: The example service the replicas step deploys (in the repository, beside the package).
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 
 
 @dataclass
@@ -47,6 +53,9 @@ class Community:
     base_dir: Path
     console: Console
     size: int
+    #: The data directory whose key deploys services; every node trusts it.
+    deployer_dir: Path
+    deployer_key: str
 
     @property
     def nodes(self) -> list[JoinProcess]:
@@ -71,16 +80,21 @@ def _short(node_id_hex: str | None) -> str:
 
 async def join(community: Community) -> None:
     console = community.console
-    first = await community.local.start_join(community.base_dir / "node-1", name="node 1")
+    trust = ["--trust", community.deployer_key]
+    first = await community.local.start_join(community.base_dir / "node-1", name="node 1", extra_args=trust)
     first_address = await first.wait_listening()
     console.print(f"node 1 listens on {format_host_port(first_address)} and starts the community")
     others = [
         await community.local.start_join(
-            community.base_dir / f"node-{i}", bootstrap=[first_address], name=f"node {i}"
+            community.base_dir / f"node-{i}", bootstrap=[first_address], name=f"node {i}", extra_args=trust
         )
         for i in range(2, community.size + 1)
     ]
     console.print(f"started nodes 2-{community.size} with --bootstrap {format_host_port(first_address)}")
+    console.print(
+        f"every node contributes the defaults (1 core, 1 GiB, 5 GiB of disk, 4 services) and trusts "
+        f"one deployer key: --trust {community.deployer_key[:16]}…"
+    )
 
     bootstrap_rtt_ms: dict[str, str] = {}
     for node in others:
@@ -149,19 +163,46 @@ async def ping(community: Community) -> None:
 LOOKUP_LINE = re.compile(r"^([0-9a-f]{40}) (\S+)")
 
 
-async def _cli(community: Community, *args: str) -> subprocess.CompletedProcess[bytes]:
-    """Run and echo ``p2pdeploy ARGS`` (data directories shown relative to the demo's base)."""
-    shown = [arg.replace(str(community.base_dir) + "/", "") for arg in args]
-    community.console.print(f"[bold]$ p2pdeploy {shlex.join(shown)}[/]")
-    result = await run_p2pdeploy(*args)
-    for line in result.stdout.decode(errors="replace").splitlines():
-        community.console.print(f"  {line}", markup=False, soft_wrap=True)
-    if result.returncode != 0:
-        raise ProcessOutputError(
-            f"p2pdeploy {shlex.join(shown)} exited {result.returncode}\n"
-            + (result.stdout + result.stderr).decode(errors="replace")
-        )
+async def _cli(community: Community, *args: str, status: int = 0) -> subprocess.CompletedProcess[bytes]:
+    """Run and echo ``p2pdeploy ARGS`` (data directories shown relative to the demo's base);
+    its output is shown, and standard error too when the command is expected to fail."""
+    (result,) = await _cli_at_once(community, (args, status))
     return result
+
+
+async def _cli_at_once(
+    community: Community, *commands: tuple[Sequence[str], int]
+) -> list[subprocess.CompletedProcess[bytes]]:
+    """Run independent ``p2pdeploy`` commands ``(args, expected status)`` at once; echo them in order."""
+    results: list[subprocess.CompletedProcess[bytes] | None] = [None] * len(commands)
+
+    async def run_one(index: int) -> None:
+        results[index] = await run_p2pdeploy(*commands[index][0])
+
+    async with trio.open_nursery() as nursery:
+        for index in range(len(commands)):
+            nursery.start_soon(run_one, index)
+
+    def relative(text: str) -> str:
+        return text.replace(str(community.base_dir) + "/", "").replace(str(EXAMPLES_DIR.parent) + "/", "")
+
+    done = []
+    for (args, status), result in zip(commands, results, strict=True):
+        assert result is not None
+        shown = shlex.join(relative(arg) for arg in args)
+        community.console.print(f"[bold]$ p2pdeploy {shown}[/]")
+        for line in result.stdout.decode(errors="replace").splitlines():
+            community.console.print(f"  {relative(line)}", markup=False, soft_wrap=True)
+        if status != 0:
+            for line in result.stderr.decode(errors="replace").splitlines():
+                community.console.print(f"  {relative(line)}", style="red", markup=False, soft_wrap=True)
+        if result.returncode != status:
+            raise ProcessOutputError(
+                f"p2pdeploy {shown} exited {result.returncode}\n"
+                + (result.stdout + result.stderr).decode(errors="replace")
+            )
+        done.append(result)
+    return done
 
 
 async def overlay(community: Community) -> None:
@@ -197,6 +238,65 @@ async def overlay(community: Community) -> None:
     console.print(
         "[dim]each node keeps its routing table in DATA_DIR/routing.cbor and rejoins through it after a restart[/]"
     )
+
+
+async def replicas(community: Community) -> None:
+    console = community.console
+    service = EXAMPLES_DIR / "hello"
+    if not (service / "manifest.toml").is_file():
+        raise ProcessOutputError(f"{service} not found: run the demo from a checkout of p2pdeploy")
+    host_node = community.nodes[-1]
+    node = format_host_port(community.address_of(host_node))
+    deployer = ["--data-dir", str(community.deployer_dir)]
+    bundle = community.base_dir / "hello.tar.gz"
+    console.print(
+        f"the deployer packs examples/hello and signs it with its key, then asks {host_node.name} to run it; "
+        "the request is signed too, and the node checks both signatures, its trust, the service's "
+        "requirements and its free contribution before starting it"
+    )
+    await _cli(community, "bundle", str(service), "--out", str(bundle), *deployer)
+    started = await _cli(community, "replica", "start", str(bundle), "--node", node, *deployer)
+    port = _port_in(started.stdout.decode())
+    response = await _http_get(port)
+    console.print(f"[bold]GET http://127.0.0.1:{port}/[/] → {response}")
+    stranger = community.base_dir / "stranger.tar.gz"
+    write_signed_bundle(stranger, Bundle.from_directory(service).sign(Identity.generate()))
+    console.print(
+        "its status and logs; and a stranger's bundle (its signature is valid, but no node trusts its key) "
+        "sent by the trusted deployer (three independent commands, run at once):"
+    )
+    await _cli_at_once(
+        community,
+        (("replica", "status", "hello-1", "--node", node, *deployer), 0),
+        (("replica", "logs", "hello-1", "--node", node, "--bytes", "400", *deployer), 0),
+        (("replica", "start", str(stranger), "--id", "hello-2", "--node", node, *deployer), 1),
+    )
+    said = await host_node.wait_for_line(lambda line: line.startswith("refused StartReplica"))
+    console.print(f"{host_node.name} says: {said}", markup=False)
+    await _cli(community, "replica", "stop", "hello-1", "--node", node, *deployer)
+
+
+REPLICA_PORT = re.compile(r"^replica \S+: running\b.*\(port (\d+)\)", re.M)
+
+
+def _port_in(output: str) -> int:
+    match = REPLICA_PORT.search(output)
+    if match is None:
+        raise ProcessOutputError(f"no running replica with a port in:\n{output}")
+    return int(match.group(1))
+
+
+async def _http_get(port: int, path: str = "/") -> str:
+    """The status line and body of ``GET path`` on the replica's port, on one line."""
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    head, _, body = data.decode(errors="replace").partition("\r\n\r\n")
+    return f"{head.splitlines()[0] if head else '?'}: {body.strip()}"
 
 
 async def leave(community: Community) -> None:
@@ -239,6 +339,11 @@ STEPS: list[Step] = [
     Step("join", "node processes start, create identities and join through node 1", join),
     Step("ping", "ping/pong with RTT estimation, by UDP and by TCP", ping),
     Step("overlay", "the Kademlia overlay stores a value on one node and finds it from another", overlay),
+    Step(
+        "replicas",
+        "a trusted deployer runs a signed service on a node; a stranger's bundle is refused",
+        replicas,
+    ),
     Step("leave", "SIGTERM stops every node gracefully", leave),
 ]
 
@@ -248,14 +353,20 @@ async def run_demo(console: Console, size: int = 5) -> bool:
     console.rule(f"[bold]p2pdeploy demo: a community of {size} nodes on loopback")
     with tempfile.TemporaryDirectory(prefix="p2pdeploy-demo-") as base_dir:
         console.print(f"[dim]data directories under {base_dir} (removed at the end)[/]")
+        # Services run as `nobody` under a root node: it must be able to enter the replicas' directories.
+        Path(base_dir).chmod(0o755)
+        deployer_dir = Path(base_dir) / "deployer"
+        deployer_key = Identity.load_or_create(deployer_dir)[0].public_key.hex()
         started = trio.current_time()
         try:
             async with open_local_processes() as local:
-                community = Community(local, Path(base_dir), console, size)
+                community = Community(local, Path(base_dir), console, size, deployer_dir, deployer_key)
                 for number, step in enumerate(STEPS, start=1):
                     console.rule(f"step {number}/{len(STEPS)}: {step.name}", align="left")
                     console.print(f"[italic]{step.shows}[/]")
+                    step_started = trio.current_time()
                     await step.run(community)
+                    console.print(f"[dim]({step.name}: {trio.current_time() - step_started:.1f} s)[/]")
         except (ProcessOutputError, OSError) as exc:
             console.print(f"[bold red]demo failed[/]: {exc}")
             return False

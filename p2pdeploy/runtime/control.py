@@ -3,11 +3,12 @@
 A ``p2pdeploy join`` node listens on a Unix-domain socket in its data directory
 (``control.sock``, mode 0600, so only its owner can talk to it). A connection carries
 length-prefixed frames (:mod:`~p2pdeploy.runtime.framing`), each one wire message
-(:mod:`p2pdeploy.wire`, tags 50-59 below): the client sends a request, the node answers with its
-reply or a :class:`ControlRefusal` naming what was wrong, then the client may send the next.
-Requests: :class:`StatusRequest`, :class:`PutRequest`, :class:`GetRequest`,
-:class:`LookupRequest`; the node serves them through its async facade, so the control API makes
-no protocol decision either.
+(:mod:`p2pdeploy.wire`, tags 40-41 and 50-59 below): the client sends a request, the node answers
+with its reply or a :class:`ControlRefusal` naming what was wrong, then the client may send the
+next. Requests: :class:`StatusRequest`, :class:`PutRequest`, :class:`GetRequest`,
+:class:`LookupRequest` and :class:`ReplicaRequest` (the node signs a start, stop, status or logs
+request with its key and sends it to another node, or to itself; ``p2pdeploy replica``); the
+node serves them through its async facade, so the control API makes no protocol decision either.
 
 A frame that is not a valid request is answered with a refusal and the connection is closed;
 the node counts it (``control_malformed``) and carries on. The socket exists only while a node
@@ -24,7 +25,7 @@ import socket as stdlib_socket
 import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +34,12 @@ import trio
 from p2pdeploy import wire
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import Item
+from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, SignedBundle
+from p2pdeploy.resource.protocol import MAX_LOG_BYTES, LogsReply, Refused
+from p2pdeploy.resource.protocol import StatusReply as ReplicaStatusReply
+from p2pdeploy.runtime.address import HostPort
 from p2pdeploy.runtime.framing import FrameDecoder, FrameTooLarge, frame
-from p2pdeploy.wire import NodeId, message
+from p2pdeploy.wire import NodeId, message, record
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -44,8 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONTROL_SOCKET_FILE = "control.sock"
-#: Largest request or reply frame: a value of up to 64 KiB and its envelope fit with room to spare.
-CONTROL_LIMIT_BYTES = 1024 * 1024
+#: Largest request or reply frame: a bundle of up to 4 MiB (``p2pdeploy replica start``) and its envelope.
+CONTROL_LIMIT_BYTES = MAX_BUNDLE_BYTES + 1024 * 1024
 #: Connections served at once; more are closed at once (a local client needs one).
 MAX_CONTROL_CONNECTIONS = 32
 RECEIVE_BYTES = 65536
@@ -59,7 +64,23 @@ UNIX_PATH_MAX_BYTES = 100
 @message(50)
 @dataclass(frozen=True, slots=True)
 class StatusRequest:
-    """What the node is: id, address, routing table, store and counters."""
+    """What the node is: id, address, routing table, store, counters, contribution and replicas."""
+
+
+@record
+@dataclass(frozen=True, slots=True)
+class HostedReplica:
+    """One replica the node holds, as ``p2pdeploy status`` lists it."""
+
+    replica_id: str
+    state: str
+    reason: str
+    run: int
+    restarts: int
+    port: int | None
+    healthy: bool
+    #: The public key that started it.
+    requested_by: bytes
 
 
 @message(51)
@@ -77,6 +98,10 @@ class StatusReply:
     restored_contacts: int
     #: Traffic and drops: the runtime's counters, ``kademlia.*`` and the core's ``Layer.kind``.
     counters: dict[str, int]
+    #: What the node offers, as a ``[contribution]`` table (``Contribution.to_table``); None: it hosts nothing.
+    contribution: dict[str, Any] | None = None
+    replicas: list[HostedReplica] = field(default_factory=list)
+    replicas_dir: str = ""
 
 
 @message(52)
@@ -136,7 +161,63 @@ class ControlRefusal:
     reason: str
 
 
-REQUESTS = (StatusRequest, PutRequest, GetRequest, LookupRequest)
+#: What a :class:`ReplicaRequest` may ask of the target node.
+REPLICA_OPERATIONS = ("start", "stop", "status", "logs")
+
+
+@message(40)
+@dataclass(frozen=True, slots=True)
+class ReplicaRequest:
+    """Sign a remote-protocol request with the node's key and send it to the node at ``host:port``.
+
+    ``start`` carries a signed bundle (its bytes, the key that signed it and the signature);
+    ``logs`` asks for at most ``max_bytes``. ``node`` is the target's id when the caller knows
+    it; otherwise the node pings the target for it.
+    """
+
+    operation: str
+    host: str
+    port: int
+    replica_id: str
+    bundle: bytes = b""
+    bundle_key: bytes = b""
+    bundle_signature: bytes = b""
+    bindings: dict[str, str] = field(default_factory=dict)
+    max_bytes: int = MAX_LOG_BYTES
+    node: NodeId | None = None
+
+    def __post_init__(self) -> None:
+        if self.operation not in REPLICA_OPERATIONS:
+            raise ValueError(f"operation must be one of {', '.join(REPLICA_OPERATIONS)} (got {self.operation!r})")
+        if self.operation == "start" and not self.bundle:
+            raise ValueError("a start carries a signed bundle")
+
+    @classmethod
+    def start(
+        cls, address: HostPort, replica_id: str, bundle: SignedBundle, bindings: dict[str, str] | None = None
+    ) -> ReplicaRequest:
+        return cls(
+            "start", address[0], address[1], replica_id, bundle.data, bundle.public_key, bundle.signature,
+            dict(bindings or {}),
+        )  # fmt: skip
+
+    @property
+    def address(self) -> HostPort:
+        return (self.host, self.port)
+
+
+@message(41)
+@dataclass(frozen=True, slots=True)
+class ReplicaAnswer:
+    """What the target node answered: a status, logs, or its refusal naming the check that failed."""
+
+    node: NodeId
+    host: str
+    port: int
+    reply: ReplicaStatusReply | LogsReply | Refused
+
+
+REQUESTS = (StatusRequest, PutRequest, GetRequest, LookupRequest, ReplicaRequest)
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -316,7 +397,7 @@ async def _reply(stream: trio.SocketStream, reply: Any) -> None:
 
 async def answer(node: RuntimeNode, request: Any) -> Any:
     """The reply to one control request, served through the node's facade."""
-    from p2pdeploy.runtime.node import NodeNotRunning, NoOverlay
+    from p2pdeploy.runtime.node import NodeNotRunning, NoOverlay, NoRemoteClient, PingTimeout, RemoteTimeout
 
     try:
         if isinstance(request, StatusRequest):
@@ -331,10 +412,33 @@ async def answer(node: RuntimeNode, request: Any) -> Any:
         if isinstance(request, LookupRequest):
             event = await node.query(lambda overlay, now: overlay.lookup(request.key, now))
             return LookupReply(request.key, list(event.closest), event.hops, event.requests)
-    except (ValueError, TypeError, NodeNotRunning, NoOverlay) as exc:
+        if isinstance(request, ReplicaRequest):
+            return await serve_replica_request(node, request)
+    except (ValueError, TypeError, NodeNotRunning, NoOverlay, NoRemoteClient, PingTimeout, RemoteTimeout) as exc:
         node.counters["control_refused"] += 1
         return ControlRefusal(str(exc))
     raise AssertionError(f"unhandled request {request!r}")
+
+
+async def serve_replica_request(node: RuntimeNode, request: ReplicaRequest) -> ReplicaAnswer:
+    """Send ``request`` from ``node`` (signed with its key) and wrap the target's reply.
+
+    Raises :class:`~p2pdeploy.runtime.node.PingTimeout` when the target does not answer a ping
+    for its id, :class:`~p2pdeploy.runtime.node.RemoteTimeout` when it does not answer the request.
+    """
+    address = await node.resolve(request.address)
+    node_id = request.node if request.node is not None else await node.node_id_at(address)
+    replica_id = request.replica_id
+    if request.operation == "start":
+        bundle = SignedBundle(request.bundle, request.bundle_key, request.bundle_signature)
+        reply = await node.remote_start(address, replica_id, bundle, bindings=dict(request.bindings), node_id=node_id)
+    elif request.operation == "stop":
+        reply = await node.remote_stop(address, replica_id, node_id=node_id)
+    elif request.operation == "status":
+        reply = await node.remote_query(address, replica_id, node_id=node_id)
+    else:
+        reply = await node.remote_logs(address, replica_id, request.max_bytes, node_id=node_id)
+    return ReplicaAnswer(node_id, address[0], address[1], reply)
 
 
 def status_of(node: RuntimeNode) -> StatusReply:
@@ -344,6 +448,8 @@ def status_of(node: RuntimeNode) -> StatusReply:
     counters.update(node.core_counters())
     host, port = node.address
     uptime_s = 0.0 if node.started_at is None else trio.current_time() - node.started_at
+    contribution = node.contribution
+    requested_by = node.replica_host.requested_by if contribution is not None else {}
     return StatusReply(
         node_id=node.node_id,
         host=host,
@@ -356,6 +462,15 @@ def status_of(node: RuntimeNode) -> StatusReply:
         published_items=len(overlay.published),
         restored_contacts=node.restored_contacts,
         counters=counters,
+        contribution=None if contribution is None else contribution.to_table(),
+        replicas=[
+            HostedReplica(
+                r.replica_id, r.state.value, r.reason, r.run, r.restarts, r.port, r.healthy,
+                requested_by.get(r.replica_id, b""),
+            )
+            for r in node.hosted_replicas()
+        ],  # fmt: skip
+        replicas_dir="" if node.replicas_dir is None else os.fspath(node.replicas_dir),
     )
 
 

@@ -5,8 +5,14 @@ bottom to top; a capability that adds a protocol (broadcast, the deployer) appen
 here, built from the :class:`CoreContext` the runtime hands in. A test or an embedding
 application passes its own ``layers`` factory to ``open_node``.
 
-Today a ``p2pdeploy join`` node runs ping/pong (RTT estimates, ``p2pdeploy ping``) and the
-Kademlia overlay (``p2pdeploy.overlay.kademlia``), configured by ``CoreContext.kademlia``.
+A ``p2pdeploy join`` node runs ping/pong (RTT estimates, ``p2pdeploy ping``), the Kademlia
+overlay (``p2pdeploy.overlay.kademlia``, configured by ``CoreContext.kademlia``), the replicas it
+hosts (:class:`~p2pdeploy.fabric.replicas.ReplicaHost`, within ``CoreContext.contribution``)
+with the node side of the remote protocol around them
+(:class:`~p2pdeploy.resource.protocol.RemoteControl`), and the deployer side of that protocol
+(:class:`~p2pdeploy.resource.protocol.RemoteClient`), so the node can also send signed requests.
+A node built without a contribution hosts nothing: ephemeral nodes (``p2pdeploy ping``,
+``p2pdeploy replica ...`` without a running node) and library users who only use the overlay.
 """
 
 from __future__ import annotations
@@ -16,9 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from p2pdeploy.core import Protocol, Stack
+from p2pdeploy.fabric.contribution import Contribution
+from p2pdeploy.fabric.machine import Machine
+from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import Kademlia, KademliaConfig
 from p2pdeploy.overlay.ping import PingProtocol
+from p2pdeploy.resource.protocol import RemoteClient, RemoteConfig, RemoteControl
 from p2pdeploy.runtime.address import HostPort
 
 
@@ -35,6 +45,16 @@ class CoreContext:
     now: float
     #: Parameters of the Kademlia overlay (``RuntimeConfig.kademlia``).
     kademlia: KademliaConfig = field(default_factory=KademliaConfig)
+    #: What the owner contributes (already clamped to the machine); ``None``: the node hosts no replicas.
+    contribution: Contribution | None = None
+    #: What the runtime probed of this machine (for requirements such as ``cores >= 2``).
+    machine: Machine | None = None
+    #: Parameters of the node side of the remote protocol (``RuntimeConfig.remote``).
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+    #: How long the deployer side waits for a node's answer (``RuntimeConfig.remote_timeout_s``).
+    remote_timeout_s: float = 10.0
+    #: Wall-clock time minus the core's clock: signed timestamps are wall time.
+    wall_clock_offset_s: float = 0.0
 
 
 LayersFactory = Callable[[CoreContext], list[Protocol]]
@@ -45,12 +65,54 @@ def default_layers(context: CoreContext) -> list[Protocol]:
     return [
         PingProtocol(context.identity.node_id, context.rng, own_address=context.address),
         kademlia_layer(context),
+        *replica_layers(context),
+        remote_client_layer(context),
+    ]
+
+
+def client_layers(context: CoreContext) -> list[Protocol]:
+    """An ephemeral deployer: ping (to learn a node's id) and the sending side of the remote protocol."""
+    return [
+        PingProtocol(context.identity.node_id, context.rng, own_address=context.address),
+        remote_client_layer(context),
     ]
 
 
 def kademlia_layer(context: CoreContext) -> Kademlia:
     """The overlay with its own random stream split from the node's (its timers start with the node)."""
     return Kademlia(context.identity.node_id, random.Random(context.rng.getrandbits(64)), context.kademlia)
+
+
+def replica_layers(context: CoreContext) -> list[Protocol]:
+    """The replicas this node hosts and the remote protocol's node side; none without a contribution.
+
+    The node's own key is an owner key: it may start, stop and read any replica here.
+    """
+    if context.contribution is None:
+        return []
+    host = ReplicaHost(context.contribution, random.Random(context.rng.getrandbits(64)))
+    remote = RemoteControl(
+        context.identity.node_id,
+        host,
+        machine=context.machine,
+        owner_keys=frozenset({context.identity.public_key}),
+        config=context.remote,
+        wall_clock_offset_s=context.wall_clock_offset_s,
+    )
+    return [host, remote]
+
+
+def remote_client_layer(context: CoreContext) -> RemoteClient:
+    """The deployer side of the remote protocol, signing with the node's key.
+
+    Its nonces must not repeat within a node's replay window, so its stream gets 128 bits of seed.
+    """
+    return RemoteClient(
+        context.identity,
+        random.Random(context.rng.getrandbits(128)),
+        timeout_s=context.remote_timeout_s,
+        wall_clock_offset_s=context.wall_clock_offset_s,
+    )
 
 
 def build_core(context: CoreContext, layers: LayersFactory = default_layers) -> Stack:

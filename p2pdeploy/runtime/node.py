@@ -22,6 +22,23 @@ through :func:`open_node`::
 With a data directory the node keeps its routing table there (``routing.cbor``, CBOR written
 atomically after the join, every ``snapshot_interval_s`` and at shutdown) and restores it on
 start, so a restarted node rejoins through its old contacts even without ``bootstrap``.
+
+Given a :class:`~p2pdeploy.fabric.contribution.Contribution` the node also hosts replicas: its
+core holds a :class:`~p2pdeploy.fabric.replicas.ReplicaHost` and the remote protocol's node side
+(the contribution clamped to the machine it probes at start; it probes again every
+``machine_probe_interval_s`` so that requirements see free memory and load as they are), and
+the node runs a :class:`~p2pdeploy.runtime.executor.RealExecutor` in its nursery, wired to the
+core by :class:`~p2pdeploy.runtime.exec_local.ReplicaWiring`: executor commands among the core's
+events go to the executor, its reports come back as core input. Replicas live in
+``DATA_DIR/replicas`` (``RuntimeConfig.executor`` says otherwise). When the node stops, its
+replicas are stopped first (TERM, then KILL after their grace period), and whatever is left is
+killed by the executor: no process outlives the node. Any node can also send signed requests to
+another node's replicas (``remote_start``, ``remote_query``, ``remote_logs``, ``remote_stop``)::
+
+    async with open_node(contribution=Contribution(cpu_cores=2, trusted_keys=frozenset({key}))) as node:
+        ...
+    async with open_node(identity=deployer) as client:
+        reply = await client.remote_start(address, "hello-1", Bundle.from_directory(path).sign(deployer))
 """
 
 from __future__ import annotations
@@ -31,7 +48,10 @@ import logging
 import math
 import os
 import random
+import shutil
 import socket as stdlib_socket
+import tempfile
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -43,6 +63,11 @@ import trio
 
 from p2pdeploy import wire
 from p2pdeploy.core import Stack
+from p2pdeploy.fabric.contribution import Contribution
+from p2pdeploy.fabric.executor import ExecutorReport
+from p2pdeploy.fabric.machine import Machine
+from p2pdeploy.fabric.replicas import ReplicaHost
+from p2pdeploy.fabric.supervisor import ReplicaStatus
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import (
     GetFinished,
@@ -55,8 +80,21 @@ from p2pdeploy.overlay.kademlia import (
 from p2pdeploy.overlay.ping import PeerSeen, Ping, PingProtocol, PingTimedOut, PongReceived
 from p2pdeploy.overlay.routing import ID_SPACE, Contact
 from p2pdeploy.overlay.storage import Item
+from p2pdeploy.resource.bundle import SignedBundle
+from p2pdeploy.resource.protocol import (
+    MAX_LOG_BYTES,
+    RemoteClient,
+    RemoteConfig,
+    RemoteControl,
+    Reply,
+    RequestAnswered,
+    RequestTimedOut,
+)
 from p2pdeploy.runtime.address import HostPort, format_host_port
+from p2pdeploy.runtime.exec_local import ReplicaWiring
+from p2pdeploy.runtime.executor import RealExecutor, RealExecutorConfig
 from p2pdeploy.runtime.layers import CoreContext, LayersFactory, build_core, default_layers
+from p2pdeploy.runtime.probe import probe_machine
 from p2pdeploy.runtime.snapshot import ROUTING_SNAPSHOT_FILE, read_bounded, write_file_atomically
 from p2pdeploy.runtime.transport import Transport, TransportConfig, path_for
 
@@ -80,6 +118,24 @@ class NodeNotRunning(RuntimeError):
 
 class NoOverlay(RuntimeError):
     """The overlay facade was used on a node whose layers include no Kademlia overlay."""
+
+
+class NoRemoteClient(RuntimeError):
+    """The remote facade was used on a node whose layers include no RemoteClient."""
+
+
+class NotHosting(RuntimeError):
+    """The replica facade was used on a node that hosts no replicas (it was given no contribution)."""
+
+
+class RemoteTimeout(TimeoutError):
+    """The node asked for a replica operation did not answer within the remote protocol's timeout."""
+
+    def __init__(self, address: HostPort, request: str, waited_s: float) -> None:
+        super().__init__(f"{format_host_port(address)} did not answer {request} within {waited_s:g} s")
+        self.address = address
+        self.request = request
+        self.waited_s = waited_s
 
 
 #: The events that finish an overlay query (they carry the ``query_id`` the call returned).
@@ -111,10 +167,25 @@ class RuntimeConfig:
     kademlia: KademliaConfig = field(default_factory=KademliaConfig)
     #: How often the routing table is saved to the data directory (also after the join and at shutdown).
     snapshot_interval_s: float = 60.0
+    #: Where and how a hosting node runs replicas; ``None``: in ``DATA_DIR/replicas`` (a temporary
+    #: directory for a node without a data directory) with the executor's defaults.
+    executor: RealExecutorConfig | None = None
+    #: The node side of the remote protocol (replay window, log sizes, bundle cap).
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+    #: How long this node waits for another node's answer to a signed replica request.
+    remote_timeout_s: float = 10.0
+    #: How often a hosting node probes its machine again (free memory, disk, load: what
+    #: requirements see) and both sides of the remote protocol re-read the wall clock.
+    machine_probe_interval_s: float = 30.0
+    #: When the node stops, its replicas get their own stop sequence (TERM, grace, KILL) plus this.
+    replica_stop_slack_s: float = 2.0
 
     def __post_init__(self) -> None:
-        if not self.snapshot_interval_s > 0:
-            raise ValueError(f"snapshot_interval_s must be > 0 (got {self.snapshot_interval_s})")
+        for name in ("snapshot_interval_s", "remote_timeout_s", "machine_probe_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
+        if not self.replica_stop_slack_s >= 0:
+            raise ValueError(f"replica_stop_slack_s must be >= 0 (got {self.replica_stop_slack_s})")
 
 
 @dataclass(eq=False, slots=True)
@@ -135,6 +206,7 @@ class RuntimeNode:
         config: RuntimeConfig | None = None,
         identity_created: bool = False,
         data_dir: str | os.PathLike[str] | None = None,
+        contribution: Contribution | None = None,
     ) -> None:
         self.identity = identity
         self.identity_created = identity_created
@@ -154,6 +226,14 @@ class RuntimeNode:
         self.restored_contacts = 0
         #: ``trio.current_time()`` when the node started serving.
         self.started_at: float | None = None
+        #: What the owner offers, as asked; the node hosts what :attr:`contribution` says (clamped).
+        self.requested_contribution = contribution
+        #: What the last probe found of this machine (hosting nodes probe at start and periodically).
+        self.machine: Machine | None = None
+        #: The executor of a hosting node while it runs.
+        self.executor: RealExecutor | None = None
+        self._wiring: ReplicaWiring | None = None
+        self._temporary_dir: Path | None = None
         self._joined = trio.Event()
         #: One save at a time: saves share the temporary file they write before renaming it.
         self._snapshot_lock = trio.Lock()
@@ -232,10 +312,30 @@ class RuntimeNode:
         if self._transport is not None:
             raise RuntimeError("a RuntimeNode runs once; make a new one")
         transport = await Transport.bind(listen, self._deliver, self.counters, self.config.transport)
+        executor = None
         try:
+            contribution = self.requested_contribution
+            executor_config = self._executor_config() if contribution is not None else None
+            if executor_config is not None:
+                self.machine = await trio.to_thread.run_sync(probe_machine, self._probe_dir(executor_config))
+                contribution = contribution.clamp_to(self.machine)
             now = trio.current_time()
-            context = CoreContext(self.identity, transport.address, self.rng, now, self.config.kademlia)
+            context = CoreContext(
+                self.identity,
+                transport.address,
+                self.rng,
+                now,
+                self.config.kademlia,
+                contribution=contribution,
+                machine=self.machine,
+                remote=self.config.remote,
+                remote_timeout_s=self.config.remote_timeout_s,
+                wall_clock_offset_s=time.time() - now,
+            )
             self._core = build_core(context, layers)
+            if self._layer_or_none(ReplicaHost) is not None:
+                executor = RealExecutor(executor_config or self._executor_config(), self._executor_report)
+                self._wiring = ReplicaWiring(self._core, executor)
             overlay = self._overlay_or_none()
             if overlay is not None:
                 self.restored_contacts = self._restore_snapshot(overlay)
@@ -243,6 +343,8 @@ class RuntimeNode:
         except BaseException:
             transport.close()
             self._core = None
+            self._wiring = None
+            self._remove_temporary_dir()
             raise
         self._transport = transport
         self._address = transport.address
@@ -250,9 +352,15 @@ class RuntimeNode:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(transport.run)
+                if executor is not None:
+                    # Started before the core can emit its first command; when the node stops it
+                    # kills (SIGKILL) whatever the graceful stop in open_node/join left running.
+                    await nursery.start(executor.run)
+                    self.executor = executor
                 await nursery.start(self._run_timer)
                 if overlay is not None and self.data_dir is not None:
                     nursery.start_soon(self._save_snapshots_periodically)
+                nursery.start_soon(self._refresh_clock_and_machine)
                 self._after_input()  # layers may have queued work while being built
                 task_status.started()
         finally:
@@ -260,8 +368,142 @@ class RuntimeNode:
                 self._save_snapshot_logged()
             self._transport = None
             self._core = None
+            self._wiring = None
+            self.executor = None
+            self._remove_temporary_dir()
             for waiter in self._waiters:  # nobody can answer them now
                 waiter.done.set()
+
+    # -- hosting replicas --------------------------------------------------------------------
+    def _executor_config(self) -> RealExecutorConfig:
+        if self.config.executor is not None:
+            return self.config.executor
+        if self.data_dir is not None:
+            return RealExecutorConfig(self.data_dir)
+        if self._temporary_dir is None:
+            # Services may run as another user (nobody, for a root node): it must be able to enter.
+            self._temporary_dir = Path(tempfile.mkdtemp(prefix="p2pdeploy-node-"))
+            self._temporary_dir.chmod(0o755)
+        return RealExecutorConfig(self._temporary_dir)
+
+    @staticmethod
+    def _probe_dir(config: RealExecutorConfig) -> Path:
+        """Where replicas' files go: the disk whose free space the node offers."""
+        return Path(config.replicas_dir) if config.replicas_dir is not None else Path(config.data_dir)
+
+    def _remove_temporary_dir(self) -> None:
+        if self._temporary_dir is not None:
+            shutil.rmtree(self._temporary_dir, ignore_errors=True)
+            self._temporary_dir = None
+
+    def _layer_or_none(self, cls: type[T]) -> T | None:
+        core = self._core
+        if core is None:
+            return None
+        try:
+            layer: T = core.layer(cls)
+        except KeyError:
+            return None
+        return layer
+
+    @property
+    def replica_host(self) -> ReplicaHost:
+        """The replicas this node hosts (read their state; act through the facade)."""
+        host = self._layer_or_none(ReplicaHost)
+        if host is None:
+            self.core  # noqa: B018 - raises NodeNotRunning when that is the reason
+            raise NotHosting(
+                "this node hosts no replicas; give open_node a contribution "
+                "(or run `p2pdeploy join`, which contributes within the owner's limits)"
+            )
+        return host
+
+    @property
+    def contribution(self) -> Contribution | None:
+        """What this node offers (clamped to its machine), or None when it hosts nothing."""
+        host = self._layer_or_none(ReplicaHost)
+        return None if host is None else host.contribution
+
+    @property
+    def replicas_dir(self) -> Path | None:
+        """Where the replicas' files and logs are (None when the node hosts nothing)."""
+        return None if self.executor is None else self.executor.root
+
+    def hosted_replicas(self) -> list[ReplicaStatus]:
+        """Every replica this node holds, in any state (empty when it hosts nothing)."""
+        host = self._layer_or_none(ReplicaHost)
+        return [] if host is None else host.statuses()
+
+    def active_replicas(self) -> list[str]:
+        """The replicas that run or will run again (not stopped, and not failed for good)."""
+        host = self._layer_or_none(ReplicaHost)
+        return [] if host is None else self._unfinished(host, [status.replica_id for status in host.statuses()])
+
+    def _unfinished(self, host: ReplicaHost, replica_ids: Iterable[str]) -> list[str]:
+        unfinished = []
+        for replica_id in replica_ids:
+            supervisor = host.supervisor(replica_id)
+            if supervisor is not None and not supervisor.finished:
+                unfinished.append(replica_id)
+        return unfinished
+
+    async def stop_hosted_replicas(self, reason: str = "the node is stopping") -> list[ReplicaStatus]:
+        """Stop every replica this node runs and wait until each has stopped; their final statuses.
+
+        Each gets its own stop sequence (TERM, KILL after the manifest's grace period); the wait
+        is bounded by the longest sequence plus ``replica_stop_slack_s``. What is still running
+        then is killed by the executor when the node stops.
+        """
+        host = self._layer_or_none(ReplicaHost)
+        if host is None:
+            return []
+        active = self._unfinished(host, [status.replica_id for status in host.statuses()])
+        if not active:
+            return []
+        longest_s = 0.0
+        for replica_id in active:
+            supervisor = host.supervisor(replica_id)
+            assert supervisor is not None
+            longest_s = max(longest_s, supervisor.spec.stop_grace_s + supervisor.spec.kill_wait_s)
+        budget_s = longest_s + self.config.replica_stop_slack_s
+        waiter = _Waiter(lambda _event: not self._unfinished(host, active))
+        self._waiters.add(waiter)
+        try:
+            with trio.move_on_after(budget_s):
+                for replica_id in active:
+                    self.command(lambda now, replica_id=replica_id: host.stop_replica(replica_id, now, reason))
+                if self._unfinished(host, active):
+                    await waiter.done.wait()
+        finally:
+            self._waiters.discard(waiter)
+        return [status for status in (host.status(r) for r in active) if status is not None]
+
+    def _executor_report(self, report: ExecutorReport) -> None:
+        """The executor's sink: a report is core input like a datagram."""
+        wiring = self._wiring
+        if wiring is None or self._core is None:
+            return
+        wiring.report(report, trio.current_time())
+        self._after_input()
+
+    async def _refresh_clock_and_machine(self) -> None:
+        """Signed timestamps are wall time and the core runs on trio's clock: keep the offset fresh,
+        and let requirements see the machine as it is now (free memory and disk, load)."""
+        while True:
+            await trio.sleep(self.config.machine_probe_interval_s)
+            remote = self._layer_or_none(RemoteControl)
+            if remote is not None and self.executor is not None:
+                machine = await trio.to_thread.run_sync(probe_machine, self.executor.root)
+                remote = self._layer_or_none(RemoteControl)  # the node may have stopped meanwhile
+                if remote is None:
+                    return
+                self.machine = machine
+                remote.update_machine(machine)
+            offset_s = time.time() - trio.current_time()
+            for cls in (RemoteControl, RemoteClient):
+                layer = self._layer_or_none(cls)
+                if layer is not None:
+                    layer.set_wall_clock_offset(offset_s)
 
     # -- the routing snapshot ----------------------------------------------------------------
     def _restore_snapshot(self, overlay: Kademlia) -> int:
@@ -360,6 +602,13 @@ class RuntimeNode:
             self._timer_scope.deadline = self._core_deadline()
 
     def _dispatch(self, event: Any) -> None:
+        wiring = self._wiring
+        if wiring is not None:
+            try:
+                wiring.dispatch(event, trio.current_time())
+            except RuntimeError as exc:  # the executor has stopped: the node is stopping
+                self.counters["executor_stopped"] += 1
+                log.debug("%s not executed: %s", type(event).__name__, exc)
         if isinstance(event, PeerSeen):
             log.info("peer %040x seen at %s", event.node_id, format_host_port(event.address))
         for waiter in list(self._waiters):
@@ -387,7 +636,11 @@ class RuntimeNode:
             self.counters["encode_error"] += 1
             log.error("cannot send %s to %s: %s", type(msg).__name__, format_host_port(dst), exc)
             return
-        self._running_transport().send(dst, data)
+        transport = self._transport
+        if transport is None:  # replicas report their exits while the node stops
+            self.counters["send_after_close"] += 1
+            return
+        transport.send(dst, data)
 
     def _running_transport(self) -> Transport:
         if self._transport is None:
@@ -562,6 +815,85 @@ class RuntimeNode:
         item = await self.get_item(key)
         return None if item is None else item.value
 
+    # -- the remote protocol, deployer side -------------------------------------------------
+    async def node_id_at(self, address: HostPort, timeout_s: float | None = None) -> int:
+        """The id of the node at ``address``, from its pong (``join_attempts`` pings at most).
+
+        Raises :class:`PingTimeout` when none comes back. The id is what signed requests name,
+        so a node that lied about it would refuse them (``node`` check).
+        """
+        last: PingTimeout | None = None
+        for _ in range(self.config.join_attempts):
+            try:
+                return (await self.ping_pong(address, timeout_s=timeout_s)).node_id
+            except PingTimeout as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    async def remote_request(
+        self,
+        address: HostPort,
+        call: Callable[[RemoteClient, HostPort, int, float], int],
+        *,
+        node_id: int | None = None,
+    ) -> Reply:
+        """Send one signed request ``call(client, address, node_id, now)`` and return the node's reply.
+
+        The reply is a ``StatusReply``, a ``LogsReply`` or a ``Refused`` naming the check that
+        failed; :class:`RemoteTimeout` when none comes within ``remote_timeout_s``. Without
+        ``node_id`` the node is pinged for it first.
+        """
+        try:
+            client: RemoteClient = self.core.layer(RemoteClient)
+        except KeyError:
+            raise NoRemoteClient(
+                "this node runs no RemoteClient layer; build it with runtime.layers.default_layers "
+                "or runtime.layers.client_layers"
+            ) from None
+        address = await self.resolve(address)  # replies are matched by the numeric address
+        if node_id is None:
+            node_id = await self.node_id_at(address)
+        target = node_id
+        event = await self.request(
+            lambda now: call(client, address, target, now),
+            lambda request_id, ev: isinstance(ev, RequestAnswered | RequestTimedOut) and ev.request_id == request_id,
+        )
+        if isinstance(event, RequestTimedOut):
+            raise RemoteTimeout(address, event.request, client.timeout_s)
+        reply: Reply = event.reply
+        return reply
+
+    async def remote_start(
+        self,
+        address: HostPort,
+        replica_id: str,
+        bundle: SignedBundle,
+        *,
+        bindings: dict[str, str] | None = None,
+        node_id: int | None = None,
+    ) -> Reply:
+        """Ask the node at ``address`` to run ``bundle`` as ``replica_id``; its ``StatusReply`` or ``Refused``."""
+        return await self.remote_request(
+            address, lambda c, a, n, now: c.start(a, n, replica_id, bundle, now, bindings), node_id=node_id
+        )
+
+    async def remote_stop(self, address: HostPort, replica_id: str, *, node_id: int | None = None) -> Reply:
+        """Ask the node at ``address`` to stop ``replica_id`` (TERM, then KILL after its grace)."""
+        return await self.remote_request(address, lambda c, a, n, now: c.stop(a, n, replica_id, now), node_id=node_id)
+
+    async def remote_query(self, address: HostPort, replica_id: str, *, node_id: int | None = None) -> Reply:
+        """The state of ``replica_id`` on the node at ``address``."""
+        return await self.remote_request(address, lambda c, a, n, now: c.query(a, n, replica_id, now), node_id=node_id)
+
+    async def remote_logs(
+        self, address: HostPort, replica_id: str, max_bytes: int = MAX_LOG_BYTES, *, node_id: int | None = None
+    ) -> Reply:
+        """The last ``max_bytes`` of ``replica_id``'s logs on the node at ``address`` (``LogsReply``)."""
+        return await self.remote_request(
+            address, lambda c, a, n, now: c.fetch_logs(a, n, replica_id, now, max_bytes), node_id=node_id
+        )
+
     @contextmanager
     def subscribe(self, buffer: int | None = None) -> Iterator[trio.MemoryReceiveChannel[Any]]:
         """A channel of every core event from now on (``PeerSeen``, ``PongReceived``, ...)."""
@@ -618,6 +950,7 @@ async def open_node(
     layers: LayersFactory = default_layers,
     config: RuntimeConfig | None = None,
     kademlia: KademliaConfig | None = None,
+    contribution: Contribution | None = None,
 ) -> AsyncIterator[RuntimeNode]:
     """Run a node for the duration of the block; it is stopped and its sockets closed on exit.
 
@@ -627,13 +960,20 @@ async def open_node(
     on the next start. The node joins in the background through ``bootstrap`` and the restored
     contacts (:meth:`RuntimeNode.wait_joined`). ``layers`` builds the core's protocol layers;
     ``kademlia`` replaces ``config.kademlia``.
+
+    With a ``contribution`` the node hosts replicas within it (clamped to the machine): signed
+    requests from the keys it trusts start them. When the block ends its replicas are stopped
+    (TERM, then KILL after their grace period) before the node stops; when it is cancelled from
+    outside they are killed at once. Either way none outlives the block.
     """
     created = False
     if identity is None:
         identity, created = load_identity(data_dir)
     if kademlia is not None:
         config = dataclasses.replace(config or RuntimeConfig(), kademlia=kademlia)
-    node = RuntimeNode(identity, seed=seed, config=config, identity_created=created, data_dir=data_dir)
+    node = RuntimeNode(
+        identity, seed=seed, config=config, identity_created=created, data_dir=data_dir, contribution=contribution
+    )
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run, listen, layers)
@@ -641,7 +981,10 @@ async def open_node(
             try:
                 yield node
             finally:
-                nursery.cancel_scope.cancel()
+                try:
+                    await node.stop_hosted_replicas()
+                finally:
+                    nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The caller's block runs inside this nursery; give back its exception (or a failed
         # bind's) as raised, not wrapped in a group of one.
