@@ -127,7 +127,12 @@ class OverlayRunner(Runner):
         core = Kademlia(self.node_ids[address], self.sim.streams.fresh("node", address, host.incarnation + 1),
                         self.config)
         self.cores[address] = core
-        return core
+        return self.stack(address, core)
+
+    def stack(self, address: int, overlay: Kademlia) -> Protocol:
+        """The core node ``address`` hosts: the overlay alone here; a runner for a layer above
+        returns a :class:`~p2pdeploy.core.Stack` of the overlay and its own layers."""
+        return overlay
 
     def start(self) -> None:
         s = self.settings
@@ -318,22 +323,27 @@ def _ratio(part: int, whole: int) -> float | None:
     return round(part / whole, 6) if whole else None
 
 
-def _start(core: Kademlia, now: float) -> None:
-    core.start(now)
+def overlay_of(core: Protocol) -> Kademlia:
+    """The Kademlia of a hosted core: the core itself, or the overlay layer of a stack."""
+    return core if isinstance(core, Kademlia) else core.layer(Kademlia)
 
 
-def _bootstrap(addresses: list[int], core: Kademlia, now: float) -> int:
-    return core.bootstrap(addresses, now)
+def _start(core: Protocol, now: float) -> None:
+    overlay_of(core).start(now)
 
 
-def _put(key: int, value: bytes, ttl_s: float, core: Kademlia, now: float) -> int:
-    return core.put(key, value, now, ttl_s=ttl_s)
+def _bootstrap(addresses: list[int], core: Protocol, now: float) -> int:
+    return overlay_of(core).bootstrap(addresses, now)
 
 
-def _lookup(target: int, core: Kademlia, now: float) -> int:
-    return core.lookup(target, now)
+def _put(key: int, value: bytes, ttl_s: float, core: Protocol, now: float) -> int:
+    return overlay_of(core).put(key, value, now, ttl_s=ttl_s)
 
 
-def _get(key: int, core: Kademlia, now: float) -> int:
-    return core.get(key, now)
+def _lookup(target: int, core: Protocol, now: float) -> int:
+    return overlay_of(core).lookup(target, now)
+
+
+def _get(key: int, core: Protocol, now: float) -> int:
+    return overlay_of(core).get(key, now)
 
