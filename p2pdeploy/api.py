@@ -35,12 +35,29 @@ signed with the node's key, every answer is a ``ReplicaStatusReply``, ``ReplicaL
         logs = await client.remote_logs(("192.0.2.7", 7400), "hello-1")
         await client.remote_stop(("192.0.2.7", 7400), "hello-1")
 
+Events (publish/subscribe on multicast groups, with content filters)::
+
+    async with node.events("replicas", 'service == "wiki" and state in {"failed", "stopped"}') as (_, events):
+        async for event in events:                   # Delivered(topic, publisher, sequence, attributes)
+            ...
+    node.publish("replicas", {"service": "wiki", "state": "failed"})
+
 Through a running ``p2pdeploy join`` node instead:
 ``await api.control_request("state", api.ReplicaRequest.start(address, "hello-1", bundle))``.
 """
 
 from __future__ import annotations
 
+from p2pdeploy.collective.events import (
+    NodeJoined,
+    NodeLeft,
+    ReplicaChanged,
+    ServiceChanged,
+    ServiceCreated,
+    ServiceRemoved,
+)
+from p2pdeploy.collective.filters import Filter, FilterError
+from p2pdeploy.collective.pubsub import Delivered
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.overlay.identity import Identity, key_id
 from p2pdeploy.overlay.kademlia import KademliaConfig
@@ -97,6 +114,9 @@ __all__ = [
     "Contribution",
     "ControlError",
     "ControlRequestRefused",
+    "Delivered",
+    "Filter",
+    "FilterError",
     "GetReply",
     "GetRequest",
     "Identity",
@@ -107,6 +127,8 @@ __all__ = [
     "NoNodeRunning",
     "NoOverlay",
     "NoRemoteClient",
+    "NodeJoined",
+    "NodeLeft",
     "NodeNotRunning",
     "NotHosting",
     "PingTimeout",
@@ -116,11 +138,15 @@ __all__ = [
     "Refused",
     "RemoteTimeout",
     "ReplicaAnswer",
+    "ReplicaChanged",
     "ReplicaLogsReply",
     "ReplicaRequest",
     "ReplicaStatusReply",
     "RuntimeConfig",
     "RuntimeNode",
+    "ServiceChanged",
+    "ServiceCreated",
+    "ServiceRemoved",
     "SignedBundle",
     "StatusReply",
     "StatusRequest",

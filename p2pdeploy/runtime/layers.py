@@ -21,12 +21,15 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from p2pdeploy.collective.pubsub import PubSub
 from p2pdeploy.core import Protocol, Stack
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.replicas import ReplicaHost
+from p2pdeploy.overlay.broadcast import Broadcast
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import Kademlia, KademliaConfig
+from p2pdeploy.overlay.multicast import Multicast
 from p2pdeploy.overlay.ping import PingProtocol
 from p2pdeploy.resource.protocol import RemoteClient, RemoteConfig, RemoteControl
 from p2pdeploy.runtime.address import HostPort
@@ -62,9 +65,12 @@ LayersFactory = Callable[[CoreContext], list[Protocol]]
 
 def default_layers(context: CoreContext) -> list[Protocol]:
     """The layers of a ``p2pdeploy join`` node, bottom to top."""
+    ping = PingProtocol(context.identity.node_id, context.rng, own_address=context.address)
+    overlay = kademlia_layer(context)
     return [
-        PingProtocol(context.identity.node_id, context.rng, own_address=context.address),
-        kademlia_layer(context),
+        ping,
+        overlay,
+        *group_layers(context, overlay),
         *replica_layers(context),
         remote_client_layer(context),
     ]
@@ -81,6 +87,16 @@ def client_layers(context: CoreContext) -> list[Protocol]:
 def kademlia_layer(context: CoreContext) -> Kademlia:
     """The overlay with its own random stream split from the node's (its timers start with the node)."""
     return Kademlia(context.identity.node_id, random.Random(context.rng.getrandbits(64)), context.kademlia)
+
+
+def group_layers(context: CoreContext, overlay: Kademlia) -> list[Protocol]:
+    """Broadcast, multicast groups and publish/subscribe on top of the overlay."""
+    multicast = Multicast(overlay, random.Random(context.rng.getrandbits(64)), context.address)
+    return [
+        Broadcast(overlay, random.Random(context.rng.getrandbits(64))),
+        multicast,
+        PubSub(multicast, random.Random(context.rng.getrandbits(64))),
+    ]
 
 
 def replica_layers(context: CoreContext) -> list[Protocol]:

@@ -53,7 +53,7 @@ import socket as stdlib_socket
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,12 +62,14 @@ from typing import Any, TypeVar
 import trio
 
 from p2pdeploy import wire
+from p2pdeploy.collective.pubsub import Delivered, PubSub
 from p2pdeploy.core import Stack
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.fabric.executor import ExecutorReport
 from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.fabric.supervisor import ReplicaStatus
+from p2pdeploy.overlay.broadcast import Broadcast, BroadcastCompleted
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import (
     GetFinished,
@@ -672,6 +674,46 @@ class RuntimeNode:
             return waiter.event
         finally:
             self._waiters.discard(waiter)
+
+    # -- group communication -----------------------------------------------------------------
+    @property
+    def pubsub(self) -> PubSub:
+        return self.core.layer(PubSub)
+
+    def publish(self, topic: str, attributes: Mapping[str, Any], *, reliable: bool = False) -> int:
+        """Publish an event (attribute map) on ``topic``; returns its per-publisher sequence number."""
+        layer = self.pubsub
+        return self.command(lambda now: layer.publish(topic, attributes, now, reliable=reliable))
+
+    @asynccontextmanager
+    async def events(
+        self, topic: str, filter_expr: str | None = None, buffer: int | None = None
+    ) -> AsyncIterator[tuple[int, AsyncIterator[Delivered]]]:
+        """Subscribe to ``topic`` (optionally with a content filter such as
+        ``service == "wiki" and state in {"failed", "stopped"}``): yields the subscription id and
+        an async iterator of the matching :class:`Delivered` events; unsubscribes on exit."""
+        layer = self.pubsub
+        with self.subscribe(buffer) as channel:
+            subscription = self.command(lambda now: layer.subscribe(topic, filter_expr, now))
+
+            async def matching() -> AsyncIterator[Delivered]:
+                async for event in channel:
+                    if isinstance(event, Delivered) and event.subscription_id == subscription:
+                        yield event
+
+            try:
+                yield subscription, matching()
+            finally:
+                if self._core is not None:  # the node may have stopped first
+                    self.command(lambda now: layer.unsubscribe(subscription, now))
+
+    async def broadcast(self, payload: bytes, *, topic: str = "") -> BroadcastCompleted:
+        """Reliable broadcast of ``payload`` to every node; returns when the tree reports back."""
+        layer = self.core.layer(Broadcast)
+        return await self.request(
+            lambda now: layer.broadcast(payload, now, topic=topic, reliable=True),
+            lambda broadcast_id, ev: isinstance(ev, BroadcastCompleted) and ev.broadcast_id == broadcast_id,
+        )
 
     def _now(self) -> float:
         """The core's clock, for a call made through the facade (raises when not running)."""

@@ -1,64 +1,26 @@
 """Publish/subscribe on the trio runtime: 16 real nodes on 127.0.0.1 in one process.
 
-Each node runs the default layers plus multicast and pub/sub (a ``layers=`` factory, as an
-embedding application would pass to ``open_node``). Waits poll with a generous bound.
+Every node runs the default layers (the overlay, multicast and pub/sub among them) and is
+driven through the node's facade (``node.events``, ``node.publish``). Waits poll with a
+generous bound.
 """
 
 from __future__ import annotations
 
-import random
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 
 import pytest
 import trio
 
 from p2pdeploy.collective.filters import Filter, event_attributes
-from p2pdeploy.collective.pubsub import Delivered, PubSub
-from p2pdeploy.overlay.kademlia import Kademlia, KademliaConfig
-from p2pdeploy.overlay.multicast import Multicast, MulticastConfig
-from p2pdeploy.runtime.layers import CoreContext, default_layers
+from p2pdeploy.collective.pubsub import Delivered
+from p2pdeploy.overlay.kademlia import KademliaConfig
+from p2pdeploy.overlay.multicast import Multicast
 from p2pdeploy.runtime.node import open_node
 
 LOOPBACK = ("127.0.0.1", 0)
 WAIT_BOUND_S = 30.0
 FAST = KademliaConfig(k=8, rpc_timeout_s=1.0)
-
-
-def with_pubsub(context: CoreContext) -> list:
-    """The default layers, then multicast and pub/sub above the overlay."""
-    layers = default_layers(context)
-    overlay = next(layer for layer in layers if isinstance(layer, Kademlia))
-    multicast = Multicast(overlay, random.Random(context.rng.getrandbits(64)), context.address, MulticastConfig())
-    return [*layers, multicast, PubSub(multicast, random.Random(context.rng.getrandbits(64)))]
-
-
-def pubsub(node) -> PubSub:
-    return node.core.layer(PubSub)
-
-
-@asynccontextmanager
-async def events(node, topic: str, filter_expr: str | None = None, buffer: int | None = None):
-    """The facade proposed for ``RuntimeNode.events`` (written against a node, to be tested here):
-    subscribe, yield an async iterator of the matching ``Delivered`` events, unsubscribe on exit."""
-    layer = pubsub(node)
-    with node.subscribe(buffer) as channel:
-        subscription = node.command(lambda now: layer.subscribe(topic, filter_expr, now))
-
-        async def matching():
-            async for event in channel:
-                if isinstance(event, Delivered) and event.subscription_id == subscription:
-                    yield event
-
-        try:
-            yield subscription, matching()
-        finally:
-            if node._core is not None:  # the node may have stopped first
-                node.command(lambda now: layer.unsubscribe(subscription, now))
-
-
-def publish(node, topic: str, attributes, *, reliable: bool = False) -> int:
-    """The facade proposed for ``RuntimeNode.publish``."""
-    return node.command(lambda now: pubsub(node).publish(topic, attributes, now, reliable=reliable))
 
 
 async def wait_for(condition, timeout_s: float = WAIT_BOUND_S) -> None:
@@ -89,11 +51,11 @@ EVENTS = [
 
 async def test_a_subscriber_receives_exactly_the_matching_events_on_a_real_16_node_network():
     async with AsyncExitStack() as stack:
-        first = await stack.enter_async_context(open_node(LOOPBACK, kademlia=FAST, seed=0, layers=with_pubsub))
+        first = await stack.enter_async_context(open_node(LOOPBACK, kademlia=FAST, seed=0))
         nodes = [first]
         for index in range(1, 16):
             nodes.append(await stack.enter_async_context(
-                open_node(LOOPBACK, kademlia=FAST, seed=index, bootstrap=[first.address], layers=with_pubsub)))
+                open_node(LOOPBACK, kademlia=FAST, seed=index, bootstrap=[first.address])))
         for node in nodes:
             await node.wait_joined()
 
@@ -106,9 +68,9 @@ async def test_a_subscriber_receives_exactly_the_matching_events_on_a_real_16_no
 
             for index in FILTERS:
                 subscriptions[index], stream_ = await feeds.enter_async_context(
-                    events(nodes[index], "replicas", FILTERS[index]))
+                    nodes[index].events("replicas", FILTERS[index]))
                 nursery.start_soon(collect, index, stream_)
-            await wait_for(lambda: all(pubsub(nodes[i]).is_active(s) for i, s in subscriptions.items()))
+            await wait_for(lambda: all(nodes[i].pubsub.is_active(s) for i, s in subscriptions.items()))
             # the root tells the other members about each new one a moment later (view_push_delay_s)
             subscriber_ids = {nodes[i].node_id for i in FILTERS}
             await wait_for(lambda: all({c.node_id for c in nodes[i].core.layer(Multicast).view("pubsub/replicas")}
@@ -117,7 +79,7 @@ async def test_a_subscriber_receives_exactly_the_matching_events_on_a_real_16_no
             publishers = (5, 2)  # one outside the group, one that is a subscriber itself
             for n, attributes in enumerate(EVENTS):
                 for publisher in publishers:
-                    publish(nodes[publisher], "replicas", attributes, reliable=n % 2 == 1)
+                    nodes[publisher].publish("replicas", attributes, reliable=n % 2 == 1)
                     await trio.sleep(0)
 
             ids = {p: nodes[p].node_id for p in publishers}
