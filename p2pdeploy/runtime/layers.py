@@ -21,6 +21,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from p2pdeploy.collective.prospector import Prospector, ProspectorConfig
 from p2pdeploy.collective.pubsub import PubSub
 from p2pdeploy.core import Protocol, Stack
 from p2pdeploy.fabric.contribution import Contribution
@@ -31,6 +32,7 @@ from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import Kademlia, KademliaConfig
 from p2pdeploy.overlay.multicast import Multicast
 from p2pdeploy.overlay.ping import PingProtocol
+from p2pdeploy.resource.description import node_attributes
 from p2pdeploy.resource.protocol import RemoteClient, RemoteConfig, RemoteControl
 from p2pdeploy.runtime.address import HostPort
 
@@ -58,6 +60,8 @@ class CoreContext:
     remote_timeout_s: float = 10.0
     #: Wall-clock time minus the core's clock: signed timestamps are wall time.
     wall_clock_offset_s: float = 0.0
+    #: Parameters of the resource prospector (``RuntimeConfig.prospector``).
+    prospector: ProspectorConfig = field(default_factory=ProspectorConfig)
 
 
 LayersFactory = Callable[[CoreContext], list[Protocol]]
@@ -67,13 +71,32 @@ def default_layers(context: CoreContext) -> list[Protocol]:
     """The layers of a ``p2pdeploy join`` node, bottom to top."""
     ping = PingProtocol(context.identity.node_id, context.rng, own_address=context.address)
     overlay = kademlia_layer(context)
+    groups = group_layers(context, overlay)
+    replicas = replica_layers(context)
+    host = next((layer for layer in replicas if isinstance(layer, ReplicaHost)), None)
     return [
         ping,
         overlay,
-        *group_layers(context, overlay),
-        *replica_layers(context),
+        *groups,
+        *replicas,
+        prospector_layer(context, overlay, host),
         remote_client_layer(context),
     ]
+
+
+def prospector_layer(context: CoreContext, overlay: Kademlia, host: ReplicaHost | None = None) -> Prospector:
+    """This node's description in the resource tree, refreshed before every update."""
+
+    def describe() -> dict[str, object]:
+        if context.contribution is None:
+            return dict(context.machine.attributes()) if context.machine is not None else {}
+        free = host.admission.free() if host is not None else None
+        return node_attributes(context.contribution, free, context.machine)
+
+    prospector = Prospector(overlay, context.address, random.Random(context.rng.getrandbits(64)),
+                            context.prospector, describe=describe)
+    prospector.start(context.now)
+    return prospector
 
 
 def client_layers(context: CoreContext) -> list[Protocol]:

@@ -62,6 +62,13 @@ from typing import Any, TypeVar
 import trio
 
 from p2pdeploy import wire
+from p2pdeploy.collective.prospector import (
+    AggregateFinished,
+    FoundNode,
+    ProspectFinished,
+    Prospector,
+    ProspectorConfig,
+)
 from p2pdeploy.collective.pubsub import Delivered, PubSub
 from p2pdeploy.core import Stack
 from p2pdeploy.fabric.contribution import Contribution
@@ -181,6 +188,8 @@ class RuntimeConfig:
     machine_probe_interval_s: float = 30.0
     #: When the node stops, its replicas get their own stop sequence (TERM, grace, KILL) plus this.
     replica_stop_slack_s: float = 2.0
+    #: Parameters of the resource prospector (update interval, summaries, query bounds).
+    prospector: ProspectorConfig = field(default_factory=ProspectorConfig)
 
     def __post_init__(self) -> None:
         for name in ("snapshot_interval_s", "remote_timeout_s", "machine_probe_interval_s"):
@@ -333,6 +342,7 @@ class RuntimeNode:
                 remote=self.config.remote,
                 remote_timeout_s=self.config.remote_timeout_s,
                 wall_clock_offset_s=time.time() - now,
+                prospector=self.config.prospector,
             )
             self._core = build_core(context, layers)
             if self._layer_or_none(ReplicaHost) is not None:
@@ -674,6 +684,29 @@ class RuntimeNode:
             return waiter.event
         finally:
             self._waiters.discard(waiter)
+
+    # -- the resource prospector -------------------------------------------------------------
+    async def prospect(self, requirement: str, n: int) -> list[FoundNode]:
+        """Up to ``n`` nodes satisfying ``requirement`` (the manifest language, e.g.
+        ``cpu_free >= 1 and memory_free >= 512M``), spread over owners and regions."""
+        layer = self.core.layer(Prospector)
+        event = await self.request(
+            lambda now: layer.prospect(requirement, n, now),
+            lambda query, ev: isinstance(ev, ProspectFinished) and ev.query_id == query,
+        )
+        return event.nodes
+
+    async def aggregate(self, attribute: str | None = None, fn: str = "count") -> Any:
+        """``fn`` (count, sum, min, max, avg, ...) of ``attribute`` over the community, answered
+        by the resource tree's root; ``attribute=None`` with ``count`` counts the nodes."""
+        layer = self.core.layer(Prospector)
+        event = await self.request(
+            lambda now: layer.aggregate(attribute, fn, now),
+            lambda query, ev: isinstance(ev, AggregateFinished) and ev.query_id == query,
+        )
+        if not event.ok:
+            raise TimeoutError("the root of the resource tree did not answer")
+        return event.value
 
     # -- group communication -----------------------------------------------------------------
     @property

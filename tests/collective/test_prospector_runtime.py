@@ -30,11 +30,11 @@ SIZE = 12
 
 
 def with_prospector(contribution: Contribution, machine: Machine, region: str):
-    """The default layers plus a prospector describing the node as the resource layer does
-    (machine facts, contribution, what is free), as ``default_layers`` would add it."""
+    """The default layers, with the prospector describing the node as a volunteer in ``region``
+    contributing ``contribution`` on ``machine`` (the test's stand-in for a probed machine)."""
 
     def layers(context: CoreContext) -> list[Protocol]:
-        base = default_layers(context)
+        base = [layer for layer in default_layers(context) if not isinstance(layer, Prospector)]
         overlay = next(layer for layer in base if isinstance(layer, Kademlia))
         free = Admission(contribution).free()
         prospector = Prospector(overlay, context.address, random.Random(context.rng.getrandbits(64)), FAST,
@@ -102,3 +102,25 @@ async def test_12_nodes_on_loopback_converge_to_the_exact_count_and_answer_a_pro
         assert got <= truth and len(got) == min(3, len(truth))
         assert all(parsed.evaluate(f.attributes) for f in found.nodes)
         assert sum(node.core_counters().get("Prospector.bad_summary", 0) for node in nodes) == 0
+
+
+async def test_the_node_facade_counts_the_community_with_the_default_layers():
+    async with AsyncExitStack() as stack:
+        first = await stack.enter_async_context(open_node(LOOPBACK, kademlia=KademliaConfig(k=8, rpc_timeout_s=1.0)))
+        nodes = [first]
+        for index in range(1, 6):
+            nodes.append(await stack.enter_async_context(
+                open_node(LOOPBACK, kademlia=KademliaConfig(k=8, rpc_timeout_s=1.0), seed=index,
+                          bootstrap=[first.address])))
+        for node in nodes:
+            await node.wait_joined()
+        counts: list = []
+
+        async def count_is_six() -> bool:
+            counts.append(await nodes[3].aggregate(None, "count"))
+            return counts[-1] == 6
+
+        with trio.move_on_after(WAIT_BOUND_S):
+            while not await count_is_six():
+                await trio.sleep(0.2)
+        assert counts and counts[-1] == 6, counts
