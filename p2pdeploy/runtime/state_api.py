@@ -1,0 +1,353 @@
+"""Persistence on a real node: its layer, an async facade, and the state API served to services.
+
+- :func:`persistence_layer` builds the :class:`~p2pdeploy.collective.persistence.Persistence`
+  layer for a node's stack from the :class:`~p2pdeploy.runtime.layers.CoreContext` (its store is
+  an :class:`~p2pdeploy.runtime.store_sqlite.SQLiteStore` in the data directory, or memory).
+- :class:`PersistenceClient` turns the layer's events into awaitable results
+  (``await client.put_blob(data)``), through :meth:`RuntimeNode.request`.
+- :class:`StateServer` is the state API of :mod:`p2pdeploy.collective.stateapi` over HTTP/1.1
+  on 127.0.0.1, for service processes. The executor registers each service and passes two
+  environment variables to its process::
+
+      P2PDEPLOY_STATE_URL=http://127.0.0.1:<port>/v1/state/     (the namespace is the token's)
+      P2PDEPLOY_STATE_TOKEN=<random bearer token>
+
+  The service then speaks plain HTTP (curl works)::
+
+      GET  <url><key>                      200 value, X-Version: n | 404 (X-Version: 0)
+      PUT  <url><key>  body=value          200, X-Version: new version
+      PUT  <url><key>  If-Match: <n>       the same, only if the version is n (0: never written);
+                                           409 with the current value and X-Version otherwise
+      503 when the key's group cannot be reached, 401 without a valid token, 400 for a bad request
+
+  The token names the namespace and the identity that signs its records; a process sees only
+  its own namespace. Loopback HTTP rather than a Unix socket: every language has a client, and
+  a service running as another user (``nobody``) needs no access to the node's directory.
+
+Deadlines are cancel scopes; every task runs in the server's nursery.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import trio
+
+from p2pdeploy.collective.persistence import (
+    BlobFetched,
+    BlobStored,
+    DurableStore,
+    HandedOff,
+    MemoryStore,
+    Persistence,
+    PersistenceConfig,
+    QuorumFinished,
+    RecordFound,
+    RecordStored,
+)
+from p2pdeploy.collective.stateapi import StateError, StateRequest, StateResult, check_namespace
+from p2pdeploy.core import Protocol
+from p2pdeploy.overlay.identity import Identity
+from p2pdeploy.overlay.kademlia import Kademlia
+from p2pdeploy.overlay.storage import Item
+from p2pdeploy.runtime.store_sqlite import DEFAULT_CAPACITY_BYTES, SQLiteStore, capacity_from
+
+if TYPE_CHECKING:
+    from p2pdeploy.runtime.layers import CoreContext
+    from p2pdeploy.runtime.node import RuntimeNode
+
+log = logging.getLogger(__name__)
+
+STATE_URL_VARIABLE = "P2PDEPLOY_STATE_URL"
+STATE_TOKEN_VARIABLE = "P2PDEPLOY_STATE_TOKEN"
+STATE_PATH = "/v1/state/"
+MAX_HEADER_BYTES = 16 * 1024
+#: A body over the limit is still read (and dropped) up to this size, so the client sees the 413.
+MAX_DRAINED_BYTES = 8 * 1024 * 1024
+
+
+# -- the layer ---------------------------------------------------------------------------------
+
+
+def open_store(context: CoreContext) -> DurableStore:
+    """The node's store: SQLite in its data directory (quota from the owner's disk contribution),
+    or memory for a node without one."""
+    data_dir = getattr(context, "data_dir", None)
+    if data_dir is None:
+        return MemoryStore()
+    contribution = context.contribution
+    capacity = capacity_from(contribution) if contribution is not None else DEFAULT_CAPACITY_BYTES
+    return SQLiteStore(data_dir, capacity_bytes=capacity)
+
+
+def persistence_layer(
+    context: CoreContext,
+    layers: list[Protocol],
+    store: DurableStore | None = None,
+    config: PersistenceConfig | None = None,
+) -> Persistence:
+    """The persistence layer over the Kademlia layer among ``layers`` (built first from ``context``);
+    ``store`` defaults to :func:`open_store`. ``Persistence.close()`` closes it."""
+    overlay = next((layer for layer in layers if isinstance(layer, Kademlia)), None)
+    if overlay is None:
+        raise ValueError("the persistence layer needs a Kademlia layer below it in the stack")
+    return Persistence(
+        overlay,
+        store if store is not None else open_store(context),
+        random.Random(context.rng.getrandbits(64)),
+        context.now,
+        own_address=context.address,
+        config=config,
+    )
+
+
+# -- the async facade --------------------------------------------------------------------------
+
+
+class PersistenceClient:
+    """Awaitable persistence operations on a running node (``RuntimeNode.request`` underneath)."""
+
+    def __init__(self, node: RuntimeNode) -> None:
+        self.node = node
+
+    @property
+    def layer(self) -> Persistence:
+        try:
+            return self.node.core.layer(Persistence)
+        except KeyError:
+            raise RuntimeError("this node runs no persistence layer; add runtime.state_api.persistence_layer "
+                               "to its layers") from None
+
+    async def _run(self, start: Callable[[Persistence, float], int], cls: type) -> Any:
+        layer = self.layer
+        return await self.node.request(
+            lambda now: start(layer, now),
+            lambda query_id, event: isinstance(event, cls) and event.query_id == query_id,
+        )
+
+    async def put_blob(self, data: bytes, *, replicas: int | None = None, keep: bool = False) -> BlobStored:
+        return await self._run(lambda p, now: p.put_blob(data, now, replicas=replicas, keep=keep), BlobStored)
+
+    async def get_blob(self, blob_id: int, *, keep: bool = False) -> bytes | None:
+        event: BlobFetched = await self._run(lambda p, now: p.get_blob(blob_id, now, keep=keep), BlobFetched)
+        return event.data
+
+    async def put_record(self, item: Item, *, replicas: int | None = None) -> RecordStored:
+        return await self._run(lambda p, now: p.put_record(item, now, replicas=replicas), RecordStored)
+
+    async def get_record(self, key: int) -> Item | None:
+        event: RecordFound = await self._run(lambda p, now: p.get_record(key, now), RecordFound)
+        return event.item
+
+    async def quorum_read(self, key: int) -> QuorumFinished:
+        return await self._run(lambda p, now: p.quorum_read(key, now), QuorumFinished)
+
+    async def quorum_put(self, identity: Identity, name: bytes, value: bytes) -> QuorumFinished:
+        return await self._run(lambda p, now: p.quorum_put(identity, name, value, now), QuorumFinished)
+
+    async def quorum_cas(self, identity: Identity, name: bytes, expected_version: int, value: bytes) -> QuorumFinished:
+        return await self._run(lambda p, now: p.quorum_cas(identity, name, expected_version, value, now),
+                               QuorumFinished)
+
+    async def leave(self) -> HandedOff:
+        return await self._run(lambda p, now: p.leave(now), HandedOff)
+
+    async def state(self, request: StateRequest, writer: Identity) -> StateResult:
+        event: QuorumFinished = await self._run(lambda p, now: request.start(p, writer, now), QuorumFinished)
+        return request.result(event)
+
+
+# -- the state API over loopback HTTP ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StateGrant:
+    """What a service is given: where the API is, its token, and the namespace it reaches."""
+
+    url: str
+    token: str
+    namespace: str
+
+    def environment(self) -> dict[str, str]:
+        """The variables the executor adds to the service's environment."""
+        return {STATE_URL_VARIABLE: self.url, STATE_TOKEN_VARIABLE: self.token}
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+            409: "Conflict", 413: "Payload Too Large", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+class StateServer:
+    """HTTP/1.1 on 127.0.0.1 in front of a node's persistence layer (see the module docstring)."""
+
+    def __init__(self, node: RuntimeNode, *, port: int = 0, timeout_s: float = 30.0,
+                 max_value_bytes: int | None = None) -> None:
+        self.client = PersistenceClient(node)
+        self.node = node
+        self.port = port
+        self.timeout_s = timeout_s
+        self.max_value_bytes = max_value_bytes
+        self._grants: dict[str, tuple[str, Identity]] = {}
+        self._listener_port: int | None = None
+        self.requests = 0
+
+    @property
+    def url(self) -> str:
+        if self._listener_port is None:
+            raise RuntimeError("the state server has not started; run it with nursery.start(server.run)")
+        return f"http://127.0.0.1:{self._listener_port}{STATE_PATH}"
+
+    def register(self, namespace: str, writer: Identity | None = None) -> StateGrant:
+        """A token for ``namespace``, whose records ``writer`` (default: the node) signs."""
+        check_namespace(namespace)
+        token = secrets.token_urlsafe(24)
+        self._grants[token] = (namespace, writer or self.node.identity)
+        return StateGrant(self.url, token, namespace)
+
+    def revoke(self, token: str) -> None:
+        self._grants.pop(token, None)
+
+    def environment(self, namespace: str, writer: Identity | None = None) -> dict[str, str]:
+        """Register ``namespace`` and return the variables for the service's process."""
+        return self.register(namespace, writer).environment()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+        self._listener_port = listeners[0].socket.getsockname()[1]
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                await trio.serve_listeners(self._serve, listeners, handler_nursery=nursery)
+        finally:
+            self._listener_port = None
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                with trio.move_on_after(self.timeout_s * 2):
+                    status, headers, body = await self._handle(stream)
+                    await _respond(stream, status, headers, body)
+            except _BadRequest as exc:
+                await _respond(stream, exc.status, {}, (str(exc) + "\n").encode())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _handle(self, stream: trio.SocketStream) -> tuple[int, dict[str, str], bytes]:
+        method, target, headers, body = await _read_request(stream, self._value_limit())
+        self.requests += 1
+        token = headers.get("authorization", "")
+        grant = self._grants.get(token[7:]) if token.startswith("Bearer ") else None
+        if grant is None:
+            raise _BadRequest(401, "missing or unknown bearer token (P2PDEPLOY_STATE_TOKEN)")
+        namespace, writer = grant
+        if not target.startswith(STATE_PATH):
+            raise _BadRequest(404, f"the state API is under {STATE_PATH}<key>")
+        key = unquote(target[len(STATE_PATH):].split("?", 1)[0])
+        try:
+            if method == "GET":
+                request = StateRequest("get", namespace, key)
+            elif method == "PUT":
+                match = headers.get("if-match")
+                if match is None:
+                    request = StateRequest("put", namespace, key, body)
+                else:
+                    if not match.strip().isdigit():
+                        raise _BadRequest(400, f"If-Match must be a version number (got {match!r})")
+                    request = StateRequest("cas", namespace, key, body, int(match))
+            else:
+                raise _BadRequest(405, "use GET or PUT")
+        except StateError as exc:
+            raise _BadRequest(400, str(exc)) from None
+        result: StateResult | None = None
+        with trio.move_on_after(self.timeout_s):
+            result = await self.client.state(request, writer)
+        if result is None:
+            return 504, {}, b"the operation did not finish in time\n"
+        version = {"X-Version": str(result.version)}
+        if result.outcome == "ok":
+            return 200, version, result.value if method == "GET" else b""
+        if result.outcome == "absent":
+            return 404, version, b""
+        if result.outcome == "conflict":
+            return 409, version, result.value
+        return 503, {}, (result.detail + "\n").encode()
+
+    def _value_limit(self) -> int:
+        if self.max_value_bytes is not None:
+            return self.max_value_bytes
+        try:
+            return self.client.layer.config.max_record_bytes
+        except Exception:  # the node stopped: the request will fail with its own error
+            return 0
+
+
+async def _read_request(stream: trio.SocketStream, max_body: int) -> tuple[str, str, dict[str, str], bytes]:
+    buffer = bytearray()
+    while b"\r\n\r\n" not in buffer:
+        if len(buffer) > MAX_HEADER_BYTES:
+            raise _BadRequest(400, "request headers too large")
+        data = await stream.receive_some(65536)
+        if not data:
+            raise _BadRequest(400, "connection closed before the request was complete")
+        buffer += data
+    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise _BadRequest(400, "malformed request line")
+    method, target, _ = parts
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise _BadRequest(400, f"malformed header line {line!r}")
+        headers[name.strip().lower()] = value.strip()
+    length_text = headers.get("content-length", "0")
+    if not length_text.isdigit():
+        raise _BadRequest(400, "Content-Length must be a number")
+    length = int(length_text)
+    if length > max_body:
+        # read what the client sends before answering: closing on unread bytes resets the connection
+        unread = length - len(rest)
+        while 0 < unread <= MAX_DRAINED_BYTES:
+            data = await stream.receive_some(65536)
+            if not data:
+                break
+            unread -= len(data)
+        raise _BadRequest(413, f"a value is at most {max_body} bytes (got {length})")
+    body = bytearray(rest)
+    while len(body) < length:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise _BadRequest(400, "connection closed before the body was complete")
+        body += data
+    return method, target, headers, bytes(body[:length])
+
+
+async def _respond(stream: trio.SocketStream, status: int, headers: dict[str, str], body: bytes) -> None:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"Content-Length: {len(body)}",
+             "Connection: close", "Content-Type: application/octet-stream"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+
+
+__all__ = [
+    "STATE_TOKEN_VARIABLE",
+    "STATE_URL_VARIABLE",
+    "PersistenceClient",
+    "StateGrant",
+    "StateServer",
+    "persistence_layer",
+]

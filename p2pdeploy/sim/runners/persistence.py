@@ -1,0 +1,542 @@
+"""The ``persistence`` runner: blobs stored on the r closest nodes, repaired under churn.
+
+Every node hosts a :class:`~p2pdeploy.core.Stack` of the Kademlia overlay and the
+:class:`~p2pdeploy.collective.persistence.Persistence` layer. The network forms as in the
+``overlay`` runner (join or oracle build, whose code this runner reuses by subclassing), then:
+
+1. **store** (at ``store_at``, after the build and ``overlay.settle_s``): random nodes store
+   ``persistence.blobs`` blobs of ``blob_bytes`` random bytes with ``replicas`` copies per
+   chunk; with ``compare_replicas`` the same number of blobs also with r = 1 and r = 2. All
+   three classes live through the same churn in the same run, so their losses compare directly
+   (one run computes ``blobs_lost``, ``blobs_lost_r1`` and ``blobs_lost_r2``).
+2. **churn** from ``churn.start_s``. What a departure means is decided when it happens: with
+   probability ``permanent_departures`` the machine is gone for good with its disk (when the
+   address comes back it is a new machine: a new id and an empty store); otherwise it is a crash
+   or a reboot, and the node comes back with the same id and the store it had (its data
+   directory), serving what it held. With probability ``graceful_leaves`` a departing node
+   first hands its keys to the next closest nodes (``Persistence.leave``) and goes down when
+   that is done; the others crash without warning.
+3. **fetch check** (``fetch_window_s`` before the end): every blob is fetched once from a random
+   live node and verified (``fetch_success``).
+
+``blobs_lost`` counts blobs with a chunk (or manifest) of which no copy exists any more on any
+disk, up or down-but-coming-back: nothing can bring it back, the blob is lost for good. Repair
+traffic is what the layer sends for repair and handoff: the copies it pushes and its check
+searches (requests and their answers), sized as on the wire, divided by the number of nodes
+and the time from the start of the churn to the end (``repair_bytes_per_node_per_s``, for the
+r = ``replicas`` class; ``_r1``/``_r2``/``_all`` beside it).
+
+:class:`StorageNet` is the same stack on a small simulated network without a scenario file,
+for tests: oracle routing tables, crash and restart with the disk kept, and partitions.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from p2pdeploy.collective.blobs import split
+from p2pdeploy.collective.persistence import (
+    BlobFetched,
+    BlobStored,
+    FindHolders,
+    HandedOff,
+    Holders,
+    MemoryStore,
+    Persistence,
+    PersistenceConfig,
+    StoreChunk,
+    Stored,
+    StoreRecord,
+)
+from p2pdeploy.core import Protocol, Stack
+from p2pdeploy.overlay.identity import Identity, node_id_of
+from p2pdeploy.overlay.kademlia import Kademlia, KademliaConfig
+from p2pdeploy.overlay.routing import Contact
+from p2pdeploy.sim.network import NetworkConfig
+from p2pdeploy.sim.runner import register_runner
+from p2pdeploy.sim.runners.overlay import OverlayRunner
+from p2pdeploy.sim.schema import Field
+from p2pdeploy.sim.simulation import Simulation
+
+if TYPE_CHECKING:
+    from p2pdeploy.sim.scenario import Scenario
+
+_OVERLAY = dict(OverlayRunner.schema["overlay"])
+_OVERLAY["lookups"] = Field(0, int, "FIND_NODE lookups of random targets (a side workload)", ge=0)
+
+
+@register_runner
+class PersistenceRunner(OverlayRunner):
+    name = "persistence"
+    schema = {
+        "overlay": _OVERLAY,
+        "persistence": {
+            "replicas": Field(3, int, "copies of each chunk (r) of the main class of blobs", ge=1, le=16),
+            "compare_replicas": Field(True, bool, "also store as many blobs with r = 1 and r = 2"),
+            "blobs": Field(50, int, "blobs stored per replication class", ge=0),
+            "blob_bytes": Field(600_000, int, "size of each blob", ge=0),
+            "chunk_bytes": Field(262_144, int, "chunk size", ge=1, le=4 * 1024 * 1024),
+            "store_window_s": Field(60.0, float, "the puts are spread over this window", ge=0),
+            "repair_interval_s": Field(PersistenceConfig().repair_interval_s, float,
+                                       "how often each held key is checked", gt=0),
+            "scrub_interval_s": Field(PersistenceConfig().scrub_interval_s, float,
+                                      "how often local chunks are re-hashed", gt=0),
+            "rpc_timeout_s": Field(PersistenceConfig().rpc_timeout_s, float, "timeout of small requests", gt=0),
+            "permanent_departures": Field(0.5, float, "share of departures that lose the disk for good",
+                                          ge=0, le=1),
+            "graceful_leaves": Field(0.0, float, "share of departures that hand their keys off first",
+                                     ge=0, le=1),
+            "leave_timeout_s": Field(60.0, float, "a graceful leave goes down after this at the latest", gt=0),
+            "fetch_window_s": Field(300.0, float, "every blob is fetched once in this window before the end",
+                                    ge=0),
+        },
+    }
+
+    @classmethod
+    def check(cls, scenario: Scenario) -> None:
+        super().check(scenario)
+        s = scenario.values["persistence"]
+        store_at = scenario.values["overlay"]["settle_s"]
+        if s["fetch_window_s"] and scenario.values["duration_s"] - s["fetch_window_s"] <= store_at:
+            raise scenario.error("persistence.fetch_window_s", "must end after the blobs are stored")
+
+    def __init__(self, scenario: Scenario, sim: Simulation) -> None:
+        super().__init__(scenario, sim)
+        p = scenario.section("persistence")
+        self.p = p
+        self.pconfig = PersistenceConfig(
+            replicas=p["replicas"], chunk_bytes=p["chunk_bytes"], repair_interval_s=p["repair_interval_s"],
+            scrub_interval_s=p["scrub_interval_s"], rpc_timeout_s=p["rpc_timeout_s"],
+        )
+        nodes = len(sim.hosts)
+        self.stores: list[MemoryStore] = [MemoryStore() for _ in range(nodes)]
+        self.generation = [0] * nodes
+        self.churn_rng = sim.streams.get("persistence-churn")
+        self.blob_rng = sim.streams.get("persistence-blobs")
+        self.classes = [p["replicas"]] + ([r for r in (1, 2) if r != p["replicas"]] if p["compare_replicas"] else [])
+        #: blob id -> (replication class, keys of its manifest and chunks)
+        self.blobs: dict[int, tuple[int, list[int]]] = {}
+        self.stored: dict[int, int] = {}  # blob id -> copies reached when stored
+        self.store_failures = 0
+        self.fetches: dict[int, bool] = {}
+        self.fetch_failures: dict[int, tuple[int, float, str]] = {}
+        self.pending_ops: dict[tuple[int, int], tuple[str, int]] = {}  # (address, query) -> (what, blob)
+        self.leaving: set[int] = set()
+        self.leaving_permanently: dict[int, bool] = {}
+        self.repair_bytes: dict[int, int] = {r: 0 for r in (*self.classes, 0)}
+        self.repair_rpcs: dict[int, int] = {}
+        self._holders_size: dict[tuple[int, bool], int] = {}
+        self.unavailable_max = 0
+        #: Per metrics sample from the end of the stores: the share of main-class keys with < r live copies.
+        self.under_replicated: list[float] = []
+        self._sampled_at = -1.0
+        #: The longest time a main-class key was seen with fewer than r live copies (sampled).
+        self.under_longest_s = 0.0
+        self._under_since: dict[int, float] = {}
+        self._sample = (0, 0)
+        self.departures_permanent = 0
+        self.store_done_at = self.store_at + p["store_window_s"]
+
+    # -- building --------------------------------------------------------------------------
+    def stack(self, address: int, overlay: Kademlia) -> Protocol:
+        host = self.sim.hosts[address]
+        rng = self.sim.streams.fresh("persistence", address, host.incarnation + 1)
+        layer = Persistence(overlay, self.stores[address], rng, self.sim.now, own_address=address,
+                            config=self.pconfig)
+        return _MeteredStack([overlay, layer], self)
+
+    def start(self) -> None:
+        super().start()
+        engine = self.sim.engine
+        for r in self.classes:
+            for _ in range(self.p["blobs"]):
+                at = self.store_at + self.blob_rng.uniform(0, self.p["store_window_s"])
+                engine.schedule(at, self._put_blob, r, self.blob_rng.randbytes(self.p["blob_bytes"]))
+        duration = self.scenario.values["duration_s"]
+        if self.p["fetch_window_s"]:
+            fetch_at = duration - self.p["fetch_window_s"]
+            engine.schedule(fetch_at, self._fetch_all, fetch_at)
+
+    # -- churn -----------------------------------------------------------------------------
+    def on_down(self, address: int) -> None:
+        if address in self.leaving or not self.sim.hosts[address].up:
+            return
+        permanent = self.churn_rng.random() < self.p["permanent_departures"]
+        graceful = self.churn_rng.random() < self.p["graceful_leaves"]
+        if permanent:
+            self.departures_permanent += 1
+        if graceful and self.joined_at[address] is not None:
+            self.leaving.add(address)
+            query = self.sim.hosts[address].call(_leave)
+            self.pending_ops[(address, query)] = ("leave", 0)
+            self.leaving_permanently[address] = permanent
+            self.sim.engine.schedule(self.sim.now + self.p["leave_timeout_s"], self._leave_timed_out, address)
+            return
+        self._go_down(address, permanent)
+
+    def _leave_timed_out(self, address: int) -> None:
+        if address in self.leaving:
+            self._go_down(address, self.leaving_permanently.pop(address, False))
+
+    def _go_down(self, address: int, permanent: bool) -> None:
+        self.leaving.discard(address)
+        if not self.sim.hosts[address].up:
+            return
+        for key in [k for k in self.pending_ops if k[0] == address]:
+            del self.pending_ops[key]
+        super().on_down(address)
+        if permanent:  # the disk is gone; a new machine will take the address
+            self.stores[address] = MemoryStore()
+            self.generation[address] += 1
+            old = self.node_ids[address]
+            new = node_id_of(self.sim.streams.bytes("identity", address, self.generation[address]))
+            self.address_of.pop(old, None)
+            self.node_ids[address] = new
+            self.address_of[new] = address
+
+    def on_up(self, address: int) -> None:
+        if address in self.leaving:
+            self._go_down(address, self.leaving_permanently.pop(address, False))
+        super().on_up(address)
+
+    # -- workload --------------------------------------------------------------------------
+    def _put_blob(self, replicas: int, data: bytes) -> None:
+        address = self._random_live(joined_only=True)
+        if address is None:
+            self.store_failures += 1
+            return
+        chunked = split(data, self.pconfig.chunk_bytes, replicas)
+        keys = [chunked.blob_id, *dict(chunked.chunks)]
+        self.blobs[chunked.blob_id] = (replicas, keys)
+        query = self.sim.hosts[address].call(partial(_put_blob, data, replicas))
+        self.pending_ops[(address, query)] = ("put", chunked.blob_id)
+
+    def _fetch_all(self, fetch_at: float) -> None:
+        spread = self.p["fetch_window_s"] / 2
+        for blob_id in sorted(self.blobs):
+            self.sim.engine.schedule(fetch_at + self.blob_rng.uniform(0, spread), self._fetch, blob_id)
+
+    def _fetch(self, blob_id: int) -> None:
+        address = self._random_live(joined_only=True)
+        if address is None:
+            return
+        self.fetches[blob_id] = False
+        query = self.sim.hosts[address].call(partial(_get_blob, blob_id))
+        self.pending_ops[(address, query)] = ("get", blob_id)
+
+    # -- events ----------------------------------------------------------------------------
+    def on_event(self, address: int, event: Any) -> None:
+        kind = type(event)
+        if kind in (BlobStored, BlobFetched, HandedOff):
+            what = self.pending_ops.pop((address, event.query_id), None)
+            if what is None:
+                return
+            if kind is BlobStored:
+                self.stored[event.blob_id] = event.replicas
+                if not event.ok:
+                    self.store_failures += 1
+            elif kind is BlobFetched:
+                self.fetches[event.blob_id] = event.found
+                if not event.found:
+                    self.fetch_failures[event.blob_id] = (address, self.sim.now, event.reason)
+            elif kind is HandedOff:
+                self._go_down(address, self.leaving_permanently.pop(address, False))
+            return
+        super().on_event(address, event)
+
+    def meter(self, out: list[tuple[Any, Any]]) -> None:
+        """Count the repair traffic among the messages a node is sending (sized as on the wire)."""
+        size_of = self.sim.network.size_of
+        rpcs = self.repair_rpcs
+        for _, msg in out:
+            kind = type(msg)
+            if kind is StoreChunk or kind is StoreRecord:
+                if msg.purpose:
+                    self.repair_bytes[msg.replicas] = self.repair_bytes.get(msg.replicas, 0) + size_of(msg)
+                    rpcs[msg.rpc_id] = msg.replicas
+            elif kind is FindHolders:
+                if msg.check:
+                    self.repair_bytes[msg.replicas] = self.repair_bytes.get(msg.replicas, 0) + size_of(msg)
+                    rpcs[msg.rpc_id] = msg.replicas
+            elif kind is Holders or kind is Stored:
+                r = rpcs.pop(msg.rpc_id, None)
+                if r is not None:
+                    self.repair_bytes[r] = self.repair_bytes.get(r, 0) + self._small_size(msg)
+
+    def write(self, out_dir: Path) -> list[Path]:
+        return [_write_blobs(self, out_dir)]
+
+    def _small_size(self, msg: Any) -> int:
+        """The wire size of an answer; an answer without a record is sized once per shape."""
+        if type(msg) is Holders and msg.item is None:
+            shape = (len(msg.contacts), all(type(c.address) is int for c in msg.contacts))
+            size = self._holders_size.get(shape)
+            if size is None:
+                size = self._holders_size[shape] = self.sim.network.size_of(msg)
+            return size
+        return self.sim.network.size_of(msg)
+
+    # -- results ---------------------------------------------------------------------------
+    def _held_keys(self, live_only: bool = False) -> set[int]:
+        held: set[int] = set()
+        for address, store in enumerate(self.stores):
+            if live_only and not self.sim.hosts[address].up:
+                continue
+            held.update(info.key for info in store.chunk_infos())
+        return held
+
+    def gauges(self) -> dict[str, Any]:
+        return {
+            "keys_without_live_copy": lambda: self._replication_sample()[0],
+            "keys_under_replicated": lambda: self._replication_sample()[1],
+            "blobs_fetched": lambda: len(self.fetches),
+        }
+
+    def _replication_sample(self) -> tuple[int, int]:
+        """Keys of the main class with no live copy, and with fewer than r live copies, now."""
+        now = self.sim.now
+        if self._sampled_at == now:
+            return self._sample
+        self._sampled_at = now
+        if now < self.store_done_at or not self.blobs:
+            self._sample = (0, 0)
+            return self._sample
+        copies: dict[int, int] = {}
+        for address, store in enumerate(self.stores):
+            if self.sim.hosts[address].up:
+                for info in store.chunk_infos():
+                    copies[info.key] = copies.get(info.key, 0) + 1
+        main = self.p["replicas"]
+        keys = [k for r, ks in self.blobs.values() if r == main for k in ks]
+        missing = sum(1 for k in keys if k not in copies)
+        under = 0
+        for key in keys:
+            if copies.get(key, 0) < main:
+                under += 1
+                self._under_since.setdefault(key, now)
+            elif key in self._under_since:
+                self.under_longest_s = max(self.under_longest_s, now - self._under_since.pop(key))
+        self.unavailable_max = max(self.unavailable_max, missing)
+        self.under_replicated.append(under / len(keys) if keys else 0.0)
+        self._sample = (missing, under)
+        return self._sample
+
+    def summary(self) -> dict[str, Any]:
+        out = super().summary()
+        for key in ("lookups", "lookups_unfinished", "lookups_abandoned", "lookup_success", "exact_k_closest",
+                    "hops_median", "hops_p99", "messages_per_lookup"):
+            if not self.settings["lookups"]:
+                out.pop(key, None)
+        held = self._held_keys()
+        lost = {r: 0 for r in self.classes}
+        for r, keys in self.blobs.values():
+            if any(key not in held for key in keys):
+                lost[r] += 1
+        duration = self.scenario.values["duration_s"]
+        churn = self.scenario.values["churn"]
+        since = churn["start_s"] if churn["model"] != "none" else self.store_done_at
+        per_node_s = len(self.sim.hosts) * max(duration - since, 1e-9)
+        main = self.p["replicas"]
+        out.update({
+            "blobs": len(self.blobs),
+            "blobs_stored_ok": sum(1 for b in self.blobs if self.stored.get(b, 0) >= self.blobs[b][0]),
+            "blobs_lost": lost[main],
+            "blobs_lost_r1": lost.get(1) if main != 1 else lost[main],
+            "blobs_lost_r2": lost.get(2) if main != 2 else lost[main],
+            "repair_bytes_per_node_per_s": round(self.repair_bytes.get(main, 0) / per_node_s, 3),
+            "repair_bytes_per_node_per_s_r1": _rate(self.repair_bytes.get(1), per_node_s),
+            "repair_bytes_per_node_per_s_r2": _rate(self.repair_bytes.get(2), per_node_s),
+            "repair_bytes_per_node_per_s_all": round(sum(self.repair_bytes.values()) / per_node_s, 3),
+            "fetch_success": round(sum(self.fetches.values()) / len(self.fetches), 6) if self.fetches else None,
+            "keys_without_live_copy_max": self.unavailable_max,
+            "keys_under_replicated_mean": round(sum(self.under_replicated) / len(self.under_replicated), 6)
+            if self.under_replicated else None,
+            "keys_under_replicated_longest_s": max([self.under_longest_s, *(
+                self.sim.now - since for since in self._under_since.values())]),
+            "departures_permanent": self.departures_permanent,
+            "repair_interval_s": self.pconfig.repair_interval_s,
+        })
+        return out
+
+
+def _write_blobs(runner: PersistenceRunner, out_dir: Path) -> Path:
+    """One line per blob: its class, whether it is lost, what the final fetch gave."""
+    held = runner._held_keys()
+    live = runner._held_keys(live_only=True)
+    path = out_dir / "blobs.csv"
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["blob_id", "replicas", "keys", "stored_copies", "lost", "keys_without_live_copy",
+                         "fetched", "fetch_failure"])
+        for blob_id, (replicas, keys) in sorted(runner.blobs.items()):
+            failure = runner.fetch_failures.get(blob_id)
+            writer.writerow([f"{blob_id:040x}", replicas, len(keys), runner.stored.get(blob_id, 0),
+                             int(any(k not in held for k in keys)), sum(1 for k in keys if k not in live),
+                             "" if blob_id not in runner.fetches else int(runner.fetches[blob_id]),
+                             failure[2] if failure else ""])
+    return path
+
+
+def _rate(total: int | None, per_node_s: float) -> float | None:
+    return None if total is None else round(total / per_node_s, 3)
+
+
+class _MeteredStack(Stack):
+    """A node's stack whose outgoing repair traffic the runner counts."""
+
+    def __init__(self, layers: Iterable[Protocol], runner: PersistenceRunner) -> None:
+        super().__init__(layers)
+        self._runner = runner
+
+    def messages_to_send(self) -> list[tuple[Any, Any]]:
+        out = super().messages_to_send()
+        if out:
+            self._runner.meter(out)
+        return out
+
+
+def persistence_of(core: Protocol) -> Persistence:
+    assert isinstance(core, Stack)
+    return core.layer(Persistence)
+
+
+def _put_blob(data: bytes, replicas: int, core: Protocol, now: float) -> int:
+    return persistence_of(core).put_blob(data, now, replicas=replicas)
+
+
+def _get_blob(blob_id: int, core: Protocol, now: float) -> int:
+    return persistence_of(core).get_blob(blob_id, now)
+
+
+def _leave(core: Protocol, now: float) -> int:
+    return persistence_of(core).leave(now)
+
+
+# -- a small simulated network for tests ------------------------------------------------------
+
+
+class _Partitioned(Stack):
+    """A node's stack behind the harness's partition: messages from the other side are dropped."""
+
+    def __init__(self, layers: Iterable[Protocol], net: StorageNet, address: int) -> None:
+        super().__init__(layers)
+        self._net = net
+        self._address = address
+
+    def receive(self, src: Any, msg: Any, now: float) -> None:
+        if self._net.connected(src, self._address):
+            super().receive(src, msg, now)
+
+
+class StorageNet:
+    """``nodes`` simulated nodes running Kademlia and persistence, for tests and notebooks.
+
+    Routing tables start full (every node knows every other), stores survive :meth:`crash`
+    (a restarted node serves what it held), and :meth:`partition` splits the network: a
+    message between two sides is dropped when it arrives. Every event is kept in ``events``.
+    """
+
+    def __init__(
+        self,
+        nodes: int,
+        *,
+        seed: int = 0,
+        config: PersistenceConfig | None = None,
+        kademlia: KademliaConfig | None = None,
+        network: NetworkConfig | None = None,
+    ) -> None:
+        self.sim = Simulation(nodes, seed=seed, network=network or NetworkConfig(latency_model="constant"),
+                              per_node_metrics=False)
+        self.config = config or PersistenceConfig()
+        self.kademlia = kademlia or KademliaConfig(k=8)
+        self.identities = [Identity.from_seed(self.sim.streams.bytes("identity", i)) for i in range(nodes)]
+        self.stores = [MemoryStore() for _ in range(nodes)]
+        self.events: list[tuple[int, Any]] = []
+        self._marks: dict[tuple[int, int], int] = {}
+        self.side: list[int] = [0] * nodes
+        self.sim.set_observer(lambda address, event: self.events.append((address, event)))
+        for address in range(nodes):
+            self._start(address)
+
+    @property
+    def now(self) -> float:
+        return self.sim.now
+
+    def node_id(self, address: int) -> int:
+        return self.identities[address].node_id
+
+    def _start(self, address: int) -> None:
+        host = self.sim.hosts[address]
+        streams = self.sim.streams
+        overlay = Kademlia(self.node_id(address), streams.fresh("node", address, host.incarnation + 1), self.kademlia)
+        for other in range(len(self.sim.hosts)):
+            if other != address:
+                overlay.table.add(Contact(self.node_id(other), other))
+        layer = Persistence(overlay, self.stores[address], streams.fresh("persistence", address, host.incarnation + 1),
+                            self.sim.now, own_address=address, config=self.config)
+        host.start(_Partitioned([overlay, layer], self, address))
+        host.call(lambda core, now: core.layer(Kademlia).start(now))
+
+    def persistence(self, address: int) -> Persistence:
+        core = self.sim.hosts[address].core
+        assert core is not None, f"node {address} is down"
+        return persistence_of(core)
+
+    def call(self, address: int, api: Callable[[Persistence, float], Any]) -> Any:
+        """``api(persistence, now)`` on node ``address`` (its output is drained)."""
+        mark = len(self.events)
+        result = self.sim.hosts[address].call(lambda core, now: api(persistence_of(core), now))
+        if isinstance(result, int):  # a query id: its event is among those emitted from now on
+            self._marks[(address, result)] = mark
+        return result
+
+    def run(self, seconds: float) -> None:
+        self.sim.run(until=self.sim.now + seconds)
+
+    def result(self, address: int, query_id: int, cls: type, timeout_s: float = 600.0, step_s: float = 0.5) -> Any:
+        """Run until node ``address`` emitted the ``cls`` event of ``query_id``; that event."""
+        deadline = self.sim.now + timeout_s
+        start = self._marks.get((address, query_id), 0)  # a restarted node counts its queries from 1 again
+        while True:
+            for where, event in self.events[start:]:
+                if where == address and isinstance(event, cls) and event.query_id == query_id:
+                    return event
+            if self.sim.now >= deadline:
+                raise AssertionError(f"no {cls.__name__} for query {query_id} on node {address} "
+                                     f"after {timeout_s} s")
+            self.run(step_s)
+
+    def up(self, address: int) -> bool:
+        return self.sim.hosts[address].up
+
+    def crash(self, address: int) -> None:
+        """The node stops (its store, its disk, is kept)."""
+        self.sim.hosts[address].crash()
+
+    def restart(self, address: int) -> None:
+        """A crashed node starts again with the same id and store."""
+        if not self.up(address):
+            self._start(address)
+
+    def partition(self, sides: dict[int, int]) -> None:
+        """Put node ``a`` on side ``sides[a]`` (0 for nodes not named); sides cannot talk."""
+        self.side = [sides.get(a, 0) for a in range(len(self.sim.hosts))]
+
+    def heal(self) -> None:
+        self.side = [0] * len(self.sim.hosts)
+
+    def connected(self, a: int, b: int) -> bool:
+        return self.side[a] == self.side[b]
+
+    def holders(self, key: int) -> list[int]:
+        """Addresses whose store holds a copy of the chunk or record ``key`` (up or down)."""
+        return [a for a, s in enumerate(self.stores)
+                if s.chunk_info(key) is not None or s.read_record(key) is not None]
+
+    def closest(self, key: int, count: int, *, live_only: bool = True) -> list[int]:
+        addresses = [a for a in range(len(self.sim.hosts)) if self.up(a) or not live_only]
+        return sorted(addresses, key=lambda a: self.node_id(a) ^ key)[:count]

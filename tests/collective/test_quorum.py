@@ -1,0 +1,349 @@
+"""Quorum records (CASPaxos on the key's group): acceptor rules, reads, writes, compare-and-set,
+and a stateful test with crashes and partitions that checks what the issue promises:
+an acknowledged write is never lost, and a read never returns a value older than one
+acknowledged before the read began.
+
+Assumptions (``records.py`` documents them): acceptors keep their state across a crash (the
+simulated disk survives); the group is fixed at the first write; no node joins closer to a key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+
+from p2pdeploy.collective.persistence import PersistenceConfig, QuorumFinished
+from p2pdeploy.collective.records import ZERO, AcceptorState, Ballot, Change, majority, on_accept, on_prepare
+from p2pdeploy.overlay.identity import Identity
+from p2pdeploy.overlay.routing import Contact
+from p2pdeploy.overlay.storage import record_key, sign_record
+from p2pdeploy.sim.runners.persistence import StorageNet
+
+WRITER = Identity.from_seed(bytes(range(2, 34)))
+CONFIG = PersistenceConfig(rpc_timeout_s=1.0, quorum_attempts=4, quorum_backoff_s=0.2)
+
+# -- the acceptor's rules --------------------------------------------------------------------
+
+ballots = st.builds(Ballot, st.integers(0, 5), st.integers(0, 3), st.integers(0, 3))
+
+
+@given(st.lists(st.tuples(st.booleans(), ballots), max_size=12))
+def test_an_acceptor_never_goes_back_on_a_promise(steps):
+    key, item = sign_record(WRITER, b"k", b"v", 1)
+    state = AcceptorState(key)
+    group = [Contact(1, 1)]
+    for is_accept, ballot in steps:
+        before = state
+        if is_accept:
+            ok, state = on_accept(state, ballot, item, group)
+            assert ok == (ballot >= before.promised and ballot != ZERO)
+            if ok:
+                assert state.accepted == state.promised == ballot and state.item == item
+        else:
+            ok, state = on_prepare(state, ballot)
+            assert ok == (ballot >= before.promised and ballot != ZERO)
+        assert state.promised >= before.promised
+        assert state.accepted >= before.accepted or state.accepted == ballot
+        if not ok:
+            assert state == before
+
+
+def test_a_change_applies_once_and_cas_checks_the_version():
+    _, v1 = sign_record(WRITER, b"k", b"one", 1)
+    put = Change("put", WRITER, b"k", b"two")
+    new, ok, _ = put.apply(v1, None)
+    assert ok and new.sequence == 2 and new.value == b"two"
+    assert put.apply(new, already=new) == (new, True, "")  # a retry that finds itself done
+    cas = Change("cas", WRITER, b"k", b"three", expected_version=1)
+    assert cas.apply(new, None) == (new, False, "version mismatch: expected 1, found 2")
+    assert Change("cas", WRITER, b"k", b"first", expected_version=0).apply(None, None)[0].sequence == 1
+    assert Change("read").apply(v1, None) == (v1, True, "")
+    assert [majority(n) for n in (1, 2, 3, 4, 5)] == [1, 2, 2, 3, 3]
+
+
+# -- reads and writes on a network -----------------------------------------------------------
+
+
+def op(net: StorageNet, address: int, start) -> QuorumFinished:
+    query = net.call(address, start)
+    return net.result(address, query, QuorumFinished)
+
+
+def test_a_write_is_read_back_from_any_node_with_its_version():
+    net = StorageNet(9, seed=1, config=CONFIG)
+    key = record_key(WRITER.public_key, b"config")
+    assert op(net, 0, lambda p, now: p.quorum_read(key, now)) == QuorumFinished(1, key, True, None)
+    written = op(net, 0, lambda p, now: p.quorum_put(WRITER, b"config", b"a", now))
+    assert written.ok and written.version == 1
+    for address in range(9):
+        read = op(net, address, lambda p, now: p.quorum_read(key, now))
+        assert read.ok and read.item == written.item
+    again = op(net, 5, lambda p, now: p.quorum_put(WRITER, b"config", b"b", now))
+    assert again.ok and again.version == 2
+
+
+def test_compare_and_set_succeeds_once_per_version():
+    net = StorageNet(9, seed=2, config=CONFIG)
+    name = b"leader"
+    first = op(net, 1, lambda p, now: p.quorum_cas(WRITER, name, 0, b"node-1", now))
+    assert first.ok and first.version == 1
+    late = op(net, 2, lambda p, now: p.quorum_cas(WRITER, name, 0, b"node-2", now))
+    assert not late.ok and late.version == 1 and late.item.value == b"node-1"
+    assert "version mismatch" in late.reason
+    second = op(net, 2, lambda p, now: p.quorum_cas(WRITER, name, 1, b"node-2", now))
+    assert second.ok and second.version == 2
+    absent = op(net, 3, lambda p, now: p.quorum_cas(WRITER, b"nothing", 4, b"x", now))
+    assert not absent.ok and absent.item is None and "version mismatch" in absent.reason
+
+
+def test_concurrent_compare_and_set_on_one_version_has_one_winner():
+    net = StorageNet(9, seed=3, config=CONFIG)
+    queries = {a: net.call(a, lambda p, now, a=a: p.quorum_cas(WRITER, b"lock", 0, b"%d" % a, now))
+               for a in range(6)}
+    results = {a: net.result(a, q, QuorumFinished, timeout_s=120) for a, q in queries.items()}
+    winners = [a for a, r in results.items() if r.ok]
+    assert len(winners) <= 1
+    final = op(net, 7, lambda p, now: p.quorum_read(record_key(WRITER.public_key, b"lock"), now))
+    if winners:
+        assert final.version == 1 and final.item.value == b"%d" % winners[0]
+
+
+def test_the_group_answers_while_a_minority_is_down_and_a_write_survives_a_majority_crash():
+    net = StorageNet(9, seed=4, config=CONFIG)
+    key = record_key(WRITER.public_key, b"k")
+    op(net, 0, lambda p, now: p.quorum_put(WRITER, b"k", b"v1", now))
+    group = net.closest(key, 3)
+    reader = next(a for a in range(9) if a not in group)
+    net.crash(group[0])
+    assert op(net, reader, lambda p, now: p.quorum_put(WRITER, b"k", b"v2", now)).ok
+    net.crash(group[1])
+    assert not op(net, reader, lambda p, now: p.quorum_read(key, now)).ok  # unavailable, not wrong
+    net.restart(group[0])
+    read = op(net, reader, lambda p, now: p.quorum_read(key, now))
+    assert read.ok and read.item.value == b"v2" and read.version == 2
+
+
+def test_a_first_write_fails_rather_than_fork_when_a_closest_node_is_unreachable():
+    net = StorageNet(9, seed=5, config=CONFIG)
+    key = record_key(WRITER.public_key, b"new")
+    closest = net.closest(key, 1)[0]
+    writer = next(a for a in range(9) if a != closest)
+    net.partition({closest: 1})
+    failed = op(net, writer, lambda p, now: p.quorum_put(WRITER, b"new", b"v", now))
+    assert not failed.ok and failed.reason.startswith("unavailable")
+    net.heal()
+    assert op(net, writer, lambda p, now: p.quorum_put(WRITER, b"new", b"v", now)).ok
+
+
+def test_a_read_makes_a_value_it_returns_durable_on_a_majority_first():
+    """A value accepted by one acceptor only (a write cut short) is written back before a read
+    returns it, so a later read that does not reach that acceptor still sees it."""
+    net = StorageNet(9, seed=6, config=CONFIG)
+    key = record_key(WRITER.public_key, b"k")
+    first = op(net, 0, lambda p, now: p.quorum_put(WRITER, b"k", b"v1", now))
+    group = net.closest(key, 3)
+    lone = group[0]
+    state = net.stores[lone].read_acceptor(key)
+    _, partial = sign_record(WRITER, b"k", b"v2", 2)
+    ballot = Ballot(state.promised.counter + 1, net.node_id(lone), 1)
+    net.stores[lone].write_acceptor(AcceptorState(key, ballot, ballot, partial, state.group))
+    reader = next(a for a in range(9) if a not in group)
+    seen = op(net, reader, lambda p, now: p.quorum_read(key, now))
+    assert seen.version in (1, 2)
+    if seen.version == 2:
+        holders = [a for a in group if net.stores[a].read_acceptor(key).item == partial]
+        assert len(holders) >= 2
+        net.partition({lone: 1})
+        again = op(net, reader, lambda p, now: p.quorum_read(key, now))
+        assert again.ok and again.item == partial
+    else:
+        assert seen.item == first.item
+
+
+# -- the stateful test -----------------------------------------------------------------------
+
+NODES = 7
+NAMES = (b"alpha", b"beta")
+
+
+@dataclass
+class Operation:
+    kind: str  # read | put | cas
+    address: int
+    query: int
+    name: bytes
+    value: bytes
+    expected: int | None
+    started: float
+    ended: float | None = None
+    event: QuorumFinished | None = None
+
+
+class QuorumRegisters(RuleBasedStateMachine):
+    """Reads, puts and compare-and-sets from random nodes while nodes crash, restart and the
+    network splits; each completed operation is checked against the history so far."""
+
+    @initialize(seed=st.integers(0, 2**16))
+    def build(self, seed):
+        self.net = StorageNet(NODES, seed=seed, config=CONFIG)
+        self.ops: list[Operation] = []
+        self.seen = 0
+        self.counter = 0
+        self.keys = {name: record_key(WRITER.public_key, name) for name in NAMES}
+        #: (name, version) -> value, from every acknowledged write and every read
+        self.values: dict[tuple[bytes, int], bytes] = {}
+        self.proposed: dict[bytes, set[bytes]] = {name: set() for name in NAMES}
+
+    def _live(self, index: int) -> int | None:
+        live = [a for a in range(NODES) if self.net.up(a)]
+        return live[index % len(live)] if live else None
+
+    # -- operations
+    @rule(node=st.integers(0, NODES - 1), name=st.sampled_from(NAMES))
+    def read(self, node, name):
+        address = self._live(node)
+        if address is None:
+            return
+        key = self.keys[name]
+        query = self.net.call(address, lambda p, now: p.quorum_read(key, now))
+        self.ops.append(Operation("read", address, query, name, b"", None, self.net.now))
+
+    @rule(node=st.integers(0, NODES - 1), name=st.sampled_from(NAMES), cas=st.booleans(),
+          offset=st.integers(-1, 1))
+    def write(self, node, name, cas, offset):
+        address = self._live(node)
+        if address is None:
+            return
+        # compare-and-set on the newest version seen so far, or just beside it
+        seen = [version for (n, version) in self.values if n == name]
+        expected = max(0, max(seen, default=0) + offset)
+        self.counter += 1
+        value = b"v%d" % self.counter
+        self.proposed[name].add(value)
+        if cas:
+            query = self.net.call(address, lambda p, now: p.quorum_cas(WRITER, name, expected, value, now))
+        else:
+            query = self.net.call(address, lambda p, now: p.quorum_put(WRITER, name, value, now))
+        self.ops.append(Operation("cas" if cas else "put", address, query, name, value,
+                                  expected if cas else None, self.net.now))
+
+    # -- faults
+    @precondition(lambda self: sum(self.net.up(a) for a in range(NODES)) > 3)
+    @rule(node=st.integers(0, NODES - 1))
+    def crash(self, node):
+        self.net.crash(node)
+        for operation in self.ops:  # the node's own operations die with it: never acknowledged
+            if operation.address == node and operation.ended is None:
+                operation.ended = -1.0
+
+    @rule(node=st.integers(0, NODES - 1))
+    def restart(self, node):
+        self.net.restart(node)
+
+    @rule(members=st.sets(st.integers(0, NODES - 1), min_size=1, max_size=NODES - 1))
+    def partition(self, members):
+        self.net.partition({a: 1 for a in members})
+
+    @rule()
+    def heal(self):
+        self.net.heal()
+
+    @rule(seconds=st.sampled_from([0.05, 0.5, 2.0, 8.0]))
+    def advance(self, seconds):
+        self.net.run(seconds)
+        self._collect()
+
+    # -- checking
+    def _collect(self) -> None:
+        events = self.net.events
+        by_query = {(op.address, op.query): op for op in self.ops if op.ended is None}
+        while self.seen < len(events):
+            address, event = events[self.seen]
+            self.seen += 1
+            if isinstance(event, QuorumFinished):
+                operation = by_query.get((address, event.query_id))
+                if operation is not None:
+                    operation.ended, operation.event = self.net.now, event
+                    self._check(operation)
+
+    @staticmethod
+    def _informative(operation: Operation) -> bool:
+        """The operation saw the register: a read, an acknowledged write, or a cas refused on a version."""
+        event = operation.event
+        return event is not None and (event.ok or event.reason.startswith("version mismatch"))
+
+    def _check(self, done: Operation) -> None:
+        event = done.event
+        assert event is not None
+        name = done.name
+        if event.item is not None:
+            assert event.item.name == name
+            assert event.item.value in self.proposed[name], "a value nobody wrote"
+            previous = self.values.setdefault((name, event.version), event.item.value)
+            assert previous == event.item.value, f"two values for version {event.version} of {name!r}"
+        if not self._informative(done):
+            return  # unavailable: it may or may not have taken effect, and tells nothing
+        if done.kind != "read" and event.ok:
+            assert event.item is not None and event.item.value == done.value
+            if done.kind == "cas":
+                assert event.version == done.expected + 1
+        wrote = done.kind != "read" and event.ok
+        for other in self.ops:
+            if other is done or other.name != name or other.ended is None or other.ended < 0:
+                continue
+            if other.ended >= done.started or not self._informative(other):
+                continue
+            before = other.event.version
+            # nothing acknowledged or read before this operation began may be newer than what it saw
+            assert event.version >= before, (
+                f"{done.kind} of {name!r} that began at {done.started} saw version {event.version}, "
+                f"older than version {before} seen at {other.ended}")
+            if wrote:
+                assert event.version > before
+
+    def teardown(self):
+        if not hasattr(self, "net"):
+            return
+        net = self.net
+        net.heal()
+        for address in range(NODES):
+            net.restart(address)
+        net.run(60.0)
+        self._collect()
+        for name in NAMES:
+            reader = 0
+            query = net.call(reader, lambda p, now, name=name: p.quorum_read(self.keys[name], now))
+            started = net.now
+            final = net.result(reader, query, QuorumFinished, timeout_s=120)
+            assert final.ok, final.reason
+            self.ops.append(Operation("read", reader, query, name, b"", None, started, net.now, final))
+            self._check(self.ops[-1])
+            acked = [op.event.version for op in self.ops if op.name == name and op.kind != "read"
+                     and op.event is not None and op.event.ok]
+            assert final.version >= max(acked, default=0), "an acknowledged write was lost"
+
+
+QuorumRegisters.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+test_quorum_registers_never_lose_acknowledged_writes = QuorumRegisters.TestCase
+
+
+def test_the_stateful_checker_catches_a_lost_write():
+    """The checker itself: a final read older than an acknowledged write must fail it."""
+    machine = QuorumRegisters()
+    machine.build(seed=1)
+    name = NAMES[0]
+    machine.proposed[name].update({b"v1", b"v2"})
+    _, one = sign_record(WRITER, name, b"v1", 1)
+    _, two = sign_record(WRITER, name, b"v2", 2)
+    key = machine.keys[name]
+    write = Operation("put", 0, 1, name, b"v2", None, 0.0, 1.0, QuorumFinished(1, key, True, two))
+    machine.ops.append(write)
+    machine._check(write)
+    stale = Operation("read", 1, 2, name, b"", None, 2.0, 3.0, QuorumFinished(2, key, True, one))
+    machine.ops.append(stale)
+    with pytest.raises(AssertionError, match="older than version 2"):
+        machine._check(stale)

@@ -1,0 +1,106 @@
+"""The state API a service uses: HTTP on 127.0.0.1 in front of quorum records, on real nodes."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import pytest
+import trio
+
+from p2pdeploy.collective.stateapi import StateError, StateRequest, record_name
+from p2pdeploy.overlay.identity import Identity
+from p2pdeploy.runtime.state_api import STATE_TOKEN_VARIABLE, STATE_URL_VARIABLE, StateServer
+
+from .test_persistence_runtime import start_network
+
+
+async def http(url: str, method: str, token: str | None, body: bytes = b"", headers: dict | None = None):
+    """A tiny HTTP/1.1 client: (status, headers, body)."""
+    rest = url.removeprefix("http://")
+    hostport, _, path = rest.partition("/")
+    host, port = hostport.split(":")
+    lines = [f"{method} /{path} HTTP/1.1", f"Host: {hostport}", f"Content-Length: {len(body)}"]
+    if token is not None:
+        lines.append(f"Authorization: Bearer {token}")
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    parsed = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
+    return int(status_line.split()[1]), parsed, payload
+
+
+async def test_a_service_gets_puts_and_compares_and_sets_its_state_over_loopback_http(tmp_path):
+    async with AsyncExitStack() as stack:
+        nodes, _ = await start_network(stack, tmp_path, 5)
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(nursery.cancel_scope.cancel)
+        server = StateServer(nodes[1])
+        await nursery.start(server.run)
+        env = server.environment("wiki")
+        url, token = env[STATE_URL_VARIABLE], env[STATE_TOKEN_VARIABLE]
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1/state/")
+        with trio.fail_after(60):
+            status, headers, _ = await http(url + "pages/home", "GET", token)
+            assert (status, headers["x-version"]) == (404, "0")
+            status, headers, _ = await http(url + "pages/home", "PUT", token, b"hello")
+            assert (status, headers["x-version"]) == (200, "1")
+            status, headers, body = await http(url + "pages/home", "GET", token)
+            assert (status, headers["x-version"], body) == (200, "1", b"hello")
+            status, headers, body = await http(url + "pages/home", "PUT", token, b"stale", {"If-Match": "0"})
+            assert (status, headers["x-version"], body) == (409, "1", b"hello")
+            status, headers, _ = await http(url + "pages/home", "PUT", token, b"v2", {"If-Match": "1"})
+            assert (status, headers["x-version"]) == (200, "2")
+            status, _, _ = await http(url + "pages%2Fother", "PUT", token, b"x", {"If-Match": "0"})
+            assert status == 200
+            assert (await http(url + "pages/home", "GET", None))[0] == 401
+            assert (await http(url + "pages/home", "GET", "not-a-token"))[0] == 401
+            assert (await http(url + "pages/home", "PUT", token, b"x", {"If-Match": "soon"}))[0] == 400
+            assert (await http(url + "pages/home", "DELETE", token))[0] == 405
+            assert (await http(url + "", "GET", token))[0] == 400
+            too_big = bytes(nodes[1].core.layers[-1].config.max_record_bytes + 1)
+            assert (await http(url + "big", "PUT", token, too_big))[0] == 413
+
+            # another node's service, given the same state key for the namespace, shares the state
+            shared = Identity.from_seed(bytes(range(32)))
+            first, second = StateServer(nodes[2]), StateServer(nodes[4])
+            await nursery.start(first.run)
+            await nursery.start(second.run)
+            a = first.register("shop", shared)
+            b = second.register("shop", shared)
+            assert (await http(a.url + "cart", "PUT", a.token, b"apples"))[0] == 200
+            status, headers, body = await http(b.url + "cart", "GET", b.token)
+            assert (status, headers["x-version"], body) == (200, "1", b"apples")
+
+
+def test_state_keys_and_namespaces_are_checked():
+    assert record_name("wiki", "pages/home") == b"state/wiki/pages/home"
+    with pytest.raises(StateError, match="namespace"):
+        record_name("a/b", "k")
+    with pytest.raises(StateError, match="state key"):
+        record_name("wiki", "")
+    with pytest.raises(StateError, match="expected version"):
+        StateRequest("cas", "wiki", "k", b"v", None)
+
+
+def test_a_node_with_a_data_directory_keeps_its_store_in_sqlite(tmp_path):
+    from types import SimpleNamespace
+
+    from p2pdeploy.collective.persistence import MemoryStore
+    from p2pdeploy.fabric.contribution import Contribution
+    from p2pdeploy.runtime.state_api import open_store
+    from p2pdeploy.runtime.store_sqlite import SQLiteStore
+
+    with_dir = SimpleNamespace(data_dir=tmp_path, contribution=Contribution(disk_bytes=4000))
+    store = open_store(with_dir)
+    try:
+        assert isinstance(store, SQLiteStore) and store.capacity_bytes == 2000
+        assert (tmp_path / "persistence" / "store.sqlite3").exists()
+    finally:
+        store.close()
+    assert isinstance(open_store(SimpleNamespace(data_dir=None, contribution=None)), MemoryStore)
