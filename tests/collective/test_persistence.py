@@ -349,3 +349,30 @@ def test_persistence_is_a_layer_of_the_node_stack():
     net = StorageNet(2, seed=32, config=CONFIG)
     core = net.sim.hosts[0].core
     assert isinstance(core.layer(Persistence), Persistence)
+
+
+def test_the_layer_reports_peers_it_hears_from_and_misses_to_an_overlay_that_listens():
+    """``Kademlia.heard``/``unreachable`` do not exist yet; when they do, this layer feeds them."""
+    from p2pdeploy.overlay.kademlia import Kademlia, KademliaConfig
+    from p2pdeploy.overlay.routing import Contact
+
+    class ListeningOverlay(Kademlia):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.heard_from: list[int] = []
+            self.missed: list[int] = []
+
+        def heard(self, contact, now):
+            self.heard_from.append(contact.node_id)
+
+        def unreachable(self, node_id):
+            self.missed.append(node_id)
+
+    overlay = ListeningOverlay(1 << 150, random.Random(1), KademliaConfig(k=4))
+    layer = Persistence(overlay, MemoryStore(), random.Random(2), 0.0, own_address=0, config=CONFIG)
+    layer.receive(7, FindHolders(1, 77, 5, 0), 0.0)
+    overlay.table.add(Contact(88, 8))
+    layer.get_blob(5, 0.0)
+    (request,) = [msg for dst, msg in layer.messages_to_send() if isinstance(msg, FindHolders)]
+    layer.handle_timer(100.0)
+    assert overlay.heard_from == [77] and overlay.missed == [88]
