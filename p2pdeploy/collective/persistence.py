@@ -2,7 +2,8 @@
 
 A :class:`Persistence` layer sits in a node's :class:`~p2pdeploy.core.Stack` next to the
 Kademlia overlay and wraps it the way HTTP/3 wraps QUIC: it reads the overlay's views
-(``closest_known``, ``node_id``) and sends its own messages (tags 100-119) to contacts' addresses.
+(``closest_known``, ``node_id``) and sends its own messages to contacts' addresses (wire tags
+100-110; 120-122 are the manifest and the stored forms of records and acceptor state).
 
 What it stores, and where (CFS/PAST over Kademlia):
 
