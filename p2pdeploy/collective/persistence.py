@@ -1141,6 +1141,8 @@ class Persistence(Protocol):
         self._ops: dict[int, _Op] = {}
         self._next_op = 0
         self._checked_at: dict[int, float] = {}
+        #: Set by :meth:`leave`: the node is handing its keys off and takes no new ones.
+        self.leaving = False
         # What this layer hears and misses is news for the overlay's routing table, if the overlay
         # takes it (``Kademlia.heard(contact, now)`` / ``Kademlia.unreachable(node_id)``, when present).
         self._overlay_heard = getattr(overlay, "heard", None)
@@ -1251,12 +1253,14 @@ class Persistence(Protocol):
     # -- API: leaving ----------------------------------------------------------------------
     def leave(self, now: float) -> int:
         """Before a graceful departure: hand every held key to its next closest nodes; emits
-        :class:`HandedOff` once each was offered (quorum groups do not move)."""
+        :class:`HandedOff` once each was offered (quorum groups do not move). From now on the
+        node answers no search and accepts no copy, so nobody hands a key to it."""
         keys = [(info.key, KIND_CHUNK, info.replicas) for info in self.store.chunk_infos()]
         for key in self.store.record_keys():
             stored = self.store.read_record(key)
             if stored is not None:
                 keys.append((key, KIND_RECORD, stored[1]))
+        self.leaving = True
         op = _Leave(self._next_id(), keys)
         self._ops[op.op_id] = op
         op.start(self, now)
@@ -1270,6 +1274,9 @@ class Persistence(Protocol):
             return
         if self._overlay_heard is not None:
             self._overlay_heard(Contact(msg.sender, src), now)
+        if self.leaving and kind in (FindHolders, StoreChunk, StoreRecord):
+            self.dropped["leaving"] += 1  # a departing node takes no new copies: let searches pass it by
+            return
         if kind is FindHolders:
             self.send(src, self._holders(msg, now))
         elif kind is FetchChunk:

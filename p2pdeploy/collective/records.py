@@ -42,11 +42,9 @@ from typing import Literal
 
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.routing import Contact
-from p2pdeploy.overlay.storage import Item, check_item, record_key, sign_record
+from p2pdeploy.overlay.storage import Item, check_item, sign_record
 from p2pdeploy.wire import NodeId, message, record
 
-Consistency = Literal["eventual", "quorum"]
-CONSISTENCIES: tuple[str, ...] = ("eventual", "quorum")
 DEFAULT_MAX_RECORD_BYTES = 64 * 1024
 MAX_GROUP = 16
 
@@ -61,15 +59,6 @@ def check_record(key: int, item: Item, max_bytes: int = DEFAULT_MAX_RECORD_BYTES
     if not item.signed:
         return "a record must be signed by its writer"
     return check_item(key, item, max_bytes)
-
-
-def signed(identity: Identity, name: bytes, value: bytes, sequence: int) -> tuple[int, Item]:
-    """A record of ``identity`` (its key and item); see ``storage.sign_record``."""
-    return sign_record(identity, name, value, sequence)
-
-
-def key_of(public_key: bytes, name: bytes) -> int:
-    return record_key(public_key, name)
 
 
 # -- quorum records: ballots and the acceptor ------------------------------------------------

@@ -38,6 +38,17 @@ def test_a_scaled_down_churn_loses_no_blob_with_three_copies():
     assert summary["fetch_success"] >= 0.6
 
 
+def test_graceful_departures_hand_their_keys_off_before_going_down():
+    summary = _run("nodes=40", "duration_s=700", "churn.start_s=100", "overlay.join_spacing_s=0.5",
+                   "churn.session.median_s=300", "churn.downtime.median_s=300", "persistence.blobs=4",
+                   "persistence.blob_bytes=100000", "persistence.fetch_window_s=100",
+                   "persistence.graceful_leaves=1.0", "persistence.permanent_departures=1.0",
+                   "persistence.repair_interval_s=600")
+    assert summary["departures"] > 20
+    assert summary["graceful_leaves_handed_off"] >= summary["departures"] - 2
+    assert summary["blobs_lost"] == 0 and summary["blobs_lost_r2"] == 0
+
+
 def test_the_same_seed_gives_the_same_run():
     overrides = ("nodes=40", "duration_s=400", "churn.start_s=100", "overlay.join_spacing_s=0.5",
                  "churn.session.median_s=200", "churn.downtime.median_s=200", "persistence.blobs=3",

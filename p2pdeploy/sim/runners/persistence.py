@@ -139,6 +139,7 @@ class PersistenceRunner(OverlayRunner):
         self._under_since: dict[int, float] = {}
         self._sample = (0, 0)
         self.departures_permanent = 0
+        self.handed_off = 0  # graceful departures whose keys were all offered before going down
         self.store_done_at = self.store_at + p["store_window_s"]
 
     # -- building --------------------------------------------------------------------------
@@ -171,12 +172,17 @@ class PersistenceRunner(OverlayRunner):
             self.departures_permanent += 1
         if graceful and self.joined_at[address] is not None:
             self.leaving.add(address)
-            query = self.sim.hosts[address].call(_leave)
-            self.pending_ops[(address, query)] = ("leave", 0)
             self.leaving_permanently[address] = permanent
+            query = self.sim.hosts[address].call(_leave)
+            if address in self.leaving:  # still handing off
+                self.pending_ops[(address, query)] = ("leave", 0)
             self.sim.engine.schedule(self.sim.now + self.p["leave_timeout_s"], self._leave_timed_out, address)
             return
         self._go_down(address, permanent)
+
+    def _leave_done(self, address: int) -> None:
+        if address in self.leaving:
+            self._go_down(address, self.leaving_permanently.pop(address, False))
 
     def _leave_timed_out(self, address: int) -> None:
         if address in self.leaving:
@@ -231,7 +237,14 @@ class PersistenceRunner(OverlayRunner):
     # -- events ----------------------------------------------------------------------------
     def on_event(self, address: int, event: Any) -> None:
         kind = type(event)
-        if kind in (BlobStored, BlobFetched, HandedOff):
+        if kind is HandedOff:  # (it may come at once, inside the call that started the leave)
+            self.pending_ops.pop((address, event.query_id), None)
+            if address in self.leaving:
+                self.handed_off += 1
+                # go down once the host has sent what the core queued with this event (the copies)
+                self.sim.engine.schedule(self.sim.now, self._leave_done, address)
+            return
+        if kind in (BlobStored, BlobFetched):
             what = self.pending_ops.pop((address, event.query_id), None)
             if what is None:
                 return
@@ -243,8 +256,6 @@ class PersistenceRunner(OverlayRunner):
                 self.fetches[event.blob_id] = event.found
                 if not event.found:
                     self.fetch_failures[event.blob_id] = (address, self.sim.now, event.reason)
-            elif kind is HandedOff:
-                self._go_down(address, self.leaving_permanently.pop(address, False))
             return
         super().on_event(address, event)
 
@@ -358,6 +369,7 @@ class PersistenceRunner(OverlayRunner):
             "keys_under_replicated_longest_s": max([self.under_longest_s, *(
                 self.sim.now - since for since in self._under_since.values())]),
             "departures_permanent": self.departures_permanent,
+            "graceful_leaves_handed_off": self.handed_off,
             "repair_interval_s": self.pconfig.repair_interval_s,
         })
         return out
