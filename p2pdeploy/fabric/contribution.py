@@ -178,16 +178,7 @@ class Contribution:
     def load(cls, path: str | Path, machine: Machine | None = None, *, section: str = "contribution") -> Contribution:
         """Read the ``[section]`` of a TOML config file (the defaults when the section is absent)."""
         path = Path(path)
-        try:
-            with path.open("rb") as file:
-                document = tomllib.load(file)
-        except OSError as exc:
-            raise ContributionError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ContributionError(f"{path}: not valid TOML: {exc}") from None
-        table = document.get(section, {})
-        if not isinstance(table, dict):
-            raise ContributionError(f"{path.name}: {section} must be a table")
+        table = read_config_section(path, section)
         return cls.from_table(table, machine, source=path.name, section=section)
 
     def to_table(self) -> dict[str, Any]:
@@ -241,3 +232,19 @@ def _strings(value: Any, where: str) -> frozenset[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ContributionError(f"{where} must be a list of non-empty strings (got {value!r})")
     return frozenset(value)
+
+
+def read_config_section(path: str | Path, section: str = "contribution") -> dict[str, Any]:
+    """The ``[section]`` table of a TOML config file (empty when the file has none)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            document = tomllib.load(file)
+    except OSError as exc:
+        raise ContributionError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ContributionError(f"{path}: not valid TOML: {exc}") from None
+    table = document.get(section, {})
+    if not isinstance(table, dict):
+        raise ContributionError(f"{path}: {section} must be a table ([{section}])")
+    return table

@@ -28,7 +28,6 @@ import os
 import signal
 import stat
 import sys
-import tomllib
 import typing
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -40,7 +39,13 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
-from p2pdeploy.fabric.contribution import ANY, KNOWN_KEYS, Contribution, ContributionError
+from p2pdeploy.fabric.contribution import (
+    ANY,
+    KNOWN_KEYS,
+    Contribution,
+    ContributionError,
+    read_config_section,
+)
 from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.supervisor import ReplicaState, ReplicaStateChanged
 from p2pdeploy.fabric.units import format_bandwidth, format_cores, format_cores_number, format_size
@@ -502,21 +507,6 @@ def contribution_options(
     return table
 
 
-def read_contribution_table(path: Path) -> dict[str, Any]:
-    """The ``[contribution]`` table of a TOML config file (empty when it has none)."""
-    try:
-        with path.open("rb") as file:
-            document = tomllib.load(file)
-    except OSError as exc:
-        raise ContributionError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ContributionError(f"{path}: not valid TOML: {exc}") from None
-    table = document.get("contribution", {})
-    if not isinstance(table, dict):
-        raise ContributionError(f"{path}: contribution must be a table ([contribution])")
-    return table
-
-
 def join_contribution(
     options: Mapping[str, Any], config_path: Path | None, machine: Machine
 ) -> tuple[Contribution, Path | None]:
@@ -538,7 +528,7 @@ def join_contribution(
             raise ContributionOptionError(CONTRIBUTION_OPTIONS[key], message) from None
     table: dict[str, Any] = {}
     if config_path is not None:
-        table = read_contribution_table(config_path)
+        table = read_config_section(config_path, "contribution")
     merged = {**table, **options}
     source = config_path.name if config_path is not None else _FLAGS_SOURCE
     return Contribution.from_table(merged, machine, source=source), config_path
