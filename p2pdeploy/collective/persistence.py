@@ -345,7 +345,27 @@ class DurableStore(TypingProtocol):
     def close(self) -> None: ...
 
 
-class MemoryStore:
+class ChunkBookkeeping:
+    """What every store keeps the same way: bytes used, and chunks found corrupted since asked."""
+
+    _corrupted: list[ChunkInfo]
+    _used: int
+
+    def read_chunk(self, key: int) -> bytes | None:
+        raise NotImplementedError
+
+    def verify_chunk(self, key: int) -> bool:
+        return self.read_chunk(key) is not None
+
+    def take_corrupted(self) -> list[ChunkInfo]:
+        out, self._corrupted = self._corrupted, []
+        return out
+
+    def used_bytes(self) -> int:
+        return self._used
+
+
+class MemoryStore(ChunkBookkeeping):
     """The in-memory :class:`DurableStore` (simulator, unit tests): the same rules, no disk.
 
     Chunk bytes are kept by reference, so replicas of one chunk in a simulation share memory.
@@ -401,16 +421,6 @@ class MemoryStore:
         entry = self._chunks.pop(key, None)
         if entry is not None:
             self._used -= entry[1].size
-
-    def verify_chunk(self, key: int) -> bool:
-        return self.read_chunk(key) is not None
-
-    def take_corrupted(self) -> list[ChunkInfo]:
-        out, self._corrupted = self._corrupted, []
-        return out
-
-    def used_bytes(self) -> int:
-        return self._used
 
     def corrupt(self, key: int) -> None:
         """Flip the bytes of a stored chunk (what a bad disk does), for tests."""

@@ -32,7 +32,7 @@ import sqlite3
 from pathlib import Path
 
 from p2pdeploy import wire
-from p2pdeploy.collective.persistence import ChunkInfo
+from p2pdeploy.collective.persistence import ChunkBookkeeping, ChunkInfo
 from p2pdeploy.collective.records import AcceptorState, StoredRecord
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.overlay.storage import Item
@@ -74,7 +74,7 @@ def _key_int(raw: bytes) -> int:
     return int.from_bytes(raw, "big")
 
 
-class SQLiteStore:
+class SQLiteStore(ChunkBookkeeping):
     """A :class:`~p2pdeploy.collective.persistence.DurableStore` in ``<data_dir>/persistence``."""
 
     def __init__(self, data_dir: str | os.PathLike[str], *, capacity_bytes: int, durable: bool = True) -> None:
@@ -193,16 +193,6 @@ class SQLiteStore:
         self.db.execute("DELETE FROM chunks WHERE key = ?", (_key_bytes(key),))
         self.path_of(row[0]).unlink(missing_ok=True)
         self._used -= row[1]
-
-    def verify_chunk(self, key: int) -> bool:
-        return self.read_chunk(key) is not None
-
-    def take_corrupted(self) -> list[ChunkInfo]:
-        out, self._corrupted = self._corrupted, []
-        return out
-
-    def used_bytes(self) -> int:
-        return self._used
 
     # -- records and acceptor state ----------------------------------------------------------
     def record_keys(self) -> list[int]:
