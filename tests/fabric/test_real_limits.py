@@ -125,13 +125,21 @@ def live_processes_of(uid):
     return found
 
 
+def unused_uid(start):
+    """The first of ``start``, ``start + 1000``, ... that no process runs as (another run of the
+    suite on this machine may be using the first)."""
+    for uid in range(start, start + 100_000, 1000):
+        if not live_processes_of(uid):
+            return uid
+    pytest.fail(f"every uid tried from {start} on is in use on this machine")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a root node gives each replica a uid of its own")
 async def test_a_fork_bomb_is_contained_by_rlimit_nproc_under_a_uid_of_its_own(service_root, behave_bundle):
     # No cgroups: RLIMIT_NPROC alone, which counts per real uid, so the replica gets its own uid
-    uid = 991_000
+    uid = unused_uid(991_000)
     config = RealExecutorConfig(service_root, use_cgroups=False, service_uid_range=(uid, uid + 99))
     before = set(live_processes_of(uid))
-    assert not before, f"uid {uid} is in use on this machine"
 
     def processes_of_the_service_uid():
         return len(set(live_processes_of(uid)) - before)
