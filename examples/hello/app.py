@@ -1,13 +1,18 @@
-"""A tiny HTTP service for p2pdeploy: GET / greets, GET /health answers ok.
+"""A tiny HTTP service for p2pdeploy: GET / greets, GET /health answers ok, GET /count counts.
 
-It listens on $PORT (set by the node), keeps a visit counter in $P2PDEPLOY_DATA_DIR and
-stops cleanly on SIGTERM. Standard library only.
+It listens on $PORT (set by the node), keeps a visit counter in $P2PDEPLOY_DATA_DIR (this
+replica's own) and, for /count, a counter in the node's state API ($P2PDEPLOY_STATE_URL with
+$P2PDEPLOY_STATE_TOKEN): a quorum record replicated on the nodes closest to its key, shared by
+the service's replicas on the node, incremented with compare-and-set. It stops cleanly on
+SIGTERM. Standard library only.
 """
 
 import os
 import signal
 import sys
 import threading
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -15,18 +20,51 @@ PORT = int(os.environ.get("PORT", "8080"))
 DATA_DIR = Path(os.environ.get("P2PDEPLOY_DATA_DIR", "."))
 GREETING = os.environ.get("GREETING", "hello")
 REPLICA = os.environ.get("P2PDEPLOY_REPLICA_ID", "local")
+STATE_URL = os.environ.get("P2PDEPLOY_STATE_URL")
+STATE_TOKEN = os.environ.get("P2PDEPLOY_STATE_TOKEN", "")
+
+
+def state(method: str, key: str, body: bytes | None = None, version: int | None = None) -> tuple[int, int, bytes]:
+    """One state API call: (HTTP status, version, value)."""
+    request = urllib.request.Request(STATE_URL + key, data=body, method=method)
+    request.add_header("Authorization", f"Bearer {STATE_TOKEN}")
+    if version is not None:
+        request.add_header("If-Match", str(version))
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, int(response.headers.get("X-Version", "0")), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, int(error.headers.get("X-Version", "0")), error.read()
+
+
+def count() -> tuple[int, bytes]:
+    """Add one to the shared counter: read it, then write it only if nobody wrote meanwhile."""
+    if STATE_URL is None:
+        return 404, b"no state API on this node\n"
+    status, version, value = state("GET", "count")
+    for _ in range(20):
+        if status not in (200, 404, 409):
+            return 503, f"state API answered {status}: {value.decode(errors='replace')}\n".encode()
+        new = (int(value) if status != 404 and value else 0) + 1
+        status, version, value = state("PUT", "count", str(new).encode(), version)
+        if status == 200:
+            return 200, f"count {new} (version {version})\n".encode()
+    return 503, b"too many concurrent writers\n"
 
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        code = 200
         if self.path == "/health":
             body = b"ok\n"
+        elif self.path == "/count":
+            code, body = count()
         else:
             counter = DATA_DIR / "visits"
             visits = int(counter.read_text()) + 1 if counter.exists() else 1
             counter.write_text(str(visits))
             body = f"{GREETING} (replica {REPLICA}, visit {visits})\n".encode()
-        self.send_response(200)
+        self.send_response(code)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

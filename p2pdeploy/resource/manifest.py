@@ -71,7 +71,10 @@ MAX_MANIFEST_BYTES = 64 * 1024
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,47}")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: Variables the node sets itself; a manifest may not override them.
-RESERVED_ENV = frozenset({"PORT", "P2PDEPLOY_DATA_DIR", "P2PDEPLOY_REPLICA_ID", "P2PDEPLOY_SERVICE"})
+#: The variable naming the service a replica runs (its manifest's ``name``).
+SERVICE_VARIABLE = "P2PDEPLOY_SERVICE"
+RESERVED_ENV = frozenset({"PORT", "P2PDEPLOY_DATA_DIR", "P2PDEPLOY_REPLICA_ID", SERVICE_VARIABLE,
+                          "P2PDEPLOY_STATE_URL", "P2PDEPLOY_STATE_TOKEN"})
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "": ("name", "version", "command", "tags", "description", "env", "resources", "health", "restart",
@@ -181,7 +184,7 @@ class Manifest:
             if ENV_NAME_RE.fullmatch(key) is None or key in RESERVED_ENV:
                 raise ManifestError(f"binding {key!r} is not a usable environment variable name")
             env[key] = value
-        env["P2PDEPLOY_SERVICE"] = self.name
+        env[SERVICE_VARIABLE] = self.name
         process = ProcessSpec(
             replica_id=replica_id,
             run=1,

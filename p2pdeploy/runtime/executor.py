@@ -11,8 +11,9 @@ a sink) on trio:
   write them (memory, pids, cpu), rlimits for the rest (RLIMIT_AS for memory when no cgroup
   limits it, RLIMIT_CPU when asked, RLIMIT_NOFILE, RLIMIT_FSIZE, RLIMIT_NPROC), as an
   unprivileged user when the node runs as root (``nobody`` by default), with the environment
-  ``PORT``, ``P2PDEPLOY_DATA_DIR``, ``P2PDEPLOY_REPLICA_ID``, ``HOME`` and the service's own
-  variables and bindings. stdout and stderr go to size-capped rotating logs.
+  ``PORT``, ``P2PDEPLOY_DATA_DIR``, ``P2PDEPLOY_REPLICA_ID``, ``HOME``, the service's own
+  variables and bindings, and what the node adds (``P2PDEPLOY_STATE_URL`` and
+  ``P2PDEPLOY_STATE_TOKEN``, see ``p2pdeploy.runtime.state_api``). stdout and stderr go to size-capped rotating logs.
 - When the process exits (seen on a pidfd, before it is reaped, so its process group id cannot
   be reused meanwhile) every other process of its group and cgroups is killed, then it is
   reaped and the exit reported with its reason: ``memory limit`` (the cgroup's OOM counter,
@@ -41,7 +42,7 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,9 +186,17 @@ def service_ids(user: str | int | None) -> tuple[int | None, int | None]:
 class RealExecutor:
     """Runs replicas as confined subprocesses. Use it through :func:`open_executor`."""
 
-    def __init__(self, config: RealExecutorConfig, sink: ReportSink) -> None:
+    def __init__(
+        self,
+        config: RealExecutorConfig,
+        sink: ReportSink,
+        *,
+        environment: Callable[[ProcessSpec], Mapping[str, str]] | None = None,
+    ) -> None:
         self.config = config
         self.sink = sink
+        #: Variables the node adds to each run's environment (the state API's URL and token).
+        self.extra_environment = environment
         self.root = Path(config.replicas_dir) if config.replicas_dir is not None else Path(config.data_dir) / "replicas"
         self.support: CgroupSupport = detect_cgroups() if config.use_cgroups else CgroupSupport()
         self.uid, self.gid = service_ids(config.service_user)
@@ -437,6 +446,8 @@ class RealExecutor:
             "PYTHONUNBUFFERED": "1",
         }
         env.update(spec.env)
+        if self.extra_environment is not None:
+            env.update(self.extra_environment(spec))
         env.update(
             PORT=str(port),
             P2PDEPLOY_DATA_DIR=str(replica.data_dir),

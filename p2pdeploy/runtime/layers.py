@@ -6,7 +6,9 @@ here, built from the :class:`CoreContext` the runtime hands in. A test or an emb
 application passes its own ``layers`` factory to ``open_node``.
 
 A ``p2pdeploy join`` node runs ping/pong (RTT estimates, ``p2pdeploy ping``), the Kademlia
-overlay (``p2pdeploy.overlay.kademlia``, configured by ``CoreContext.kademlia``), the replicas it
+overlay (``p2pdeploy.overlay.kademlia``, configured by ``CoreContext.kademlia``), broadcast,
+multicast groups and publish/subscribe, replicated persistence (blobs, records and the state API's
+quorum records, stored in ``CoreContext.data_dir``), the resource prospector, the replicas it
 hosts (:class:`~p2pdeploy.fabric.replicas.ReplicaHost`, within ``CoreContext.contribution``)
 with the node side of the remote protocol around them
 (:class:`~p2pdeploy.resource.protocol.RemoteControl`), and the deployer side of that protocol
@@ -20,7 +22,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from p2pdeploy.collective.persistence import PersistenceConfig
 from p2pdeploy.collective.prospector import Prospector, ProspectorConfig
 from p2pdeploy.collective.pubsub import PubSub
 from p2pdeploy.core import Protocol, Stack
@@ -35,6 +39,7 @@ from p2pdeploy.overlay.ping import PingProtocol
 from p2pdeploy.resource.description import node_attributes
 from p2pdeploy.resource.protocol import RemoteClient, RemoteConfig, RemoteControl
 from p2pdeploy.runtime.address import HostPort
+from p2pdeploy.runtime.state_api import persistence_layer
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +67,11 @@ class CoreContext:
     wall_clock_offset_s: float = 0.0
     #: Parameters of the resource prospector (``RuntimeConfig.prospector``).
     prospector: ProspectorConfig = field(default_factory=ProspectorConfig)
+    #: The node's data directory: the persistence layer keeps its SQLite store and chunk files
+    #: there (``None``: in memory, lost when the node stops).
+    data_dir: Path | None = None
+    #: Parameters of replicated persistence (``RuntimeConfig.persistence``).
+    persistence: PersistenceConfig = field(default_factory=PersistenceConfig)
 
 
 LayersFactory = Callable[[CoreContext], list[Protocol]]
@@ -78,6 +88,7 @@ def default_layers(context: CoreContext) -> list[Protocol]:
         ping,
         overlay,
         *groups,
+        persistence_layer(context, [overlay], config=context.persistence),
         *replicas,
         prospector_layer(context, overlay, host),
         remote_client_layer(context),

@@ -62,6 +62,7 @@ from typing import Any, TypeVar
 import trio
 
 from p2pdeploy import wire
+from p2pdeploy.collective.persistence import HandedOff, Persistence, PersistenceConfig
 from p2pdeploy.collective.prospector import (
     AggregateFinished,
     FoundNode,
@@ -70,9 +71,10 @@ from p2pdeploy.collective.prospector import (
     ProspectorConfig,
 )
 from p2pdeploy.collective.pubsub import Delivered, PubSub
+from p2pdeploy.collective.stateapi import StateError
 from p2pdeploy.core import Stack
 from p2pdeploy.fabric.contribution import Contribution
-from p2pdeploy.fabric.executor import ExecutorReport
+from p2pdeploy.fabric.executor import ExecutorReport, ProcessSpec
 from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.fabric.supervisor import ReplicaStatus
@@ -90,6 +92,7 @@ from p2pdeploy.overlay.ping import PeerSeen, Ping, PingProtocol, PingTimedOut, P
 from p2pdeploy.overlay.routing import ID_SPACE, Contact
 from p2pdeploy.overlay.storage import Item
 from p2pdeploy.resource.bundle import SignedBundle
+from p2pdeploy.resource.manifest import SERVICE_VARIABLE
 from p2pdeploy.resource.protocol import (
     MAX_LOG_BYTES,
     RemoteClient,
@@ -105,6 +108,7 @@ from p2pdeploy.runtime.executor import RealExecutor, RealExecutorConfig
 from p2pdeploy.runtime.layers import CoreContext, LayersFactory, build_core, default_layers
 from p2pdeploy.runtime.probe import probe_machine
 from p2pdeploy.runtime.snapshot import ROUTING_SNAPSHOT_FILE, read_bounded, write_file_atomically
+from p2pdeploy.runtime.state_api import PersistenceClient, StateServer
 from p2pdeploy.runtime.transport import Transport, TransportConfig, path_for
 
 log = logging.getLogger(__name__)
@@ -190,9 +194,14 @@ class RuntimeConfig:
     replica_stop_slack_s: float = 2.0
     #: Parameters of the resource prospector (update interval, summaries, query bounds).
     prospector: ProspectorConfig = field(default_factory=ProspectorConfig)
+    #: Parameters of replicated persistence (chunk size, replicas, repair period, quorum size).
+    persistence: PersistenceConfig = field(default_factory=PersistenceConfig)
+    #: When the node stops, how long it may spend handing the keys it holds to the nodes now
+    #: responsible for them (repair on the others covers what is not handed off in time).
+    persistence_leave_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("snapshot_interval_s", "remote_timeout_s", "machine_probe_interval_s"):
+        for name in ("snapshot_interval_s", "remote_timeout_s", "machine_probe_interval_s", "persistence_leave_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
         if not self.replica_stop_slack_s >= 0:
@@ -243,6 +252,8 @@ class RuntimeNode:
         self.machine: Machine | None = None
         #: The executor of a hosting node while it runs.
         self.executor: RealExecutor | None = None
+        #: The state API served to this node's services while it runs (with a persistence layer).
+        self.state_server: StateServer | None = None
         self._wiring: ReplicaWiring | None = None
         self._temporary_dir: Path | None = None
         self._joined = trio.Event()
@@ -324,6 +335,7 @@ class RuntimeNode:
             raise RuntimeError("a RuntimeNode runs once; make a new one")
         transport = await Transport.bind(listen, self._deliver, self.counters, self.config.transport)
         executor = None
+        state_server = None
         try:
             contribution = self.requested_contribution
             executor_config = self._executor_config() if contribution is not None else None
@@ -343,10 +355,15 @@ class RuntimeNode:
                 remote_timeout_s=self.config.remote_timeout_s,
                 wall_clock_offset_s=time.time() - now,
                 prospector=self.config.prospector,
+                data_dir=self.data_dir,
+                persistence=self.config.persistence,
             )
             self._core = build_core(context, layers)
+            if self._layer_or_none(Persistence) is not None:
+                state_server = StateServer(self)
             if self._layer_or_none(ReplicaHost) is not None:
-                executor = RealExecutor(executor_config or self._executor_config(), self._executor_report)
+                executor = RealExecutor(executor_config or self._executor_config(), self._executor_report,
+                                        environment=self._service_environment)
                 self._wiring = ReplicaWiring(self._core, executor)
             overlay = self._overlay_or_none()
             if overlay is not None:
@@ -354,6 +371,7 @@ class RuntimeNode:
                 overlay.start(now)
         except BaseException:
             transport.close()
+            self._close_persistence()
             self._core = None
             self._wiring = None
             self._remove_temporary_dir()
@@ -364,6 +382,10 @@ class RuntimeNode:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(transport.run)
+                if state_server is not None:
+                    # Before the executor: a service's environment names the server's port.
+                    await nursery.start(state_server.run)
+                    self.state_server = state_server
                 if executor is not None:
                     # Started before the core can emit its first command; when the node stops it
                     # kills (SIGKILL) whatever the graceful stop in open_node/join left running.
@@ -378,13 +400,55 @@ class RuntimeNode:
         finally:
             if overlay is not None:
                 self._save_snapshot_logged()
+            self._close_persistence()
             self._transport = None
             self._core = None
+            self.state_server = None
             self._wiring = None
             self.executor = None
             self._remove_temporary_dir()
             for waiter in self._waiters:  # nobody can answer them now
                 waiter.done.set()
+
+    # -- persistence -------------------------------------------------------------------------
+    @property
+    def persistence(self) -> PersistenceClient:
+        """Blobs, records and quorum records on the community, awaitable (``await
+        node.persistence.put_blob(data)``); :class:`RuntimeError` on a node without the layer."""
+        return PersistenceClient(self)
+
+    def _service_environment(self, spec: ProcessSpec) -> dict[str, str]:
+        """What a service's process gets besides its own variables: where the state API is and
+        its token, for the namespace named after the service (replicas of a service on this
+        node share it)."""
+        server = self.state_server
+        if server is None:
+            return {}
+        namespace = spec.env.get(SERVICE_VARIABLE) or spec.replica_id
+        try:
+            return server.environment(namespace)
+        except StateError:  # a service name the state API cannot use as a namespace
+            log.warning("replica %s gets no state API: %r is not a valid namespace", spec.replica_id, namespace)
+            return {}
+
+    async def leave_persistence(self) -> HandedOff | None:
+        """Hand the keys this node holds to the nodes now responsible for them, within
+        ``persistence_leave_s``; None when the node has no persistence layer or time ran out."""
+        if self._layer_or_none(Persistence) is None or self._overlay_or_none() is None:
+            return None
+        with trio.move_on_after(self.config.persistence_leave_s):
+            return await self.persistence.leave()
+        log.warning("handing off stored keys took over %s s; repair on the others covers the rest",
+                    self.config.persistence_leave_s)
+        return None
+
+    def _close_persistence(self) -> None:
+        layer = self._layer_or_none(Persistence)
+        if layer is not None:
+            try:
+                layer.close()
+            except Exception:  # closing must not hide why the node stopped
+                log.exception("closing the persistence store failed")
 
     # -- hosting replicas --------------------------------------------------------------------
     def _executor_config(self) -> RealExecutorConfig:
@@ -1026,6 +1090,7 @@ async def open_node(
     config: RuntimeConfig | None = None,
     kademlia: KademliaConfig | None = None,
     contribution: Contribution | None = None,
+    hand_off: bool = True,
 ) -> AsyncIterator[RuntimeNode]:
     """Run a node for the duration of the block; it is stopped and its sockets closed on exit.
 
@@ -1040,6 +1105,10 @@ async def open_node(
     requests from the keys it trusts start them. When the block ends its replicas are stopped
     (TERM, then KILL after their grace period) before the node stops; when it is cancelled from
     outside they are killed at once. Either way none outlives the block.
+
+    With the persistence layer (the default layers have it) the node then hands the keys it
+    holds to the nodes now responsible for them (``hand_off=False`` skips it: a test that
+    means the node to vanish), within ``RuntimeConfig.persistence_leave_s``.
     """
     created = False
     if identity is None:
@@ -1058,6 +1127,8 @@ async def open_node(
             finally:
                 try:
                     await node.stop_hosted_replicas()
+                    if hand_off:
+                        await node.leave_persistence()
                 finally:
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:

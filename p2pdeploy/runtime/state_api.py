@@ -200,6 +200,7 @@ class StateServer:
         self.timeout_s = timeout_s
         self.max_value_bytes = max_value_bytes
         self._grants: dict[str, tuple[str, Identity]] = {}
+        self._tokens: dict[tuple[str, bytes], str] = {}
         self._listener_port: int | None = None
         self.requests = 0
 
@@ -210,14 +211,22 @@ class StateServer:
         return f"http://127.0.0.1:{self._listener_port}{STATE_PATH}"
 
     def register(self, namespace: str, writer: Identity | None = None) -> StateGrant:
-        """A token for ``namespace``, whose records ``writer`` (default: the node) signs."""
+        """A token for ``namespace``, whose records ``writer`` (default: the node) signs; asking
+        again for the same namespace and writer gives the same token (every run of a service,
+        every replica of it on this node), so grants do not pile up."""
         check_namespace(namespace)
-        token = secrets.token_urlsafe(24)
-        self._grants[token] = (namespace, writer or self.node.identity)
+        writer = writer or self.node.identity
+        token = self._tokens.get((namespace, writer.public_key))
+        if token is None:
+            token = secrets.token_urlsafe(24)
+            self._grants[token] = (namespace, writer)
+            self._tokens[(namespace, writer.public_key)] = token
         return StateGrant(self.url, token, namespace)
 
     def revoke(self, token: str) -> None:
-        self._grants.pop(token, None)
+        grant = self._grants.pop(token, None)
+        if grant is not None:
+            self._tokens.pop((grant[0], grant[1].public_key), None)
 
     def environment(self, namespace: str, writer: Identity | None = None) -> dict[str, str]:
         """Register ``namespace`` and return the variables for the service's process."""

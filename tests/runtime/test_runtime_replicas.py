@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import psutil
@@ -24,9 +25,12 @@ import trio
 from click.testing import CliRunner
 
 from p2pdeploy.cli import main
+from p2pdeploy.collective.persistence import Persistence
+from p2pdeploy.collective.stateapi import overlay_key
 from p2pdeploy.fabric.contribution import ANY, Contribution, ContributionError
 from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.overlay.identity import Identity
+from p2pdeploy.overlay.kademlia import KademliaConfig
 from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, Bundle
 from p2pdeploy.resource.protocol import LogsReply, Refused, StatusReply
 from p2pdeploy.runtime.address import format_host_port
@@ -54,6 +58,7 @@ DEPLOYER = Identity.from_seed(b"D" * 32)
 STRANGER = Identity.from_seed(b"S" * 32)
 #: Generous bounds for a loaded machine; a replica is healthy well within a second or two.
 BOUND_S = 30.0
+FAST_OVERLAY = KademliaConfig(k=8, rpc_timeout_s=1.0)
 
 needs_two_cores = pytest.mark.skipif(
     probe_machine("/tmp").cores < 2, reason="the contribution is clamped to the machine: needs 2 cores"
@@ -360,6 +365,46 @@ def test_a_bundle_file_travels_with_its_signature_and_a_changed_bundle_is_caught
     sig_path.unlink()
     with pytest.raises(BundleFileError, match=r"hello.tar.gz.sig not found"):
         read_signed_bundle(path)
+
+
+async def http_body(port: int, path: str) -> bytes:
+    with trio.fail_after(BOUND_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), data
+    return body
+
+
+async def test_a_hosted_service_keeps_a_counter_in_the_state_api_replicated_on_other_nodes(service_root):
+    """The executor hands the service the node's state API (URL and token in its environment);
+    examples/hello counts /count there with compare-and-set, and the record lives on the nodes
+    closest to its key: another node reads it with a quorum read."""
+    contribution = Contribution(trusted_keys=frozenset({DEPLOYER.public_key}))
+    bundle = Bundle.from_directory(EXAMPLES / "hello").sign(DEPLOYER)
+    async with AsyncExitStack() as stack:
+        host = await stack.enter_async_context(
+            open_node(data_dir=service_root / "host", contribution=contribution, kademlia=FAST_OVERLAY))
+        others = [await stack.enter_async_context(open_node(seed=i, bootstrap=[host.address], kademlia=FAST_OVERLAY))
+                  for i in range(4)]
+        deployer = await stack.enter_async_context(open_node(identity=DEPLOYER, layers=client_layers))
+        for node in (host, *others):
+            await node.wait_joined()
+        assert isinstance(await deployer.remote_start(host.address, "hello-1", bundle), StatusReply)
+        port = (await wait_until_running(deployer, host.address, "hello-1")).port
+        assert (await http_body(port, "/count")).startswith(b"count 1 (version 1)")
+        assert (await http_body(port, "/count")).startswith(b"count 2 (version 2)")
+
+        key = overlay_key(host.identity.public_key, "hello", "count")
+        with trio.fail_after(BOUND_S):
+            read = await others[2].persistence.quorum_read(key)
+        assert read.ok and read.item is not None and (read.item.value, read.version) == (b"2", 2)
+        holders = [node for node in others if node.core.layer(Persistence).store.read_acceptor(key) is not None]
+        assert holders, "the record is held by other nodes, not only by the host"
 
 
 async def test_a_node_without_a_contribution_hosts_nothing():
