@@ -44,6 +44,17 @@ Events (publish/subscribe on multicast groups, with content filters)::
 
 Through a running ``p2pdeploy join`` node instead:
 ``await api.control_request("state", api.ReplicaRequest.start(address, "hello-1", bundle))``.
+
+Replicated persistence (content-addressed blobs, signed records, quorum records)::
+
+    stored = await node.persistence.put_blob(data)           # BlobStored(blob_id, size, chunks, replicas, ...)
+    data = await node.persistence.get_blob(stored.blob_id)   # bytes (every chunk checked), or None
+    done = await node.persistence.quorum_put(identity, b"name", b"value")     # acknowledged by a majority
+    read = await node.persistence.quorum_read(api.record_key(identity.public_key, b"name"))
+
+A service hosted by a node reaches its state over HTTP on 127.0.0.1 (``P2PDEPLOY_STATE_URL`` and
+``P2PDEPLOY_STATE_TOKEN`` in its environment; see ``p2pdeploy.runtime.state_api``). Through a
+running node: ``api.BlobPutRequest(data)`` and ``api.BlobGetRequest(blob_id)``.
 """
 
 from __future__ import annotations
@@ -69,6 +80,10 @@ from p2pdeploy.resource.protocol import Refused
 from p2pdeploy.resource.protocol import StatusReply as ReplicaStatusReply
 from p2pdeploy.runtime.bundlefile import read_signed_bundle, write_signed_bundle
 from p2pdeploy.runtime.control import (
+    BlobGetReply,
+    BlobGetRequest,
+    BlobPutReply,
+    BlobPutRequest,
     ControlError,
     ControlRequestRefused,
     GetReply,
@@ -109,6 +124,10 @@ def key_for(name: str | bytes) -> int:
 
 
 __all__ = [
+    "BlobGetReply",
+    "BlobGetRequest",
+    "BlobPutReply",
+    "BlobPutRequest",
     "Bundle",
     "Contact",
     "Contribution",

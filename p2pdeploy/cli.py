@@ -337,6 +337,44 @@ def lookup(name: str, data_dir: str | None) -> None:
     sys.exit(_run_node_command(run_lookup, name, _data_dir_or_default(data_dir), make_console()))
 
 
+@main.group()
+def blob() -> None:
+    """Store and fetch files as content-addressed blobs, through the running node.
+
+    A blob is split into chunks (256 KiB), each named by its SHA-256 and kept on the nodes
+    closest to that name (3 by default), which repair it when holders leave or a copy on disk
+    is damaged; every read is checked against the hashes.
+    """
+
+
+@blob.command("put")
+@click.argument("path", metavar="FILE", type=click.Path(exists=True, dir_okay=False))
+@click.option("--replicas", type=click.IntRange(min=1, max=20), default=None,
+              help="Copies of each chunk [default: 3].")
+@_data_dir_option
+def blob_put(path: str, replicas: int | None, data_dir: str | None) -> None:
+    """Store FILE (up to 64 MiB); print its blob id (40 hex digits)."""
+    from p2pdeploy.runtime.commands import make_console, run_blob_put
+
+    sys.exit(_run_node_command(run_blob_put, path, replicas, _data_dir_or_default(data_dir), make_console()))
+
+
+@blob.command("get")
+@click.argument("blob_id", metavar="ID")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the blob to this file [default: standard output].")
+@_data_dir_option
+def blob_get(blob_id: str, out: str | None, data_dir: str | None) -> None:
+    """Fetch the blob ID, every chunk checked against its hash; exit status 1 when not found."""
+    from p2pdeploy.runtime.commands import blob_id_of, make_console, run_blob_get
+
+    try:
+        blob_id_of(blob_id)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="ID") from None
+    sys.exit(_run_node_command(run_blob_get, blob_id, out, _data_dir_or_default(data_dir), make_console()))
+
+
 @main.command()
 @_data_dir_option
 def status(data_dir: str | None) -> None:

@@ -64,6 +64,11 @@ from p2pdeploy.resource.protocol import StatusReply as ReplicaStatusReply
 from p2pdeploy.runtime.address import HostPort, format_host_port
 from p2pdeploy.runtime.bundlefile import read_signed_bundle, write_signed_bundle
 from p2pdeploy.runtime.control import (
+    MAX_CONTROL_BLOB_BYTES,
+    BlobGetReply,
+    BlobGetRequest,
+    BlobPutReply,
+    BlobPutRequest,
     ControlClient,
     ControlRequestRefused,
     ControlSocket,
@@ -84,6 +89,7 @@ from p2pdeploy.runtime.control import (
 )
 from p2pdeploy.runtime.layers import client_layers
 from p2pdeploy.runtime.node import PingTimeout, RemoteTimeout, RuntimeConfig, RuntimeNode, open_node
+from p2pdeploy.runtime.snapshot import write_file_atomically
 
 log = logging.getLogger(__name__)
 
@@ -393,6 +399,56 @@ async def run_get(name: str, data_dir: str | os.PathLike[str], console: Console)
     out = sys.stdout.buffer
     out.write(reply.item.value + b"\n")
     out.flush()
+    return 0
+
+
+def blob_id_of(text: str) -> int:
+    """A blob id given on the command line: the 40 hex digits ``blob put`` printed."""
+    cleaned = text.strip().lower().removeprefix("0x")
+    if len(cleaned) != 40 or any(ch not in "0123456789abcdef" for ch in cleaned):
+        raise ValueError(f"a blob id is 40 hex digits, as `p2pdeploy blob put` prints it (got {text!r})")
+    return int(cleaned, 16)
+
+
+async def run_blob_put(
+    path: str | os.PathLike[str], replicas: int | None, data_dir: str | os.PathLike[str], console: Console
+) -> int:
+    """Store a file as a content-addressed blob (chunks replicated on the nodes closest to each
+    chunk's id) through the node of ``data_dir``; print its id. Exit status 1 when not stored."""
+    source = Path(path)
+    size = source.stat().st_size
+    if size > MAX_CONTROL_BLOB_BYTES:
+        console.print(f"[red]{source} has {format_size(size)}; `blob put` carries at most "
+                      f"{format_size(MAX_CONTROL_BLOB_BYTES)}[/]")
+        return 2
+    data = source.read_bytes()
+    with trio.fail_after(CONTROL_TIMEOUT_S):
+        reply: BlobPutReply = await control_request(data_dir, BlobPutRequest(data, replicas))
+    if reply.reason:
+        console.print(f"[red]{source} was not stored[/]: {reply.reason}")
+        return 1
+    console.print(f"stored {source.name} ({format_size(reply.size)}, {_count(reply.chunks, 'chunk')}, "
+                  f"{reply.replicas} {'copy' if reply.replicas == 1 else 'copies'} of each)")
+    console.print(f"blob {reply.blob_id:040x}")
+    return 0
+
+
+async def run_blob_get(
+    blob_id: str, out: str | os.PathLike[str] | None, data_dir: str | os.PathLike[str], console: Console
+) -> int:
+    """Fetch a blob (every chunk checked against its hash) to ``out``, or to standard output."""
+    key = blob_id_of(blob_id)
+    with trio.fail_after(CONTROL_TIMEOUT_S):
+        reply: BlobGetReply = await control_request(data_dir, BlobGetRequest(key))
+    if reply.data is None:
+        Console(stderr=True, highlight=False).print(f"blob {key:040x} not fetched: {reply.reason or 'not found'}")
+        return 1
+    if out is None:
+        sys.stdout.buffer.write(reply.data)
+        sys.stdout.buffer.flush()
+    else:
+        write_file_atomically(Path(out), reply.data, mode=0o644)
+        console.print(f"fetched blob {key:040x} ({format_size(len(reply.data))}) to {out}")
     return 0
 
 

@@ -3,10 +3,11 @@
 A ``p2pdeploy join`` node listens on a Unix-domain socket in its data directory
 (``control.sock``, mode 0600, so only its owner can talk to it). A connection carries
 length-prefixed frames (:mod:`~p2pdeploy.runtime.framing`), each one wire message
-(:mod:`p2pdeploy.wire`, tags 40-41 and 50-59 below): the client sends a request, the node answers
+(:mod:`p2pdeploy.wire`, tags 40-45 and 50-59 below): the client sends a request, the node answers
 with its reply or a :class:`ControlRefusal` naming what was wrong, then the client may send the
 next. Requests: :class:`StatusRequest`, :class:`PutRequest`, :class:`GetRequest`,
-:class:`LookupRequest` and :class:`ReplicaRequest` (the node signs a start, stop, status or logs
+:class:`LookupRequest`, :class:`BlobPutRequest`, :class:`BlobGetRequest` (replicated
+persistence: ``p2pdeploy blob``) and :class:`ReplicaRequest` (the node signs a start, stop, status or logs
 request with its key and sends it to another node, or to itself; ``p2pdeploy replica``); the
 node serves them through its async facade, so the control API makes no protocol decision either.
 
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pdeploy import wire
+from p2pdeploy.collective.persistence import BlobFetched
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import Item
 from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, SignedBundle
@@ -49,8 +51,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONTROL_SOCKET_FILE = "control.sock"
-#: Largest request or reply frame: a bundle of up to 4 MiB (``p2pdeploy replica start``) and its envelope.
-CONTROL_LIMIT_BYTES = MAX_BUNDLE_BYTES + 1024 * 1024
+#: Largest blob ``p2pdeploy blob put`` and ``blob get`` carry through the control socket.
+MAX_CONTROL_BLOB_BYTES = 64 * 1024 * 1024
+#: Largest request or reply frame: a bundle of up to 4 MiB (``p2pdeploy replica start``) or a
+#: blob of up to 64 MiB (``p2pdeploy blob``), and its envelope.
+CONTROL_LIMIT_BYTES = max(MAX_BUNDLE_BYTES, MAX_CONTROL_BLOB_BYTES) + 1024 * 1024
 #: Connections served at once; more are closed at once (a local client needs one).
 MAX_CONTROL_CONNECTIONS = 32
 RECEIVE_BYTES = 65536
@@ -137,6 +142,40 @@ class GetReply:
     hops: int
 
 
+@message(42)
+@dataclass(frozen=True, slots=True)
+class BlobPutRequest:
+    data: bytes = field(repr=False)
+    #: None: the persistence layer's default (3 copies).
+    replicas: int | None = None
+
+
+@message(43)
+@dataclass(frozen=True, slots=True)
+class BlobPutReply:
+    blob_id: NodeId
+    size: int
+    chunks: int
+    #: The fewest copies any of the blob's keys reached.
+    replicas: int
+    #: Empty when stored; else why not.
+    reason: str = ""
+
+
+@message(44)
+@dataclass(frozen=True, slots=True)
+class BlobGetRequest:
+    blob_id: NodeId
+
+
+@message(45)
+@dataclass(frozen=True, slots=True)
+class BlobGetReply:
+    blob_id: NodeId
+    data: bytes | None = field(repr=False)
+    reason: str = ""
+
+
 @message(56)
 @dataclass(frozen=True, slots=True)
 class LookupRequest:
@@ -217,7 +256,7 @@ class ReplicaAnswer:
     reply: ReplicaStatusReply | LogsReply | Refused
 
 
-REQUESTS = (StatusRequest, PutRequest, GetRequest, LookupRequest, ReplicaRequest)
+REQUESTS = (StatusRequest, PutRequest, GetRequest, LookupRequest, BlobPutRequest, BlobGetRequest, ReplicaRequest)
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -412,9 +451,23 @@ async def answer(node: RuntimeNode, request: Any) -> Any:
         if isinstance(request, LookupRequest):
             event = await node.query(lambda overlay, now: overlay.lookup(request.key, now))
             return LookupReply(request.key, list(event.closest), event.hops, event.requests)
+        if isinstance(request, BlobPutRequest):
+            if len(request.data) > MAX_CONTROL_BLOB_BYTES:
+                raise ValueError(f"a blob through the control socket is at most {MAX_CONTROL_BLOB_BYTES} bytes")
+            stored = await node.persistence.put_blob(request.data, replicas=request.replicas)
+            return BlobPutReply(stored.blob_id, stored.size, stored.chunks, stored.replicas, stored.reason)
+        if isinstance(request, BlobGetRequest):
+            layer = node.persistence.layer
+            fetched = await node.request(lambda now: layer.get_blob(request.blob_id, now),
+                                         lambda query, event: isinstance(event, BlobFetched) and event.query_id == query)
+            if fetched.data is not None and len(fetched.data) > MAX_CONTROL_BLOB_BYTES:
+                return BlobGetReply(request.blob_id, None, f"the blob has {len(fetched.data)} bytes, over the "
+                                    f"control socket's {MAX_CONTROL_BLOB_BYTES}; fetch it with the library")
+            return BlobGetReply(request.blob_id, fetched.data, fetched.reason)
         if isinstance(request, ReplicaRequest):
             return await serve_replica_request(node, request)
-    except (ValueError, TypeError, NodeNotRunning, NoOverlay, NoRemoteClient, PingTimeout, RemoteTimeout) as exc:
+    except (ValueError, TypeError, RuntimeError, NodeNotRunning, NoOverlay, NoRemoteClient, PingTimeout,
+            RemoteTimeout) as exc:
         node.counters["control_refused"] += 1
         return ControlRefusal(str(exc))
     raise AssertionError(f"unhandled request {request!r}")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
+import random
+import re
 import stat
 from contextlib import AsyncExitStack
 
@@ -10,11 +13,13 @@ import cbor2
 import pytest
 import trio
 from click.testing import CliRunner
+from rich.console import Console
 
 from p2pdeploy import api, wire
 from p2pdeploy.cli import main
 from p2pdeploy.overlay.kademlia import KademliaConfig, Probe
 from p2pdeploy.overlay.storage import Item
+from p2pdeploy.runtime.commands import run_blob_get, run_blob_put
 from p2pdeploy.runtime.control import (
     CONTROL_LIMIT_BYTES,
     ControlError,
@@ -150,3 +155,31 @@ def test_join_names_a_bad_kademlia_setting(setting, complaint):
     result = CliRunner().invoke(main, ["join", "--kademlia", setting])
     assert result.exit_code == 2
     assert complaint in result.output
+
+
+async def test_blob_put_and_get_through_the_control_socket_byte_identical_from_another_node(tmp_path):
+    data = random.Random(3).randbytes(700 * 1024)  # three chunks
+    source = tmp_path / "input.bin"
+    source.write_bytes(data)
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    async with AsyncExitStack() as stack:
+        first, _ = await serve_node(stack, tmp_path / "a")
+        others = [(await serve_node(stack, tmp_path / f"n{i}", bootstrap=[first.address], seed=i))[0]
+                  for i in range(3)]
+        for node in others:
+            await node.wait_joined()
+        assert await run_blob_put(source, None, tmp_path / "n0", console) == 0
+        blob_id = re.search(r"^blob ([0-9a-f]{40})$", out.getvalue(), re.M).group(1)
+        assert "3 chunks, 3 copies of each" in out.getvalue()
+        assert await run_blob_get(blob_id, tmp_path / "fetched.bin", tmp_path / "a", console) == 0
+        assert (tmp_path / "fetched.bin").read_bytes() == data
+        missing = "f" * 40
+        assert await run_blob_get(missing, tmp_path / "none.bin", tmp_path / "a", console) == 1
+        assert not (tmp_path / "none.bin").exists()
+
+
+def test_blob_get_names_a_bad_id(tmp_path):
+    result = CliRunner().invoke(main, ["blob", "get", "xyz", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "a blob id is 40 hex digits" in result.output
