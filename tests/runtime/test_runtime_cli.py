@@ -54,9 +54,11 @@ def test_the_demo_runs_every_step_and_stops_every_node():
         [sys.executable, "-m", "p2pdeploy.demo", "--nodes", "3"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=180,
         env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"all \d+ steps worked", result.stdout)
     assert "every node stopped cleanly" in result.stdout
+    assert "count 2 (version 2)" in result.stdout  # the service's counter in the state API
+    assert "(byte-identical)" in result.stdout  # the blob fetched on another node
