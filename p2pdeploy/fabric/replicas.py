@@ -45,12 +45,16 @@ class ReplicaHost(Protocol):
         digest: bytes = b"",
         requested_by: bytes = b"",
     ) -> Refusal | None:
-        """Admit and start a replica; the refusal (nothing started) when it does not fit."""
+        """Admit and start a replica; the refusal (nothing started) when it does not fit.
+
+        An id whose replica has finished (stopped, or failed for good) may be started again: the
+        new replica takes its place and its directory, so the service's data and logs carry over.
+        """
         replica_id = spec.replica_id
         existing = self._supervisors.get(replica_id)
-        if existing is not None:
+        if existing is not None and not existing.finished:
             return Refusal("replica", f"replica: {replica_id} already exists on this node ({existing.status()})")
-        refusal = self.admission.reserve(replica_id, demand)
+        refusal = self.admission.reserve(replica_id, demand)  # a finished replica holds nothing
         if refusal is not None:
             return refusal
         supervisor = Supervisor(spec, self.rng, digest=digest)

@@ -375,8 +375,15 @@ class RemoteControl(Protocol):
             self._refuse(src, msg, "bundle", str(exc))
             return
         existing = self.host.supervisor(msg.replica_id)
-        if existing is not None and existing.digest == bundle.digest and self.host.requested_by.get(msg.replica_id) == msg.signer:
-            self._reply_status(src, msg.request_id, existing.status())  # a retried start: same answer
+        started_by = self.host.requested_by.get(msg.replica_id)
+        if existing is not None and not existing.finished:
+            if existing.digest == bundle.digest and started_by == msg.signer:
+                self._reply_status(src, msg.request_id, existing.status())  # a retried start: same answer
+                return
+        elif existing is not None and not self._authorized(msg.signer, msg.replica_id):
+            # A finished replica's id starts again in its directory (its data): only for whoever started it.
+            self._refuse(src, msg, "authorization", f"authorization: {msg.replica_id} was started by another key; "
+                                                    f"key {_key(msg.signer)} may not start it again")
             return
         manifest = bundle.manifest
         requirements = manifest.resources.requirements

@@ -233,6 +233,22 @@ def test_stop_is_allowed_to_the_key_that_started_the_replica_and_to_the_owner_on
     assert isinstance(reply, StatusReply)
 
 
+def test_a_finished_replicas_id_starts_again_for_the_key_that_started_it_only():
+    link = Link()
+    link.start()
+    assert link.ask(lambda c, t: c.stop("node", NODE.node_id, "web-1", t)).state == "stopped"
+    colleague = RemoteClient(COLLEAGUE, random.Random(2))
+    colleague.start("node", NODE.node_id, "web-1", signed_bundle(), NOW)
+    (_, request), = colleague.messages_to_send()
+    link.deliver(request)
+    (_, reply), = link.node.messages_to_send()
+    assert reply.check == "authorization" and "web-1 was started by another key" in reply.reason
+    again = link.start()
+    assert isinstance(again, StatusReply) and again.state == "installing"
+    assert len([e for e in link.host_events if isinstance(e, InstallBundle)]) == 2
+    assert link.host.admission.holders() == ("web-1",)
+
+
 def test_status_of_a_replica_and_of_an_unknown_one():
     link = Link()
     link.start()

@@ -396,13 +396,26 @@ async def test_a_hosted_service_keeps_a_counter_in_the_state_api_replicated_on_o
             await node.wait_joined()
         assert isinstance(await deployer.remote_start(host.address, "hello-1", bundle), StatusReply)
         port = (await wait_until_running(deployer, host.address, "hello-1")).port
+        assert b"(replica hello-1, visit 1)" in await http_body(port, "/")
         assert (await http_body(port, "/count")).startswith(b"count 1 (version 1)")
         assert (await http_body(port, "/count")).startswith(b"count 2 (version 2)")
+        again = await deployer.remote_start(host.address, "hello-1", bundle)  # a retried start: the same run
+        assert isinstance(again, StatusReply) and (again.state, again.run, again.port) == ("running", 1, port)
+
+        # Stopped, the same id starts again in the same directory: its data and its state carry over.
+        await deployer.remote_stop(host.address, "hello-1")
+        with trio.fail_after(BOUND_S):
+            while (await deployer.remote_query(host.address, "hello-1")).state != "stopped":
+                await trio.sleep(0.05)
+        assert isinstance(await deployer.remote_start(host.address, "hello-1", bundle), StatusReply)
+        port = (await wait_until_running(deployer, host.address, "hello-1")).port
+        assert b"(replica hello-1, visit 2)" in await http_body(port, "/")
+        assert (await http_body(port, "/count")).startswith(b"count 3 (version 3)")
 
         key = overlay_key(host.identity.public_key, "hello", "count")
         with trio.fail_after(BOUND_S):
             read = await others[2].persistence.quorum_read(key)
-        assert read.ok and read.item is not None and (read.item.value, read.version) == (b"2", 2)
+        assert read.ok and read.item is not None and (read.item.value, read.version) == (b"3", 3)
         holders = [node for node in others if node.core.layer(Persistence).store.read_acceptor(key) is not None]
         assert holders, "the record is held by other nodes, not only by the host"
 
