@@ -822,6 +822,9 @@ class _Check(_Op):
         self.kind = kind
         self.replicas = replicas
         self.leaving = leaving
+        #: A hand-off waits for its copies to be acknowledged (or to time out): the node may
+        #: stop right after, cutting a transfer still under way.
+        self.waiting = 0
 
     def on_search_done(self, p: Persistence, now: float) -> None:
         search = self.search
@@ -832,7 +835,28 @@ class _Check(_Op):
             self._chunk(p, targets, search, now)
         else:
             self._record(p, targets, search, now)
-        p._finish(self, now)
+        if self.waiting == 0:
+            p._finish(self, now)
+
+    def _copy(self, p: Persistence, contact: Contact, msg: Any, now: float) -> None:
+        if self.leaving:
+            self.waiting += 1
+            p._request(contact, msg, self, now)
+        else:
+            p._request(contact, msg, None, now)
+
+    def on_reply(self, p: Persistence, rpc: _Rpc, msg: Any, now: float) -> None:
+        if isinstance(msg, Stored):
+            self._copied(p, now)
+
+    def on_timeout(self, p: Persistence, rpc: _Rpc, now: float) -> None:
+        if rpc.kind in (StoreChunk, StoreRecord):
+            self._copied(p, now)
+
+    def _copied(self, p: Persistence, now: float) -> None:
+        self.waiting -= 1
+        if self.waiting == 0:
+            p._finish(self, now)
 
     def _chunk(self, p: Persistence, targets: list[Contact], search: _Search, now: float) -> None:
         info = p.store.chunk_info(self.key)
@@ -848,7 +872,7 @@ class _Check(_Op):
         for contact in lacking:
             p.counters[f"{PURPOSES[purpose]}_chunks"] += 1
             p.counters[f"{PURPOSES[purpose]}_bytes"] += len(data)
-            p._request(contact, StoreChunk(0, p.node_id, self.key, data, self.replicas, purpose), None, now)
+            self._copy(p, contact, StoreChunk(0, p.node_id, self.key, data, self.replicas, purpose), now)
         responsible = any(c.node_id == p.node_id for c in targets)
         if not responsible and not lacking and not info.pinned and len(targets) >= self.replicas:
             p.store.delete_chunk(self.key)  # a surplus copy: the r closest all hold the key
@@ -872,7 +896,7 @@ class _Check(_Op):
                 lacking.append(contact)
         for contact in lacking:
             p.counters[f"{PURPOSES[purpose]}_records"] += 1
-            p._request(contact, StoreRecord(0, p.node_id, self.key, item, replicas, purpose), None, now)
+            self._copy(p, contact, StoreRecord(0, p.node_id, self.key, item, replicas, purpose), now)
         responsible = any(c.node_id == p.node_id for c in targets)
         if not responsible and not lacking and len(targets) >= self.replicas:
             p.store.delete_record(self.key)
@@ -1263,7 +1287,7 @@ class Persistence(Protocol):
     # -- API: leaving ----------------------------------------------------------------------
     def leave(self, now: float) -> int:
         """Before a graceful departure: hand every held key to its next closest nodes; emits
-        :class:`HandedOff` once each was offered (quorum groups do not move). From now on the
+        :class:`HandedOff` once each copy was acknowledged or timed out (quorum groups do not move). From now on the
         node answers no search and accepts no copy, so nobody hands a key to it."""
         keys = [(info.key, KIND_CHUNK, info.replicas) for info in self.store.chunk_infos()]
         for key in self.store.record_keys():
@@ -1286,6 +1310,8 @@ class Persistence(Protocol):
             self._overlay_heard(Contact(msg.sender, src), now)
         if self.leaving and kind in (FindHolders, StoreChunk, StoreRecord):
             self.dropped["leaving"] += 1  # a departing node takes no new copies: let searches pass it by
+            if kind is not FindHolders:  # and say so to a copy, whose sender would wait for a transfer timeout
+                self.send(src, Stored(msg.rpc_id, self.node_id, False, "leaving"))
             return
         if kind is FindHolders:
             self.send(src, self._holders(msg, now))

@@ -198,7 +198,7 @@ class RuntimeConfig:
     persistence: PersistenceConfig = field(default_factory=PersistenceConfig)
     #: When the node stops, how long it may spend handing the keys it holds to the nodes now
     #: responsible for them (repair on the others covers what is not handed off in time).
-    persistence_leave_s: float = 10.0
+    persistence_leave_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("snapshot_interval_s", "remote_timeout_s", "machine_probe_interval_s", "persistence_leave_s"):

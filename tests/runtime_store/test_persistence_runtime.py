@@ -16,6 +16,7 @@ import trio
 
 from p2pdeploy.collective.blobs import split
 from p2pdeploy.collective.persistence import ChunkCorrupted, PersistenceConfig
+from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import KademliaConfig
 from p2pdeploy.overlay.ping import PingProtocol
 from p2pdeploy.runtime.layers import kademlia_layer
@@ -48,13 +49,17 @@ async def wait_for(condition, timeout_s: float = WAIT_BOUND_S) -> None:
 
 
 async def start_network(stack: AsyncExitStack, tmp_path, size: int):
+    """``size`` nodes with SQLite stores. When the test ends they vanish (no hand-off: that is
+    one node leaving a live network, tested on its own below, not a whole network stopping)."""
     stores = [stack.enter_context(SQLiteStore(tmp_path / f"node{i}", capacity_bytes=1 << 30, durable=False))
               for i in range(size)]
-    first = await stack.enter_async_context(open_node(LOOPBACK, kademlia=FAST, seed=0, layers=layers_with(stores[0])))
+    first = await stack.enter_async_context(
+        open_node(LOOPBACK, kademlia=FAST, seed=0, layers=layers_with(stores[0]), hand_off=False))
     nodes = [first]
     for index in range(1, size):
         nodes.append(await stack.enter_async_context(
-            open_node(LOOPBACK, kademlia=FAST, seed=index, bootstrap=[first.address], layers=layers_with(stores[index]))
+            open_node(LOOPBACK, kademlia=FAST, seed=index, bootstrap=[first.address], layers=layers_with(stores[index]),
+                      hand_off=False)
         ))
     for node in nodes:
         await node.wait_joined()
@@ -99,6 +104,37 @@ async def test_a_5_mib_bundle_is_fetched_byte_identical_from_every_node_and_a_da
         await wait_for(lambda: stores[victim].chunk_info(key) is not None)
         assert path.read_bytes() == piece and stores[victim].read_chunk(key) == piece
         assert stores[victim].corruptions == 1
+
+
+def identity_closest_to(key: int, within_bits: int = 150) -> Identity:
+    """A deterministic identity whose id is within 2^within_bits of ``key``: closer than any
+    random id of a small network (about 2^157 away), so it is the key's closest node."""
+    for n in range(1 << 20):
+        identity = Identity.from_seed(n.to_bytes(32, "big"))
+        if identity.node_id ^ key < 1 << within_bits:
+            return identity
+    raise AssertionError("no identity found")
+
+
+async def test_a_node_leaving_gracefully_hands_its_only_copies_to_the_nodes_now_closest(tmp_path):
+    blob = random.Random(8).randbytes(900_000)  # four chunks and a manifest
+    key = split(blob, PERSISTENCE.chunk_bytes).chunks[0][0]
+    async with AsyncExitStack() as stack:
+        nodes, stores = await start_network(stack, tmp_path, 5)
+        async with AsyncExitStack() as leaving:
+            own = leaving.enter_context(SQLiteStore(tmp_path / "leaver", capacity_bytes=1 << 30, durable=False))
+            leaver = await leaving.enter_async_context(open_node(
+                LOOPBACK, identity=identity_closest_to(key), kademlia=FAST, bootstrap=[nodes[0].address],
+                layers=layers_with(own)))  # hand_off: the default
+            await leaver.wait_joined()
+            stored = await PersistenceClient(nodes[1]).put_blob(blob, replicas=1)
+            assert stored.ok
+            assert own.chunk_info(key) is not None, "the leaver is the closest node to the chunk: its one copy"
+            assert all(store.chunk_info(key) is None for store in stores)
+        # The block ended: the leaver handed its keys on before it stopped.
+        assert [store.chunk_info(key) is not None for store in stores].count(True) == 1
+        with trio.fail_after(WAIT_BOUND_S):
+            assert await PersistenceClient(nodes[3]).get_blob(stored.blob_id) == blob
 
 
 async def test_a_restarted_node_serves_what_its_data_directory_held(tmp_path):
