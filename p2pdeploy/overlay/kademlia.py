@@ -347,6 +347,17 @@ class Kademlia(Protocol):
     def contact_count(self) -> int:
         return len(self.table)
 
+    # -- what the layers above observe (their own requests and answers) -------------------
+    def heard(self, contact: Contact, now: float) -> None:
+        """A layer above heard from ``contact`` (its request or its answer): the routing table
+        learns of it, as from an overlay message (a full bucket probes its oldest entry)."""
+        self._heard(contact, now)
+
+    def unreachable(self, node_id: int) -> None:
+        """A layer above got no answer from ``node_id``: one failure, counted as for an overlay
+        request (eviction still needs repeated failures and a waiting replacement)."""
+        self.table.failed(node_id)
+
     def snapshot(self) -> bytes:
         """The routing table as CBOR bytes, for the data directory."""
         return encode(RoutingSnapshot(self.node_id, list(self.table.contacts())))

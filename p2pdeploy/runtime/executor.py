@@ -628,7 +628,7 @@ class RealExecutor:
         pids = replica.cgroup.pids() if replica.cgroup is not None and replica.alive else set()
         if replica.alive and replica.pid is not None:
             for process in psutil.process_iter(["pid"]):
-                with suppress(psutil.Error):
+                with suppress(psutil.Error, ProcessLookupError):  # it may exit between listing and asking
                     if os.getpgid(process.pid) == replica.pid:
                         pids.add(process.pid)
         return pids

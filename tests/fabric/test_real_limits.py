@@ -95,7 +95,7 @@ async def run_fork_bomb(local, behave_bundle, sample):
     """Start a 3-second fork bomb limited to 20 processes; return its output and the largest sample."""
     start(local, behave("bomb", "bomb", "3", limits=Limits(memory_bytes=512 * MIB, processes=20)), behave_bundle)
     largest = 0
-    with trio.fail_after(20):
+    with trio.fail_after(60):
         while local.host.status("bomb").state is not ReplicaState.STOPPED:
             largest = max(largest, sample())
             await node_still_works()
@@ -113,6 +113,14 @@ async def test_a_fork_bomb_is_contained_by_the_pids_cgroup(service_root, behave_
     assert largest <= 20
     assert usage.peak_processes is not None and usage.peak_processes <= 20
     assert "processes: cgroup-v1" in usage.enforced or "processes: cgroup-v2" in usage.enforced
+
+
+def gone(pid):
+    """True when ``pid`` no longer runs (exited, or a zombie waiting to be reaped)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def live_processes_of(uid):
@@ -173,7 +181,7 @@ async def test_a_service_that_ignores_term_is_killed_after_the_grace_period(serv
         assert str(local.host.status("stubborn")) == "stopped: killed after the 0.5 s grace period"
         assert local.states("stubborn")[-2:] == ["stopping: stop requested", "stopped: killed after the 0.5 s grace period"]
         assert waited >= 0.5
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert gone(pid)
         assert local.executor.pids("stubborn") == set()
 
 
@@ -183,15 +191,15 @@ async def test_a_process_that_left_the_process_group_dies_with_its_service(servi
     async with open_local_replicas(service_root, CONTRIBUTION) as local:
         start(local, behave("escaper", "escape", health=health), behave_bundle)
         await local.wait_for_state("escaper", ReplicaState.RUNNING)
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             while b"escaped child" not in local.executor.read_logs("escaper", 10_000):
                 await trio.sleep(0.02)
         escaped = int(re.search(rb"escaped child (\d+)", local.executor.read_logs("escaper", 10_000)).group(1))
         assert psutil.pid_exists(escaped) and os.getpgid(escaped) != local.host.status("escaper").pid
         stop(local, "escaper")
         await local.wait_for_state("escaper", ReplicaState.STOPPED)
-        with trio.fail_after(5):
-            while psutil.pid_exists(escaped) and psutil.Process(escaped).status() != psutil.STATUS_ZOMBIE:
+        with trio.fail_after(30):
+            while not gone(escaped):
                 await trio.sleep(0.02)
 
 
@@ -292,12 +300,12 @@ async def test_what_a_node_that_died_left_running_is_killed_when_the_next_execut
     os.mkdir(directory)
     orphan = await trio.lowlevel.open_process(["sh", "-c", f"echo $$ > {directory}/cgroup.procs && exec sleep 60"])
     try:
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             while str(orphan.pid) not in Path(directory, "cgroup.procs").read_text().split():
                 await trio.sleep(0.01)
         async with open_executor(RealExecutorConfig(service_root), lambda report: None):
             pass
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             assert await orphan.wait() == -9
         assert not os.path.exists(directory)
     finally:
