@@ -17,6 +17,7 @@ from p2pdeploy.overlay.kademlia import (
     Store,
     StoreReply,
 )
+from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import Item, sign_record
 
 from .fakenet import FakeNet
@@ -225,3 +226,19 @@ def test_buckets_partition_the_id_space_and_hold_the_table(joined_net):
     assert views[0][0] == 0 and sum(size for _, size, _ in views) == 1 << 160
     assert sum(len(contacts) for _, _, contacts in views) == node.contact_count()
     assert node.is_among_closest(node.node_id)
+
+
+def test_layers_above_feed_the_table_what_they_hear_and_whom_they_miss():
+    node = Kademlia(1, random.Random(1), KademliaConfig(k=1, b=1))
+    a, b = Contact(2**159 + 5, ("127.0.0.1", 5)), Contact(2**159 + 7, ("127.0.0.1", 7))
+    node.heard(a, 0.0)
+    assert node.closest_known(a.node_id, 1) == [a]
+    node.unreachable(a.node_id)
+    node.unreachable(a.node_id)
+    node.unreachable(a.node_id)
+    assert node.table.get(a.node_id) == a, "no replacement waits: a stays, however often it failed"
+    node.heard(b, 1.0)  # the bucket is full: b waits as a replacement and a is probed
+    assert node.table.get(b.node_id) is None
+    assert [type(msg) for _, msg in node.messages_to_send()] == [Probe]
+    node.unreachable(a.node_id)
+    assert node.table.get(a.node_id) is None and node.table.get(b.node_id) == b
