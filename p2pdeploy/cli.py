@@ -406,8 +406,9 @@ def status(data_dir: str | None) -> None:
     "--timeout",
     "timeout_s",
     type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Give up on a ping after this many seconds [default: when the ping protocol declares it lost].",
+    default=2.0,
+    show_default=True,
+    help="Count a ping as lost when no pong came within this many seconds.",
 )
 @click.option("-v", "--verbose", count=True, help="Log more (-v: info, -vv: debug) to stderr.")
 def ping(

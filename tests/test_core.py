@@ -62,6 +62,24 @@ def test_unanswered_ping_times_out_at_the_rto_and_backs_off():
     assert a.next_event() == PingTimedOut("b", nonce)
 
 
+def test_a_ping_given_its_own_timeout_waits_that_long_whatever_the_rto():
+    a, b = _pair()
+    a.ping("b", now=0.0)
+    [(_, msg)] = a.messages_to_send()
+    b.receive("a", msg, now=0.001)
+    [(_, reply)] = b.messages_to_send()
+    a.receive("b", reply, now=0.002)
+    assert a.estimate("b").rto_s == pytest.approx(0.2)  # a fast link: the RTO is at its floor
+    nonce = a.ping("b", now=1.0, timeout_s=5.0)
+    assert a.next_deadline() == pytest.approx(6.0)
+    a.handle_timer(1.5)
+    assert all(not isinstance(e, PingTimedOut) for e in iter(a.next_event, None))
+    a.handle_timer(6.0)
+    assert PingTimedOut("b", nonce) in list(iter(a.next_event, None))
+    with pytest.raises(ValueError, match="timeout_s must be > 0"):
+        a.ping("b", now=7.0, timeout_s=0)
+
+
 def test_a_pong_from_the_wrong_address_or_nonce_is_dropped_and_counted():
     a, b = _pair()
     nonce = a.ping("b", now=0.0)

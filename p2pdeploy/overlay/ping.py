@@ -131,8 +131,13 @@ class PingProtocol(Protocol):
             self.set_timer("round", now + self.rng.uniform(0, self.interval_s))
 
     # -- API -------------------------------------------------------------------------------
-    def ping(self, address: Address, now: float, payload: bytes = b"") -> int:
-        """Queue a ping to ``address``; returns its nonce (matched by the resulting event)."""
+    def ping(self, address: Address, now: float, payload: bytes = b"", timeout_s: float | None = None) -> int:
+        """Queue a ping to ``address``; returns its nonce (matched by the resulting event).
+
+        It is declared lost (:class:`PingTimedOut`) after ``timeout_s`` when given, else after
+        the peer's retransmission timeout (RTO, at least 0.2 s once RTTs are known)."""
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 (got {timeout_s})")
         if len(self._outstanding) >= MAX_OUTSTANDING:
             raise RuntimeError(f"more than {MAX_OUTSTANDING} pings outstanding; wait for answers")
         nonce = self.rng.getrandbits(63)
@@ -141,8 +146,9 @@ class PingProtocol(Protocol):
         self._outstanding[nonce] = _Outstanding(address, now)
         self.send(address, Ping(nonce, self.node_id, payload))
         self.stats.sent += 1
-        rto = self.rtt[address].rto_s if address in self.rtt else INITIAL_RTO_S
-        self.set_timer(("timeout", nonce), now + rto)
+        if timeout_s is None:
+            timeout_s = self.rtt[address].rto_s if address in self.rtt else INITIAL_RTO_S
+        self.set_timer(("timeout", nonce), now + timeout_s)
         return nonce
 
     def estimate(self, address: Address) -> RttEstimate | None:

@@ -822,17 +822,17 @@ class RuntimeNode:
     ) -> PongReceived:
         """Ping ``address`` and return the core's :class:`PongReceived` (RTT, peer id, smoothed RTT).
 
-        Raises :class:`PingTimeout` when the ping protocol declares the ping lost (after the
-        peer's retransmission timeout) or ``timeout_s`` passes, whichever is first, and
-        :class:`ValueError` when the payload cannot fit in one stream frame.
+        Raises :class:`PingTimeout` when no pong came within ``timeout_s`` or, without it, within
+        the peer's retransmission timeout as the ping protocol estimates it (which is as short as
+        0.2 s on a fast link), and :class:`ValueError` when the payload cannot fit in one stream frame.
         """
         address = await self.resolve(address)
         self._check_fits(Ping(0, self.node_id, payload))
         layer = self.core.layer(PingProtocol)
         started = trio.current_time()
-        with trio.move_on_after(math.inf if timeout_s is None else timeout_s):
+        with trio.move_on_after(math.inf if timeout_s is None else timeout_s + 1.0):  # the core's timer ends it
             event = await self.request(
-                lambda now: layer.ping(address, now, payload),
+                lambda now: layer.ping(address, now, payload, timeout_s),
                 lambda nonce, ev: isinstance(ev, PongReceived | PingTimedOut) and ev.nonce == nonce,
             )
             if isinstance(event, PongReceived):
