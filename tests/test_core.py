@@ -5,7 +5,7 @@ import random
 import pytest
 
 from p2pdeploy.core import Protocol, Stack
-from p2pdeploy.overlay.ping import Ping, PingProtocol, PingTimedOut, Pong, PongReceived
+from p2pdeploy.overlay.ping import MIN_RTO_S, Ping, PingProtocol, PingTimedOut, Pong, PongReceived
 
 
 class _Timers(Protocol):
@@ -69,10 +69,10 @@ def test_a_ping_given_its_own_timeout_waits_that_long_whatever_the_rto():
     b.receive("a", msg, now=0.001)
     [(_, reply)] = b.messages_to_send()
     a.receive("b", reply, now=0.002)
-    assert a.estimate("b").rto_s == pytest.approx(0.2)  # a fast link: the RTO is at its floor
+    assert a.estimate("b").rto_s == pytest.approx(MIN_RTO_S)  # a fast link: the RTO is at its floor
     nonce = a.ping("b", now=1.0, timeout_s=5.0)
     assert a.next_deadline() == pytest.approx(6.0)
-    a.handle_timer(1.5)
+    a.handle_timer(1.0 + MIN_RTO_S + 0.5)
     assert all(not isinstance(e, PingTimedOut) for e in iter(a.next_event, None))
     a.handle_timer(6.0)
     assert PingTimedOut("b", nonce) in list(iter(a.next_event, None))

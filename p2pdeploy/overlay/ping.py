@@ -18,7 +18,8 @@ from p2pdeploy.core import Address, Protocol, Rng
 from p2pdeploy.wire import NodeId, message
 
 INITIAL_RTO_S = 1.0
-MIN_RTO_S = 0.2
+#: RFC 6298's floor: a shorter RTO declares pings lost that a busy host answers late.
+MIN_RTO_S = 1.0
 MAX_RTO_S = 60.0
 #: Upper bound on pings waiting for an answer, so a flood of API calls cannot grow memory.
 MAX_OUTSTANDING = 4096
@@ -135,7 +136,7 @@ class PingProtocol(Protocol):
         """Queue a ping to ``address``; returns its nonce (matched by the resulting event).
 
         It is declared lost (:class:`PingTimedOut`) after ``timeout_s`` when given, else after
-        the peer's retransmission timeout (RTO, at least 0.2 s once RTTs are known)."""
+        the peer's retransmission timeout (RTO, at least :data:`MIN_RTO_S`)."""
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0 (got {timeout_s})")
         if len(self._outstanding) >= MAX_OUTSTANDING:

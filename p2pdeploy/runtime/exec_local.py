@@ -92,7 +92,7 @@ class LocalReplicas:
         self._after_input()
 
     # -- waiting ---------------------------------------------------------------------------
-    async def wait_for(self, predicate: Callable[[Any], bool], timeout_s: float = 10.0) -> Any:
+    async def wait_for(self, predicate: Callable[[Any], bool], timeout_s: float = 30.0) -> Any:
         """The first event (already emitted or to come) that ``predicate`` accepts."""
         seen = 0
         with trio.fail_after(timeout_s):
@@ -104,7 +104,7 @@ class LocalReplicas:
                 changed = self._changed
                 await changed.wait()
 
-    async def wait_for_state(self, replica_id: str, state: ReplicaState, timeout_s: float = 10.0) -> ReplicaStateChanged:
+    async def wait_for_state(self, replica_id: str, state: ReplicaState, timeout_s: float = 30.0) -> ReplicaStateChanged:
         return await self.wait_for(
             lambda e: isinstance(e, ReplicaStateChanged) and e.replica_id == replica_id and e.new is state, timeout_s
         )

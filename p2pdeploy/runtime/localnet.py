@@ -26,7 +26,7 @@ NODE_ID_LINE = re.compile(r"^node id ([0-9a-f]{40})\b")
 LISTENING_LINE = re.compile(r"^listening on (\S+)")
 PEER_LINE = re.compile(r"^peer ([0-9a-f]{40}) at (\S+)")
 #: Generous bounds for a loaded machine; a healthy start takes well under a second.
-START_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 
 

@@ -823,8 +823,7 @@ class RuntimeNode:
         """Ping ``address`` and return the core's :class:`PongReceived` (RTT, peer id, smoothed RTT).
 
         Raises :class:`PingTimeout` when no pong came within ``timeout_s`` or, without it, within
-        the peer's retransmission timeout as the ping protocol estimates it (which is as short as
-        0.2 s on a fast link), and :class:`ValueError` when the payload cannot fit in one stream frame.
+        the peer's retransmission timeout as the ping protocol estimates it (at least 1 s), and :class:`ValueError` when the payload cannot fit in one stream frame.
         """
         address = await self.resolve(address)
         self._check_fits(Ping(0, self.node_id, payload))

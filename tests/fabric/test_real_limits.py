@@ -220,8 +220,9 @@ async def test_logs_rotate_and_stop_growing_at_their_cap(service_root, behave_bu
 async def test_rlimit_cpu_ends_a_service_that_uses_more_cpu_time_than_it_asked_for(service_root, behave_bundle):
     limits = Limits(memory_bytes=256 * MIB, processes=16, cpu_time_s=1)
     async with open_local_replicas(service_root, CONTRIBUTION) as local:
-        start(local, behave("spinner", "spin", "10", limits=limits), behave_bundle)
-        await local.wait_for_state("spinner", ReplicaState.FAILED, timeout_s=15)
+        # It spins for up to 30 s of wall time: long enough to use its 1 s of CPU on a loaded machine.
+        start(local, behave("spinner", "spin", "30", limits=limits), behave_bundle)
+        await local.wait_for_state("spinner", ReplicaState.FAILED, timeout_s=60)
         assert str(local.host.status("spinner")) == "failed: cpu time limit"
 
 

@@ -164,8 +164,9 @@ async def test_blob_put_and_get_through_the_control_socket_byte_identical_from_a
     out = io.StringIO()
     console = Console(file=out, width=200)
     async with AsyncExitStack() as stack:
-        first, _ = await serve_node(stack, tmp_path / "a")
-        others = [(await serve_node(stack, tmp_path / f"n{i}", bootstrap=[first.address], seed=i))[0]
+        # the network stops as a whole at the end: no hand-off (tests/runtime_store tests it)
+        first, _ = await serve_node(stack, tmp_path / "a", hand_off=False)
+        others = [(await serve_node(stack, tmp_path / f"n{i}", bootstrap=[first.address], seed=i, hand_off=False))[0]
                   for i in range(3)]
         for node in others:
             await node.wait_joined()

@@ -218,8 +218,12 @@ async def test_the_control_socket_sends_signed_replica_requests_and_status_lists
 # -- a real `p2pdeploy join` process -------------------------------------------------------
 
 
+#: A CLI process spends about a CPU-second importing, and ``replica start`` waits up to 60 s itself.
+CLI_BOUND_S = 120.0
+
+
 async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(BOUND_S):
+    with trio.fail_after(CLI_BOUND_S):
         return await trio.run_process(
             [sys.executable, "-m", "p2pdeploy.cli", *args], capture_stdout=True, capture_stderr=True, check=False
         )
