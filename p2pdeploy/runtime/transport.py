@@ -197,16 +197,16 @@ class Transport:
                 stream = await trio.open_tcp_stream(dst[0], dst[1], local_address=local)
             self.counters["tcp_connections_opened"] += 1
             await stream.send_all(hello(self.address[1]))
-            while True:
-                data = None
-                with trio.move_on_after(self.config.tcp_idle_s):
-                    data = await receive.receive()
-                if data is None:
-                    if receive.statistics().current_buffer_used == 0:
-                        return  # idle: close; the next large message opens a new connection
-                    continue
-                await stream.send_all(frame(data))
-                self.counters["tcp_sent"] += 1
+            async with trio.open_nursery() as nursery:
+                # The peer never writes on this stream: anything it does means it closed (or died).
+                # Noticing at once keeps a later message from going into a dead connection, whose
+                # address a new node may hold by now.
+                nursery.start_soon(self._watch_outbound, dst, stream, nursery.cancel_scope)
+                await self._pump_frames(stream, receive)
+                nursery.cancel_scope.cancel()
+            lost = receive.statistics().current_buffer_used
+            if lost:  # the peer closed while messages waited
+                self.counters["tcp_send_error"] += lost
         except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
             lost = 1 + receive.statistics().current_buffer_used
             self.counters["tcp_send_error"] += lost
@@ -218,6 +218,29 @@ class Transport:
             receive.close()
             if stream is not None:
                 await trio.aclose_forcefully(stream)
+
+    async def _pump_frames(self, stream: trio.SocketStream, receive: trio.MemoryReceiveChannel[bytes]) -> None:
+        """Send queued messages as frames until the connection has been idle for ``tcp_idle_s``."""
+        while True:
+            data = None
+            with trio.move_on_after(self.config.tcp_idle_s):
+                data = await receive.receive()
+            if data is None:
+                if receive.statistics().current_buffer_used == 0:
+                    return  # idle: close; the next large message opens a new connection
+                continue
+            await stream.send_all(frame(data))
+            self.counters["tcp_sent"] += 1
+
+    async def _watch_outbound(self, dst: HostPort, stream: trio.SocketStream, sender: trio.CancelScope) -> None:
+        try:
+            while await stream.receive_some(STREAM_RECEIVE_BYTES):
+                self.counters["tcp_unexpected_data"] += 1
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        self.counters["tcp_closed_by_peer"] += 1
+        log.debug("stream to %s closed by the peer", format_host_port(dst))
+        sender.cancel()
 
     # -- receiving ---------------------------------------------------------------------------
     async def _receive_datagrams(

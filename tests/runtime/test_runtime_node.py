@@ -260,3 +260,18 @@ async def test_an_unresolvable_host_is_a_clear_error():
     async with open_node(LOOPBACK) as node:
         with pytest.raises(ValueError, match="cannot resolve no-such-host.invalid:7400"):
             await node.ping(("no-such-host.invalid", 7400))
+
+
+async def test_a_node_on_the_address_of_one_that_stopped_gets_its_answers_over_tcp():
+    """b's connection to the stopped node must not carry the answers meant for the new one."""
+    payload = bytes(3000)  # over a datagram: ping and pong go by TCP
+    async with open_node(LOOPBACK) as b:
+        async with open_node(LOOPBACK) as first:
+            await first.ping(b.address, payload, timeout_s=WAIT_BOUND_S)
+            address = first.address
+        await wait_for(lambda: b.counters["tcp_closed_by_peer"] == 1)
+        async with open_node(address) as second:
+            for _ in range(2):
+                pong = await second.ping_pong(b.address, payload, timeout_s=WAIT_BOUND_S)
+                assert pong.node_id == b.node_id
+        assert b.counters["tcp_send_error"] == 0
