@@ -482,6 +482,13 @@ async def run_status(data_dir: str | os.PathLike[str], console: Console) -> int:
     table.add_row("contacts", f"{status.contacts} in {status.buckets} buckets ({status.restored_contacts} restored)")
     table.add_row("stored items", str(status.stored_items))
     table.add_row("published items", str(status.published_items))
+    if status.persistence is not None:
+        held = status.persistence
+        table.add_row("persistence", f"{_count(held.get('chunks', 0), 'chunk')} "
+                      f"({format_size(held.get('bytes_used', 0))} of {format_size(held.get('capacity_bytes', 0))}), "
+                      f"{_count(held.get('records', 0), 'record')}")
+    if status.state_url:
+        table.add_row("state API", status.state_url)
     console.print(table)
     if status.contribution is not None:
         try:

@@ -107,6 +107,11 @@ class StatusReply:
     contribution: dict[str, Any] | None = None
     replicas: list[HostedReplica] = field(default_factory=list)
     replicas_dir: str = ""
+    #: What the node holds for the community (``chunks``, ``records``, ``bytes_used``,
+    #: ``capacity_bytes``); None: it runs no persistence layer.
+    persistence: dict[str, int] | None = None
+    #: Where its services reach the state API ("" without one).
+    state_url: str = ""
 
 
 @message(52)
@@ -499,6 +504,20 @@ def status_of(node: RuntimeNode) -> StatusReply:
     counters = {key: int(value) for key, value in node.counters.items()}
     counters.update({f"kademlia.{key}": value for key, value in overlay.counters.items()})
     counters.update(node.core_counters())
+    persistence = None
+    try:
+        layer = node.persistence.layer
+    except RuntimeError:
+        layer = None
+    if layer is not None:
+        counters.update({f"persistence.{key}": int(value) for key, value in layer.counters.items()})
+        store = layer.store
+        persistence = {
+            "chunks": len(store.chunk_infos()),
+            "records": len(store.record_keys()),
+            "bytes_used": store.used_bytes(),
+            "capacity_bytes": int(getattr(store, "capacity_bytes", 0)),
+        }
     host, port = node.address
     uptime_s = 0.0 if node.started_at is None else trio.current_time() - node.started_at
     contribution = node.contribution
@@ -524,6 +543,8 @@ def status_of(node: RuntimeNode) -> StatusReply:
             for r in node.hosted_replicas()
         ],  # fmt: skip
         replicas_dir="" if node.replicas_dir is None else os.fspath(node.replicas_dir),
+        persistence=persistence,
+        state_url="" if node.state_server is None else node.state_server.url,
     )
 
 

@@ -175,6 +175,10 @@ async def test_blob_put_and_get_through_the_control_socket_byte_identical_from_a
         assert "3 chunks, 3 copies of each" in out.getvalue()
         assert await run_blob_get(blob_id, tmp_path / "fetched.bin", tmp_path / "a", console) == 0
         assert (tmp_path / "fetched.bin").read_bytes() == data
+        statuses = [await api.control_request(tmp_path / d, api.StatusRequest()) for d in ("a", "n0", "n1", "n2")]
+        assert sum(status.persistence["chunks"] for status in statuses) >= 4 * 3  # 3 chunks and the manifest, 3 copies
+        assert all(status.persistence["bytes_used"] <= status.persistence["capacity_bytes"] for status in statuses)
+        assert all(status.state_url.startswith("http://127.0.0.1:") for status in statuses)
         missing = "f" * 40
         assert await run_blob_get(missing, tmp_path / "none.bin", tmp_path / "a", console) == 1
         assert not (tmp_path / "none.bin").exists()
