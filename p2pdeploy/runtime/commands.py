@@ -174,6 +174,8 @@ async def run_join(
                     async with trio.open_nursery() as nursery:
                         await nursery.start(control.serve, node)
                         console.print(f"control socket {control.path}")
+                        if node.state_server is not None:
+                            console.print(f"[dim]state API for this node's services: {node.state_server.url}[/]")
                         nursery.start_soon(_report_events, events, node, console)
                         nursery.start_soon(_report_join, node, console)
                         async for signum in signals:
