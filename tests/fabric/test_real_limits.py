@@ -109,7 +109,9 @@ async def test_a_fork_bomb_is_contained_by_the_pids_cgroup(service_root, behave_
         output, largest = await run_fork_bomb(local, behave_bundle, lambda: len(local.executor.pids("bomb")))
         usage = local.executor.usage("bomb")
     assert "fork failed" in output
-    assert output.count("+") <= 19  # the leader and at most 19 forks
+    # Forks are counted over the whole run: on a loaded machine some bombers reach their deadline
+    # and exit while others still fork into the freed slots, so the limit is on processes at once.
+    assert output.count("+") >= 1
     assert largest <= 20
     assert usage.peak_processes is not None and usage.peak_processes <= 20
     assert "processes: cgroup-v1" in usage.enforced or "processes: cgroup-v2" in usage.enforced
@@ -162,7 +164,7 @@ async def test_a_fork_bomb_is_contained_by_rlimit_nproc_under_a_uid_of_its_own(s
                 with contextlib.suppress(psutil.Error):
                     psutil.Process(pid).kill()
     assert "fork failed" in output
-    assert output.count("+") <= 19
+    assert output.count("+") >= 1
     assert largest <= 20
     assert any(e.startswith("processes: rlimit-nproc") for e in usage.enforced)
     assert processes_of_the_service_uid() == 0
