@@ -299,7 +299,7 @@ def _port_in(output: str) -> int:
 
 async def _http_get(port: int, path: str = "/") -> str:
     """The status line and body of ``GET path`` on the replica's port, on one line."""
-    with trio.fail_after(10):
+    with trio.fail_after(60):  # /count waits for the state API's quorum writes
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
             await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())

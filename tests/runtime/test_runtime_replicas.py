@@ -98,11 +98,11 @@ def processes_under(directory: Path) -> set[int]:
     return found
 
 
-async def http_get(port: int) -> bytes:
+async def http_get(port: int, path: str = "/") -> bytes:
     with trio.fail_after(BOUND_S):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
-            await stream.send_all(b"GET / HTTP/1.0\r\n\r\n")
+            await stream.send_all(f"GET {path} HTTP/1.0\r\n\r\n".encode())
             data = b""
             while chunk := await stream.receive_some(65536):
                 data += chunk
@@ -372,13 +372,8 @@ def test_a_bundle_file_travels_with_its_signature_and_a_changed_bundle_is_caught
 
 
 async def http_body(port: int, path: str) -> bytes:
-    with trio.fail_after(BOUND_S):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await stream.send_all(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-            data = b""
-            while chunk := await stream.receive_some(65536):
-                data += chunk
+    """The body of a 200 answer to ``GET path``."""
+    data = await http_get(port, path)
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200"), data
     return body
