@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pdeploy import wire
-from p2pdeploy.collective.persistence import BlobFetched
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import Item
 from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, SignedBundle
@@ -462,9 +461,7 @@ async def answer(node: RuntimeNode, request: Any) -> Any:
             stored = await node.persistence.put_blob(request.data, replicas=request.replicas)
             return BlobPutReply(stored.blob_id, stored.size, stored.chunks, stored.replicas, stored.reason)
         if isinstance(request, BlobGetRequest):
-            layer = node.persistence.layer
-            fetched = await node.request(lambda now: layer.get_blob(request.blob_id, now),
-                                         lambda query, event: isinstance(event, BlobFetched) and event.query_id == query)
+            fetched = await node.persistence.fetch_blob(request.blob_id)
             if fetched.data is not None and len(fetched.data) > MAX_CONTROL_BLOB_BYTES:
                 return BlobGetReply(request.blob_id, None, f"the blob has {len(fetched.data)} bytes, over the "
                                     f"control socket's {MAX_CONTROL_BLOB_BYTES}; fetch it with the library")

@@ -135,8 +135,11 @@ class PersistenceClient:
         return await self._run(lambda p, now: p.put_blob(data, now, replicas=replicas, keep=keep), BlobStored)
 
     async def get_blob(self, blob_id: int, *, keep: bool = False) -> bytes | None:
-        event: BlobFetched = await self._run(lambda p, now: p.get_blob(blob_id, now, keep=keep), BlobFetched)
-        return event.data
+        return (await self.fetch_blob(blob_id, keep=keep)).data
+
+    async def fetch_blob(self, blob_id: int, *, keep: bool = False) -> BlobFetched:
+        """Like :meth:`get_blob`, with the reason when the blob could not be fetched."""
+        return await self._run(lambda p, now: p.get_blob(blob_id, now, keep=keep), BlobFetched)
 
     async def put_record(self, item: Item, *, replicas: int | None = None) -> RecordStored:
         return await self._run(lambda p, now: p.put_record(item, now, replicas=replicas), RecordStored)
