@@ -293,10 +293,12 @@ class QuorumFinished:
 
 @dataclass(frozen=True, slots=True)
 class HandedOff:
-    """``leave()`` finished: every key this node held has been offered to its next holders."""
+    """``leave()`` finished: every key this node held went to its next holders (acknowledged or timed out)."""
 
     query_id: int
     keys: int
+    #: Copies the next holders acknowledged (0 when no other live node was found).
+    copies: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -825,6 +827,7 @@ class _Check(_Op):
         #: A hand-off waits for its copies to be acknowledged (or to time out): the node may
         #: stop right after, cutting a transfer still under way.
         self.waiting = 0
+        self.acknowledged = 0
 
     def on_search_done(self, p: Persistence, now: float) -> None:
         search = self.search
@@ -847,6 +850,7 @@ class _Check(_Op):
 
     def on_reply(self, p: Persistence, rpc: _Rpc, msg: Any, now: float) -> None:
         if isinstance(msg, Stored):
+            self.acknowledged += msg.ok
             self._copied(p, now)
 
     def on_timeout(self, p: Persistence, rpc: _Rpc, now: float) -> None:
@@ -908,6 +912,7 @@ class _Leave(_Op):
         super().__init__(op_id, 0)
         self.keys = keys
         self.running = 0
+        self.copies = 0
 
     def start(self, p: Persistence, now: float) -> None:
         for key, kind, replicas in self.keys:
@@ -918,6 +923,8 @@ class _Leave(_Op):
 
     def on_child(self, p: Persistence, child: _Op, now: float) -> None:
         self.running -= 1
+        if isinstance(child, _Check):
+            self.copies += child.acknowledged
         if self.running == 0:
             p._finish(self, now)
 
@@ -1643,7 +1650,7 @@ class Persistence(Protocol):
         elif isinstance(op, _Quorum):
             self.emit(QuorumFinished(op.op_id, op.key, op.ok, op.item, op.reason))
         elif isinstance(op, _Leave):
-            self.emit(HandedOff(op.op_id, len(op.keys)))
+            self.emit(HandedOff(op.op_id, len(op.keys), op.copies))
 
     def close(self) -> None:
         """Close the store (the driver calls this when the node stops)."""

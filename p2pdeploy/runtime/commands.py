@@ -182,6 +182,7 @@ async def run_join(
                             console.print(f"stopping on {signal.Signals(signum).name}")
                             break
                         await _stop_replicas(node, signals, console)
+                        await _hand_off(node, signals, console)
                         nursery.cancel_scope.cancel()
         finally:
             control.close()
@@ -205,6 +206,29 @@ async def _stop_replicas(node: RuntimeNode, signals: AsyncIterator[int], console
         stopping.start_soon(kill_on_second_signal)
         await node.stop_hosted_replicas()
         stopping.cancel_scope.cancel()
+
+
+async def _hand_off(node: RuntimeNode, signals: AsyncIterator[int], console: Console) -> None:
+    """Hand what the node holds for the community to the nodes now closest; a second signal skips it."""
+    held = node.held_keys()
+    if not held:
+        return
+    console.print(f"handing {_count(held, 'stored key')} to the nodes now closest "
+                  f"(at most {node.config.persistence_leave_s:g} s; a second signal skips it)")
+    async with trio.open_nursery() as leaving:
+
+        async def skip_on_second_signal() -> None:
+            async for signum in signals:
+                console.print(f"{signal.Signals(signum).name} again: leaving without handing off")
+                leaving.cancel_scope.cancel()
+                return
+
+        leaving.start_soon(skip_on_second_signal)
+        done = await node.leave_persistence()
+        leaving.cancel_scope.cancel()
+    if done is not None:
+        copies = "1 copy" if done.copies == 1 else f"{done.copies} copies"
+        console.print(f"handed off {_count(done.keys, 'key')}: {copies} acknowledged by the nodes now closest")
 
 
 def print_contribution(node: RuntimeNode, console: Console) -> None:

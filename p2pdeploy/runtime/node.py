@@ -254,6 +254,7 @@ class RuntimeNode:
         self.executor: RealExecutor | None = None
         #: The state API served to this node's services while it runs (with a persistence layer).
         self.state_server: StateServer | None = None
+        self._left = False
         self._wiring: ReplicaWiring | None = None
         self._temporary_dir: Path | None = None
         self._joined = trio.Event()
@@ -431,11 +432,20 @@ class RuntimeNode:
             log.warning("replica %s gets no state API: %r is not a valid namespace", spec.replica_id, namespace)
             return {}
 
+    def held_keys(self) -> int:
+        """How many chunks and records this node holds for the community (0 without persistence)."""
+        layer = self._layer_or_none(Persistence)
+        if layer is None:
+            return 0
+        return len(layer.store.chunk_infos()) + len(layer.store.record_keys())
+
     async def leave_persistence(self) -> HandedOff | None:
         """Hand the keys this node holds to the nodes now responsible for them, within
-        ``persistence_leave_s``; None when the node has no persistence layer or time ran out."""
-        if self._layer_or_none(Persistence) is None or self._overlay_or_none() is None:
+        ``persistence_leave_s``, once; None when the node has no persistence layer, has left
+        already or time ran out."""
+        if self._layer_or_none(Persistence) is None or self._overlay_or_none() is None or self._left:
             return None
+        self._left = True  # once: a second call (open_node's, after join's) has nothing to add
         with trio.move_on_after(self.config.persistence_leave_s):
             return await self.persistence.leave()
         log.warning("handing off stored keys took over %s s; repair on the others covers the rest",
