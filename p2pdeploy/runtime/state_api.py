@@ -246,15 +246,20 @@ class StateServer:
             self._listener_port = None
 
     async def _serve(self, stream: trio.SocketStream) -> None:
+        """One connection. Nothing a client does may take the node down: a client that hangs up
+        early, or a request that breaks the handler, ends this connection only."""
         async with stream:
             try:
                 with trio.move_on_after(self.timeout_s * 2):
-                    status, headers, body = await self._handle(stream)
+                    try:
+                        status, headers, body = await self._handle(stream)
+                    except _BadRequest as exc:
+                        status, headers, body = exc.status, {}, (str(exc) + "\n").encode()
                     await _respond(stream, status, headers, body)
-            except _BadRequest as exc:
-                await _respond(stream, exc.status, {}, (str(exc) + "\n").encode())
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # the client went away
+            except Exception:
+                log.exception("the state API failed on a request")
 
     async def _handle(self, stream: trio.SocketStream) -> tuple[int, dict[str, str], bytes]:
         method, target, headers, body = await _read_request(stream, self._value_limit())

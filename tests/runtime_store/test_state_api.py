@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 from contextlib import AsyncExitStack
 
 import pytest
@@ -9,6 +11,7 @@ import trio
 
 from p2pdeploy.collective.stateapi import StateError, StateRequest, record_name
 from p2pdeploy.overlay.identity import Identity
+from p2pdeploy.runtime.node import open_node
 from p2pdeploy.runtime.state_api import STATE_TOKEN_VARIABLE, STATE_URL_VARIABLE, StateServer
 
 from .test_persistence_runtime import start_network
@@ -104,3 +107,20 @@ def test_a_node_with_a_data_directory_keeps_its_store_in_sqlite(tmp_path):
     finally:
         store.close()
     assert isinstance(open_store(SimpleNamespace(data_dir=None, contribution=None)), MemoryStore)
+
+
+async def test_a_client_that_hangs_up_at_once_does_not_take_the_node_down():
+    async with open_node(("127.0.0.1", 0)) as node:
+        server = node.state_server
+        url = server.url
+        port = int(url.removeprefix("http://127.0.0.1:").split("/", 1)[0])
+        sock = trio.socket.socket()
+        await sock.connect(("127.0.0.1", port))
+        await sock.send(b"GET /v1/state/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, before the 401 is written back
+        with trio.fail_after(30):
+            while server.requests < 1:
+                await trio.sleep(0.01)
+            status, _, _ = await http(url + "x", "GET", "not-a-token")
+        assert status == 401 and server.requests == 2
