@@ -197,13 +197,19 @@ class Transport:
                 stream = await trio.open_tcp_stream(dst[0], dst[1], local_address=local)
             self.counters["tcp_connections_opened"] += 1
             await stream.send_all(hello(self.address[1]))
+            failure: BaseException | None = None
             async with trio.open_nursery() as nursery:
                 # The peer never writes on this stream: anything it does means it closed (or died).
                 # Noticing at once keeps a later message from going into a dead connection, whose
                 # address a new node may hold by now.
                 nursery.start_soon(self._watch_outbound, dst, stream, nursery.cancel_scope)
-                await self._pump_frames(stream, receive)
+                try:
+                    await self._pump_frames(stream, receive)
+                except (OSError, trio.BrokenResourceError) as exc:  # caught here: a nursery would wrap it
+                    failure = exc
                 nursery.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
             lost = receive.statistics().current_buffer_used
             if lost:  # the peer closed while messages waited
                 self.counters["tcp_send_error"] += lost

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import socket
 import stat
+import struct
+from collections import Counter
 from dataclasses import dataclass
 
 import cbor2
@@ -20,7 +22,7 @@ from p2pdeploy.overlay.ping import MIN_RTO_S, PeerSeen, Ping, PingProtocol, Pong
 from p2pdeploy.runtime.framing import LENGTH_PREFIX, frame, hello
 from p2pdeploy.runtime.layers import CoreContext, default_layers
 from p2pdeploy.runtime.node import NodeNotRunning, PingTimeout, RuntimeConfig, open_node
-from p2pdeploy.runtime.transport import TransportConfig
+from p2pdeploy.runtime.transport import Transport, TransportConfig
 
 LOOPBACK = ("127.0.0.1", 0)
 WAIT_BOUND_S = 30.0
@@ -275,3 +277,44 @@ async def test_a_node_on_the_address_of_one_that_stopped_gets_its_answers_over_t
                 pong = await second.ping_pong(b.address, payload, timeout_s=WAIT_BOUND_S)
                 assert pong.node_id == b.node_id
         assert b.counters["tcp_send_error"] == 0
+
+
+async def test_a_peer_that_resets_a_busy_stream_costs_its_messages_not_the_transport():
+    """Large messages pile up for a peer that does not read; it resets the connection. Whether
+    the reset reaches the sender in a send or through the stream's watcher, the messages are
+    counted lost and the transport carries on (a later message opens a new connection)."""
+    for _ in range(5):
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.setblocking(False)
+        address = server.getsockname()
+        counters: Counter[str] = Counter()
+        transport = await Transport.bind(LOOPBACK, lambda *received: None, counters)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(transport.run)
+                for _ in range(20):
+                    transport.send(address, b"x" * 200_000)
+                with trio.fail_after(WAIT_BOUND_S):
+                    while True:
+                        try:
+                            connection, _ = server.accept()
+                            break
+                        except BlockingIOError:
+                            await trio.sleep(0.01)
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                connection.close()  # a reset, with the sender's frames unread
+                await wait_for(lambda counters=counters: counters["tcp_send_error"] == 20)
+                transport.send(address, b"y" * 200_000)  # a new connection for the next message
+                with trio.fail_after(WAIT_BOUND_S):
+                    while True:
+                        try:
+                            server.accept()[0].close()
+                            break
+                        except BlockingIOError:
+                            await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        finally:
+            server.close()
