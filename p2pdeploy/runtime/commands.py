@@ -215,6 +215,7 @@ async def _hand_off(node: RuntimeNode, signals: AsyncIterator[int], console: Con
         return
     console.print(f"handing {_count(held, 'stored key')} to the nodes now closest "
                   f"(at most {node.config.persistence_leave_s:g} s; a second signal skips it)")
+    done = None
     async with trio.open_nursery() as leaving:
 
         async def skip_on_second_signal() -> None:

@@ -15,7 +15,7 @@ import sys
 import trio
 
 from p2pdeploy.runtime.address import format_host_port
-from p2pdeploy.runtime.localnet import open_local_processes
+from p2pdeploy.runtime.localnet import open_local_processes, run_p2pdeploy
 from p2pdeploy.runtime.node import open_node
 
 PROCESS_BOUND_S = 30.0
@@ -101,3 +101,29 @@ async def test_a_restarted_node_keeps_its_id_and_its_key_file_is_private(tmp_pat
         again.terminate()
         assert await again.wait_exit() == 0
     assert stat.S_IMODE((data_dir / "identity.key").stat().st_mode) == 0o600
+
+
+async def test_join_hands_off_what_it_holds_on_sigterm_and_a_second_signal_skips_it(tmp_path):
+    """A node holding blob chunks hands them on when it stops; when its only peer has been killed
+    the hand-off waits for answers that never come, and a second SIGTERM ends it at once."""
+    data = tmp_path / "data.bin"
+    data.write_bytes(bytes(range(256)) * 2000)  # 512,000 bytes: two chunks and a manifest
+    async with open_local_processes() as local:
+        first = await local.start_join(tmp_path / "a", name="a")
+        seed = await first.wait_listening()
+        second = await local.start_join(tmp_path / "b", bootstrap=[seed], name="b")
+        await second.wait_listening()
+        for node in (first, second):
+            await node.wait_for_line(lambda line: line.startswith("overlay joined"))
+        stored = await run_p2pdeploy("blob", "put", str(data), "--data-dir", str(tmp_path / "b"), timeout_s=120)
+        assert stored.returncode == 0, stored.stdout + stored.stderr
+        assert b"2 copies of each" in stored.stdout  # both nodes hold every key
+
+        await first.kill()  # no goodbye: b still believes in it
+        second.terminate()
+        said = await second.wait_for_line(lambda line: line.startswith("handing "))
+        assert said.startswith("handing 3 stored keys to the nodes now closest")
+        second.terminate()
+        await second.wait_for_line(lambda line: line == "SIGTERM again: leaving without handing off")
+        assert await second.wait_exit() == 0
+        assert second.stdout_lines[-1] == "stopped"
