@@ -3,7 +3,7 @@
 It listens on $PORT (set by the node), keeps a visit counter in $P2PDEPLOY_DATA_DIR (this
 replica's own) and, for /count, a counter in the node's state API ($P2PDEPLOY_STATE_URL with
 $P2PDEPLOY_STATE_TOKEN): a quorum record replicated on the nodes closest to its key, shared by
-the service's replicas on the node, incremented with compare-and-set. It stops cleanly on
+the replicas this deployer started on the node, incremented with compare-and-set. It stops cleanly on
 SIGTERM. Standard library only.
 """
 

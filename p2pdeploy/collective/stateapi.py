@@ -9,11 +9,12 @@ bytes and a version (0 while the key has never been written), and three operatio
   (0: only if the key was never written); otherwise the current value and version come back.
 
 Each key is a ``quorum`` record (:mod:`p2pdeploy.collective.records`) named
-``state/<namespace>/<key>`` and signed by the namespace's *writer* identity: by default the
-node's own key, so replicas of a service on one node share their state; a deployer that wants
-replicas on several nodes to share a namespace hands them the same state key. A service never
-holds the key: the node signs for it (the executor tells the service where the API is, see
-``p2pdeploy.runtime.state_api``).
+``state/<namespace>/<key>`` and signed by the namespace's *writer* identity. A ``join`` node
+gives each service the namespace ``NAME@DEPLOYER_KEY`` written with the node's own key, so one
+deployer's replicas of a service on that node share their state; an embedding application that
+wants services on several nodes to share a namespace registers it with one writer identity on
+each (``StateServer.register(namespace, writer)``). A service never holds the key: the node
+signs for it (the executor tells the service where the API is, see ``p2pdeploy.runtime.state_api``).
 
 This module is pure: naming and validation, and the mapping from an operation to the
 persistence layer's calls and back. The transport (HTTP on loopback) is in the runtime.

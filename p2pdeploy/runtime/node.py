@@ -420,12 +420,17 @@ class RuntimeNode:
 
     def _service_environment(self, spec: ProcessSpec) -> dict[str, str]:
         """What a service's process gets besides its own variables: where the state API is and
-        its token, for the namespace named after the service (replicas of a service on this
-        node share it)."""
+        its token, for the namespace ``NAME@KEY``: the service's name and the public key that
+        started it (hex). The replicas of one deployer's service on this node share it; another
+        deployer's service of the same name does not see it."""
         server = self.state_server
         if server is None:
             return {}
+        host = self._layer_or_none(ReplicaHost)
+        starter = host.requested_by.get(spec.replica_id, b"") if host is not None else b""
         namespace = spec.env.get(SERVICE_VARIABLE) or spec.replica_id
+        if starter:
+            namespace = f"{namespace}@{starter.hex()}"
         try:
             return server.environment(namespace)
         except StateError:  # a service name the state API cannot use as a namespace

@@ -56,6 +56,7 @@ from p2pdeploy.runtime.probe import probe_machine
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DEPLOYER = Identity.from_seed(b"D" * 32)
 STRANGER = Identity.from_seed(b"S" * 32)
+COLLEAGUE = Identity.from_seed(b"C" * 32)
 #: Generous bounds for a loaded machine; a replica is healthy well within a second or two.
 BOUND_S = 30.0
 FAST_OVERLAY = KademliaConfig(k=8, rpc_timeout_s=1.0)
@@ -383,7 +384,7 @@ async def test_a_hosted_service_keeps_a_counter_in_the_state_api_replicated_on_o
     """The executor hands the service the node's state API (URL and token in its environment);
     examples/hello counts /count there with compare-and-set, and the record lives on the nodes
     closest to its key: another node reads it with a quorum read."""
-    contribution = Contribution(trusted_keys=frozenset({DEPLOYER.public_key}))
+    contribution = Contribution(trusted_keys=frozenset({DEPLOYER.public_key, COLLEAGUE.public_key}))
     bundle = Bundle.from_directory(EXAMPLES / "hello").sign(DEPLOYER)
     async with AsyncExitStack() as stack:
         host = await stack.enter_async_context(
@@ -411,7 +412,14 @@ async def test_a_hosted_service_keeps_a_counter_in_the_state_api_replicated_on_o
         assert b"(replica hello-1, visit 2)" in await http_body(port, "/")
         assert (await http_body(port, "/count")).startswith(b"count 3 (version 3)")
 
-        key = overlay_key(host.identity.public_key, "hello", "count")
+        # another deployer's service of the same name has a namespace of its own
+        colleague = await stack.enter_async_context(open_node(identity=COLLEAGUE, layers=client_layers))
+        theirs = Bundle.from_directory(EXAMPLES / "hello").sign(COLLEAGUE)
+        assert isinstance(await colleague.remote_start(host.address, "hello-2", theirs), StatusReply)
+        other_port = (await wait_until_running(colleague, host.address, "hello-2")).port
+        assert (await http_body(other_port, "/count")).startswith(b"count 1 (version 1)")
+
+        key = overlay_key(host.identity.public_key, f"hello@{DEPLOYER.public_key.hex()}", "count")
         with trio.fail_after(BOUND_S):
             read = await others[2].persistence.quorum_read(key)
         assert read.ok and read.item is not None and (read.item.value, read.version) == (b"3", 3)
