@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -476,6 +476,8 @@ class PersistenceConfig:
     rpc_timeout_s: float = 2.0
     #: A chunk transfer (queued behind others on a slow link) may take this long.
     transfer_timeout_s: float = 60.0
+    #: A leaving node's copy gets this long to be acknowledged before the next node is asked.
+    handoff_timeout_s: float = 10.0
     alpha: int = 3
     #: Searches ask this many nodes beyond the r closest (a margin for nodes that just left).
     search_margin: int = 2
@@ -504,7 +506,7 @@ class PersistenceConfig:
             raise ValueError(f"persistence.chunk_bytes must be in [1, {MAX_CHUNK_BYTES}] (got {self.chunk_bytes})")
         if self.search_margin < 0:
             raise ValueError(f"persistence.search_margin must be >= 0 (got {self.search_margin})")
-        for name in ("repair_interval_s", "scrub_interval_s", "rpc_timeout_s", "transfer_timeout_s",
+        for name in ("repair_interval_s", "scrub_interval_s", "rpc_timeout_s", "transfer_timeout_s", "handoff_timeout_s",
                      "quorum_backoff_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"persistence.{name} must be > 0 (got {getattr(self, name)})")
@@ -825,15 +827,19 @@ class _Check(_Op):
         self.replicas = replicas
         self.leaving = leaving
         #: A hand-off waits for its copies to be acknowledged (or to time out): the node may
-        #: stop right after, cutting a transfer still under way.
+        #: stop right after, cutting a transfer still under way. A copy refused or unanswered
+        #: goes to the next closest node that lacks the key (a ``spare``) instead.
         self.waiting = 0
         self.acknowledged = 0
+        self.ranked: list[Contact] = []
+        self.spares: list[Contact] = []
+        self.message: Any = None
 
     def on_search_done(self, p: Persistence, now: float) -> None:
         search = self.search
         assert search is not None
-        ranked = search.ranked() if self.leaving else p._rank_with_self(search.ranked(), self.key)
-        targets = ranked[: self.replicas]
+        self.ranked = search.ranked() if self.leaving else p._rank_with_self(search.ranked(), self.key)
+        targets = self.ranked[: self.replicas]
         if self.kind == KIND_CHUNK:
             self._chunk(p, targets, search, now)
         else:
@@ -844,21 +850,29 @@ class _Check(_Op):
     def _copy(self, p: Persistence, contact: Contact, msg: Any, now: float) -> None:
         if self.leaving:
             self.waiting += 1
-            p._request(contact, msg, self, now)
+            self.message = msg
+            p._request(contact, msg, self, now, timeout_s=p.config.handoff_timeout_s)
         else:
             p._request(contact, msg, None, now)
+
+    def _set_spares(self, lacks: Callable[[Contact], bool]) -> None:
+        if self.leaving:
+            self.spares = [c for c in self.ranked[self.replicas:] if lacks(c)]
 
     def on_reply(self, p: Persistence, rpc: _Rpc, msg: Any, now: float) -> None:
         if isinstance(msg, Stored):
             self.acknowledged += msg.ok
-            self._copied(p, now)
+            self._copied(p, msg.ok, now)
 
     def on_timeout(self, p: Persistence, rpc: _Rpc, now: float) -> None:
         if rpc.kind in (StoreChunk, StoreRecord):
-            self._copied(p, now)
+            self._copied(p, False, now)
 
-    def _copied(self, p: Persistence, now: float) -> None:
+    def _copied(self, p: Persistence, ok: bool, now: float) -> None:
         self.waiting -= 1
+        if not ok and self.spares:
+            p.counters["handoff_spares"] += 1
+            self._copy(p, self.spares.pop(0), self.message, now)
         if self.waiting == 0:
             p._finish(self, now)
 
@@ -867,8 +881,11 @@ class _Check(_Op):
         if info is None:
             return
         purpose = PURPOSE_HANDOFF if self.leaving else PURPOSE_REPAIR
-        lacking = [c for c in targets if c.node_id != p.node_id
-                   and not (search.replies.get(c.node_id) and search.replies[c.node_id].has)]
+        def lacks(c: Contact) -> bool:
+            return c.node_id != p.node_id and not (search.replies.get(c.node_id) and search.replies[c.node_id].has)
+
+        lacking = [c for c in targets if lacks(c)]
+        self._set_spares(lacks)
         data = p.store.read_chunk(self.key) if lacking else b""  # read (and hash) only to send it
         if data is None:
             p._drain_corrupted(now)
@@ -893,11 +910,12 @@ class _Check(_Op):
                 item = reply.item
                 p.store.write_record(self.key, item, replicas)
         purpose = PURPOSE_HANDOFF if self.leaving else PURPOSE_REPAIR
-        lacking = []
-        for contact in targets:
+        def lacks(contact: Contact) -> bool:
             reply = search.replies.get(contact.node_id)
-            if contact.node_id != p.node_id and (reply is None or reply.item is None or newer(item, reply.item)):
-                lacking.append(contact)
+            return contact.node_id != p.node_id and (reply is None or reply.item is None or newer(item, reply.item))
+
+        lacking = [c for c in targets if lacks(c)]
+        self._set_spares(lacks)
         for contact in lacking:
             p.counters[f"{PURPOSES[purpose]}_records"] += 1
             self._copy(p, contact, StoreRecord(0, p.node_id, self.key, item, replicas, purpose), now)
@@ -1587,7 +1605,8 @@ class Persistence(Protocol):
         self.counters["searches_widened"] += 1
         return True
 
-    def _request(self, contact: Contact, template: Any, op: _Op | None, now: float) -> None:
+    def _request(self, contact: Contact, template: Any, op: _Op | None, now: float,
+                 timeout_s: float | None = None) -> None:
         rpc_id = self.rng.getrandbits(63)
         while rpc_id in self._rpcs or rpc_id == 0:
             rpc_id = self.rng.getrandbits(63)
@@ -1596,9 +1615,10 @@ class Persistence(Protocol):
         if isinstance(op, _Quorum):
             op.current.add(rpc_id)
         self.send(contact.address, msg)
-        bulky = type(msg) in (StoreChunk, FetchChunk)
-        timeout = self.config.transfer_timeout_s if bulky else self.config.rpc_timeout_s
-        self.set_timer(("rpc", rpc_id), now + timeout)
+        if timeout_s is None:
+            bulky = type(msg) in (StoreChunk, FetchChunk)
+            timeout_s = self.config.transfer_timeout_s if bulky else self.config.rpc_timeout_s
+        self.set_timer(("rpc", rpc_id), now + timeout_s)
 
     def _responsible(self, key: int, replicas: int) -> bool:
         """True when this node is among the ``replicas`` closest to ``key`` that it knows of."""

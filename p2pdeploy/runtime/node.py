@@ -1120,9 +1120,10 @@ async def open_node(
     (TERM, then KILL after their grace period) before the node stops; when it is cancelled from
     outside they are killed at once. Either way none outlives the block.
 
-    With the persistence layer (the default layers have it) the node then hands the keys it
-    holds to the nodes now responsible for them (``hand_off=False`` skips it: a test that
-    means the node to vanish), within ``RuntimeConfig.persistence_leave_s``.
+    With the persistence layer (the default layers have it) a block that ends normally then
+    has the node hand the keys it holds to the nodes now responsible for them, within
+    ``RuntimeConfig.persistence_leave_s`` (``hand_off=False`` skips it: a test that means the
+    node to vanish). A block that raised or was cancelled leaves at once.
     """
     created = False
     if identity is None:
@@ -1136,12 +1137,14 @@ async def open_node(
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run, listen, layers)
             nursery.start_soon(node.join, list(bootstrap))
+            block_finished = False
             try:
                 yield node
+                block_finished = True
             finally:
                 try:
                     await node.stop_hosted_replicas()
-                    if hand_off:
+                    if hand_off and block_finished:  # not when the block raised or was cancelled
                         await node.leave_persistence()
                 finally:
                     nursery.cancel_scope.cancel()

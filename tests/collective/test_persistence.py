@@ -376,3 +376,23 @@ def test_the_layer_reports_peers_it_hears_from_and_misses_to_an_overlay_that_lis
     (request,) = [msg for dst, msg in layer.messages_to_send() if isinstance(msg, FindHolders)]
     layer.handle_timer(100.0)
     assert overlay.heard_from == [77] and overlay.missed == [88]
+
+
+def test_a_leaving_nodes_copy_refused_for_want_of_room_goes_to_the_next_closest():
+    config = PersistenceConfig(chunk_bytes=4096, repair_interval_s=3600.0)
+    net = StorageNet(16, seed=11, config=config)
+    data = blob(11)
+    store(net, 0, data)
+    key = keys_of(data, config)[1]
+    ranked = net.closest(key, 5)
+    holders = set(net.holders(key))
+    assert set(ranked[:3]) <= holders
+    leaver = next(a for a in ranked[:3] if a != 0)
+    first_choice, spare = [a for a in ranked if a not in holders][:2]
+    full = net.stores[first_choice]
+    full.capacity_bytes = full.used_bytes()  # it answers the search, then refuses the copy: no room
+    query = net.call(leaver, lambda p, now: p.leave(now))
+    event = net.result(leaver, query, HandedOff)
+    assert event.copies == event.keys
+    assert spare in net.holders(key) and first_choice not in net.holders(key)
+    assert net.persistence(leaver).counters["handoff_spares"] >= 1
