@@ -504,7 +504,10 @@ class RemoteClient(Protocol):
     """The deployer side: builds signed requests, matches their replies, times them out.
 
     A lost request is not resent as is (the node would refuse it as a replay): the caller
-    makes a new one, and a start is idempotent for the same signer and bundle.
+    makes a new one, and a start is idempotent for the same signer and bundle while the replica
+    has not finished. A start for a finished replica runs it again (in the same directory): a
+    caller retrying a start whose answer was lost should ask for the replica's status first
+    when running it twice would matter.
     """
 
     handles = REPLIES
