@@ -29,11 +29,11 @@ import signal
 import stat
 import sys
 import typing
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from rich.console import Console
@@ -92,6 +92,8 @@ from p2pdeploy.runtime.node import PingTimeout, RemoteTimeout, RuntimeConfig, Ru
 from p2pdeploy.runtime.snapshot import write_file_atomically
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: How long ``put``/``get``/``lookup``/``status`` wait for the node; an overlay query ends on its own well before.
 CONTROL_TIMEOUT_S = 120.0
@@ -189,23 +191,33 @@ async def run_join(
     console.print("stopped")
 
 
+async def _until_second_signal(
+    signals: AsyncIterator[int], console: Console, then: str, work: Callable[[], Awaitable[T]]
+) -> T | None:
+    """Run ``work`` (part of a graceful stop); a second signal cuts it short, saying ``then``.
+    Its result, or None when cut short."""
+    result = None
+    async with trio.open_nursery() as nursery:
+
+        async def cut_short_on_signal() -> None:
+            async for signum in signals:
+                console.print(f"{signal.Signals(signum).name} again: {then}")
+                nursery.cancel_scope.cancel()
+                return
+
+        nursery.start_soon(cut_short_on_signal)
+        result = await work()
+        nursery.cancel_scope.cancel()
+    return result
+
+
 async def _stop_replicas(node: RuntimeNode, signals: AsyncIterator[int], console: Console) -> None:
     """Stop the node's replicas gracefully before the node goes; a second signal kills them now."""
     active = node.active_replicas()
     if not active:
         return
     console.print(f"stopping {_count(len(active), 'replica')} (TERM, then KILL after each one's grace period)")
-    async with trio.open_nursery() as stopping:
-
-        async def kill_on_second_signal() -> None:
-            async for signum in signals:
-                console.print(f"{signal.Signals(signum).name} again: killing the replicas now")
-                stopping.cancel_scope.cancel()
-                return
-
-        stopping.start_soon(kill_on_second_signal)
-        await node.stop_hosted_replicas()
-        stopping.cancel_scope.cancel()
+    await _until_second_signal(signals, console, "killing the replicas now", node.stop_hosted_replicas)
 
 
 async def _hand_off(node: RuntimeNode, signals: AsyncIterator[int], console: Console) -> None:
@@ -215,18 +227,7 @@ async def _hand_off(node: RuntimeNode, signals: AsyncIterator[int], console: Con
         return
     console.print(f"handing {_count(held, 'stored key')} to the nodes now closest "
                   f"(at most {node.config.persistence_leave_s:g} s; a second signal skips it)")
-    done = None
-    async with trio.open_nursery() as leaving:
-
-        async def skip_on_second_signal() -> None:
-            async for signum in signals:
-                console.print(f"{signal.Signals(signum).name} again: leaving without handing off")
-                leaving.cancel_scope.cancel()
-                return
-
-        leaving.start_soon(skip_on_second_signal)
-        done = await node.leave_persistence()
-        leaving.cancel_scope.cancel()
+    done = await _until_second_signal(signals, console, "leaving without handing off", node.leave_persistence)
     if done is not None:
         copies = "1 copy" if done.copies == 1 else f"{done.copies} copies"
         console.print(f"handed off {_count(done.keys, 'key')}: {copies} acknowledged by the nodes now closest")
