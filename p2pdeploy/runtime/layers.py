@@ -84,15 +84,11 @@ def default_layers(context: CoreContext) -> list[Protocol]:
     groups = group_layers(context, overlay)
     replicas = replica_layers(context)
     host = next((layer for layer in replicas if isinstance(layer, ReplicaHost)), None)
-    return [
-        ping,
-        overlay,
-        *groups,
-        persistence_layer(context, [overlay], config=context.persistence),
-        *replicas,
-        prospector_layer(context, overlay, host),
-        remote_client_layer(context),
-    ]
+    prospector = prospector_layer(context, overlay, host)
+    client = remote_client_layer(context)
+    # Built last: it opens the store in the data directory, which nothing failing after it may leak.
+    persistence = persistence_layer(context, [overlay], config=context.persistence)
+    return [ping, overlay, *groups, persistence, *replicas, prospector, client]
 
 
 def prospector_layer(context: CoreContext, overlay: Kademlia, host: ReplicaHost | None = None) -> Prospector:
