@@ -113,6 +113,7 @@ from p2pdeploy.runtime.node import (
     RuntimeNode,
     open_node,
 )
+from p2pdeploy.runtime.state_api import NoPersistence
 
 
 def key_for(name: str | bytes) -> int:
@@ -145,6 +146,7 @@ __all__ = [
     "LookupRequest",
     "NoNodeRunning",
     "NoOverlay",
+    "NoPersistence",
     "NoRemoteClient",
     "NodeJoined",
     "NodeLeft",

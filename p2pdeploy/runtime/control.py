@@ -40,6 +40,7 @@ from p2pdeploy.resource.protocol import MAX_LOG_BYTES, LogsReply, Refused
 from p2pdeploy.resource.protocol import StatusReply as ReplicaStatusReply
 from p2pdeploy.runtime.address import HostPort
 from p2pdeploy.runtime.framing import FrameDecoder, FrameTooLarge, frame
+from p2pdeploy.runtime.state_api import NoPersistence
 from p2pdeploy.wire import NodeId, message, record
 
 if TYPE_CHECKING:
@@ -468,7 +469,7 @@ async def answer(node: RuntimeNode, request: Any) -> Any:
             return BlobGetReply(request.blob_id, fetched.data, fetched.reason)
         if isinstance(request, ReplicaRequest):
             return await serve_replica_request(node, request)
-    except (ValueError, TypeError, RuntimeError, NodeNotRunning, NoOverlay, NoRemoteClient, PingTimeout,
+    except (ValueError, TypeError, NodeNotRunning, NoOverlay, NoRemoteClient, NoPersistence, PingTimeout,
             RemoteTimeout) as exc:
         node.counters["control_refused"] += 1
         return ControlRefusal(str(exc))
@@ -504,7 +505,7 @@ def status_of(node: RuntimeNode) -> StatusReply:
     persistence = None
     try:
         layer = node.persistence.layer
-    except RuntimeError:
+    except NoPersistence:
         layer = None
     if layer is not None:
         counters.update({f"persistence.{key}": int(value) for key, value in layer.counters.items()})

@@ -415,7 +415,7 @@ class RuntimeNode:
     @property
     def persistence(self) -> PersistenceClient:
         """Blobs, records and quorum records on the community, awaitable (``await
-        node.persistence.put_blob(data)``); :class:`RuntimeError` on a node without the layer."""
+        node.persistence.put_blob(data)``); :class:`NoPersistence` on a node without the layer."""
         return PersistenceClient(self)
 
     def _service_environment(self, spec: ProcessSpec) -> dict[str, str]:

@@ -110,6 +110,10 @@ def persistence_layer(
 # -- the async facade --------------------------------------------------------------------------
 
 
+class NoPersistence(RuntimeError):
+    """The persistence facade was used on a node whose layers include no persistence layer."""
+
+
 class PersistenceClient:
     """Awaitable persistence operations on a running node (``RuntimeNode.request`` underneath)."""
 
@@ -121,7 +125,7 @@ class PersistenceClient:
         try:
             return self.node.core.layer(Persistence)
         except KeyError:
-            raise RuntimeError("this node runs no persistence layer; add runtime.state_api.persistence_layer "
+            raise NoPersistence("this node runs no persistence layer; add runtime.state_api.persistence_layer "
                                "to its layers") from None
 
     async def _run(self, start: Callable[[Persistence, float], int], cls: type) -> Any:
