@@ -7,8 +7,14 @@ outputs, which a driver drains after every input, are ``messages_to_send()``,
 touches a socket: ``now`` is passed in and a ``random.Random`` is handed to it.
 
 Drivers (``p2pdeploy.runtime`` on trio, ``p2pdeploy.sim`` on virtual time) follow one loop:
-after each input drain events, then messages, then read the deadline; when a timer fires they
-call ``handle_timer(max(deadline, clock))`` so a core never sees an early time.
+after each input drain events (``next_event(now)``), then messages, then read the deadline; when
+a timer fires they call ``handle_timer(max(deadline, clock))`` so a core never sees an early time.
+
+Layers talk the way HTTP/3 talks to QUIC. Downward, a layer holds the layers below it and calls
+their commands and read-only views. Upward, a layer names the event classes of lower layers it
+consumes (``consumes``) and a :class:`Stack` offers each such event to it
+(``handle_event(event, now)``) before the driver sees it; an event no layer consumed reaches the
+driver. No callbacks are handed down.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ class Protocol:
     """
 
     handles: tuple[type, ...] = ()
+    #: Event classes of lower layers this protocol consumes: a :class:`Stack` offers each to
+    #: :meth:`handle_event` (subclasses included) before the driver sees it.
+    consumes: tuple[type, ...] = ()
 
     def __init__(self) -> None:
         self._outbox: list[tuple[Address, Any]] = []
@@ -72,12 +81,23 @@ class Protocol:
     def on_timer(self, name: Hashable, now: float) -> None:
         raise NotImplementedError
 
+    def handle_event(self, event: Any, now: float) -> bool:
+        """An event of a lower layer, of a class named in ``consumes``.
+
+        Return True when it is consumed (it was this layer's: the result of a query it started,
+        a message for a group it joined): it goes no further. Return False to let it go on to
+        the layers above and the driver (a layer may look at an event without consuming it).
+        """
+        return False
+
     # -- outputs ---------------------------------------------------------------------------
     def messages_to_send(self) -> list[tuple[Address, Any]]:
         out, self._outbox = self._outbox, []
         return out
 
-    def next_event(self) -> Any | None:
+    def next_event(self, now: float | None = None) -> Any | None:
+        """The next event for the driver. ``now`` matters only to a :class:`Stack`, whose upper
+        layers handle the events of lower ones at that time."""
         return self._events.popleft() if self._events else None
 
     def next_deadline(self) -> float | None:
@@ -107,10 +127,14 @@ class Protocol:
 
 
 class Stack(Protocol):
-    """Several protocol objects sharing one node: routes messages by type, merges outputs.
+    """Several protocol objects sharing one node: routes messages by type, passes events up, merges outputs.
 
-    The layers above the overlay wrap it the way HTTP/3 wraps QUIC; a stack is only the
-    plumbing that lets a driver treat a node's protocols as one object.
+    ``layers`` are listed bottom to top. A message goes to the layer that ``handles`` its type.
+    An event of layer ``i`` is offered, in order, to each layer above ``i`` whose ``consumes``
+    names its class; the first that consumes it ends its way, and what no layer consumes is
+    returned to the driver by :meth:`next_event`. A layer handling an event may call the
+    commands of the layers below it (a lookup, a send); the events that causes are offered in
+    the same drain.
     """
 
     def __init__(self, layers: Iterable[Protocol]) -> None:
@@ -122,8 +146,15 @@ class Stack(Protocol):
                 if cls in self._route:
                     raise ValueError(f"{cls.__name__} is handled by two layers")
                 self._route[cls] = layer
+        #: event class -> the (index, layer) pairs that consume it, bottom to top (filled lazily).
+        self._consumers: dict[type, list[tuple[int, Protocol]]] = {}
+        #: The latest time an input carried: events drained without a time are handled at it.
+        self._now: float | None = None
+        #: Events consumed by a layer above the one that emitted them, by event class name.
+        self.consumed: Counter[str] = Counter()
 
     def receive(self, src: Address, msg: Any, now: float) -> None:
+        self._now = now
         layer = self._route.get(type(msg))
         if layer is None:
             self.dropped["unexpected"] += 1
@@ -131,6 +162,7 @@ class Stack(Protocol):
         layer.receive(src, msg, now)
 
     def handle_timer(self, now: float) -> None:
+        self._now = now
         for layer in self.layers:
             deadline = layer.next_deadline()
             if deadline is not None and deadline <= now:
@@ -142,12 +174,38 @@ class Stack(Protocol):
             out.extend(layer.messages_to_send())
         return out
 
-    def next_event(self) -> Any | None:
-        for layer in self.layers:
-            event = layer.next_event()
-            if event is not None:
+    def next_event(self, now: float | None = None) -> Any | None:
+        if now is not None:
+            self._now = now
+        layers = self.layers
+        index = 0
+        while index < len(layers):
+            event = layers[index].next_event()
+            if event is None:
+                index += 1
+                continue
+            if not self._offer(index, event):
                 return event
+            index = 0  # the consumer may have called layers below it: their events come first
         return None
+
+    def _offer(self, index: int, event: Any) -> bool:
+        cls = type(event)
+        consumers = self._consumers.get(cls)
+        if consumers is None:
+            consumers = self._consumers[cls] = [
+                (i, layer) for i, layer in enumerate(self.layers) if layer.consumes and issubclass(cls, layer.consumes)
+            ]
+        if not consumers:
+            return False
+        now = self._now
+        if now is None:
+            raise RuntimeError("a Stack handles events at the time of an input: pass now to next_event")
+        for i, layer in consumers:
+            if i > index and layer.handle_event(event, now):
+                self.consumed[cls.__name__] += 1
+                return True
+        return False
 
     def next_deadline(self) -> float | None:
         earliest = None

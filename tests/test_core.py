@@ -98,3 +98,93 @@ def test_stack_routes_by_type_and_counts_what_no_layer_handles():
     assert stack.dropped["unexpected"] == 1
     with pytest.raises(ValueError, match="two layers"):
         Stack([PingProtocol(1, random.Random(1)), PingProtocol(2, random.Random(2))])
+
+
+# -- events flowing upward -------------------------------------------------------------------
+
+
+class _Emitter(Protocol):
+    """A lower layer: ``work(tag, now)`` emits ``Done(tag)``."""
+
+    def work(self, tag, now):
+        self.emit(_Done(tag))
+
+
+class _Done:
+    def __init__(self, tag):
+        self.tag = tag
+
+
+class _Caller(Protocol):
+    """An upper layer: consumes the ``_Done`` of the work it started, and starts more below."""
+
+    consumes = (_Done,)
+
+    def __init__(self, lower, chain=0):
+        super().__init__()
+        self.lower = lower
+        self.mine = set()
+        self.seen = []
+        self.chain = chain
+
+    def start(self, tag, now):
+        self.mine.add(tag)
+        self.lower.work(tag, now)
+
+    def handle_event(self, event, now):
+        self.seen.append((event.tag, now))
+        if event.tag not in self.mine:
+            return False
+        self.mine.discard(event.tag)
+        if self.chain:
+            self.chain -= 1
+            self.start(f"{event.tag}+", now)  # an event caused while handling one is offered too
+        else:
+            self.emit(f"finished {event.tag}")
+        return True
+
+
+def test_a_layer_consumes_the_events_of_its_own_work_and_the_driver_gets_the_rest():
+    lower = _Emitter()
+    upper = _Caller(lower)
+    stack = Stack([lower, upper])
+    upper.start("a", 1.0)
+    lower.work("b", 1.0)  # someone else's work: the upper layer looks, does not consume
+    event = stack.next_event(2.0)  # lower layers' events come first
+    assert isinstance(event, _Done) and event.tag == "b"
+    assert stack.next_event(2.0) == "finished a"
+    assert stack.next_event(2.0) is None
+    assert upper.seen == [("a", 2.0), ("b", 2.0)]
+    assert stack.consumed == {"_Done": 1}
+
+
+def test_events_caused_while_handling_an_event_are_offered_in_the_same_drain():
+    lower = _Emitter()
+    upper = _Caller(lower, chain=2)
+    stack = Stack([lower, upper])
+    upper.start("a", 0.0)
+    assert stack.next_event(1.0) == "finished a++"
+    assert stack.next_event(1.0) is None
+
+
+def test_a_layer_never_consumes_the_events_of_layers_above_it():
+    upper_emitter = _Emitter()
+    lower = _Caller(upper_emitter)
+    stack = Stack([lower, upper_emitter])  # the consumer sits below the emitter
+    lower.start("a", 0.0)
+    event = stack.next_event(1.0)
+    assert isinstance(event, _Done) and lower.seen == []
+
+
+def test_the_time_of_the_last_input_is_used_when_the_driver_gives_none():
+    lower = _Emitter()
+    upper = _Caller(lower)
+    stack = Stack([lower, upper])
+    stack.handle_timer(5.0)
+    upper.start("a", 5.0)
+    assert stack.next_event() == "finished a"
+    assert upper.seen == [("a", 5.0)]
+    fresh = Stack([_Emitter(), _Caller(_Emitter())])
+    fresh.layers[0].work("x", 0.0)
+    with pytest.raises(RuntimeError, match="pass now"):
+        fresh.next_event()

@@ -32,9 +32,9 @@ check per interval however many holders it has. ``leave()`` hands every key to t
 closest nodes before a graceful departure; a crash is repaired by the next check. A search
 asks nodes that failed it before again (they may be back from a reboot with their disk). A
 search that meets fewer live nodes than it wanted (the known neighbourhood of the key left)
-searches once more as wide as an overlay lookup. When the overlay offers ``heard(contact, now)``
-and ``unreachable(node_id)``, the layer reports every peer it hears from or misses, so its
-traffic keeps the routing table fresh near the keys it stores.
+searches once more as wide as an overlay lookup. The layer reports every peer it hears from or
+misses to the overlay (``Kademlia.heard(contact, now)``, ``Kademlia.unreachable(node_id)``), so
+its traffic keeps the routing table fresh near the keys it stores.
 
 The local store is the :class:`DurableStore` interface: :class:`MemoryStore` here (the
 simulator and unit tests; the simulator keeps it across a crash, as a disk), and
@@ -1202,10 +1202,6 @@ class Persistence(Protocol):
         self._checked_at: dict[int, float] = {}
         #: Set by :meth:`leave`: the node is handing its keys off and takes no new ones.
         self.leaving = False
-        # What this layer hears and misses is news for the overlay's routing table, if the overlay
-        # takes it (``Kademlia.heard(contact, now)`` / ``Kademlia.unreachable(node_id)``, when present).
-        self._overlay_heard = getattr(overlay, "heard", None)
-        self._overlay_unreachable = getattr(overlay, "unreachable", None)
         c = self.config
         # spread periodic work so nodes started together do not act in lock-step
         self.set_timer("repair", now + c.repair_interval_s * self.rng.uniform(0.5, 1.5))
@@ -1331,8 +1327,7 @@ class Persistence(Protocol):
         if kind in REPLIES:
             self._on_reply(src, msg, now)
             return
-        if self._overlay_heard is not None:
-            self._overlay_heard(Contact(msg.sender, src), now)
+        self.overlay.heard(Contact(msg.sender, src), now)  # news for the routing table
         if self.leaving and kind in (FindHolders, StoreChunk, StoreRecord):
             self.dropped["leaving"] += 1  # a departing node takes no new copies: let searches pass it by
             if kind is not FindHolders:  # and say so to a copy, whose sender would wait for a transfer timeout
@@ -1445,8 +1440,7 @@ class Persistence(Protocol):
             self.dropped["unsolicited_reply"] += 1
             return
         del self._rpcs[msg.rpc_id]
-        if self._overlay_heard is not None:
-            self._overlay_heard(rpc.contact, now)
+        self.overlay.heard(rpc.contact, now)
         self.cancel_timer(("rpc", msg.rpc_id))
         if isinstance(msg, Stored) and not msg.ok:
             self.counters["refused"] += 1
@@ -1471,8 +1465,7 @@ class Persistence(Protocol):
         if rpc is None:
             return
         self.counters["timeouts"] += 1
-        if self._overlay_unreachable is not None:
-            self._overlay_unreachable(rpc.contact.node_id)
+        self.overlay.unreachable(rpc.contact.node_id)
         op = self._ops.get(rpc.op_id) if rpc.op_id is not None else None
         if op is None:
             return

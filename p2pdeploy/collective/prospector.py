@@ -72,7 +72,7 @@ from p2pdeploy.collective.aggregation import (
 )
 from p2pdeploy.core import Address, Protocol, Rng
 from p2pdeploy.overlay.identity import key_id
-from p2pdeploy.overlay.kademlia import Kademlia
+from p2pdeploy.overlay.kademlia import Kademlia, LookupFinished
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.resource.requirements import MAX_SOURCE_CHARS, ParseError, Requirement
 from p2pdeploy.wire import NodeId, message, record
@@ -403,6 +403,7 @@ class Prospector(Protocol):
     """One node's part of the aggregation tree and of the prospect and aggregate queries."""
 
     handles = MESSAGES
+    consumes = (LookupFinished,)
 
     def __init__(
         self,
@@ -442,6 +443,8 @@ class Prospector(Protocol):
         #: The subtree summary the parent acked last (what its entry for us counts).
         self._acked_summary: Summary | None = None
         self._lookup_at = float("-inf")
+        #: Query ids of this layer's own overlay lookups, whose ``LookupFinished`` it consumes.
+        self._root_lookups: set[int] = set()
         self.children: dict[int, _Child] = {}
         self.suspects: dict[int, float] = {}
         self._pending: dict[int, _Pending] = {}
@@ -560,6 +563,14 @@ class Prospector(Protocol):
         return op.query_id
 
     # -- inputs ----------------------------------------------------------------------------
+    def handle_event(self, event: Any, now: float) -> bool:
+        """The end of a root lookup this layer started: it only filled the routing table, so
+        the next update finds its parent there; the driver never sees it."""
+        if isinstance(event, LookupFinished) and event.query_id in self._root_lookups:
+            self._root_lookups.discard(event.query_id)
+            return True
+        return False
+
     def receive(self, src: Address, msg: Any, now: float) -> None:
         if getattr(msg, "tree", self.key) != self.key:
             self.dropped["foreign_tree"] += 1
@@ -666,7 +677,7 @@ class Prospector(Protocol):
             return
         self._lookup_at = now
         self.counters["root_lookups"] += 1
-        self.overlay.lookup(self.key, now)
+        self._root_lookups.add(self.overlay.lookup(self.key, now))
 
     def _detach_from(self, contact: Contact) -> None:
         self.counters["detaches_sent"] += 1

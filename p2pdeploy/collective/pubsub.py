@@ -133,11 +133,12 @@ def check_topic(topic: Any) -> str:
 class PubSub(Protocol):
     """Publish/subscribe on one node, above a :class:`~p2pdeploy.overlay.multicast.Multicast` layer.
 
-    It sends nothing itself: its events ride in group messages, and it receives them through the
-    handler it gives the multicast layer when it joins a topic's group.
+    It sends nothing itself: its events ride in group messages, and it consumes the multicast
+    layer's ``GroupDelivered`` events of the topics' groups (``pubsub/T``) it joined.
     """
 
     handles = ()
+    consumes = (GroupDelivered,)
 
     def __init__(self, multicast: Multicast, rng: Rng, config: PubSubConfig | None = None) -> None:
         super().__init__()
@@ -165,7 +166,7 @@ class PubSub(Protocol):
         subscribers = self._by_topic.setdefault(topic, [])
         subscribers.append(subscription)
         if len(subscribers) == 1:
-            self.multicast.join(GROUP_PREFIX + topic, now, handler=self._on_group_message)
+            self.multicast.join(GROUP_PREFIX + topic, now)
         return subscription.subscription_id
 
     def unsubscribe(self, subscription_id: int, now: float) -> None:
@@ -206,6 +207,13 @@ class PubSub(Protocol):
     # -- inputs ----------------------------------------------------------------------------
     def receive(self, src: Any, msg: Any, now: float) -> None:
         self.dropped["unexpected"] += 1  # nothing is addressed to this layer directly
+
+    def handle_event(self, event: Any, now: float) -> bool:
+        """A message of a topic's group: this layer's whether or not it is well formed."""
+        if not (isinstance(event, GroupDelivered) and event.name.startswith(GROUP_PREFIX)):
+            return False
+        self._on_group_message(event, now)
+        return True
 
     def _on_group_message(self, delivered: GroupDelivered, now: float) -> None:
         event = wire.decode(delivered.payload, limit_bytes=len(delivered.payload))

@@ -40,7 +40,7 @@ builds on top, and any check of who may join or send (groups are open).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,10 +241,6 @@ class GroupSendFinished:
     unreached_blocks: int
 
 
-#: ``handler(event, now)``: receives a joined group's messages instead of the event queue.
-Handler = Callable[[GroupDelivered, float], None]
-
-
 # -- state ----------------------------------------------------------------------------------
 
 
@@ -252,7 +248,6 @@ Handler = Callable[[GroupDelivered, float], None]
 class _Membership:
     name: str
     group: int
-    handler: Handler | None
     root: Contact | None = None
     view: list[Contact] = field(default_factory=list)
     view_from: tuple[int, int] = (-1, -1)  # (root id, version) of the view held
@@ -321,8 +316,8 @@ class Multicast(PrefixSpreader):
 
     ``join(name, now)``, ``leave(name, now)`` and ``send_to(name, payload, now, reliable=False)``
     (members and outsiders alike). A member emits :class:`GroupJoined` once the root answered,
-    then :class:`GroupDelivered` for each message (or hands it to the ``handler`` it joined
-    with); a reliable send emits :class:`GroupSendFinished` at its sender. ``address`` is this
+    then :class:`GroupDelivered` for each message (a layer above consumes those of its own
+    groups); a reliable send emits :class:`GroupSendFinished` at its sender. ``address`` is this
     node's own address, which members advertise to the root.
     """
 
@@ -350,14 +345,13 @@ class Multicast(PrefixSpreader):
         }
 
     # -- API -------------------------------------------------------------------------------
-    def join(self, name: str, now: float, handler: Handler | None = None) -> int:
-        """Become a member of ``name`` (idempotent); the group id."""
+    def join(self, name: str, now: float) -> int:
+        """Become a member of ``name`` (idempotent); the group id. Its messages are
+        ``GroupDelivered`` events (which a layer above, such as pub/sub, may consume)."""
         gid = group_id(name)
-        membership = self._groups.get(gid)
-        if membership is not None:
-            membership.handler = handler or membership.handler
+        if gid in self._groups:
             return gid
-        self._groups[gid] = _Membership(name, gid, handler)
+        self._groups[gid] = _Membership(name, gid)
         self._departed.pop(gid, None)
         if self.config.tree == "scribe":
             self._tree.setdefault(gid, _TreeNode())
@@ -884,11 +878,7 @@ class Multicast(PrefixSpreader):
     def _deliver(self, membership: _Membership, msg_id: int, origin: int, payload: bytes, hops: int,
                  now: float) -> None:
         self.counters["delivered"] += 1
-        event = GroupDelivered(membership.name, membership.group, msg_id, origin, payload, hops)
-        if membership.handler is not None:
-            membership.handler(event, now)
-        else:
-            self.emit(event)
+        self.emit(GroupDelivered(membership.name, membership.group, msg_id, origin, payload, hops))
 
     def _on_completed(self, spread: SpreadState, now: float) -> None:
         m: _Message = spread.info

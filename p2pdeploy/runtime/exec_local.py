@@ -121,7 +121,7 @@ class LocalReplicas:
     def _after_input(self) -> None:
         core = self.core
         while True:
-            event = core.next_event()
+            event = core.next_event(trio.current_time())
             if event is None:
                 break
             self.events.append(event)

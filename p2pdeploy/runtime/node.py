@@ -685,7 +685,8 @@ class RuntimeNode:
 
     def _after_input(self) -> None:
         core = self.core
-        while (event := core.next_event()) is not None:
+        now = trio.current_time()
+        while (event := core.next_event(now)) is not None:
             self._dispatch(event)
         for dst, msg in core.messages_to_send():
             self._send(dst, msg)

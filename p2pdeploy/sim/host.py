@@ -121,13 +121,14 @@ class SimNode:
 
     # -- output ----------------------------------------------------------------------------
     def _flush(self, core: Protocol) -> None:
-        event = core.next_event()
+        now = self.engine.now
+        event = core.next_event(now)
         if event is not None:
             observer = self.observer
             address = self.address
             while event is not None:
                 observer(address, event)
-                event = core.next_event()
+                event = core.next_event(now)
             if self.core is not core:  # the observer crashed this node
                 return
         out = core.messages_to_send()

@@ -25,7 +25,7 @@ from p2pdeploy.collective.prospector import (
     ProspectRequest,
     spread_pick,
 )
-from p2pdeploy.overlay.kademlia import Kademlia, KademliaConfig
+from p2pdeploy.overlay.kademlia import Kademlia, KademliaConfig, LookupFinished
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.resource.requirements import ParseError, Requirement
 from tests.collective.stacknet import StackNet
@@ -264,6 +264,14 @@ def test_when_the_root_dies_the_next_closest_node_takes_over_with_the_exact_coun
     assert community.p(new_root).summary().nodes == 24
     event = community.ask(community.live()[3], lambda p, now: p.aggregate(None, "count", now))
     assert event.value == 24
+
+
+def test_the_lookups_a_root_makes_to_check_itself_end_inside_its_stack(community):
+    root = community.root()
+    lookups = community.p(root).counters["root_lookups"]
+    assert lookups >= 1
+    assert community.net.events_of(LookupFinished, root) == []  # the driver never sees them
+    assert 1 <= community.net.nodes[root].consumed["LookupFinished"] <= lookups
 
 
 def test_a_node_whose_next_hop_changes_detaches_so_nobody_is_counted_twice():

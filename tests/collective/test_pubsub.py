@@ -24,29 +24,29 @@ from tests.collective.stacknet import StackNet
 
 
 class FakeMulticast:
-    """Just enough of the multicast layer: it records the handler and what is sent."""
+    """Just enough of the multicast layer: it records the groups joined and what is sent."""
 
     own_id = 1
     spread_config = SpreadConfig()
 
     def __init__(self) -> None:
-        self.handlers: dict[str, object] = {}
+        self.joined: set[str] = set()
         self.sent: list[tuple[str, bytes, bool]] = []
         self.left: list[str] = []
 
-    def join(self, name, now, handler=None):
-        self.handlers[name] = handler
+    def join(self, name, now):
+        self.joined.add(name)
 
     def leave(self, name, now):
         self.left.append(name)
-        self.handlers.pop(name, None)
+        self.joined.discard(name)
 
     def send_to(self, name, payload, now, *, reliable=False):
         self.sent.append((name, payload, reliable))
         return len(self.sent)
 
     def is_joined(self, name):
-        return name in self.handlers
+        return name in self.joined
 
 
 @dataclass
@@ -60,8 +60,9 @@ class Feed:
 
     def event(self, sequence: int, now: float, topic: str = "t", **attributes) -> None:
         payload = wire.encode(PublishedEvent(self.publisher, self.epoch, topic, sequence, attributes or {"n": sequence}))
-        handler = self.multicast.handlers[GROUP_PREFIX + topic]
-        handler(GroupDelivered(GROUP_PREFIX + topic, 0, sequence, self.publisher, payload, 1), now)
+        assert GROUP_PREFIX + topic in self.multicast.joined
+        delivered = GroupDelivered(GROUP_PREFIX + topic, 0, sequence, self.publisher, payload, 1)
+        assert self.pubsub.handle_event(delivered, now)
 
     def delivered(self) -> list[int]:
         out = []
@@ -138,12 +139,14 @@ def test_filters_run_before_delivery_and_each_subscription_gets_its_own_event():
 
 def test_bad_group_messages_are_dropped_and_counted():
     f = feed()
-    handler = f.multicast.handlers[GROUP_PREFIX + "t"]
-    handler(GroupDelivered(GROUP_PREFIX + "t", 0, 1, 7, b"\xff\x00junk", 1), 0.0)
+    handle = f.pubsub.handle_event
+    assert handle(GroupDelivered(GROUP_PREFIX + "t", 0, 1, 7, b"\xff\x00junk", 1), 0.0)
     wrong_topic = wire.encode(PublishedEvent(7, 1, "other", 1, {}))
-    handler(GroupDelivered(GROUP_PREFIX + "t", 0, 2, 7, wrong_topic, 1), 0.0)
+    assert handle(GroupDelivered(GROUP_PREFIX + "t", 0, 2, 7, wrong_topic, 1), 0.0)
     forged = wire.encode(PublishedEvent(8, 1, "t", 1, {}))  # claims another publisher than its sender
-    handler(GroupDelivered(GROUP_PREFIX + "t", 0, 3, 7, forged, 1), 0.0)
+    assert handle(GroupDelivered(GROUP_PREFIX + "t", 0, 3, 7, forged, 1), 0.0)
+    # another layer's group is not pub/sub's to consume
+    assert not handle(GroupDelivered("deployer/x", 0, 4, 7, forged, 1), 0.0)
     assert f.pubsub.dropped["malformed_event"] == 1 and f.pubsub.dropped["misaddressed_event"] == 2
     assert f.pubsub.next_event() is None
 

@@ -37,7 +37,7 @@ class FakeNet:
 
     def flush(self, index: int) -> None:
         node = self.nodes[index]
-        while (event := node.next_event()) is not None:
+        while (event := node.next_event(self.now)) is not None:
             self.events.append((index, event))
         for dst, msg in node.messages_to_send():
             data = wire.encode(msg)
