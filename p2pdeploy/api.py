@@ -70,6 +70,7 @@ from p2pdeploy.collective.events import (
 from p2pdeploy.collective.filters import Filter, FilterError
 from p2pdeploy.collective.pubsub import Delivered
 from p2pdeploy.fabric.contribution import Contribution
+from p2pdeploy.node import client_layers, default_layers
 from p2pdeploy.overlay.identity import Identity, key_id
 from p2pdeploy.overlay.kademlia import KademliaConfig
 from p2pdeploy.overlay.routing import Contact
@@ -101,7 +102,6 @@ from p2pdeploy.runtime.control import (
     open_control,
 )
 from p2pdeploy.runtime.executor import RealExecutorConfig
-from p2pdeploy.runtime.layers import client_layers, default_layers
 from p2pdeploy.runtime.node import (
     NodeNotRunning,
     NoOverlay,

@@ -74,6 +74,7 @@ from p2pdeploy.core import Address, Protocol, Rng
 from p2pdeploy.overlay.identity import key_id
 from p2pdeploy.overlay.kademlia import Kademlia, LookupFinished
 from p2pdeploy.overlay.routing import Contact
+from p2pdeploy.resource.description import DescriptionChanged
 from p2pdeploy.resource.requirements import MAX_SOURCE_CHARS, ParseError, Requirement
 from p2pdeploy.wire import NodeId, message, record
 
@@ -403,7 +404,7 @@ class Prospector(Protocol):
     """One node's part of the aggregation tree and of the prospect and aggregate queries."""
 
     handles = MESSAGES
-    consumes = (LookupFinished,)
+    consumes = (LookupFinished, DescriptionChanged)
 
     def __init__(
         self,
@@ -412,12 +413,11 @@ class Prospector(Protocol):
         rng: Rng,
         config: ProspectorConfig | None = None,
         attributes: Mapping[str, Any] | None = None,
-        *,
-        describe: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
-        """``attributes`` are published as given (``set_attributes`` replaces them); or
-        ``describe()`` is asked for them before every update, so what changes locally (free
-        memory as replicas start and stop) reaches the tree without the driver's help."""
+        """``attributes`` are published as given (``set_attributes`` replaces them). In a node's
+        stack the :class:`~p2pdeploy.resource.description.NodeDescription` layer below keeps
+        them current: this layer consumes its ``DescriptionChanged`` events, so what changes
+        locally (free memory as replicas start and stop) reaches the tree at the next update."""
         super().__init__()
         self.overlay = overlay
         self.node_id = overlay.node_id
@@ -458,10 +458,7 @@ class Prospector(Protocol):
         self._next_query = 0
         self._parsed: dict[str, Requirement] = {}
         self.counters: Counter[str] = Counter()
-        self.describe = describe
-        if describe is not None:
-            self._set(describe())
-        elif attributes:
+        if attributes:
             self._set(attributes)
 
     # -- lifetime and attributes -----------------------------------------------------------
@@ -564,8 +561,14 @@ class Prospector(Protocol):
 
     # -- inputs ----------------------------------------------------------------------------
     def handle_event(self, event: Any, now: float) -> bool:
-        """The end of a root lookup this layer started: it only filled the routing table, so
-        the next update finds its parent there; the driver never sees it."""
+        """This node's new description, to publish; or the end of a root lookup this layer
+        started, which only filled the routing table (the next update finds its parent there)."""
+        if isinstance(event, DescriptionChanged):
+            try:
+                self.set_attributes(event.attributes, now)
+            except (TypeError, ValueError):  # local code, but an event must not crash the node
+                self.counters["bad_description"] += 1
+            return True
         if isinstance(event, LookupFinished) and event.query_id in self._root_lookups:
             self._root_lookups.discard(event.query_id)
             return True
@@ -618,12 +621,6 @@ class Prospector(Protocol):
 
     def _push(self, now: float) -> None:
         c = self.config
-        if self.describe is not None:
-            try:
-                if self._set(self.describe()):
-                    self._summary = None
-            except (TypeError, ValueError):  # local code, but a timer must not crash the node
-                self.counters["bad_description"] += 1
         if self.overlay.contact_count() == 0:  # not joined yet: look again soon, send nothing
             self.set_timer("push", now + c.min_update_interval_s)
             return

@@ -6,17 +6,26 @@ A node's description is a flat mapping of attributes: the machine's facts (``os`
 (``cpu_free``, ``memory_free``, ``disk_free``, ``bandwidth_free``, ``services_free``). The
 prospector aggregates these; a service's :class:`Match` says whether a node fits and, when it
 does not, which clause failed (``memory_free >= 512M (memory_free is 256 MiB)``).
+
+:class:`NodeDescription` is the layer that keeps a node's description current: it watches the
+replica host's events (a reservation made or released changes what is free) and the machine the
+driver probes, and announces each new description as :class:`DescriptionChanged`, which the
+prospector consumes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from p2pdeploy.core import Address, Protocol
 from p2pdeploy.fabric.admission import Demand, Free
 from p2pdeploy.fabric.contribution import Contribution
+from p2pdeploy.fabric.executor import RemoveReplica
 from p2pdeploy.fabric.machine import Machine
+from p2pdeploy.fabric.replicas import ReplicaHost
+from p2pdeploy.fabric.supervisor import ReplicaStateChanged
 from p2pdeploy.fabric.units import format_cores_number, format_size
 from p2pdeploy.resource.requirements import And, Attribute, Compare, Literal, Node, Requirement
 
@@ -93,3 +102,59 @@ def match(attrs: Mapping[str, Any], requirement: Requirement | None = None, dema
     if requirement is not None:
         failed.extend(requirement.explain(attrs))
     return Match(not failed, tuple(failed))
+
+
+@dataclass(frozen=True, slots=True)
+class DescriptionChanged:
+    """This node's attributes changed (or were first known): what the prospector publishes."""
+
+    attributes: dict[str, Any]
+
+
+class NodeDescription(Protocol):
+    """This node's description as a layer: emits :class:`DescriptionChanged` when it changes.
+
+    Built with what the node is (its machine, its contribution) and, on a hosting node, its
+    :class:`~p2pdeploy.fabric.replicas.ReplicaHost`, whose state changes it watches without
+    consuming them. A node without a contribution is described by its machine alone.
+    """
+
+    consumes = (ReplicaStateChanged, RemoveReplica)
+
+    def __init__(self, contribution: Contribution | None = None, host: ReplicaHost | None = None,
+                 machine: Machine | None = None) -> None:
+        super().__init__()
+        self.contribution = contribution
+        self.host = host
+        self.machine = machine
+        self._attributes: dict[str, Any] | None = None
+        self._refresh()
+
+    def attributes(self) -> dict[str, Any]:
+        """The current description (a copy)."""
+        return dict(self._attributes or {})
+
+    def set_machine(self, machine: Machine, now: float) -> None:
+        """The driver probed the machine again (free memory and disk, load)."""
+        self.machine = machine
+        self._refresh()
+
+    def handle_event(self, event: Any, now: float) -> bool:
+        self._refresh()
+        return False  # the replica's state is news for the layers above and the driver too
+
+    def _refresh(self) -> None:
+        if self.contribution is None:
+            attributes = dict(self.machine.attributes()) if self.machine is not None else {}
+        else:
+            free = self.host.admission.free() if self.host is not None else None
+            attributes = node_attributes(self.contribution, free, self.machine)
+        if attributes != self._attributes:
+            self._attributes = attributes
+            self.emit(DescriptionChanged(dict(attributes)))
+
+    def receive(self, src: Address, msg: Any, now: float) -> None:
+        self.dropped["unexpected"] += 1
+
+    def on_timer(self, name: Hashable, now: float) -> None:
+        pass  # arms no timers

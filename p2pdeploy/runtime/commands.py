@@ -49,6 +49,7 @@ from p2pdeploy.fabric.contribution import (
 from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.supervisor import ReplicaState, ReplicaStateChanged
 from p2pdeploy.fabric.units import format_bandwidth, format_cores, format_cores_number, format_size
+from p2pdeploy.node import client_layers
 from p2pdeploy.overlay.identity import Identity, key_id
 from p2pdeploy.overlay.kademlia import KademliaConfig
 from p2pdeploy.overlay.ping import PeerSeen, Ping
@@ -87,7 +88,6 @@ from p2pdeploy.runtime.control import (
     open_control,
     serve_replica_request,
 )
-from p2pdeploy.runtime.layers import client_layers
 from p2pdeploy.runtime.node import PingTimeout, RemoteTimeout, RuntimeConfig, RuntimeNode, open_node
 from p2pdeploy.runtime.snapshot import write_file_atomically
 

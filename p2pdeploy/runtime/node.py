@@ -2,7 +2,7 @@
 
 A :class:`RuntimeNode` owns a :class:`~p2pdeploy.runtime.transport.Transport` (one UDP socket
 and one TCP listener on the same address) and hosts one sans-I/O core, a
-:class:`p2pdeploy.core.Stack` built by :mod:`p2pdeploy.runtime.layers`. It follows the driver
+:class:`p2pdeploy.core.Stack` built by :mod:`p2pdeploy.node`. It follows the driver
 contract of ``core.py``: after every input (a datagram, a frame, a timer, an API call) it
 drains the core's events, then its messages, then reads its next deadline and re-arms its one
 timer. Core times are ``trio.current_time()`` seconds. It makes no protocol decision: which
@@ -62,7 +62,7 @@ from typing import Any, TypeVar
 import trio
 
 from p2pdeploy import wire
-from p2pdeploy.collective.persistence import HandedOff, Persistence, PersistenceConfig
+from p2pdeploy.collective.persistence import DurableStore, HandedOff, Persistence, PersistenceConfig
 from p2pdeploy.collective.prospector import (
     AggregateFinished,
     FoundNode,
@@ -78,6 +78,7 @@ from p2pdeploy.fabric.executor import ExecutorReport, ProcessSpec
 from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.fabric.supervisor import ReplicaStatus
+from p2pdeploy.node import CoreContext, LayersFactory, build_core, default_layers
 from p2pdeploy.overlay.broadcast import Broadcast, BroadcastCompleted
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import (
@@ -92,6 +93,7 @@ from p2pdeploy.overlay.ping import PeerSeen, Ping, PingProtocol, PingTimedOut, P
 from p2pdeploy.overlay.routing import ID_SPACE, Contact
 from p2pdeploy.overlay.storage import Item
 from p2pdeploy.resource.bundle import SignedBundle
+from p2pdeploy.resource.description import NodeDescription
 from p2pdeploy.resource.manifest import SERVICE_VARIABLE
 from p2pdeploy.resource.protocol import (
     MAX_LOG_BYTES,
@@ -105,10 +107,9 @@ from p2pdeploy.resource.protocol import (
 from p2pdeploy.runtime.address import HostPort, format_host_port
 from p2pdeploy.runtime.exec_local import ReplicaWiring
 from p2pdeploy.runtime.executor import RealExecutor, RealExecutorConfig
-from p2pdeploy.runtime.layers import CoreContext, LayersFactory, build_core, default_layers
 from p2pdeploy.runtime.probe import probe_machine
 from p2pdeploy.runtime.snapshot import ROUTING_SNAPSHOT_FILE, read_bounded, write_file_atomically
-from p2pdeploy.runtime.state_api import PersistenceClient, StateServer
+from p2pdeploy.runtime.state_api import PersistenceClient, StateServer, open_store
 from p2pdeploy.runtime.transport import Transport, TransportConfig, path_for
 
 log = logging.getLogger(__name__)
@@ -256,6 +257,8 @@ class RuntimeNode:
         self.state_server: StateServer | None = None
         self._left = False
         self._wiring: ReplicaWiring | None = None
+        #: The persistence store this node opened (closed when it stops).
+        self._store: DurableStore | None = None
         self._temporary_dir: Path | None = None
         self._joined = trio.Event()
         #: One save at a time: saves share the temporary file they write before renaming it.
@@ -301,8 +304,8 @@ class RuntimeNode:
             return self.core.layer(Kademlia)
         except KeyError:
             raise NoOverlay(
-                "this node runs no Kademlia overlay; build it with runtime.layers.default_layers "
-                "or add runtime.layers.kademlia_layer to its layers"
+                "this node runs no Kademlia overlay; build it with p2pdeploy.node.default_layers "
+                "or add p2pdeploy.node.kademlia_layer to its layers"
             ) from None
 
     def _overlay_or_none(self) -> Kademlia | None:
@@ -337,6 +340,7 @@ class RuntimeNode:
         transport = await Transport.bind(listen, self._deliver, self.counters, self.config.transport)
         executor = None
         state_server = None
+        store = None
         try:
             contribution = self.requested_contribution
             executor_config = self._executor_config() if contribution is not None else None
@@ -344,6 +348,7 @@ class RuntimeNode:
                 self.machine = await trio.to_thread.run_sync(probe_machine, self._probe_dir(executor_config))
                 contribution = contribution.clamp_to(self.machine)
             now = trio.current_time()
+            store = self._store = open_store(self.data_dir, contribution)
             context = CoreContext(
                 self.identity,
                 transport.address,
@@ -356,7 +361,7 @@ class RuntimeNode:
                 remote_timeout_s=self.config.remote_timeout_s,
                 wall_clock_offset_s=time.time() - now,
                 prospector=self.config.prospector,
-                data_dir=self.data_dir,
+                store=store,
                 persistence=self.config.persistence,
             )
             self._core = build_core(context, layers)
@@ -458,10 +463,13 @@ class RuntimeNode:
         return None
 
     def _close_persistence(self) -> None:
+        """Close the store this node opened, and the one its persistence layer was built with
+        (a layers factory may hand it another)."""
         layer = self._layer_or_none(Persistence)
-        if layer is not None:
+        opened, self._store = self._store, None
+        for store in {id(s): s for s in (opened, layer.store if layer is not None else None) if s is not None}.values():
             try:
-                layer.close()
+                store.close()
             except Exception:  # closing must not hide why the node stopped
                 log.exception("closing the persistence store failed")
 
@@ -590,6 +598,10 @@ class RuntimeNode:
                     return
                 self.machine = machine
                 remote.update_machine(machine)
+                description = self._layer_or_none(NodeDescription)
+                if description is not None:  # the prospector publishes the machine as it is now
+                    description.set_machine(machine, self._now())
+                    self._after_input()
             offset_s = time.time() - trio.current_time()
             for cls in (RemoteControl, RemoteClient):
                 layer = self._layer_or_none(cls)
@@ -1002,8 +1014,8 @@ class RuntimeNode:
             client: RemoteClient = self.core.layer(RemoteClient)
         except KeyError:
             raise NoRemoteClient(
-                "this node runs no RemoteClient layer; build it with runtime.layers.default_layers "
-                "or runtime.layers.client_layers"
+                "this node runs no RemoteClient layer; build it with p2pdeploy.node.default_layers "
+                "or p2pdeploy.node.client_layers"
             ) from None
         address = await self.resolve(address)  # replies are matched by the numeric address
         if node_id is None:

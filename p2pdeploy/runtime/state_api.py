@@ -1,8 +1,8 @@
 """Persistence on a real node: its layer, an async facade, and the state API served to services.
 
-- :func:`persistence_layer` builds the :class:`~p2pdeploy.collective.persistence.Persistence`
-  layer for a node's stack from the :class:`~p2pdeploy.runtime.layers.CoreContext` (its store is
-  an :class:`~p2pdeploy.runtime.store_sqlite.SQLiteStore` in the data directory, or memory).
+- :func:`open_store` opens the store a node's persistence layer keeps its data in (an
+  :class:`~p2pdeploy.runtime.store_sqlite.SQLiteStore` in the data directory, or memory); the
+  layer itself is composed with the rest of the node in :mod:`p2pdeploy.node`.
 - :class:`PersistenceClient` turns the layer's events into awaitable results
   (``await client.put_blob(data)``), through :meth:`RuntimeNode.request`.
 - :class:`StateServer` is the state API of :mod:`p2pdeploy.collective.stateapi` over HTTP/1.1
@@ -30,7 +30,6 @@ Deadlines are cancel scopes; every task runs in the server's nursery.
 from __future__ import annotations
 
 import logging
-import random
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,20 +45,19 @@ from p2pdeploy.collective.persistence import (
     HandedOff,
     MemoryStore,
     Persistence,
-    PersistenceConfig,
     QuorumFinished,
     RecordFound,
     RecordStored,
 )
 from p2pdeploy.collective.stateapi import StateError, StateRequest, StateResult, check_namespace
-from p2pdeploy.core import Protocol
 from p2pdeploy.overlay.identity import Identity
-from p2pdeploy.overlay.kademlia import Kademlia
 from p2pdeploy.overlay.storage import Item
 from p2pdeploy.runtime.store_sqlite import DEFAULT_CAPACITY_BYTES, SQLiteStore, capacity_from
 
 if TYPE_CHECKING:
-    from p2pdeploy.runtime.layers import CoreContext
+    from pathlib import Path
+
+    from p2pdeploy.fabric.contribution import Contribution
     from p2pdeploy.runtime.node import RuntimeNode
 
 log = logging.getLogger(__name__)
@@ -75,36 +73,13 @@ MAX_DRAINED_BYTES = 8 * 1024 * 1024
 # -- the layer ---------------------------------------------------------------------------------
 
 
-def open_store(context: CoreContext) -> DurableStore:
-    """The node's store: SQLite in its data directory (quota from the owner's disk contribution),
-    or memory for a node without one."""
-    data_dir = getattr(context, "data_dir", None)
+def open_store(data_dir: Path | None, contribution: Contribution | None = None) -> DurableStore:
+    """A node's store: SQLite in its data directory (quota from the owner's disk contribution),
+    or memory for a node without one. The caller closes it."""
     if data_dir is None:
         return MemoryStore()
-    contribution = context.contribution
     capacity = capacity_from(contribution) if contribution is not None else DEFAULT_CAPACITY_BYTES
     return SQLiteStore(data_dir, capacity_bytes=capacity)
-
-
-def persistence_layer(
-    context: CoreContext,
-    layers: list[Protocol],
-    store: DurableStore | None = None,
-    config: PersistenceConfig | None = None,
-) -> Persistence:
-    """The persistence layer over the Kademlia layer among ``layers`` (built first from ``context``);
-    ``store`` defaults to :func:`open_store`. ``Persistence.close()`` closes it."""
-    overlay = next((layer for layer in layers if isinstance(layer, Kademlia)), None)
-    if overlay is None:
-        raise ValueError("the persistence layer needs a Kademlia layer below it in the stack")
-    return Persistence(
-        overlay,
-        store if store is not None else open_store(context),
-        random.Random(context.rng.getrandbits(64)),
-        context.now,
-        own_address=context.address,
-        config=config,
-    )
 
 
 # -- the async facade --------------------------------------------------------------------------
@@ -125,7 +100,7 @@ class PersistenceClient:
         try:
             return self.node.core.layer(Persistence)
         except KeyError:
-            raise NoPersistence("this node runs no persistence layer; add runtime.state_api.persistence_layer "
+            raise NoPersistence("this node runs no persistence layer; add p2pdeploy.node.persistence_layer "
                                "to its layers") from None
 
     async def _run(self, start: Callable[[Persistence, float], int], cls: type) -> Any:
@@ -370,5 +345,4 @@ __all__ = [
     "PersistenceClient",
     "StateGrant",
     "StateServer",
-    "persistence_layer",
 ]

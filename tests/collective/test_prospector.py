@@ -25,8 +25,15 @@ from p2pdeploy.collective.prospector import (
     ProspectRequest,
     spread_pick,
 )
+from p2pdeploy.core import Stack
+from p2pdeploy.fabric.admission import Demand
+from p2pdeploy.fabric.contribution import Contribution
+from p2pdeploy.fabric.executor import ProcessSpec
+from p2pdeploy.fabric.replicas import ReplicaHost
+from p2pdeploy.fabric.supervisor import ReplicaSpec
 from p2pdeploy.overlay.kademlia import Kademlia, KademliaConfig, LookupFinished
 from p2pdeploy.overlay.routing import Contact
+from p2pdeploy.resource.description import DescriptionChanged, NodeDescription
 from p2pdeploy.resource.requirements import ParseError, Requirement
 from tests.collective.stacknet import StackNet
 
@@ -306,17 +313,26 @@ def test_changed_attributes_reach_the_root_within_the_rate_bound():
 
 
 def test_a_described_node_publishes_what_changed_locally_at_its_next_update():
-    free = {"memory_free": 1 << 30, "os": "linux"}
     community = Community(10, seed=9)
     community.run(5.0)
     node = next(i for i in community.net.nodes if not community.p(i).is_root)
-    described = Prospector(community.net.overlays[node], node, random.Random(1), FAST, describe=lambda: dict(free))
-    assert described.attributes == free
-    free["memory_free"] = 3 << 30  # a replica stopped and gave its memory back
-    described.start(community.net.now)
-    described.handle_timer(community.net.now + FAST.min_update_interval_s)
+    host = ReplicaHost(Contribution(cpu_cores=2, memory_bytes=4 << 30, disk_bytes=8 << 30, max_services=4))
+    description = NodeDescription(host.contribution, host)
+    described = Prospector(community.net.overlays[node], node, random.Random(1), FAST)
+    stack = Stack([host, description, described])  # the node's layers, bottom to top
+    now = community.net.now
+    stack.next_event(now)  # the first description reaches the prospector, not the driver
+    assert described.attributes["memory_free"] == 4 << 30
+    described.start(now)
+    spec = ReplicaSpec(ProcessSpec("r1", 1, ("true",)))
+    assert host.start_replica(spec, Demand(memory_bytes=1 << 30), now) is None  # a replica reserves 1 GiB
+    drained = []
+    while (event := stack.next_event(now)) is not None:
+        drained.append(event)
+    assert drained and not any(isinstance(e, DescriptionChanged) for e in drained)  # replica events go on up
+    stack.handle_timer(now + FAST.min_update_interval_s)
     assert described.attributes["memory_free"] == 3 << 30
-    update = next(m for _, m in described.messages_to_send() if isinstance(m, AggregateUpdate))
+    update = next(m for _, m in stack.messages_to_send() if isinstance(m, AggregateUpdate))
     assert update.attributes["memory_free"] == 3 << 30
 
 

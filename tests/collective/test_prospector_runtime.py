@@ -15,10 +15,10 @@ from p2pdeploy.fabric.admission import Admission
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.units import GIB
+from p2pdeploy.node import CoreContext, default_layers
 from p2pdeploy.overlay.kademlia import Kademlia, KademliaConfig
-from p2pdeploy.resource.description import node_attributes
+from p2pdeploy.resource.description import NodeDescription, node_attributes
 from p2pdeploy.resource.requirements import Requirement
-from p2pdeploy.runtime.layers import CoreContext, default_layers
 from p2pdeploy.runtime.node import open_node
 
 LOOPBACK = ("127.0.0.1", 0)
@@ -34,11 +34,11 @@ def with_prospector(contribution: Contribution, machine: Machine, region: str):
     contributing ``contribution`` on ``machine`` (the test's stand-in for a probed machine)."""
 
     def layers(context: CoreContext) -> list[Protocol]:
-        base = [layer for layer in default_layers(context) if not isinstance(layer, Prospector)]
+        base = [layer for layer in default_layers(context) if not isinstance(layer, Prospector | NodeDescription)]
         overlay = next(layer for layer in base if isinstance(layer, Kademlia))
         free = Admission(contribution).free()
         prospector = Prospector(overlay, context.address, random.Random(context.rng.getrandbits(64)), FAST,
-                                describe=lambda: node_attributes(contribution, free, machine, region=region))
+                                node_attributes(contribution, free, machine, region=region))
         prospector.start(context.now)
         return [*base, prospector]
 

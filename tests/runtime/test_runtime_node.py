@@ -18,9 +18,9 @@ import trio
 
 from p2pdeploy import wire
 from p2pdeploy.core import Protocol
+from p2pdeploy.node import CoreContext, default_layers
 from p2pdeploy.overlay.ping import MIN_RTO_S, PeerSeen, Ping, PingProtocol, PongReceived
 from p2pdeploy.runtime.framing import LENGTH_PREFIX, frame, hello
-from p2pdeploy.runtime.layers import CoreContext, default_layers
 from p2pdeploy.runtime.node import NodeNotRunning, PingTimeout, RuntimeConfig, open_node
 from p2pdeploy.runtime.transport import Transport, TransportConfig
 

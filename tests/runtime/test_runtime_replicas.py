@@ -29,6 +29,7 @@ from p2pdeploy.collective.persistence import Persistence
 from p2pdeploy.collective.stateapi import overlay_key
 from p2pdeploy.fabric.contribution import ANY, Contribution, ContributionError
 from p2pdeploy.fabric.machine import Machine
+from p2pdeploy.node import client_layers
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import KademliaConfig
 from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, Bundle
@@ -48,7 +49,6 @@ from p2pdeploy.runtime.control import (
     StatusRequest,
     control_request,
 )
-from p2pdeploy.runtime.layers import client_layers
 from p2pdeploy.runtime.localnet import open_local_processes
 from p2pdeploy.runtime.node import open_node
 from p2pdeploy.runtime.probe import probe_machine

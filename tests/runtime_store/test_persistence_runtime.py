@@ -7,6 +7,7 @@ repaired from a replica. Waits poll with a generous bound; nothing sleeps for a 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from contextlib import AsyncExitStack
@@ -16,12 +17,12 @@ import trio
 
 from p2pdeploy.collective.blobs import split
 from p2pdeploy.collective.persistence import ChunkCorrupted, PersistenceConfig
+from p2pdeploy.node import kademlia_layer, persistence_layer
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import KademliaConfig
 from p2pdeploy.overlay.ping import PingProtocol
-from p2pdeploy.runtime.layers import kademlia_layer
 from p2pdeploy.runtime.node import open_node
-from p2pdeploy.runtime.state_api import PersistenceClient, persistence_layer
+from p2pdeploy.runtime.state_api import PersistenceClient
 from p2pdeploy.runtime.store_sqlite import SQLiteStore
 
 LOOPBACK = ("127.0.0.1", 0)
@@ -33,9 +34,10 @@ PERSISTENCE = PersistenceConfig(rpc_timeout_s=3.0, transfer_timeout_s=30.0)
 
 def layers_with(store, config=PERSISTENCE):
     def layers(context):
-        base = [PingProtocol(context.identity.node_id, context.rng, own_address=context.address),
-                kademlia_layer(context)]
-        return [*base, persistence_layer(context, base, store, config)]
+        overlay = kademlia_layer(context)
+        with_store = dataclasses.replace(context, store=store, persistence=config)
+        return [PingProtocol(context.identity.node_id, context.rng, own_address=context.address),
+                overlay, persistence_layer(with_store, overlay)]
 
     return layers
 

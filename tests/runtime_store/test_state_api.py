@@ -92,21 +92,19 @@ def test_state_keys_and_namespaces_are_checked():
 
 
 def test_a_node_with_a_data_directory_keeps_its_store_in_sqlite(tmp_path):
-    from types import SimpleNamespace
 
     from p2pdeploy.collective.persistence import MemoryStore
     from p2pdeploy.fabric.contribution import Contribution
     from p2pdeploy.runtime.state_api import open_store
     from p2pdeploy.runtime.store_sqlite import SQLiteStore
 
-    with_dir = SimpleNamespace(data_dir=tmp_path, contribution=Contribution(disk_bytes=4000))
-    store = open_store(with_dir)
+    store = open_store(tmp_path, Contribution(disk_bytes=4000))
     try:
         assert isinstance(store, SQLiteStore) and store.capacity_bytes == 2000
         assert (tmp_path / "persistence" / "store.sqlite3").exists()
     finally:
         store.close()
-    assert isinstance(open_store(SimpleNamespace(data_dir=None, contribution=None)), MemoryStore)
+    assert isinstance(open_store(None), MemoryStore)
 
 
 async def test_a_client_that_hangs_up_at_once_does_not_take_the_node_down():

@@ -1,20 +1,28 @@
-"""The protocol layers a real node runs: the one place a new layer joins the node's Stack.
+"""A node's whole protocol stack, composed once for both drivers.
 
-The runtime hosts one :class:`p2pdeploy.core.Stack`. :func:`default_layers` lists its layers
-bottom to top; a capability that adds a protocol (broadcast, the deployer) appends its object
-here, built from the :class:`CoreContext` the runtime hands in. A test or an embedding
-application passes its own ``layers`` factory to ``open_node``.
+:func:`default_layers` builds the layers of a ``p2pdeploy join`` node, bottom to top, from a
+:class:`CoreContext`: its identity, address, seeded random stream, configuration, contribution,
+machine and durable store. The trio runtime (:mod:`p2pdeploy.runtime.node`) and the simulator
+(the ``node`` runner in :mod:`p2pdeploy.sim.runners.node`) both call it, so a simulated node
+runs the same layers, wired the same way, as a real one. A test or an embedding application
+passes its own ``layers`` factory to ``open_node`` (:func:`client_layers` for an ephemeral
+deployer).
 
-A ``p2pdeploy join`` node runs ping/pong (RTT estimates, ``p2pdeploy ping``), the Kademlia
-overlay (``p2pdeploy.overlay.kademlia``, configured by ``CoreContext.kademlia``), broadcast,
-multicast groups and publish/subscribe, replicated persistence (blobs, records and the state API's
-quorum records, stored in ``CoreContext.data_dir``), the resource prospector, the replicas it
-hosts (:class:`~p2pdeploy.fabric.replicas.ReplicaHost`, within ``CoreContext.contribution``)
-with the node side of the remote protocol around them
-(:class:`~p2pdeploy.resource.protocol.RemoteControl`), and the deployer side of that protocol
+A full node runs ping/pong (RTT estimates, ``p2pdeploy ping``), the Kademlia overlay
+(configured by ``CoreContext.kademlia``), broadcast, multicast groups and publish/subscribe,
+replicated persistence (blobs, records and the state API's quorum records, in
+``CoreContext.store``), the replicas it hosts (:class:`~p2pdeploy.fabric.replicas.ReplicaHost`,
+within ``CoreContext.contribution``) with the node side of the remote protocol around them
+(:class:`~p2pdeploy.resource.protocol.RemoteControl`), its description
+(:class:`~p2pdeploy.resource.description.NodeDescription`, what the prospector publishes), the
+resource prospector, and the deployer side of the remote protocol
 (:class:`~p2pdeploy.resource.protocol.RemoteClient`), so the node can also send signed requests.
 A node built without a contribution hosts nothing: ephemeral nodes (``p2pdeploy ping``,
 ``p2pdeploy replica ...`` without a running node) and library users who only use the overlay.
+
+Layers talk through the :class:`~p2pdeploy.core.Stack`: a layer holds the layers below it and
+calls them; the events of lower layers flow up to the layers that consume them. Nothing here
+reads a file, a clock or global randomness: the driver opens the store and hands in the rest.
 """
 
 from __future__ import annotations
@@ -22,9 +30,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from p2pdeploy.collective.persistence import PersistenceConfig
+from p2pdeploy.collective.persistence import DurableStore, MemoryStore, Persistence, PersistenceConfig
 from p2pdeploy.collective.prospector import Prospector, ProspectorConfig
 from p2pdeploy.collective.pubsub import PubSub
 from p2pdeploy.core import Protocol, Stack
@@ -36,10 +43,9 @@ from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import Kademlia, KademliaConfig
 from p2pdeploy.overlay.multicast import Multicast
 from p2pdeploy.overlay.ping import PingProtocol
-from p2pdeploy.resource.description import node_attributes
+from p2pdeploy.resource.description import NodeDescription
 from p2pdeploy.resource.protocol import RemoteClient, RemoteConfig, RemoteControl
-from p2pdeploy.runtime.address import HostPort
-from p2pdeploy.runtime.state_api import persistence_layer
+from p2pdeploy.wire import Address
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +53,12 @@ class CoreContext:
     """What a layer may be built from: never a socket, a clock or global randomness."""
 
     identity: Identity
-    #: The node's advertised address (``(host, port)``, the same for UDP and TCP).
-    address: HostPort
+    #: The node's advertised address (``(host, port)`` on a real network, the same for UDP and
+    #: TCP; a node index in the simulator).
+    address: Address
     #: Seeded by the runtime; layers share it (split it with ``random.Random(rng.getrandbits(64))``).
     rng: random.Random
-    #: The time the node starts, in the core's clock (``trio.current_time()`` seconds).
+    #: The time the node starts, in the core's clock (``trio.current_time()`` seconds, or virtual time).
     now: float
     #: Parameters of the Kademlia overlay (``RuntimeConfig.kademlia``).
     kademlia: KademliaConfig = field(default_factory=KademliaConfig)
@@ -67,9 +74,10 @@ class CoreContext:
     wall_clock_offset_s: float = 0.0
     #: Parameters of the resource prospector (``RuntimeConfig.prospector``).
     prospector: ProspectorConfig = field(default_factory=ProspectorConfig)
-    #: The node's data directory: the persistence layer keeps its SQLite store and chunk files
-    #: there (``None``: in memory, lost when the node stops).
-    data_dir: Path | None = None
+    #: The node's durable store, opened by the driver (SQLite and chunk files in the data
+    #: directory on a real node; kept across a crash by the simulator). ``None``: a store in
+    #: memory, lost when the node stops.
+    store: DurableStore | None = None
     #: Parameters of replicated persistence (``RuntimeConfig.persistence``).
     persistence: PersistenceConfig = field(default_factory=PersistenceConfig)
 
@@ -84,26 +92,30 @@ def default_layers(context: CoreContext) -> list[Protocol]:
     groups = group_layers(context, overlay)
     replicas = replica_layers(context)
     host = next((layer for layer in replicas if isinstance(layer, ReplicaHost)), None)
-    prospector = prospector_layer(context, overlay, host)
+    description = NodeDescription(context.contribution, host, context.machine)
+    prospector = prospector_layer(context, overlay)
     client = remote_client_layer(context)
-    # Built last: it opens the store in the data directory, which nothing failing after it may leak.
-    persistence = persistence_layer(context, [overlay], config=context.persistence)
-    return [ping, overlay, *groups, persistence, *replicas, prospector, client]
+    persistence = persistence_layer(context, overlay)
+    return [ping, overlay, *groups, persistence, *replicas, description, prospector, client]
 
 
-def prospector_layer(context: CoreContext, overlay: Kademlia, host: ReplicaHost | None = None) -> Prospector:
-    """This node's description in the resource tree, refreshed before every update."""
-
-    def describe() -> dict[str, object]:
-        if context.contribution is None:
-            return dict(context.machine.attributes()) if context.machine is not None else {}
-        free = host.admission.free() if host is not None else None
-        return node_attributes(context.contribution, free, context.machine)
-
-    prospector = Prospector(overlay, context.address, random.Random(context.rng.getrandbits(64)),
-                            context.prospector, describe=describe)
+def prospector_layer(context: CoreContext, overlay: Kademlia) -> Prospector:
+    """This node's part of the resource tree; it publishes what the ``NodeDescription`` below it says."""
+    prospector = Prospector(overlay, context.address, random.Random(context.rng.getrandbits(64)), context.prospector)
     prospector.start(context.now)
     return prospector
+
+
+def persistence_layer(context: CoreContext, overlay: Kademlia) -> Persistence:
+    """Replicated persistence over ``overlay``, in ``context.store`` (memory when there is none)."""
+    return Persistence(
+        overlay,
+        context.store if context.store is not None else MemoryStore(),
+        random.Random(context.rng.getrandbits(64)),
+        context.now,
+        own_address=context.address,
+        config=context.persistence,
+    )
 
 
 def client_layers(context: CoreContext) -> list[Protocol]:
