@@ -29,3 +29,19 @@ def test_matching_names_the_failed_demand_and_the_failed_requirement():
     assert result.failed == ("cpu_free >= 1 (cpu_free is 0.5)", 'arch == "x86_64" (arch is "aarch64")')
     assert str(result) == 'cpu_free >= 1 (cpu_free is 0.5); arch == "x86_64" (arch is "aarch64")'
     assert match(attrs, Requirement.parse('os == "linux"'), Demand(cpu_cores=0.5)).ok
+
+
+def test_the_description_layer_announces_a_new_description_only_when_it_changes():
+    import dataclasses
+
+    from p2pdeploy.resource.description import DescriptionChanged, NodeDescription
+
+    description = NodeDescription(machine=MACHINE)  # a node that hosts nothing: its machine alone
+    first = description.next_event()
+    assert isinstance(first, DescriptionChanged) and first.attributes == MACHINE.attributes()
+    description.set_machine(MACHINE, 1.0)
+    assert description.next_event() is None  # nothing changed, nothing announced
+    busier = dataclasses.replace(MACHINE, load_1m=3.5)
+    description.set_machine(busier, 2.0)
+    assert description.next_event() == DescriptionChanged(busier.attributes())
+    assert description.attributes() == busier.attributes()
