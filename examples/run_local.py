@@ -16,13 +16,13 @@ import trio
 
 from p2pdeploy.fabric.contribution import ANY, Contribution
 from p2pdeploy.fabric.supervisor import ReplicaState, ReplicaStateChanged
-from p2pdeploy.resource.bundle import Bundle
+from p2pdeploy.runtime.bundlefile import bundle_from_directory
 from p2pdeploy.runtime.exec_local import open_local_replicas
 from p2pdeploy.runtime.probe import probe_machine
 
 
 async def main(directory: str) -> None:
-    bundle = Bundle.from_directory(directory)
+    bundle = bundle_from_directory(directory)
     manifest = bundle.manifest
     data_dir = Path(tempfile.mkdtemp(prefix="p2pdeploy-local-", dir="/tmp"))
     data_dir.chmod(0o755)

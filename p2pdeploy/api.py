@@ -28,7 +28,8 @@ signed with the node's key, every answer is a ``ReplicaStatusReply``, ``ReplicaL
     async with api.open_node(data_dir="state", contribution=contribution) as node:
         ...                                          # hosts replicas until the block ends
 
-    bundle = api.Bundle.from_directory("examples/hello").sign(identity)
+    identity, _ = api.load_or_create_identity("deployer")   # its key file, created (mode 0600) on first use
+    bundle = api.bundle_from_directory("examples/hello").sign(identity)
     async with api.open_node(identity=identity, layers=api.client_layers) as client:
         reply = await client.remote_start(("192.0.2.7", 7400), "hello-1", bundle)
         status = await client.remote_query(("192.0.2.7", 7400), "hello-1")
@@ -70,6 +71,7 @@ from p2pdeploy.collective.events import (
 from p2pdeploy.collective.filters import Filter, FilterError
 from p2pdeploy.collective.pubsub import Delivered
 from p2pdeploy.fabric.contribution import Contribution
+from p2pdeploy.files import bundle_from_directory, load_contribution, load_or_create_identity
 from p2pdeploy.node import client_layers, default_layers
 from p2pdeploy.overlay.identity import Identity, key_id
 from p2pdeploy.overlay.kademlia import KademliaConfig
@@ -173,9 +175,12 @@ __all__ = [
     "StatusRequest",
     "client_layers",
     "control_request",
+    "bundle_from_directory",
     "default_layers",
     "key_for",
     "key_id",
+    "load_contribution",
+    "load_or_create_identity",
     "open_control",
     "open_node",
     "read_signed_bundle",

@@ -28,10 +28,9 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
+from p2pdeploy.files import bundle_from_directory, load_or_create_identity, write_signed_bundle
 from p2pdeploy.overlay.identity import Identity
-from p2pdeploy.resource.bundle import Bundle
 from p2pdeploy.runtime.address import HostPort, format_host_port
-from p2pdeploy.runtime.bundlefile import write_signed_bundle
 from p2pdeploy.runtime.localnet import (
     JoinProcess,
     LocalProcesses,
@@ -271,7 +270,7 @@ async def replicas(community: Community) -> None:
             raise ProcessOutputError(f"GET /count answered {counted}")
         console.print(f"[bold]GET http://127.0.0.1:{port}/count[/] → {counted}")
     stranger = community.base_dir / "stranger.tar.gz"
-    write_signed_bundle(stranger, Bundle.from_directory(service).sign(Identity.generate()))
+    write_signed_bundle(stranger, bundle_from_directory(service).sign(Identity.generate()))
     console.print(
         "its status and logs; and a stranger's bundle (its signature is valid, but no node trusts its key) "
         "sent by the trusted deployer (three independent commands, run at once):"
@@ -398,7 +397,7 @@ async def run_demo(console: Console, size: int = 5) -> bool:
         # Services run as `nobody` under a root node: it must be able to enter the replicas' directories.
         Path(base_dir).chmod(0o755)
         deployer_dir = Path(base_dir) / "deployer"
-        deployer_key = Identity.load_or_create(deployer_dir)[0].public_key.hex()
+        deployer_key = load_or_create_identity(deployer_dir)[0].public_key.hex()
         started = trio.current_time()
         try:
             async with open_local_processes() as local:

@@ -27,14 +27,14 @@ reads a file, a clock or global randomness: the driver opens the store and hands
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from p2pdeploy.collective.persistence import DurableStore, MemoryStore, Persistence, PersistenceConfig
 from p2pdeploy.collective.prospector import Prospector, ProspectorConfig
 from p2pdeploy.collective.pubsub import PubSub
-from p2pdeploy.core import Protocol, Stack
+from p2pdeploy.core import Protocol, Rng, Stack
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.replicas import ReplicaHost
@@ -56,8 +56,8 @@ class CoreContext:
     #: The node's advertised address (``(host, port)`` on a real network, the same for UDP and
     #: TCP; a node index in the simulator).
     address: Address
-    #: Seeded by the runtime; layers share it (split it with ``random.Random(rng.getrandbits(64))``).
-    rng: random.Random
+    #: Seeded by the driver; each layer gets its own stream split from it (:func:`split`).
+    rng: Rng
     #: The time the node starts, in the core's clock (``trio.current_time()`` seconds, or virtual time).
     now: float
     #: Parameters of the Kademlia overlay (``RuntimeConfig.kademlia``).
@@ -85,6 +85,12 @@ class CoreContext:
 LayersFactory = Callable[[CoreContext], list[Protocol]]
 
 
+def split(rng: Rng, bits: int = 64) -> Any:
+    """A new stream of ``rng``'s class (``random.Random``) seeded from ``bits`` of it: each layer
+    draws on its own."""
+    return type(rng)(rng.getrandbits(bits))  # type: ignore[call-arg]
+
+
 def default_layers(context: CoreContext) -> list[Protocol]:
     """The layers of a ``p2pdeploy join`` node, bottom to top."""
     ping = PingProtocol(context.identity.node_id, context.rng, own_address=context.address)
@@ -101,7 +107,7 @@ def default_layers(context: CoreContext) -> list[Protocol]:
 
 def prospector_layer(context: CoreContext, overlay: Kademlia) -> Prospector:
     """This node's part of the resource tree; it publishes what the ``NodeDescription`` below it says."""
-    prospector = Prospector(overlay, context.address, random.Random(context.rng.getrandbits(64)), context.prospector)
+    prospector = Prospector(overlay, context.address, split(context.rng), context.prospector)
     prospector.start(context.now)
     return prospector
 
@@ -111,7 +117,7 @@ def persistence_layer(context: CoreContext, overlay: Kademlia) -> Persistence:
     return Persistence(
         overlay,
         context.store if context.store is not None else MemoryStore(),
-        random.Random(context.rng.getrandbits(64)),
+        split(context.rng),
         context.now,
         own_address=context.address,
         config=context.persistence,
@@ -128,16 +134,16 @@ def client_layers(context: CoreContext) -> list[Protocol]:
 
 def kademlia_layer(context: CoreContext) -> Kademlia:
     """The overlay with its own random stream split from the node's (its timers start with the node)."""
-    return Kademlia(context.identity.node_id, random.Random(context.rng.getrandbits(64)), context.kademlia)
+    return Kademlia(context.identity.node_id, split(context.rng), context.kademlia)
 
 
 def group_layers(context: CoreContext, overlay: Kademlia) -> list[Protocol]:
     """Broadcast, multicast groups and publish/subscribe on top of the overlay."""
-    multicast = Multicast(overlay, random.Random(context.rng.getrandbits(64)), context.address)
+    multicast = Multicast(overlay, split(context.rng), context.address)
     return [
-        Broadcast(overlay, random.Random(context.rng.getrandbits(64))),
+        Broadcast(overlay, split(context.rng)),
         multicast,
-        PubSub(multicast, random.Random(context.rng.getrandbits(64))),
+        PubSub(multicast, split(context.rng)),
     ]
 
 
@@ -148,7 +154,7 @@ def replica_layers(context: CoreContext) -> list[Protocol]:
     """
     if context.contribution is None:
         return []
-    host = ReplicaHost(context.contribution, random.Random(context.rng.getrandbits(64)))
+    host = ReplicaHost(context.contribution, split(context.rng))
     remote = RemoteControl(
         context.identity.node_id,
         host,
@@ -167,7 +173,7 @@ def remote_client_layer(context: CoreContext) -> RemoteClient:
     """
     return RemoteClient(
         context.identity,
-        random.Random(context.rng.getrandbits(128)),
+        split(context.rng, 128),
         timeout_s=context.remote_timeout_s,
         wall_clock_offset_s=context.wall_clock_offset_s,
     )

@@ -15,8 +15,9 @@ An owner sets the contribution when a node joins (flags) or in the node's config
 
 Errors name the file and the key (``config.toml: contribution.memory: expected a size such
 as 512M or 2G (got 'lots')``). :meth:`Contribution.clamp_to` caps every amount at what the
-probe found, so a node never offers more than it has. This module reads no clock and probes
-nothing; the machine facts are handed in.
+probe found, so a node never offers more than it has. This module reads no clock, no file and
+probes nothing; the machine facts and the config file's bytes are handed in (the driver reads the
+file: :func:`p2pdeploy.runtime.configfile.read_config_section`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
 from p2pdeploy.fabric.machine import Machine
@@ -174,13 +174,6 @@ class Contribution:
         contribution = replace(defaults, **values)
         return contribution.clamp_to(machine) if machine is not None else contribution
 
-    @classmethod
-    def load(cls, path: str | Path, machine: Machine | None = None, *, section: str = "contribution") -> Contribution:
-        """Read the ``[section]`` of a TOML config file (the defaults when the section is absent)."""
-        path = Path(path)
-        table = read_config_section(path, section)
-        return cls.from_table(table, machine, source=path.name, section=section)
-
     def to_table(self) -> dict[str, Any]:
         """The contribution as a ``[contribution]`` table (what ``from_table`` reads back)."""
         table: dict[str, Any] = {
@@ -234,17 +227,13 @@ def _strings(value: Any, where: str) -> frozenset[str]:
     return frozenset(value)
 
 
-def read_config_section(path: str | Path, section: str = "contribution") -> dict[str, Any]:
-    """The ``[section]`` table of a TOML config file (empty when the file has none)."""
-    path = Path(path)
+def parse_config_section(document: bytes, source: str, section: str = "contribution") -> dict[str, Any]:
+    """The ``[section]`` table of a TOML config file's bytes (empty when it has none); ``source`` names the file."""
     try:
-        with path.open("rb") as file:
-            document = tomllib.load(file)
-    except OSError as exc:
-        raise ContributionError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        parsed = tomllib.loads(document.decode())
     except tomllib.TOMLDecodeError as exc:
-        raise ContributionError(f"{path}: not valid TOML: {exc}") from None
-    table = document.get(section, {})
+        raise ContributionError(f"{source}: not valid TOML: {exc}") from None
+    table = parsed.get(section, {})
     if not isinstance(table, dict):
-        raise ContributionError(f"{path}: {section} must be a table ([{section}])")
+        raise ContributionError(f"{source}: {section} must be a table ([{section}])")
     return table

@@ -6,14 +6,13 @@ signed with the private key and verified against the public key they name.
 
 Key material comes from the operating system (through ``cryptography``) when a node is
 created for real; the simulator derives it from its seed with :meth:`Identity.from_seed` so a
-run is reproducible. This module does not generate keys from global randomness by itself.
+run is reproducible. This module does not generate keys from global randomness by itself, and
+reads or writes no file: the key file (``DATA_DIR/identity.key``) is :mod:`p2pdeploy.runtime.keyfile`'s.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -21,7 +20,6 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from p2pdeploy.wire import ID_BITS
 
-KEY_FILE = "identity.key"
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 
@@ -74,6 +72,13 @@ class Identity:
             raise IdentityError(f"an Ed25519 seed is 32 bytes (got {len(seed)})")
         return cls(Ed25519PrivateKey.from_private_bytes(seed))
 
+    @classmethod
+    def from_key_file(cls, data: bytes, source: str) -> Identity:
+        """The identity whose key file holds ``data`` (its :meth:`private_bytes`); ``source`` names the file."""
+        if len(data) != 32:
+            raise IdentityError(f"{source}: expected a 32-byte Ed25519 key (got {len(data)} bytes)")
+        return cls.from_seed(data)
+
     def sign(self, data: bytes) -> bytes:
         return self._private.sign(data)
 
@@ -81,36 +86,6 @@ class Identity:
         from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
 
         return self._private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-
-    @classmethod
-    def load_or_create(cls, data_dir: str | os.PathLike[str]) -> tuple[Identity, bool]:
-        """Load the node's key from ``data_dir``, creating it (mode 0600) on first start.
-
-        Returns the identity and whether it was created now.
-        """
-        directory = Path(data_dir)
-        path = directory / KEY_FILE
-        if path.exists():
-            mode = path.stat().st_mode & 0o777
-            if mode & 0o077:
-                raise IdentityError(
-                    f"{path}: key file is readable by others (mode {mode:o}); run chmod 600 on it"
-                )
-            seed = path.read_bytes()
-            if len(seed) != 32:
-                raise IdentityError(f"{path}: expected a 32-byte Ed25519 key (got {len(seed)} bytes)")
-            return cls.from_seed(seed), False
-        directory.mkdir(parents=True, exist_ok=True)
-        identity = cls.generate()
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, identity.private_bytes())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        return identity, True
 
     def __repr__(self) -> str:
         return f"Identity({self.node_id:040x})"

@@ -11,7 +11,8 @@ Unpacking is the runtime executor's job; the checks it makes are pure functions 
 member names and kinds (:func:`check_member`, :func:`check_members`): no absolute paths, no
 ``..``, no links that leave the bundle, no hard links or device files, and caps on the count
 and the unpacked size. Reading a bundle in memory (its member list and manifest) never raises
-anything but :class:`BundleError`.
+anything but :class:`BundleError`. This module touches no file: packing a service directory
+(:func:`p2pdeploy.runtime.bundlefile.pack_directory`) reads the files and hands them to :func:`pack_files`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import posixpath
 import tarfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from p2pdeploy.overlay.identity import Identity, verify
@@ -226,23 +226,6 @@ def _info(name: str, kind: bytes, size: int, mode: int) -> tarfile.TarInfo:
     return info
 
 
-def pack_directory(directory: str | Path) -> bytes:
-    """A deterministic tar.gz of a service directory (regular files; caches and VCS dirs skipped)."""
-    root = Path(directory)
-    if not (root / MANIFEST_NAME).is_file():
-        raise BundleError(f"{root}: no {MANIFEST_NAME} in the service directory")
-    files: dict[str, tuple[bytes, int]] = {}
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root)
-        if any(part in SKIPPED_NAMES or part.endswith(".pyc") for part in relative.parts):
-            continue
-        if path.is_symlink():
-            raise BundleError(f"{path}: links are not packed into bundles; copy the file instead")
-        if path.is_file():
-            files[relative.as_posix()] = (path.read_bytes(), 0o755 if path.stat().st_mode & 0o111 else 0o644)
-    return pack_files(files)
-
-
 # -- signing --------------------------------------------------------------------------------
 
 
@@ -310,10 +293,6 @@ class Bundle:
         except ManifestError as exc:
             raise BundleError(f"bundle: {exc}") from None
         return cls(data, manifest, tuple(members))
-
-    @classmethod
-    def from_directory(cls, directory: str | Path) -> Bundle:
-        return cls.parse(pack_directory(directory))
 
     def sign(self, identity: Identity) -> SignedBundle:
         return SignedBundle(self.data, identity.public_key, sign_bundle(self.data, identity))

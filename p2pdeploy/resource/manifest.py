@@ -51,7 +51,6 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from p2pdeploy.fabric.admission import Demand
@@ -140,15 +139,6 @@ class Manifest:
         except tomllib.TOMLDecodeError as exc:
             raise ManifestError(f"{source}: not valid TOML: {exc}") from None
         return cls.from_table(table, source)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Manifest:
-        path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ManifestError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        return cls.parse(data, path.name)
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any], source: str = MANIFEST_NAME) -> Manifest:

@@ -1,4 +1,9 @@
-"""Signed bundles on disk: the bundle (a plain ``.tar.gz``) and a detached signature file beside it.
+"""Bundles on disk: service directories packed into bundles, and signed bundle files.
+
+:func:`pack_directory` packs a service directory (``manifest.toml`` at its root) into the
+deterministic archive of :mod:`p2pdeploy.resource.bundle`; :func:`bundle_from_directory` also checks
+its members and manifest. A signed bundle is stored as the bundle (a plain ``.tar.gz``) and a
+detached signature file beside it.
 
 ``p2pdeploy bundle DIR --out hello.tar.gz`` writes ``hello.tar.gz`` (the deterministic archive of
 :mod:`p2pdeploy.resource.bundle`, so ``tar tzf`` lists it) and ``hello.tar.gz.sig``, a short text
@@ -19,7 +24,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, SignedBundle, bundle_digest, verify_bundle
+from p2pdeploy.resource.bundle import (
+    MAX_BUNDLE_BYTES,
+    SKIPPED_NAMES,
+    Bundle,
+    BundleError,
+    SignedBundle,
+    bundle_digest,
+    pack_files,
+    verify_bundle,
+)
+from p2pdeploy.resource.manifest import MANIFEST_NAME
 from p2pdeploy.runtime.snapshot import write_file_atomically
 
 SIGNATURE_HEADER = "p2pdeploy bundle signature v1"
@@ -28,6 +43,28 @@ SIGNATURE_SUFFIX = ".sig"
 
 class BundleFileError(ValueError):
     """A bundle file or its signature file cannot be used; the message names the file."""
+
+
+def pack_directory(directory: str | os.PathLike[str]) -> bytes:
+    """A deterministic tar.gz of a service directory (regular files; caches and VCS dirs skipped)."""
+    root = Path(directory)
+    if not (root / MANIFEST_NAME).is_file():
+        raise BundleError(f"{root}: no {MANIFEST_NAME} in the service directory")
+    files: dict[str, tuple[bytes, int]] = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if any(part in SKIPPED_NAMES or part.endswith(".pyc") for part in relative.parts):
+            continue
+        if path.is_symlink():
+            raise BundleError(f"{path}: links are not packed into bundles; copy the file instead")
+        if path.is_file():
+            files[relative.as_posix()] = (path.read_bytes(), 0o755 if path.stat().st_mode & 0o111 else 0o644)
+    return pack_files(files)
+
+
+def bundle_from_directory(directory: str | os.PathLike[str]) -> Bundle:
+    """A service directory packed, with its members and manifest checked (:meth:`Bundle.parse`)."""
+    return Bundle.parse(pack_directory(directory))
 
 
 def signature_path(bundle_path: str | os.PathLike[str]) -> Path:

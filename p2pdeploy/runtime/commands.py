@@ -44,7 +44,6 @@ from p2pdeploy.fabric.contribution import (
     KNOWN_KEYS,
     Contribution,
     ContributionError,
-    read_config_section,
 )
 from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.supervisor import ReplicaState, ReplicaStateChanged
@@ -63,7 +62,8 @@ from p2pdeploy.resource.protocol import (
 )
 from p2pdeploy.resource.protocol import StatusReply as ReplicaStatusReply
 from p2pdeploy.runtime.address import HostPort, format_host_port
-from p2pdeploy.runtime.bundlefile import read_signed_bundle, write_signed_bundle
+from p2pdeploy.runtime.bundlefile import bundle_from_directory, read_signed_bundle, write_signed_bundle
+from p2pdeploy.runtime.configfile import read_config_section
 from p2pdeploy.runtime.control import (
     MAX_CONTROL_BLOB_BYTES,
     BlobGetReply,
@@ -88,6 +88,7 @@ from p2pdeploy.runtime.control import (
     open_control,
     serve_replica_request,
 )
+from p2pdeploy.runtime.keyfile import key_path, load_or_create_identity
 from p2pdeploy.runtime.node import PingTimeout, RemoteTimeout, RuntimeConfig, RuntimeNode, open_node
 from p2pdeploy.runtime.snapshot import write_file_atomically
 
@@ -151,8 +152,8 @@ async def run_join(
     # Signals are caught from before the node exists, so a SIGTERM right after the
     # "listening on" line still stops it gracefully.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        identity, created = Identity.load_or_create(data_dir)
-        key_path = Path(data_dir) / "identity.key"
+        identity, created = load_or_create_identity(data_dir)
+        key_file = key_path(data_dir)
         # The control socket first: a second node on the same data dir stops here, before binding ports.
         control = await ControlSocket.bind(data_dir)
         try:
@@ -162,7 +163,7 @@ async def run_join(
             ) as node:  # fmt: skip
                 with node.subscribe() as events:
                     console.print(f"node id [bold]{node.node_id_hex}[/]")
-                    console.print(f"[dim]identity {'created in' if created else 'loaded from'} {key_path}[/]")
+                    console.print(f"[dim]identity {'created in' if created else 'loaded from'} {key_file}[/]")
                     console.print(f"public key {identity.public_key.hex()}")
                     if node.restored_contacts:
                         console.print(
@@ -644,9 +645,9 @@ def _stderr() -> Console:
 
 def load_key(data_dir: str | os.PathLike[str]) -> Identity:
     """The key of ``data_dir`` (created, mode 0600, when it has none: said on standard error)."""
-    identity, created = Identity.load_or_create(data_dir)
+    identity, created = load_or_create_identity(data_dir)
     if created:
-        _stderr().print(f"[dim]created a key in {Path(data_dir) / 'identity.key'}[/]")
+        _stderr().print(f"[dim]created a key in {key_path(data_dir)}[/]")
     return identity
 
 
@@ -660,7 +661,7 @@ def run_bundle(
     directory: str | os.PathLike[str], out: str | os.PathLike[str] | None, data_dir: str | os.PathLike[str], console: Console
 ) -> int:
     """Pack a service directory, sign it with the data directory's key, write FILE and FILE.sig."""
-    bundle = Bundle.from_directory(directory)
+    bundle = bundle_from_directory(directory)
     manifest = bundle.manifest
     signed = bundle.sign(load_key(data_dir))
     path = Path(out) if out is not None else Path(f"{manifest.name}-{manifest.version}.tar.gz")
@@ -684,7 +685,7 @@ def load_bundle(source: str | os.PathLike[str], data_dir: str | os.PathLike[str]
 
 
 def bundle_signed_now(directory: Path, data_dir: str | os.PathLike[str]) -> SignedBundle:
-    return Bundle.from_directory(directory).sign(load_key(data_dir))
+    return bundle_from_directory(directory).sign(load_key(data_dir))
 
 
 # -- signed replica requests to a node -----------------------------------------------------

@@ -38,7 +38,7 @@ another node's replicas (``remote_start``, ``remote_query``, ``remote_logs``, ``
     async with open_node(contribution=Contribution(cpu_cores=2, trusted_keys=frozenset({key}))) as node:
         ...
     async with open_node(identity=deployer) as client:
-        reply = await client.remote_start(address, "hello-1", Bundle.from_directory(path).sign(deployer))
+        reply = await client.remote_start(address, "hello-1", bundle_from_directory(path).sign(deployer))
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ from p2pdeploy.resource.protocol import (
 from p2pdeploy.runtime.address import HostPort, format_host_port
 from p2pdeploy.runtime.exec_local import ReplicaWiring
 from p2pdeploy.runtime.executor import RealExecutor, RealExecutorConfig
+from p2pdeploy.runtime.keyfile import load_or_create_identity
 from p2pdeploy.runtime.probe import probe_machine
 from p2pdeploy.runtime.snapshot import ROUTING_SNAPSHOT_FILE, read_bounded, write_file_atomically
 from p2pdeploy.runtime.state_api import PersistenceClient, StateServer, open_store
@@ -1102,7 +1103,7 @@ def load_identity(data_dir: str | os.PathLike[str] | None) -> tuple[Identity, bo
     """The identity kept in ``data_dir`` (created on first start), or a fresh in-memory one."""
     if data_dir is None:
         return Identity.generate(), True
-    return Identity.load_or_create(data_dir)
+    return load_or_create_identity(data_dir)
 
 
 @asynccontextmanager

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pdeploy.resource.bundle import pack_directory
+from p2pdeploy.runtime.bundlefile import pack_directory
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

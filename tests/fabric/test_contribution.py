@@ -2,7 +2,7 @@
 
 import pytest
 
-from p2pdeploy.fabric.contribution import ANY, Contribution, ContributionError
+from p2pdeploy.fabric.contribution import Contribution, ContributionError, parse_config_section
 from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.units import (
     GIB,
@@ -86,16 +86,15 @@ def test_a_share_of_the_machine_needs_the_machine():
         Contribution.from_table({"cpu": "50%"})
 
 
-def test_the_config_file_section_is_read_and_defaults_trust_nobody(tmp_path):
-    path = tmp_path / "node.toml"
-    path.write_text('[contribution]\ncpu = 2\nmemory = "1G"\ntrusted_keys = "any"\n')
-    c = Contribution.load(path, MACHINE)
-    assert (c.cpu_cores, c.memory_bytes, c.trusted_keys) == (2, GIB, ANY)
-    (tmp_path / "empty.toml").write_text("")
-    assert not Contribution.load(tmp_path / "empty.toml").trusts(KEY)
-    (tmp_path / "bad.toml").write_text("[contribution\n")
-    with pytest.raises(ContributionError, match="bad.toml: not valid TOML"):
-        Contribution.load(tmp_path / "bad.toml")
+def test_a_config_document_gives_its_section_and_names_itself_when_broken():
+    document = b'[contribution]\ncpu = 2\n[other]\nx = 1\n'
+    assert parse_config_section(document, "node.toml") == {"cpu": 2}
+    assert parse_config_section(document, "node.toml", "other") == {"x": 1}
+    assert parse_config_section(b"", "node.toml") == {}
+    with pytest.raises(ContributionError, match=r"^node.toml: not valid TOML: "):
+        parse_config_section(b"[contribution\n", "node.toml")
+    with pytest.raises(ContributionError, match=r"^node.toml: contribution must be a table \(\[contribution\]\)$"):
+        parse_config_section(b"contribution = 1\n", "node.toml")
 
 
 def test_tags_a_restricted_owner_refuses_name_what_is_allowed():

@@ -1,13 +1,10 @@
-"""Node identity: ids are the hash of the public key, signatures verify, key files stay private."""
-
-import os
-import stat
+"""Node identity: ids are the hash of the public key, signatures verify, a key file's bytes are checked."""
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pdeploy.overlay.identity import KEY_FILE, Identity, IdentityError, node_id_of, verify
+from p2pdeploy.overlay.identity import Identity, IdentityError, node_id_of, verify
 
 
 @given(seed=st.binary(min_size=32, max_size=32), data=st.binary(max_size=200))
@@ -39,26 +36,8 @@ def test_node_id_is_the_first_160_bits_of_sha256_of_the_public_key():
     assert identity.node_id < 1 << 160
 
 
-def test_key_file_is_created_private_and_reloaded(tmp_path):
-    first, created = Identity.load_or_create(tmp_path / "node")
-    assert created
-    path = tmp_path / "node" / KEY_FILE
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    again, created_again = Identity.load_or_create(tmp_path / "node")
-    assert not created_again
-    assert again.node_id == first.node_id
-
-
-def test_a_readable_key_file_is_refused_with_the_fix(tmp_path):
-    Identity.load_or_create(tmp_path)
-    os.chmod(tmp_path / KEY_FILE, 0o644)
-    with pytest.raises(IdentityError, match="chmod 600"):
-        Identity.load_or_create(tmp_path)
-
-
-def test_a_truncated_key_file_is_refused(tmp_path):
-    Identity.load_or_create(tmp_path)
-    (tmp_path / KEY_FILE).write_bytes(b"short")
-    os.chmod(tmp_path / KEY_FILE, 0o600)
-    with pytest.raises(IdentityError, match="32-byte"):
-        Identity.load_or_create(tmp_path)
+def test_a_key_file_holds_the_seed_and_names_itself_when_it_does_not():
+    identity = Identity.from_seed(bytes(range(32)))
+    assert Identity.from_key_file(identity.private_bytes(), "identity.key").node_id == identity.node_id
+    with pytest.raises(IdentityError, match=r"^node/identity.key: expected a 32-byte Ed25519 key \(got 5 bytes\)$"):
+        Identity.from_key_file(b"short", "node/identity.key")

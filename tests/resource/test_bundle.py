@@ -16,10 +16,10 @@ from p2pdeploy.resource.bundle import (
     MemberInfo,
     check_member,
     check_members,
-    pack_directory,
     pack_files,
     verify_bundle,
 )
+from p2pdeploy.runtime.bundlefile import bundle_from_directory, pack_directory
 from p2pdeploy.runtime.exec_unpack import unpack_bundle
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -48,7 +48,7 @@ def test_packing_the_same_files_gives_the_same_bytes():
 
 
 def test_a_bundle_of_the_hello_example_reads_its_manifest_and_its_members():
-    bundle = Bundle.from_directory(EXAMPLES / "hello")
+    bundle = bundle_from_directory(EXAMPLES / "hello")
     assert bundle.manifest.name == "hello"
     assert {m.name for m in bundle.members} == {"app.py", "manifest.toml"}
 

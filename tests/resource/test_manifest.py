@@ -6,6 +6,7 @@ import pytest
 
 from p2pdeploy.fabric.admission import Demand
 from p2pdeploy.fabric.units import MIB
+from p2pdeploy.files import load_manifest
 from p2pdeploy.resource.manifest import Manifest, ManifestError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -13,7 +14,7 @@ MINIMAL = 'name = "web"\nversion = "1.0"\ncommand = ["python3", "app.py"]\n'
 
 
 def test_the_hello_example_reads_with_its_resources_checks_and_policies():
-    manifest = Manifest.load(EXAMPLES / "hello" / "manifest.toml")
+    manifest = load_manifest(EXAMPLES / "hello" / "manifest.toml")
     assert (manifest.name, manifest.version, manifest.command) == ("hello", "1.0.0", ("python3", "app.py"))
     assert manifest.demand() == Demand(0.25, 64 * MIB, 16 * MIB, 0, frozenset({"web", "example"}))
     assert (manifest.health.kind, manifest.health.path, manifest.health.failures) == ("http", "/health", 3)

@@ -18,7 +18,6 @@ from p2pdeploy import wire
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.fabric.supervisor import ReplicaState
 from p2pdeploy.overlay.identity import Identity
-from p2pdeploy.resource.bundle import Bundle
 from p2pdeploy.resource.protocol import (
     LogsReply,
     Refused,
@@ -27,6 +26,7 @@ from p2pdeploy.resource.protocol import (
     RequestAnswered,
     StatusReply,
 )
+from p2pdeploy.runtime.bundlefile import bundle_from_directory
 from p2pdeploy.runtime.exec_local import open_local_replicas
 from p2pdeploy.runtime.probe import probe_machine
 
@@ -77,7 +77,7 @@ async def test_a_deployer_starts_watches_reads_and_stops_a_replica_over_the_remo
             assert isinstance(answer, RequestAnswered)
             return answer.reply
 
-        bundle = Bundle.from_directory(EXAMPLES / "hello").sign(DEPLOYER)
+        bundle = bundle_from_directory(EXAMPLES / "hello").sign(DEPLOYER)
         reply = ask(lambda c, now: c.start(dst_of_node, NODE.node_id, "hello-1", bundle, now))
         assert isinstance(reply, StatusReply) and reply.state == "installing"
 
@@ -92,7 +92,7 @@ async def test_a_deployer_starts_watches_reads_and_stops_a_replica_over_the_remo
         logs = ask(lambda c, now: c.fetch_logs(dst_of_node, NODE.node_id, "hello-1", now, max_bytes=4096))
         assert isinstance(logs, LogsReply) and b"hello: listening on 127.0.0.1:" in logs.data and b'"GET / HTTP/1.0" 200' in logs.data
 
-        stranger = Bundle.from_directory(EXAMPLES / "hello").sign(Identity.from_seed(b"X" * 32))
+        stranger = bundle_from_directory(EXAMPLES / "hello").sign(Identity.from_seed(b"X" * 32))
         refused = ask(lambda c, now: c.start(dst_of_node, NODE.node_id, "hello-2", stranger, now))
         assert isinstance(refused, Refused) and refused.check == "bundle"
 

@@ -32,11 +32,12 @@ from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.node import client_layers
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import KademliaConfig
-from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, Bundle
+from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES
 from p2pdeploy.resource.protocol import LogsReply, Refused, StatusReply
 from p2pdeploy.runtime.address import format_host_port
 from p2pdeploy.runtime.bundlefile import (
     BundleFileError,
+    bundle_from_directory,
     read_signed_bundle,
     signature_path,
     write_signed_bundle,
@@ -49,6 +50,7 @@ from p2pdeploy.runtime.control import (
     StatusRequest,
     control_request,
 )
+from p2pdeploy.runtime.keyfile import load_or_create_identity
 from p2pdeploy.runtime.localnet import open_local_processes
 from p2pdeploy.runtime.node import open_node
 from p2pdeploy.runtime.probe import probe_machine
@@ -129,7 +131,7 @@ async def test_a_two_core_node_runs_two_one_core_replicas_refuses_a_third_and_un
     service_root,
 ):
     contribution = Contribution(cpu_cores=2, trusted_keys=frozenset({DEPLOYER.public_key}))
-    bundle = Bundle.from_directory(one_core_hello(service_root)).sign(DEPLOYER)
+    bundle = bundle_from_directory(one_core_hello(service_root)).sign(DEPLOYER)
     async with (
         open_node(data_dir=service_root / "node", contribution=contribution) as node,
         open_node(identity=DEPLOYER, layers=client_layers) as deployer,
@@ -148,7 +150,7 @@ async def test_a_two_core_node_runs_two_one_core_replicas_refuses_a_third_and_un
         assert isinstance(third, Refused)
         assert (third.check, third.reason) == ("admission", "admission: cpu: 1 core asked, 0 of 2 free")
 
-        strangers_bundle = Bundle.from_directory(EXAMPLES / "hello").sign(STRANGER)
+        strangers_bundle = bundle_from_directory(EXAMPLES / "hello").sign(STRANGER)
         refused = await deployer.remote_start(node.address, "hello-4", strangers_bundle)
         assert isinstance(refused, Refused) and refused.check == "bundle"
         assert "a key this node's owner does not trust" in refused.reason
@@ -187,7 +189,7 @@ async def test_the_control_socket_sends_signed_replica_requests_and_status_lists
                 service = service_root / "hello-big"
                 shutil.copytree(EXAMPLES / "hello", service)
                 (service / "blob.bin").write_bytes(os.urandom(MAX_BUNDLE_BYTES - 64 * 1024))  # incompressible
-                bundle = Bundle.from_directory(service).sign(DEPLOYER)
+                bundle = bundle_from_directory(service).sign(DEPLOYER)
                 assert len(bundle.data) > MAX_BUNDLE_BYTES - 128 * 1024
                 started = await control_request(deployer_dir, ReplicaRequest.start(target.address, "hello-1", bundle))
                 assert deployer.counters["tcp_sent"] == 1
@@ -246,7 +248,7 @@ async def run_all(*commands: tuple[str, ...]) -> list[subprocess.CompletedProces
 @needs_two_cores
 async def test_a_join_process_hosts_what_fits_refuses_the_rest_and_stops_its_replicas_on_sigterm(service_root):
     deployer_dir, stranger_dir = service_root / "deployer", service_root / "stranger"
-    deployer_key = Identity.load_or_create(deployer_dir)[0].public_key.hex()
+    deployer_key = load_or_create_identity(deployer_dir)[0].public_key.hex()
     replicas_dir = service_root / "replicas"
     service = one_core_hello(service_root)
     stranger_bundle = service_root / "stranger.tar.gz"
@@ -304,7 +306,7 @@ async def test_a_join_process_hosts_what_fits_refuses_the_rest_and_stops_its_rep
 def test_key_prints_the_data_dirs_public_key_alone(tmp_path):
     result = CliRunner().invoke(main, ["key", "--data-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert result.stdout == Identity.load_or_create(tmp_path)[0].public_key.hex() + "\n"
+    assert result.stdout == load_or_create_identity(tmp_path)[0].public_key.hex() + "\n"
     assert "created a key in" in result.stderr
     again = CliRunner().invoke(main, ["key", "--data-dir", str(tmp_path)])
     assert again.stdout == result.stdout and again.stderr == ""
@@ -359,7 +361,7 @@ def test_a_bad_config_file_names_the_file_and_key_and_a_bad_option_names_the_opt
 
 
 def test_a_bundle_file_travels_with_its_signature_and_a_changed_bundle_is_caught(tmp_path):
-    signed = Bundle.from_directory(EXAMPLES / "hello").sign(DEPLOYER)
+    signed = bundle_from_directory(EXAMPLES / "hello").sign(DEPLOYER)
     path = tmp_path / "hello.tar.gz"
     sig_path = write_signed_bundle(path, signed)
     assert sig_path == tmp_path / "hello.tar.gz.sig"
@@ -385,7 +387,7 @@ async def test_a_hosted_service_keeps_a_counter_in_the_state_api_replicated_on_o
     examples/hello counts /count there with compare-and-set, and the record lives on the nodes
     closest to its key: another node reads it with a quorum read."""
     contribution = Contribution(trusted_keys=frozenset({DEPLOYER.public_key, COLLEAGUE.public_key}))
-    bundle = Bundle.from_directory(EXAMPLES / "hello").sign(DEPLOYER)
+    bundle = bundle_from_directory(EXAMPLES / "hello").sign(DEPLOYER)
     async with AsyncExitStack() as stack:
         host = await stack.enter_async_context(
             open_node(data_dir=service_root / "host", contribution=contribution, kademlia=FAST_OVERLAY))
@@ -414,7 +416,7 @@ async def test_a_hosted_service_keeps_a_counter_in_the_state_api_replicated_on_o
 
         # another deployer's service of the same name has a namespace of its own
         colleague = await stack.enter_async_context(open_node(identity=COLLEAGUE, layers=client_layers))
-        theirs = Bundle.from_directory(EXAMPLES / "hello").sign(COLLEAGUE)
+        theirs = bundle_from_directory(EXAMPLES / "hello").sign(COLLEAGUE)
         assert isinstance(await colleague.remote_start(host.address, "hello-2", theirs), StatusReply)
         other_port = (await wait_until_running(colleague, host.address, "hello-2")).port
         assert (await http_body(other_port, "/count")).startswith(b"count 1 (version 1)")
