@@ -131,9 +131,13 @@ class DetectorConfig:
                 f"(got {self.probe_timeout_s} and {self.protocol_period_s})"
             )
         if not self.suspicion_max_mult >= 1:
-            raise ValueError(f"DetectorConfig.suspicion_max_mult must be >= 1 (got {self.suspicion_max_mult})")
+            raise ValueError(
+                f"DetectorConfig.suspicion_max_mult must be >= 1 (got {self.suspicion_max_mult})"
+            )
         if not 0 < self.nack_fraction < 1:
-            raise ValueError(f"DetectorConfig.nack_fraction must be between 0 and 1 (got {self.nack_fraction})")
+            raise ValueError(
+                f"DetectorConfig.nack_fraction must be between 0 and 1 (got {self.nack_fraction})"
+            )
         if not 1 <= self.max_updates_per_message <= MAX_UPDATES_ON_WIRE:
             raise ValueError(
                 f"DetectorConfig.max_updates_per_message must be between 1 and {MAX_UPDATES_ON_WIRE} "
@@ -516,7 +520,9 @@ class FailureDetector(Protocol):
             # An ack for a probe made on someone's behalf: forward it, vouching for the target.
             del self._relays[msg.seq]
             self.cancel_timer(("relay", msg.seq))
-            self.send(relay.asker, ProbeAck(relay.asker_seq, msg.sender, msg.incarnation, self._updates_for(None)))
+            self.send(
+                relay.asker, ProbeAck(relay.asker_seq, msg.sender, msg.incarnation, self._updates_for(None))
+            )
             self._direct(msg.sender, msg.incarnation, now)
             self._apply(msg.updates, src, now)
             return
@@ -554,7 +560,10 @@ class FailureDetector(Protocol):
         seq = self._next_seq()
         self._relays[seq] = _Relay(src, msg.seq, msg.target)
         self.stats.relayed += 1
-        self.send(msg.target_address, Probe(seq, self.node_id, self.incarnation, msg.target, self._updates_for(msg.target)))
+        self.send(
+            msg.target_address,
+            Probe(seq, self.node_id, self.incarnation, msg.target, self._updates_for(msg.target)),
+        )
         self.set_timer(("relay", seq), now + msg.nack_after_s)
 
     def _on_nack(self, src: Address, msg: ProbeNack, now: float) -> None:
@@ -579,7 +588,10 @@ class FailureDetector(Protocol):
         elif isinstance(name, tuple) and name[0] == "relay":
             relay = self._relays.pop(name[1], None)
             if relay is not None:
-                self.send(relay.asker, ProbeNack(relay.asker_seq, self.node_id, self.incarnation, self._updates_for(None)))
+                self.send(
+                    relay.asker,
+                    ProbeNack(relay.asker_seq, self.node_id, self.incarnation, self._updates_for(None)),
+                )
 
     # -- probing ---------------------------------------------------------------------------
     def _period_s(self) -> float:
@@ -643,7 +655,10 @@ class FailureDetector(Protocol):
         for peer in suspects:
             seq = self._next_seq()
             self._checks[seq] = peer.node_id
-            self.send(peer.address, Probe(seq, self.node_id, self.incarnation, peer.node_id, self._updates_for(peer.node_id)))
+            self.send(
+                peer.address,
+                Probe(seq, self.node_id, self.incarnation, peer.node_id, self._updates_for(peer.node_id)),
+            )
 
     def _next_target(self) -> int | None:
         # A suspicion adopted from gossip gets this node's own full probe first: its failure is
@@ -753,7 +768,9 @@ class FailureDetector(Protocol):
         self.send(src, Rumors(self.node_id, self.incarnation, (refutation,)))
         self.emit(SuspicionRefuted(self.incarnation))
 
-    def _suspect(self, peer: _Peer, incarnation: int, origin: int, now: float, src: Address | None = None) -> None:
+    def _suspect(
+        self, peer: _Peer, incarnation: int, origin: int, now: float, src: Address | None = None
+    ) -> None:
         if incarnation < peer.incarnation or peer.state is Liveness.dead:
             return
         ours = origin == self.node_id
@@ -812,7 +829,9 @@ class FailureDetector(Protocol):
             return
         self._declare_dead(peer, peer.incarnation, self.node_id, now)
 
-    def _declare_dead(self, peer: _Peer, incarnation: int, origin: int, now: float, src: Address | None = None) -> None:
+    def _declare_dead(
+        self, peer: _Peer, incarnation: int, origin: int, now: float, src: Address | None = None
+    ) -> None:
         sources = peer.suspicion.sources if peer.suspicion is not None else []
         verdict = Update(peer.node_id, incarnation, DEAD, origin)  # type: ignore[arg-type]
         for address in sources:

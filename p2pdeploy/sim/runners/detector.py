@@ -48,7 +48,9 @@ class DetectorRunner(Runner):
         "detector": {
             "watch_min": Field(10, int, "each node watches at least this many random others", ge=1),
             "watch_max": Field(20, int, "and at most this many", ge=1),
-            "protocol_period_s": Field(_DEFAULTS.protocol_period_s, float, "SWIM protocol period, seconds", gt=0),
+            "protocol_period_s": Field(
+                _DEFAULTS.protocol_period_s, float, "SWIM protocol period, seconds", gt=0
+            ),
             "probe_timeout_s": Field(_DEFAULTS.probe_timeout_s, float, "direct probe timeout, seconds", gt=0),
             "indirect_probes": Field(_DEFAULTS.indirect_probes, int, "ping-req fan-out k", ge=0),
             "suspicion_min_mult": Field(
@@ -74,7 +76,9 @@ class DetectorRunner(Runner):
         values = scenario.values
         settings = values["detector"]
         if values["churn"]["model"] != "none":
-            raise scenario.error("churn.model", 'must be "none" for protocol "detector" (kills and pauses are its faults)')
+            raise scenario.error(
+                "churn.model", 'must be "none" for protocol "detector" (kills and pauses are its faults)'
+            )
         if settings["watch_max"] < settings["watch_min"]:
             raise scenario.error("detector.watch_max", "must be >= detector.watch_min")
         if settings["watch_max"] >= values["nodes"]:
@@ -82,7 +86,9 @@ class DetectorRunner(Runner):
         if settings["kills"] >= values["nodes"] - 1:
             raise scenario.error("detector.kills", "must leave at least two nodes alive")
         if not settings["probe_timeout_s"] < settings["protocol_period_s"]:
-            raise scenario.error("detector.probe_timeout_s", "must be shorter than detector.protocol_period_s")
+            raise scenario.error(
+                "detector.probe_timeout_s", "must be shorter than detector.protocol_period_s"
+            )
 
     def __init__(self, scenario: Scenario, sim: Simulation) -> None:
         super().__init__(scenario, sim)
@@ -134,7 +140,9 @@ class DetectorRunner(Runner):
     def start(self) -> None:
         for host in self.sim.hosts:
             self.join(host.address)
-            host.call(lambda core, now, watched=self.watches[host.address]: self._watch_all(core, watched, now))
+            host.call(
+                lambda core, now, watched=self.watches[host.address]: self._watch_all(core, watched, now)
+            )
         engine = self.sim.engine
         s = self.settings
         for index in range(s["kills"]):
@@ -206,7 +214,9 @@ class DetectorRunner(Runner):
         metrics = self.sim.metrics
         nodes = len(self.sim.hosts)
         duration = self.sim.now
-        refutations = self.refutations_by_killed + sum(d.stats.refutations for d in self.detectors if d is not None)
+        refutations = self.refutations_by_killed + sum(
+            d.stats.refutations for d in self.detectors if d is not None
+        )
         return {
             "detection_median_s": _round(metrics.median("detection_s")),
             "detection_p99_s": _round(metrics.percentile("detection_s", 0.99)),
@@ -216,7 +226,9 @@ class DetectorRunner(Runner):
             "false_deaths": self.false_deaths,
             "false_suspicions": self.false_suspicions,
             "refutations": refutations,
-            "messages_per_node_per_s": _round(self.sim.network.sent / (nodes * duration)) if duration > 0 else None,
+            "messages_per_node_per_s": _round(self.sim.network.sent / (nodes * duration))
+            if duration > 0
+            else None,
             "kills": len(self.killed_at),
             "pauses": self.pauses_done,
             "health_max": self._health_max(),
