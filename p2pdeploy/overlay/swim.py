@@ -30,11 +30,23 @@ hashicorp/memberlist implements them:
   with each successful probe. The probe timeout and the protocol period are multiplied by
   ``score + 1``, so a slow node slows its own verdicts instead of accusing healthy peers.
 
-Two additions, because watching is partial (a suspect's watchers need not talk to each other
-often): every other period goes to a suspect when there is one (the one probed least recently),
-so confirmations and refutations do not wait for the round robin; and what a layer hears from a
-peer (:meth:`FailureDetector.heard`) counts as evidence of life that clears a suspicion this node
-raised itself (a suspicion adopted from gossip needs the suspect's refutation).
+Additions of this detector, because watching is partial (a suspect's watchers need not talk to
+each other often, and a watcher reaches a given peer in its round robin only once a pass):
+
+- a suspicion adopted from gossip gets this node's next probe, so its own failure confirms it
+  quickly (or its ack refutes it);
+- every suspect gets a direct probe each protocol period (unscaled by local health: it can only
+  clear a suspicion), carrying the suspicion, so a live suspect's refutation reaches every
+  watcher that suspects it within a period, without waiting for gossip;
+- the peers a suspect rumor came from watch the suspect too: this node's own confirmation and its
+  verdict go to them directly, and a watcher still suspecting a peer held dead is handed the
+  verdict;
+- a timer that fires late (this node did not run when it should have: a pause, an overload) is no
+  ground for an accusation: a probe period that ended late suspects no one and raises the health
+  score; a suspicion that expired late gets one more period for the refutation to arrive;
+- what a layer hears from a peer (:meth:`FailureDetector.heard`) counts as evidence of life that
+  clears a suspicion this node raised itself (a suspicion adopted from gossip, or a verdict, needs
+  the peer's refutation: the peer is told).
 
 Dead peers stay watched and are still probed (directly, once a round, nothing counted against
 anyone), carrying the verdict, so a peer wrongly declared dead, or one that restarted, refutes
@@ -369,6 +381,8 @@ class _Rumor:
 
 @dataclass(slots=True)
 class DetectorStats:
+    """Counters of one detector: probes sent and failed, ping-req rounds, nacks, refutations, relays."""
+
     probes: int = 0
     probes_failed: int = 0
     indirect_requests: int = 0
@@ -542,10 +556,8 @@ class FailureDetector(Protocol):
         if not probe.acked:
             probe.acked = True
             self.cancel_timer("probe_timeout")
-        if src == probe.address:
-            self._direct(msg.sender, msg.incarnation, now)
-        else:
-            self._vouched(msg.sender, msg.incarnation, now)
+        # Straight from the target, or forwarded by a relay vouching for it: evidence either way.
+        self._direct(msg.sender, msg.incarnation, now)
         self._apply(msg.updates, src, now)
 
     def _on_request(self, src: Address, msg: ProbeRequest, now: float) -> None:
@@ -730,10 +742,6 @@ class FailureDetector(Protocol):
                 self._enqueue(Update(node_id, incarnation, ALIVE, node_id))  # type: ignore[arg-type]
         elif peer.state is Liveness.suspect and peer.suspicion is not None and peer.suspicion.ours:
             self._recover(peer, peer.incarnation, now)
-
-    def _vouched(self, node_id: int, incarnation: int, now: float) -> None:
-        """A relay forwarded ``node_id``'s ack: as good as a direct message."""
-        self._direct(node_id, incarnation, now)
 
     def _apply(self, updates: tuple[Update, ...], src: Address, now: float) -> None:
         for update in updates:
