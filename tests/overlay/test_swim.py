@@ -641,7 +641,7 @@ def test_ten_minutes_of_10_percent_loss_with_kills_and_pauses_convict_only_the_k
         detector__pause_interval_s=5.0,
         network__loss=0.1,
         **LAN,
-    )
+    ).summary
     assert summary["false_deaths"] == 0
     assert summary["undetected"] == 0
     assert summary["detection_median_s"] < 5.0
