@@ -52,6 +52,7 @@ class SimNode:
         "stale_timers",
         "_armed",
         "_fire_cb",
+        "_paused",
     )
 
     def __init__(self, address: int, engine: Engine, network: Network, observer: Observer | None = None) -> None:
@@ -67,6 +68,7 @@ class SimNode:
         self.stale_timers = 0
         self._armed: float | None = None
         self._fire_cb = self._fire
+        self._paused: Protocol | None = None
 
     @property
     def up(self) -> bool:
@@ -87,6 +89,26 @@ class SimNode:
         core, self.core = self.core, None
         self._armed = None
         return core
+
+    def pause(self) -> None:
+        """Stop the node without losing its core (a process stopped, a long GC pause, a VM frozen).
+
+        While paused the node is down to everyone: the network drops what arrives for it (counted
+        as ``down``), its timers do not fire and API calls raise :class:`NodeDown`. Nothing is
+        queued. :meth:`resume` brings the same core back.
+        """
+        if self.core is None:
+            raise RuntimeError(f"node {self.address} is not up; only a running node can be paused")
+        self._paused, self.core = self.core, None
+        self._armed = None
+
+    def resume(self) -> None:
+        """Run the paused core again: its due timers fire now (late), as after a real pause."""
+        core, self._paused = self._paused, None
+        if core is None or self.core is not None:
+            raise RuntimeError(f"node {self.address} is not paused")
+        self.core = core
+        self._flush(core)
 
     # -- inputs ----------------------------------------------------------------------------
     def call(self, api: Callable[[Any, float], T]) -> T:
