@@ -85,8 +85,10 @@ class SimNode:
         self._flush(core)
 
     def crash(self) -> Protocol | None:
-        """Discard the core (its pending timers die with it); return it for inspection."""
+        """Discard the core (its pending timers die with it, a paused one too); return it for inspection."""
         core, self.core = self.core, None
+        if core is None:
+            core, self._paused = self._paused, None
         self._armed = None
         return core
 

@@ -115,3 +115,22 @@ def test_ping_protocol_in_a_stack_measures_the_modelled_round_trip():
     pongs = [event for address, event in events if isinstance(event, PongReceived)]
     assert [(p.nonce, p.node_id) for p in pongs] == [(nonce, 101)]
     assert pongs[0].rtt_s == pytest.approx(0.020)
+
+
+def test_a_paused_node_that_crashes_does_not_come_back_on_resume():
+    sim = Simulation(2, seed=1)
+    node = sim.hosts[0]
+    node.start(_Idle())
+    node.pause()
+    assert node.crash() is not None  # the paused core is the one discarded
+    with pytest.raises(RuntimeError, match="not paused"):
+        node.resume()
+    assert not node.up
+
+
+class _Idle(Protocol):
+    def receive(self, src, msg, now):
+        pass
+
+    def on_timer(self, name, now):
+        pass
