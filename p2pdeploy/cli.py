@@ -544,6 +544,8 @@ _timeout_option = click.option(
 @click.argument("source", metavar="DIR|BUNDLE", type=click.Path(exists=True))
 @click.option("--id", "replica_id", default=None, help="The replica's id on the node [default: NAME-1].")
 @click.option("--bind", "bindings", type=BindingType(), multiple=True, help="An environment variable for the service, NAME=VALUE (repeatable).")
+@click.option("--by-blob", is_flag=True, help="Store the bundle as a blob through the running node of the data "
+              "directory and start by its id: the node fetches it from the nodes that hold it and caches it.")
 @_wait_option
 @_timeout_option
 @_replica_options
@@ -551,6 +553,7 @@ def replica_start(
     source: str,
     replica_id: str | None,
     bindings: tuple[tuple[str, str], ...],
+    by_blob: bool,
     wait: bool,
     timeout_s: float,
     target: tuple[str, int],
@@ -566,7 +569,7 @@ def replica_start(
     sys.exit(
         _run_node_command(
             run_replica_start, source, target, replica_id, dict(bindings), _data_dir_or_default(data_dir),
-            make_console(), wait=wait, timeout_s=timeout_s, listen=listen,
+            make_console(), wait=wait, timeout_s=timeout_s, listen=listen, by_blob=by_blob,
         )  # fmt: skip
     )
 

@@ -13,7 +13,8 @@ A full node runs ping/pong (RTT estimates, ``p2pdeploy ping``), the Kademlia ove
 replicated persistence (blobs, records and the state API's quorum records, in
 ``CoreContext.store``), the replicas it hosts (:class:`~p2pdeploy.fabric.replicas.ReplicaHost`,
 within ``CoreContext.contribution``) with the node side of the remote protocol around them
-(:class:`~p2pdeploy.resource.protocol.RemoteControl`), its description
+(:class:`~p2pdeploy.resource.protocol.RemoteControl`) and the fetcher of the bundles that starts
+name by blob id (:class:`~p2pdeploy.collective.bundles.BundleFetcher`), its description
 (:class:`~p2pdeploy.resource.description.NodeDescription`, what the prospector publishes), the
 resource prospector, and the deployer side of the remote protocol
 (:class:`~p2pdeploy.resource.protocol.RemoteClient`), so the node can also send signed requests.
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from p2pdeploy.collective.bundles import BundleFetcher
 from p2pdeploy.collective.persistence import DurableStore, MemoryStore, Persistence, PersistenceConfig
 from p2pdeploy.collective.prospector import Prospector, ProspectorConfig
 from p2pdeploy.collective.pubsub import PubSub
@@ -102,7 +104,9 @@ def default_layers(context: CoreContext) -> list[Protocol]:
     prospector = prospector_layer(context, overlay)
     client = remote_client_layer(context)
     persistence = persistence_layer(context, overlay)
-    return [ping, overlay, *groups, persistence, *replicas, description, prospector, client]
+    remote = next((layer for layer in replicas if isinstance(layer, RemoteControl)), None)
+    bundles = [] if remote is None else [BundleFetcher(persistence, remote)]
+    return [ping, overlay, *groups, persistence, *replicas, *bundles, description, prospector, client]
 
 
 def prospector_layer(context: CoreContext, overlay: Kademlia) -> Prospector:

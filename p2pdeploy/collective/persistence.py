@@ -668,6 +668,11 @@ class _Fetch(_Op):
         self.fetching: Contact | None = None
         self.data: bytes | None = None
         self.searches = 1
+        #: Copies holders sent that failed their hash check here.
+        self.corrupt = 0
+        #: Holders that said they held the chunk but had no intact copy to send (a store drops a
+        #: copy that fails its hash check when it reads it).
+        self.lost = 0
 
     def verify(self, data: bytes) -> bool:
         if self.digest is not None:
@@ -710,6 +715,9 @@ class _Fetch(_Op):
             return
         if msg.found:
             p.dropped["bad_chunk"] += 1
+            self.corrupt += 1
+        else:
+            self.lost += 1
         self._next(p, now)
 
     def on_timeout(self, p: Persistence, rpc: _Rpc, now: float) -> None:
@@ -778,6 +786,12 @@ class _GetBlob(_Op):
         if child.data is None:
             what = "manifest" if self.manifest is None else f"chunk {child.key:040x}"
             self.reason = f"{what} not found"
+            if child.corrupt:
+                copies = "copy" if child.corrupt == 1 else "copies"
+                self.reason += f": hash mismatch ({child.corrupt} {copies} received failed the hash check)"
+            elif child.lost:
+                nodes = "node" if child.lost == 1 else "nodes"
+                self.reason += f" ({child.lost} {nodes} said they held it but had no intact copy)"
             p._finish(self, now)
             return
         if self.manifest is None:
@@ -1236,6 +1250,14 @@ class Persistence(Protocol):
             info = self.store.chunk_info(key)
             if info is not None and info.pinned:
                 self.store.update_chunk(key, info.replicas, False)
+
+    def holds_blob(self, blob_id: int) -> bool:
+        """Whether this node's store has the blob's manifest and every chunk (a :meth:`get_blob`
+        of it is then served from the store, without asking the network, if they verify)."""
+        keys = self._manifest_keys(blob_id)
+        if not keys and self.store.chunk_info(blob_id) is None:
+            return False
+        return all(self.store.chunk_info(key) is not None for key in keys)
 
     def _manifest_keys(self, blob_id: int) -> list[int]:
         data = self.store.read_chunk(blob_id)

@@ -16,7 +16,7 @@ from p2pdeploy.core import Address, Protocol, Rng
 from p2pdeploy.fabric.admission import Admission, Demand, Refusal
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.fabric.executor import ExecutorReport, Removed, RemoveReplica
-from p2pdeploy.fabric.supervisor import ReplicaSpec, ReplicaStatus, Supervisor
+from p2pdeploy.fabric.supervisor import ReplicaSpec, ReplicaState, ReplicaStatus, Supervisor
 
 
 class ReplicaHost(Protocol):
@@ -72,10 +72,51 @@ class ReplicaHost(Protocol):
         self._collect()
         return True
 
-    def bundle_fetched(self, replica_id: str, bundle: bytes, now: float) -> None:
+    def fetch_replica(self, replica_id: str, digest: bytes, now: float, *, requested_by: bytes = b"") -> Refusal | None:
+        """Start a replica whose bundle must be fetched first (its manifest, and so its spec and
+        demand, come with it): it waits in ``fetching`` (``FetchBundle(replica_id, digest)``) and
+        reserves nothing until :meth:`bundle_fetched` gives its spec and demand."""
+        existing = self._supervisors.get(replica_id)
+        if existing is not None and not existing.finished:
+            return Refusal("replica", f"replica: {replica_id} already exists on this node ({existing.status()})")
+        self.admission.release(replica_id)
+        supervisor = Supervisor(ReplicaSpec.awaiting_bundle(replica_id), self.rng, digest=digest)
+        self._supervisors[replica_id] = supervisor
+        self.requested_by[replica_id] = requested_by
+        supervisor.start(now)
+        self._collect()
+        return None
+
+    def bundle_fetched(
+        self,
+        replica_id: str,
+        bundle: bytes,
+        now: float,
+        *,
+        spec: ReplicaSpec | None = None,
+        demand: Demand | None = None,
+    ) -> Refusal | None:
+        """The bundle a fetching replica waits for: installed. With ``spec`` and ``demand`` (a
+        replica from :meth:`fetch_replica`) it is admitted first; when it does not fit, the
+        replica fails (``admission: ...``) and the refusal is returned."""
+        supervisor = self._supervisors.get(replica_id)
+        if supervisor is None or supervisor.state is not ReplicaState.FETCHING:
+            return None
+        if demand is not None:
+            refusal = self.admission.reserve(replica_id, demand)
+            if refusal is not None:
+                supervisor.fetch_failed(f"admission: {refusal.reason}", now)
+                self._collect()
+                return refusal
+        supervisor.bundle_fetched(bundle, now, spec)
+        self._collect()
+        return None
+
+    def fetch_failed(self, replica_id: str, reason: str, now: float) -> None:
+        """A fetching replica's bundle could not be had or was refused: it fails with ``reason``."""
         supervisor = self._supervisors.get(replica_id)
         if supervisor is not None:
-            supervisor.bundle_fetched(bundle, now)
+            supervisor.fetch_failed(reason, now)
             self._collect()
 
     def forget(self, replica_id: str, now: float) -> bool:

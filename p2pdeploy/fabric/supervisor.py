@@ -130,6 +130,12 @@ class ReplicaSpec:
     def replica_id(self) -> str:
         return self.process.replica_id
 
+    @classmethod
+    def awaiting_bundle(cls, replica_id: str) -> ReplicaSpec:
+        """The spec of a replica whose bundle (and so its manifest) is still being fetched:
+        nothing runs it; :meth:`Supervisor.bundle_fetched` replaces it with the manifest's."""
+        return cls(ProcessSpec(replica_id, 1, ("(bundle not fetched yet)",)))
+
     def __post_init__(self) -> None:
         if not self.stop_grace_s >= 0:
             raise ValueError(f"stop.grace_s must be >= 0 (got {self.stop_grace_s})")
@@ -238,13 +244,21 @@ class Supervisor(Protocol):
         else:
             self._install(bundle, now)
 
-    def bundle_fetched(self, bundle: bytes, now: float) -> None:
+    def bundle_fetched(self, bundle: bytes, now: float, spec: ReplicaSpec | None = None) -> None:
+        """The bundle arrived: install it. ``spec``: the replica's spec, read from the bundle's
+        manifest, for a replica started before its bundle was at hand."""
         if self.state is S.FETCHING:
+            if spec is not None:
+                if spec.replica_id != self.replica_id:
+                    raise SupervisorError(f"replica {self.replica_id} was given the spec of {spec.replica_id}")
+                self.spec = spec
+                self.port = spec.process.port
             self._install(bundle, now)
 
     def fetch_failed(self, reason: str, now: float) -> None:
+        """The bundle could not be had (or was refused): the replica fails with ``reason``."""
         if self.state is S.FETCHING:
-            self._move(S.FAILED, f"fetch: {reason}", now)
+            self._move(S.FAILED, reason, now)
 
     def stop(self, now: float, reason: str = "stop requested") -> None:
         """Stop the replica: TERM, then KILL after the grace period; idempotent."""

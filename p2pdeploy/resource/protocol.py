@@ -23,6 +23,14 @@ naming the check that failed and why. :class:`RemoteControl` checks, in this ord
 7. ``requirements`` (start): the manifest's requirements hold on this node;
 8. ``admission`` (start): the replica fits the owner's contribution.
 
+A start may name its bundle by content id instead of carrying it (``bundle_blob``: the id of
+the blob that holds it in replicated persistence, which the request's signature covers). The
+node then checks 1-5, answers at once with the replica ``fetching``, and the replica asks for
+its bundle (``FetchBundle``, the blob id as its digest; the
+:class:`~p2pdeploy.collective.bundles.BundleFetcher` layer fetches it). Checks 6-8 follow when
+the bytes arrive (:meth:`RemoteControl.bundle_fetched`, the same code as for an inline bundle);
+one that fails fails the replica with its reason, which a status request reports.
+
 Only then does it act, through the :class:`~p2pdeploy.fabric.replicas.ReplicaHost` layer it
 wraps. Logs are I/O: the node emits ``LogsRequested`` and the driver answers with
 :meth:`RemoteControl.answer_logs`.
@@ -44,9 +52,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from p2pdeploy.core import Address, Protocol, Rng
+from p2pdeploy.fabric.admission import Demand
 from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.replicas import ReplicaHost
-from p2pdeploy.fabric.supervisor import ReplicaStatus
+from p2pdeploy.fabric.supervisor import ReplicaSpec, ReplicaStatus
 from p2pdeploy.overlay.identity import Identity, verify
 from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, Bundle, BundleError, SignedBundle, verify_bundle
 from p2pdeploy.resource.description import node_attributes
@@ -56,6 +65,8 @@ from p2pdeploy.wire import STREAM_LIMIT_BYTES, NodeId, encode, message
 SIGNATURE_CONTEXT = b"p2pdeploy remote v1\n"
 NONCE_BYTES = 16
 PUBLIC_KEY_BYTES = 32
+#: A blob id (a Kademlia key) on the wire: 160 bits, big-endian.
+BLOB_ID_BYTES = 20
 MAX_LOG_BYTES = 64 * 1024
 
 
@@ -85,11 +96,24 @@ class StartReplica:
     bundle_signature: bytes
     bindings: dict[str, str]
     signature: bytes = b""
+    #: The bundle by content id instead of inline: the 20-byte id of the blob that holds it in
+    #: replicated persistence (``bundle`` is then empty). The request's signature covers it.
+    bundle_blob: bytes = b""
 
     def __post_init__(self) -> None:
         _check_common(self)
         if len(self.bundle) > MAX_BUNDLE_BYTES:
             raise ValueError(f"bundle is larger than {MAX_BUNDLE_BYTES} bytes")
+        if self.bundle_blob:
+            if len(self.bundle_blob) != BLOB_ID_BYTES:
+                raise ValueError(f"bundle_blob must be a {BLOB_ID_BYTES}-byte blob id")
+            if self.bundle:
+                raise ValueError("a start carries the bundle or names its blob, not both")
+
+    @property
+    def blob_id(self) -> int | None:
+        """The id of the blob holding the bundle (``Persistence.get_blob`` takes it); ``None`` inline."""
+        return int.from_bytes(self.bundle_blob, "big") if self.bundle_blob else None
 
 
 @message(31)
@@ -207,6 +231,15 @@ def _key(public_key: bytes) -> str:
     return public_key.hex()[:16] + "…"
 
 
+class StartRefusal(Exception):
+    """A start's bundle or replica failed a check: ``check`` names it (``bundle``, ...)."""
+
+    def __init__(self, check: str, reason: str) -> None:
+        super().__init__(reason)
+        self.check = check
+        self.reason = reason
+
+
 # -- events ---------------------------------------------------------------------------------
 
 
@@ -291,6 +324,8 @@ class RemoteControl(Protocol):
         self._nonces: dict[bytes, float] = {}  # nonce -> wall time after which it is stale anyway
         self._logs_waiting: dict[int, tuple[Address, int, str]] = {}
         self._next_token = 0
+        #: Starts by blob id whose replica is fetching its bundle, by replica id.
+        self._awaiting: dict[str, StartReplica] = {}
 
     # -- configuration from the driver -----------------------------------------------------
     def set_wall_clock_offset(self, offset_s: float) -> None:
@@ -363,51 +398,129 @@ class RemoteControl(Protocol):
         if not (contribution.trusts(msg.signer) or msg.signer in self.owner_keys):
             self._refuse(src, msg, "trust", f"trust: key {_key(msg.signer)} is not trusted by this node's owner")
             return
-        if not verify_bundle(msg.bundle, msg.bundle_signature, msg.bundle_key):
-            self._refuse(src, msg, "bundle", "bundle: its signature does not match the bundle and the key it names")
-            return
-        if not (contribution.trusts(msg.bundle_key) or msg.bundle_key in self.owner_keys):
-            self._refuse(src, msg, "bundle", f"bundle: signed by {_key(msg.bundle_key)}, a key this node's owner does not trust")
+        if msg.bundle_blob:
+            self._start_by_blob(src, msg, now)
             return
         try:
-            bundle = Bundle.parse(msg.bundle, max_bytes=self.config.max_bundle_bytes)
-        except BundleError as exc:
-            self._refuse(src, msg, "bundle", str(exc))
+            bundle = self.check_bundle(msg.bundle, msg.bundle_key, msg.bundle_signature)
+        except StartRefusal as exc:
+            self._refuse(src, msg, exc.check, exc.reason)
             return
-        existing = self.host.supervisor(msg.replica_id)
-        started_by = self.host.requested_by.get(msg.replica_id)
-        if existing is not None and not existing.finished:
-            if existing.digest == bundle.digest and started_by == msg.signer:
-                self._reply_status(src, msg.request_id, existing.status())  # a retried start: same answer
-                return
-        elif existing is not None and not self._authorized(msg.signer, msg.replica_id):
-            # A finished replica's id starts again in its directory (its data): only for whoever started it.
-            self._refuse(src, msg, "authorization", f"authorization: {msg.replica_id} was started by another key; "
-                                                    f"key {_key(msg.signer)} may not start it again")
+        if self._answered_existing(src, msg, bundle.digest):
             return
-        manifest = bundle.manifest
-        requirements = manifest.resources.requirements
-        if requirements is not None:
-            failed = requirements.explain(self.attributes())
-            if failed:
-                self._refuse(src, msg, "requirements", "requirements: " + "; ".join(failed))
-                return
         try:
-            spec = manifest.replica_spec(msg.replica_id, bindings=msg.bindings)
-        except (ManifestError, ValueError) as exc:
-            self._refuse(src, msg, "replica", f"replica: {exc}")
+            spec, demand = self.plan_replica(bundle, msg.replica_id, msg.bindings)
+        except StartRefusal as exc:
+            self._refuse(src, msg, exc.check, exc.reason)
             return
         refusal = self.host.start_replica(
-            spec, manifest.demand(), now, bundle=msg.bundle, digest=bundle.digest, requested_by=msg.signer
+            spec, demand, now, bundle=msg.bundle, digest=bundle.digest, requested_by=msg.signer
         )
         if refusal is not None:
             check = "replica" if refusal.resource == "replica" else "admission"
             self._refuse(src, msg, check, f"admission: {refusal.reason}" if check == "admission" else refusal.reason)
             return
+        manifest = bundle.manifest
         self.emit(ReplicaStartAccepted(msg.replica_id, msg.signer, manifest.name, manifest.version))
         status = self.host.status(msg.replica_id)
         assert status is not None
         self._reply_status(src, msg.request_id, status)
+
+    def _answered_existing(self, src: Address, msg: StartReplica, digest: bytes) -> bool:
+        """A start for an id this node has: answered (True) when it is a retry or not allowed."""
+        existing = self.host.supervisor(msg.replica_id)
+        started_by = self.host.requested_by.get(msg.replica_id)
+        if existing is not None and not existing.finished:
+            if existing.digest == digest and started_by == msg.signer:
+                self._reply_status(src, msg.request_id, existing.status())  # a retried start: same answer
+                return True
+        elif existing is not None and not self._authorized(msg.signer, msg.replica_id):
+            # A finished replica's id starts again in its directory (its data): only for whoever started it.
+            self._refuse(src, msg, "authorization", f"authorization: {msg.replica_id} was started by another key; "
+                                                    f"key {_key(msg.signer)} may not start it again")
+            return True
+        return False
+
+    def check_bundle(self, data: bytes, key: bytes, signature: bytes) -> Bundle:
+        """The bundle ``data``, once its signature is valid, by a key the owner trusts, and it
+        parses (a safe archive, a valid manifest); raises :class:`StartRefusal` (check ``bundle``).
+
+        A start checks an inline bundle with it at once, and a bundle named by its blob id once
+        its bytes are fetched (:meth:`bundle_fetched`).
+        """
+        if not verify_bundle(data, signature, key):
+            raise StartRefusal("bundle", "bundle: its signature does not match the bundle and the key it names")
+        if not (self.host.contribution.trusts(key) or key in self.owner_keys):
+            raise StartRefusal("bundle", f"bundle: signed by {_key(key)}, a key this node's owner does not trust")
+        try:
+            return Bundle.parse(data, max_bytes=self.config.max_bundle_bytes)
+        except BundleError as exc:
+            raise StartRefusal("bundle", str(exc)) from None
+
+    def plan_replica(self, bundle: Bundle, replica_id: str, bindings: Mapping[str, str]) -> tuple[ReplicaSpec, Demand]:
+        """What the replica runs and draws on, once its requirements hold on this node; raises
+        :class:`StartRefusal` (check ``requirements`` or ``replica``)."""
+        manifest = bundle.manifest
+        requirements = manifest.resources.requirements
+        if requirements is not None:
+            failed = requirements.explain(self.attributes())
+            if failed:
+                raise StartRefusal("requirements", "requirements: " + "; ".join(failed))
+        try:
+            spec = manifest.replica_spec(replica_id, bindings=bindings)
+        except (ManifestError, ValueError) as exc:
+            raise StartRefusal("replica", f"replica: {exc}") from None
+        return spec, manifest.demand()
+
+    # -- starts by blob id -----------------------------------------------------------------
+    def _start_by_blob(self, src: Address, msg: StartReplica, now: float) -> None:
+        """Accept the start and let the replica fetch its bundle (``FetchBundle`` with the blob id
+        as its digest); the bundle's checks, requirements and admission follow when it arrives."""
+        if self._answered_existing(src, msg, msg.bundle_blob):
+            return
+        refusal = self.host.fetch_replica(msg.replica_id, msg.bundle_blob, now, requested_by=msg.signer)
+        if refusal is not None:
+            self._refuse(src, msg, "replica", refusal.reason)
+            return
+        self._awaiting[msg.replica_id] = msg
+        status = self.host.status(msg.replica_id)
+        assert status is not None
+        self._reply_status(src, msg.request_id, status)
+
+    def awaits_bundle(self, replica_id: str) -> bytes | None:
+        """The blob id (as sent) of the bundle a start by blob id of ``replica_id`` waits for."""
+        msg = self._awaiting.get(replica_id)
+        return None if msg is None else msg.bundle_blob
+
+    def bundle_fetched(self, replica_id: str, data: bytes, now: float) -> bool:
+        """The bundle of a start by blob id arrived: checked like an inline one (:meth:`check_bundle`,
+        :meth:`plan_replica`), then installed and admitted; or the replica fails with the reason.
+        True when the replica goes on to install."""
+        msg = self._awaiting.pop(replica_id, None)
+        if msg is None:
+            return False
+        supervisor = self.host.supervisor(replica_id)
+        if supervisor is None or supervisor.digest != msg.bundle_blob or supervisor.finished:
+            return False  # stopped (or replaced) while its bundle was on its way
+        try:
+            bundle = self.check_bundle(data, msg.bundle_key, msg.bundle_signature)
+            spec, demand = self.plan_replica(bundle, replica_id, msg.bindings)
+        except StartRefusal as exc:
+            self.refused[exc.check] += 1
+            self.host.fetch_failed(replica_id, exc.reason, now)
+            return False
+        refusal = self.host.bundle_fetched(replica_id, data, now, spec=spec, demand=demand)
+        if refusal is not None:
+            self.refused["admission"] += 1
+            return False
+        manifest = bundle.manifest
+        self.emit(ReplicaStartAccepted(replica_id, msg.signer, manifest.name, manifest.version))
+        return True
+
+    def bundle_unavailable(self, replica_id: str, reason: str, now: float) -> None:
+        """The bundle of a start by blob id could not be fetched: the replica fails with ``reason``."""
+        if self._awaiting.pop(replica_id, None) is not None:
+            self.host.fetch_failed(replica_id, reason, now)
 
     def _stop(self, src: Address, msg: StopReplica, now: float) -> tuple[str, str] | None:
         if self.host.status(msg.replica_id) is None:
@@ -539,11 +652,18 @@ class RemoteClient(Protocol):
         bundle: SignedBundle,
         now: float,
         bindings: Mapping[str, str] | None = None,
+        *,
+        blob_id: int | None = None,
     ) -> int:
+        """Start ``bundle`` as ``replica_id``: inline, or with ``blob_id`` by the id of the blob
+        that holds its bytes (stored with ``Persistence.put_blob``); the node fetches it."""
         request_id, nonce, timestamp = self._envelope(now)
+        data, blob = bundle.data, b""
+        if blob_id is not None:
+            data, blob = b"", blob_id.to_bytes(BLOB_ID_BYTES, "big")
         request = StartReplica(
             request_id, node_id, self.identity.public_key, nonce, timestamp, replica_id,
-            bundle.data, bundle.public_key, bundle.signature, dict(bindings or {}),
+            data, bundle.public_key, bundle.signature, dict(bindings or {}), bundle_blob=blob,
         )  # fmt: skip
         return self._send(address, request, now)
 

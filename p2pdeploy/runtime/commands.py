@@ -800,8 +800,12 @@ async def run_replica_start(
     wait: bool = True,
     timeout_s: float = 60.0,
     listen: HostPort | None = None,
+    by_blob: bool = False,
 ) -> int:
-    """Send a signed StartReplica with a bundle to the node at ``target``; by default wait until it runs."""
+    """Send a signed StartReplica with a bundle to the node at ``target``; by default wait until it runs.
+
+    ``by_blob``: the running node of ``data_dir`` stores the bundle as a blob (keeping a copy)
+    and the start names its id; the target fetches it from the nodes that hold it."""
     signed, bundle = load_bundle(source, data_dir)
     manifest = bundle.manifest
     replica_id = replica_id or f"{manifest.name}-1"
@@ -809,8 +813,13 @@ async def run_replica_start(
         f"[dim]bundle {manifest.name} {manifest.version} ({format_size(len(signed.data))}, "
         f"sha256 {signed.digest.hex()[:16]}…) signed by key {signed.public_key.hex()[:16]}…[/]"
     )
-    request = ReplicaRequest.start(target, replica_id, signed, dict(bindings))
+    request = ReplicaRequest.start(target, replica_id, signed, dict(bindings), by_blob=by_blob)
     async with open_replica_channel(data_dir, target, listen) as channel:
+        if by_blob and channel.control is None:
+            raise ReplicaCommandError(
+                "--by-blob stores the bundle through the persistence of a running node: start one with "
+                f"`p2pdeploy join --data-dir {os.fspath(data_dir)}` first, or send the bundle inline"
+            )
         answer = await channel.send(request)
         if isinstance(answer.reply, Refused):
             return _refused(answer, answer.reply)

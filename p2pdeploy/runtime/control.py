@@ -229,6 +229,8 @@ class ReplicaRequest:
     bindings: dict[str, str] = field(default_factory=dict)
     max_bytes: int = MAX_LOG_BYTES
     node: NodeId | None = None
+    #: A start that stores the bundle as a blob first and names its id (``RuntimeNode.remote_start``).
+    by_blob: bool = False
 
     def __post_init__(self) -> None:
         if self.operation not in REPLICA_OPERATIONS:
@@ -238,11 +240,17 @@ class ReplicaRequest:
 
     @classmethod
     def start(
-        cls, address: HostPort, replica_id: str, bundle: SignedBundle, bindings: dict[str, str] | None = None
+        cls,
+        address: HostPort,
+        replica_id: str,
+        bundle: SignedBundle,
+        bindings: dict[str, str] | None = None,
+        *,
+        by_blob: bool = False,
     ) -> ReplicaRequest:
         return cls(
             "start", address[0], address[1], replica_id, bundle.data, bundle.public_key, bundle.signature,
-            dict(bindings or {}),
+            dict(bindings or {}), by_blob=by_blob,
         )  # fmt: skip
 
     @property
@@ -441,7 +449,14 @@ async def _reply(stream: trio.SocketStream, reply: Any) -> None:
 
 async def answer(node: RuntimeNode, request: Any) -> Any:
     """The reply to one control request, served through the node's facade."""
-    from p2pdeploy.runtime.node import NodeNotRunning, NoOverlay, NoRemoteClient, PingTimeout, RemoteTimeout
+    from p2pdeploy.runtime.node import (
+        BundleNotStored,
+        NodeNotRunning,
+        NoOverlay,
+        NoRemoteClient,
+        PingTimeout,
+        RemoteTimeout,
+    )
 
     try:
         if isinstance(request, StatusRequest):
@@ -469,8 +484,8 @@ async def answer(node: RuntimeNode, request: Any) -> Any:
             return BlobGetReply(request.blob_id, fetched.data, fetched.reason)
         if isinstance(request, ReplicaRequest):
             return await serve_replica_request(node, request)
-    except (ValueError, TypeError, NodeNotRunning, NoOverlay, NoRemoteClient, NoPersistence, PingTimeout,
-            RemoteTimeout) as exc:
+    except (ValueError, TypeError, NodeNotRunning, NoOverlay, NoRemoteClient, NoPersistence, BundleNotStored,
+            PingTimeout, RemoteTimeout) as exc:
         node.counters["control_refused"] += 1
         return ControlRefusal(str(exc))
     raise AssertionError(f"unhandled request {request!r}")
@@ -487,7 +502,9 @@ async def serve_replica_request(node: RuntimeNode, request: ReplicaRequest) -> R
     replica_id = request.replica_id
     if request.operation == "start":
         bundle = SignedBundle(request.bundle, request.bundle_key, request.bundle_signature)
-        reply = await node.remote_start(address, replica_id, bundle, bindings=dict(request.bindings), node_id=node_id)
+        reply = await node.remote_start(
+            address, replica_id, bundle, bindings=dict(request.bindings), node_id=node_id, by_blob=request.by_blob
+        )
     elif request.operation == "stop":
         reply = await node.remote_stop(address, replica_id, node_id=node_id)
     elif request.operation == "status":

@@ -143,6 +143,10 @@ class NotHosting(RuntimeError):
     """The replica facade was used on a node that hosts no replicas (it was given no contribution)."""
 
 
+class BundleNotStored(RuntimeError):
+    """A start by blob id could not store its bundle: no node (not even this one) took a copy."""
+
+
 class RemoteTimeout(TimeoutError):
     """The node asked for a replica operation did not answer within the remote protocol's timeout."""
 
@@ -1039,10 +1043,27 @@ class RuntimeNode:
         *,
         bindings: dict[str, str] | None = None,
         node_id: int | None = None,
+        by_blob: bool = False,
     ) -> Reply:
-        """Ask the node at ``address`` to run ``bundle`` as ``replica_id``; its ``StatusReply`` or ``Refused``."""
+        """Ask the node at ``address`` to run ``bundle`` as ``replica_id``; its ``StatusReply`` or ``Refused``.
+
+        With ``by_blob`` the bundle is first stored as a blob through this node's persistence
+        (this node keeps a pinned copy; :class:`NoPersistence` on a node without the layer,
+        :class:`BundleNotStored` when no node took a copy) and the start names the blob's id:
+        the target fetches the bundle from the nodes that hold it (verified chunk by chunk, then
+        its signature, as an inline one) and caches it, so a second replica of the bundle there
+        fetches nothing. The reply then says ``fetching``; ask for the replica's status to
+        see it run (or fail with the reason: ``bundle fetch failed: ...``, ``bundle: ...``).
+        """
+        blob_id: int | None = None
+        if by_blob:
+            stored = await self.persistence.put_blob(bundle.data, keep=True)
+            if stored.replicas < 1:
+                raise BundleNotStored(f"the bundle could not be stored as a blob: {stored.reason}")
+            blob_id = stored.blob_id
         return await self.remote_request(
-            address, lambda c, a, n, now: c.start(a, n, replica_id, bundle, now, bindings), node_id=node_id
+            address, lambda c, a, n, now: c.start(a, n, replica_id, bundle, now, bindings, blob_id=blob_id),
+            node_id=node_id,
         )
 
     async def remote_stop(self, address: HostPort, replica_id: str, *, node_id: int | None = None) -> Reply:
