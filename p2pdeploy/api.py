@@ -105,6 +105,7 @@ from p2pdeploy.runtime.control import (
 )
 from p2pdeploy.runtime.executor import RealExecutorConfig
 from p2pdeploy.runtime.node import (
+    BundleNotStored,
     NodeNotRunning,
     NoOverlay,
     NoRemoteClient,
@@ -148,6 +149,7 @@ __all__ = [
     "LookupRequest",
     "NoNodeRunning",
     "NoOverlay",
+    "BundleNotStored",
     "NoPersistence",
     "NoRemoteClient",
     "NodeJoined",

@@ -25,8 +25,8 @@ from p2pdeploy.collective.persistence import PersistenceConfig
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import KademliaConfig
-from p2pdeploy.resource.bundle import Bundle
 from p2pdeploy.resource.protocol import StatusReply
+from p2pdeploy.runtime.bundlefile import bundle_from_directory
 from p2pdeploy.runtime.control import ControlSocket, ReplicaAnswer, ReplicaRequest, control_request
 from p2pdeploy.runtime.node import RuntimeConfig, open_node
 
@@ -91,7 +91,7 @@ async def test_replicas_started_by_blob_id_fetch_verify_and_cache_their_bundle(s
             return [n for n in everyone if any(n.persistence.layer.store.chunk_info(k) is not None for k in keys)]
 
         # -- a start by blob id fetches the bundle from the nodes that hold it, and it runs
-        bundle = Bundle.from_directory(hello(service_root, "hello")).sign(DEPLOYER)
+        bundle = bundle_from_directory(hello(service_root, "hello")).sign(DEPLOYER)
         reply = await deployer.remote_start(hosts[0].address, "warm-up", bundle, by_blob=True)
         blob_id = split(bundle.data, PERSISTENCE.chunk_bytes, PERSISTENCE.replicas).blob_id
         keys = [blob_id, *dict(split(bundle.data, PERSISTENCE.chunk_bytes, PERSISTENCE.replicas).chunks)]
@@ -118,7 +118,7 @@ async def test_replicas_started_by_blob_id_fetch_verify_and_cache_their_bundle(s
         assert served(everyone) == before
 
         # -- a chunk damaged on every holder's disk: refused with the reason
-        damaged = Bundle.from_directory(hello(service_root, "hello-damaged", b"damaged\n")).sign(DEPLOYER)
+        damaged = bundle_from_directory(hello(service_root, "hello-damaged", b"damaged\n")).sign(DEPLOYER)
         chunked = split(damaged.data, PERSISTENCE.chunk_bytes, PERSISTENCE.replicas)
         stored = await deployer.persistence.put_blob(damaged.data, keep=True)
         assert stored.ok and stored.blob_id == chunked.blob_id
@@ -133,7 +133,7 @@ async def test_replicas_started_by_blob_id_fetch_verify_and_cache_their_bundle(s
         assert failed.state == "failed" and failed.reason.startswith(f"bundle fetch failed: chunk {key:040x} not found")
 
         # -- a bundle signed by a key the node does not trust: refused with the reason
-        strangers = Bundle.from_directory(hello(service_root, "hello-stranger", b"stranger\n")).sign(STRANGER)
+        strangers = bundle_from_directory(hello(service_root, "hello-stranger", b"stranger\n")).sign(STRANGER)
         reply = await deployer.remote_start(target.address, "hello-4", strangers, by_blob=True)
         assert isinstance(reply, StatusReply) and reply.state == "fetching", reply
         refused = await wait_for_state(deployer, target.address, "hello-4", ("failed", "running"))
