@@ -35,7 +35,8 @@ from typing import Any
 URGENT = 0
 NORMAL = 1
 
-#: Events are hashed in batches of this many (the digest does not depend on it).
+#: Events are hashed in batches of this many. The digest depends on it (changing it changes
+#: every trace hash), but not on when or how often the digest is read.
 _TRACE_BATCH = 4096
 _BIG_ENDIAN = sys.byteorder == "big"
 
@@ -164,8 +165,9 @@ class TraceHash:
     by value, strings, bools and ``None`` by text, anything else by its type name (a message
     by its class, never by ``repr``, which could hold a memory address). Descriptions are
     buffered in three streams (floats, 64-bit ints, and text with a tag per argument saying
-    which stream holds it) and hashed in batches, several times cheaper per event than
-    formatting a line of text; the digest does not depend on the batch size.
+    which stream holds it) and hashed in batches of ``_TRACE_BATCH`` events, several times
+    cheaper per event than formatting a line of text. Reading the digest does not end a batch,
+    so it may be read at any time without changing what a run hashes to.
     """
 
     __slots__ = ("_floats", "_ints", "_texts", "_digest", "_pending")
@@ -202,27 +204,35 @@ class TraceHash:
             self._flush()
 
     def hexdigest(self) -> str:
-        self._flush()
-        return self._digest.copy().hexdigest()
+        # The pending part of a batch is hashed into a copy: reading the digest mid-run must not
+        # move the batch boundaries, or a run that is read along the way would hash differently.
+        digest = self._digest.copy()
+        self._absorb(digest)
+        return digest.hexdigest()
 
     def _flush(self) -> None:
+        self._absorb(self._digest)
+        self._floats = array("d")
+        self._ints = array("q")
+        self._texts = []
+        self._pending = 0
+
+    def _absorb(self, digest: Any) -> None:
+        """Hash the buffered descriptions into ``digest`` (the buffers are left as they are)."""
         if not self._pending:
             return
         floats = self._floats
         ints = self._ints
         if _BIG_ENDIAN:  # hash the same bytes on every machine
+            floats = array("d", floats)
+            ints = array("q", ints)
             floats.byteswap()
             ints.byteswap()
-        digest = self._digest
         digest.update(len(floats).to_bytes(8, "little"))
         digest.update(floats.tobytes())
         digest.update(len(ints).to_bytes(8, "little"))
         digest.update(ints.tobytes())
         digest.update("\x00".join(self._texts).encode())
-        self._floats = array("d")
-        self._ints = array("q")
-        self._texts = []
-        self._pending = 0
 
 
 class Streams:
