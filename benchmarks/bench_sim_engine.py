@@ -1,6 +1,7 @@
 """Events per second of the simulator on the ping workload, against the same workload in SimPy.
 
-    python benchmarks/bench_sim_engine.py [--sizes 1000,10000,100000] [--events 900000] [--no-trace]
+    python benchmarks/bench_sim_engine.py [--sizes 1000,10000,100000] [--events 600000] [--no-trace]
+        [--encoding-sizes 1000,5000] [--encoding-events 150000] [--encoding-lookups 1000] [--repeat 3]
 
 The workload: every node pings a random other node every second; the ping arrives after the
 pair's modelled latency (euclidean coordinates, 10 ms + distance x 100 ms) and the pong comes
@@ -17,17 +18,28 @@ back the same way. Three ways to run it, on the same number of nodes and simulat
 Each run gets a simulated duration so that it processes about ``--events`` events (about three
 per ping: the timer, the ping's delivery, the pong's); the table prints it. ``ratio`` columns
 are events/s divided by SimPy's events/s. Wall time is measured around the event loop only,
-not the set-up of the nodes.
+not the set-up of the nodes. The ``simulator`` column runs as scenarios do by default, every
+message encoded to wire bytes and decoded at its receiver (``network.encode = true``).
+
+A second table prices the wire format: the ``simulator`` workload, and an overlay workload
+(``protocol = "overlay"``, prefilled routing tables, then ``--encoding-lookups`` random lookups,
+whose replies carry k contacts and cost far more to encode than a ping), each run with
+``network.encode`` on and off on ``--encoding-sizes`` nodes, alternately, ``--repeat`` times; the
+best wall time of each side counts. Its ``cost`` column is wall time on over wall time off, and
+``messages`` counts the messages sent (each encoded once and decoded once when on).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -48,7 +60,17 @@ def coordinates(nodes: int, seed: int) -> tuple[list[float], list[float]]:
     return [rng.random() for _ in range(nodes)], [rng.random() for _ in range(nodes)]
 
 
-def run_simulator(nodes: int, duration_s: float, seed: int, trace: bool) -> tuple[int, float, int]:
+def run_simulator(nodes: int, duration_s: float, seed: int, trace: bool, encode: bool = True) -> tuple[int, float, int]:
+    summary = ping_summary(nodes, duration_s, seed, trace, encode)
+    return summary["events"], summary["wall_s"], summary["pings_sent"]
+
+
+def run_ping_messages(nodes: int, duration_s: float, seed: int, trace: bool, encode: bool) -> tuple[int, float, int]:
+    summary = ping_summary(nodes, duration_s, seed, trace, encode)
+    return summary["events"], summary["wall_s"], summary["messages_sent"]
+
+
+def ping_summary(nodes: int, duration_s: float, seed: int, trace: bool, encode: bool) -> dict[str, Any]:
     scenario = parse_scenario(
         {
             "protocol": "ping",
@@ -56,14 +78,90 @@ def run_simulator(nodes: int, duration_s: float, seed: int, trace: bool) -> tupl
             "duration_s": duration_s,
             "seed": seed,
             "trace": trace,
-            "network": {"latency_model": "euclidean", "base_latency_ms": 10.0, "latency_scale_ms": 100.0},
+            "network": {
+                "latency_model": "euclidean",
+                "base_latency_ms": 10.0,
+                "latency_scale_ms": 100.0,
+                "encode": encode,
+            },
             "metrics": {"per_node": False, "sample_interval_s": duration_s},
             "ping": {"interval_s": INTERVAL_S, "identities": "hash"},
         },
         source="bench",
     )
+    return run_scenario(scenario).summary
+
+
+def run_overlay(nodes: int, lookups: int, seed: int, trace: bool, encode: bool) -> tuple[int, float, int]:
+    """Prefilled routing tables (``build = "oracle"``), then ``lookups`` random lookups over 30 s."""
+    duration_s = 60.0  # the lookups start at 15 s (settle 5 s, store window 10 s) and spread over 30 s
+    scenario = parse_scenario(
+        {
+            "protocol": "overlay",
+            "nodes": nodes,
+            "duration_s": duration_s,
+            "seed": seed,
+            "trace": trace,
+            "network": {"latency_model": "euclidean", "jitter_ms": 2.0, "encode": encode},
+            "metrics": {"per_node": False, "sample_interval_s": duration_s},
+            "overlay": {
+                "build": "oracle",
+                "settle_s": 5.0,
+                "values": 0,
+                "workload_delay_s": 0.0,
+                "lookups": lookups,
+                "workload_window_s": 30.0,
+            },
+        },
+        source="bench",
+    )
     summary = run_scenario(scenario).summary
-    return summary["events"], summary["wall_s"], summary["pings_sent"]
+    return summary["events"], summary["wall_s"], summary["messages_sent"]
+
+
+def encoding_table(
+    sizes: list[int], events: int, lookups: int, repeat: int, seed: int, trace: bool, console: Console
+) -> Table:
+    """Events per second and wall time of the same runs with messages encoded and not.
+
+    On and off alternate ``repeat`` times and the best wall time of each counts, so a burst of
+    load from another process on a shared machine hits both sides alike.
+    """
+    table = Table(
+        title=f"the cost of the wire format: network.encode on vs off "
+        f"(trace hash {'on' if trace else 'off'}; best of {repeat})"
+    )
+    for column in ("workload", "nodes", "events", "messages", "ev/s on", "ev/s off", "wall s on", "wall s off", "cost"):
+        table.add_column(column, justify="right")
+    for nodes in sizes:
+        duration_s = max(2.0, round(events / (3 * nodes / INTERVAL_S), 1))
+        workloads: list[tuple[str, Callable[[bool], tuple[int, float, int]]]] = [
+            ("ping", functools.partial(run_ping_messages, nodes, duration_s, seed, trace)),
+            ("overlay lookups", functools.partial(run_overlay, nodes, lookups, seed, trace)),
+        ]
+        for name, run in workloads:
+            console.print(f"[dim]{name}, {nodes} nodes, encode on and off, {repeat} times ...[/dim]", highlight=False)
+            on_walls, off_walls = [], []
+            for _ in range(repeat):
+                on_events, on_wall, messages = run(True)
+                off_events, off_wall, _ = run(False)
+                if on_events != off_events:
+                    raise AssertionError(f"{name}: encoding changed the run ({on_events} vs {off_events} events)")
+                on_walls.append(on_wall)
+                off_walls.append(off_wall)
+            on_wall, off_wall = min(on_walls), min(off_walls)
+            table.add_row(
+                name,
+                f"{nodes:,}",
+                f"{on_events:,}",
+                f"{messages:,}",
+                f"{on_events / on_wall:,.0f}",
+                f"{off_events / off_wall:,.0f}",
+                f"{on_wall:.2f}",
+                f"{off_wall:.2f}",
+                f"{on_wall / off_wall:.2f}x",
+            )
+    return table
 
 
 def run_engine(nodes: int, duration_s: float, seed: int, trace: bool) -> tuple[int, float, int]:
@@ -145,8 +243,15 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=600_000, help="about this many events per run")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-trace", action="store_true", help="run without the event-trace hash")
+    parser.add_argument(
+        "--encoding-sizes", default="1000,5000", help="node counts for the encode on/off table ('' skips it)"
+    )
+    parser.add_argument("--encoding-events", type=int, default=150_000, help="about this many ping events per run")
+    parser.add_argument("--encoding-lookups", type=int, default=1000, help="lookups of the overlay workload")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each side of the encoding table (best counts)")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",") if size.strip()]
+    encoding_sizes = [int(size) for size in args.encoding_sizes.split(",") if size.strip()]
     trace = not args.no_trace
     console = Console(width=None if sys.stdout.isatty() else 120)
     table = Table(
@@ -188,6 +293,11 @@ def main() -> None:
             f"{engine_rate / simpy_rate:.2f}",
         )
     console.print(table)
+    if encoding_sizes:
+        costs = encoding_table(
+            encoding_sizes, args.encoding_events, args.encoding_lookups, args.repeat, args.seed, trace, console
+        )
+        console.print(costs)
     console.print(f"total {time.perf_counter() - total_started:.0f} s")
 
 

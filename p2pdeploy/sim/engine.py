@@ -12,9 +12,11 @@ name alone, so adding a stream or a node does not shift the draws of any other.
 
 Reproducibility is checked, not assumed: every processed event updates a SHA-256 over a
 compact description of it (:class:`TraceHash`: virtual time, callback name, and the
-arguments, ints and floats by value, anything else by its type name, e.g. the class of a
-message). Two runs with the same seed give the same :attr:`Engine.trace_hash`. Hashing can be
-turned off for speed (``Engine(trace=False)``).
+arguments, ints, floats and bytes by value, anything else by its type name, e.g. the class of
+a message). When the network carries encoded messages (its default), a delivery's arguments
+are the destination, the source and the message's bytes, so the hash covers every message's
+content, its endpoints and its delivery time. Two runs with the same seed give the same
+:attr:`Engine.trace_hash`. Hashing can be turned off for speed (``Engine(trace=False)``).
 
 This module reads no wall clock and draws no global randomness.
 """
@@ -35,7 +37,8 @@ from typing import Any
 URGENT = 0
 NORMAL = 1
 
-#: Events are hashed in batches of this many (the digest does not depend on it).
+#: Events are hashed in batches of this many. The digest depends on it (changing it changes
+#: every trace hash), but not on when or how often the digest is read.
 _TRACE_BATCH = 4096
 _BIG_ENDIAN = sys.byteorder == "big"
 
@@ -160,19 +163,22 @@ class Engine:
 class TraceHash:
     """SHA-256 over a compact description of each processed event.
 
-    An event is described by its time, its callback's name and its arguments: ints and floats
-    by value, strings, bools and ``None`` by text, anything else by its type name (a message
-    by its class, never by ``repr``, which could hold a memory address). Descriptions are
-    buffered in three streams (floats, 64-bit ints, and text with a tag per argument saying
-    which stream holds it) and hashed in batches, several times cheaper per event than
-    formatting a line of text; the digest does not depend on the batch size.
+    An event is described by its time, its callback's name and its arguments: ints, floats and
+    bytes by value, strings, bools and ``None`` by text, anything else by its type name (a
+    message object by its class, never by ``repr``, which could hold a memory address; an
+    encoded message by its bytes). Descriptions are buffered in four streams (floats, 64-bit
+    ints, bytes with their lengths in the int stream, and text with a tag per argument saying
+    which stream holds it) and hashed in batches of ``_TRACE_BATCH`` events, several times
+    cheaper per event than formatting a line of text. Reading the digest does not end a batch,
+    so it may be read at any time without changing what a run hashes to.
     """
 
-    __slots__ = ("_floats", "_ints", "_texts", "_digest", "_pending")
+    __slots__ = ("_floats", "_ints", "_blobs", "_texts", "_digest", "_pending")
 
     def __init__(self) -> None:
         self._floats = array("d")
         self._ints = array("q")
+        self._blobs = bytearray()
         self._texts: list[str] = []
         self._digest = hashlib.sha256()
         self._pending = 0
@@ -193,6 +199,10 @@ class TraceHash:
             elif kind is float:
                 floats.append(arg)
                 texts.append("f")
+            elif kind is bytes:
+                self._ints.append(len(arg))
+                self._blobs += arg
+                texts.append("b")
             elif kind is str or kind is bool or arg is None:
                 texts.append(f"s{arg}")
             else:
@@ -202,27 +212,39 @@ class TraceHash:
             self._flush()
 
     def hexdigest(self) -> str:
-        self._flush()
-        return self._digest.copy().hexdigest()
+        # The pending part of a batch is hashed into a copy: reading the digest mid-run must not
+        # move the batch boundaries, or a run that is read along the way would hash differently.
+        digest = self._digest.copy()
+        self._absorb(digest)
+        return digest.hexdigest()
 
     def _flush(self) -> None:
+        self._absorb(self._digest)
+        self._floats = array("d")
+        self._ints = array("q")
+        self._blobs = bytearray()
+        self._texts = []
+        self._pending = 0
+
+    def _absorb(self, digest: Any) -> None:
+        """Hash the buffered descriptions into ``digest`` (the buffers are left as they are)."""
         if not self._pending:
             return
         floats = self._floats
         ints = self._ints
         if _BIG_ENDIAN:  # hash the same bytes on every machine
+            floats = array("d", floats)
+            ints = array("q", ints)
             floats.byteswap()
             ints.byteswap()
-        digest = self._digest
         digest.update(len(floats).to_bytes(8, "little"))
         digest.update(floats.tobytes())
         digest.update(len(ints).to_bytes(8, "little"))
         digest.update(ints.tobytes())
+        if self._blobs:  # absent when no event carried bytes: such traces hash as they always did
+            digest.update(len(self._blobs).to_bytes(8, "little"))
+            digest.update(self._blobs)
         digest.update("\x00".join(self._texts).encode())
-        self._floats = array("d")
-        self._ints = array("q")
-        self._texts = []
-        self._pending = 0
 
 
 class Streams:

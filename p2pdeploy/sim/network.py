@@ -25,14 +25,31 @@ downlink (``download_bytes_per_s``). One large message alone on the path is deli
 ``latency + size / min(upload, download)`` after it was sent; several from one sender queue
 behind each other. There is no fair sharing between concurrent streams and no congestion model.
 
-Messages travel as Python objects, never encoded, for speed. Their size matters only above the
-large-message threshold, so :class:`WireSizer` bounds a message's size from its field values
-cheaply and calls :func:`p2pdeploy.wire.encode` for the exact size only when that bound exceeds
-the threshold; pass another ``size_of`` to :class:`Network` to change this.
+Messages travel as bytes, as over a real socket (``encode = true``, the default): the sender's
+message goes through :func:`p2pdeploy.wire.encode` with the stream limit the trio runtime uses
+(``wire.STREAM_LIMIT_BYTES``), its encoded length decides datagram or stream and is the size
+the bandwidth model charges, and the receiver gets :func:`p2pdeploy.wire.decode` of the bytes,
+with the limit of the path they took: ``large_message_bytes`` for a datagram (by default
+``wire.DATAGRAM_LIMIT_BYTES``, the runtime's UDP limit), ``wire.STREAM_LIMIT_BYTES`` for a
+stream. A message the sender cannot encode is dropped and counted (``dropped["encode_error"]``),
+as the runtime's node counts it; a payload the receiver cannot decode is dropped and counted by
+its :class:`p2pdeploy.wire.DecodeError` kind (``malformed``, ``oversized``, ``unknown_type``,
+``bad_version``) and never reaches the core. :meth:`Network.inject` hands a node raw bytes, as
+a hostile or broken peer would.
+
+With ``encode = false`` messages travel as Python objects, never encoded, for speed. Their size
+matters only above the large-message threshold, so :class:`WireSizer` bounds a message's size
+from its field values cheaply and calls :func:`p2pdeploy.wire.encode` for the exact size only
+when that bound exceeds the threshold; pass another ``size_of`` to :class:`Network` to change
+this.
 
 A message to a node that is down when it arrives is dropped and counted (``dropped["down"]``);
 a message to an address that is not a node is dropped and counted (``dropped["unknown_address"]``).
 Messages already in flight when their sender crashes are still delivered.
+
+:meth:`Network.partition` splits the nodes into groups: a message between two groups is dropped
+and counted (``dropped["partitioned"]``) when it is sent across the cut or arrives across it
+(so what was in flight when the cut came is lost too); :meth:`Network.heal` joins them again.
 """
 
 from __future__ import annotations
@@ -45,7 +62,7 @@ import statistics
 import sys
 import typing
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +88,7 @@ class NetworkConfig:
     upload_bytes_per_s: float = 1_250_000.0
     download_bytes_per_s: float = 1_250_000.0
     large_message_bytes: int = wire.DATAGRAM_LIMIT_BYTES
+    encode: bool = True
 
     def __post_init__(self) -> None:
         if self.latency_model not in LATENCY_MODELS:
@@ -176,12 +194,15 @@ def _size_plan(cls: type) -> tuple[int, tuple[str, ...], tuple[str, ...]] | None
     return constant, tuple(byte_fields), tuple(other_fields)
 
 
+#: Why the network dropped a message: the keys of :attr:`Network.dropped`, in report order.
+DROP_REASONS = ("loss", "down", "unknown_address", "partitioned", "encode_error", *wire.DECODE_ERROR_KINDS)
+
+
 class Network:
     """Carries messages between :class:`~p2pdeploy.sim.host.SimNode` hosts on an :class:`Engine`.
 
     Addresses are node indices ``0 .. nodes-1``. Counters: ``sent``, ``delivered``,
-    ``large_messages``, ``large_bytes``, and ``dropped`` by reason (``loss``, ``down``,
-    ``unknown_address``).
+    ``large_messages``, ``large_bytes``, and ``dropped`` by reason (:data:`DROP_REASONS`).
     """
 
     def __init__(
@@ -199,6 +220,10 @@ class Network:
         self.hosts: Sequence[SimNode] = ()
         self.size_of = size_of or WireSizer(config.large_message_bytes)
         self.large_message_bytes = config.large_message_bytes
+        #: Messages travel as bytes (encoded by the sender, decoded by the receiver).
+        self.encode = config.encode
+        #: The bound on an encoded message, and on a payload that arrives by stream.
+        self.stream_limit_bytes = wire.STREAM_LIMIT_BYTES
         self.loss = config.loss
         self.jitter_s = config.jitter_ms / 1000.0
         self.base_s = config.base_latency_ms / 1000.0
@@ -225,8 +250,12 @@ class Network:
         else:
             self.latency_s = self._latency_pairwise
         self._normal = statistics.NormalDist(math.log(self.scale_s) if self.scale_s > 0 else 0.0, config.latency_sigma)
-        self._deliver_cb = self._deliver
+        # A datagram and the last byte of a stream arrive through these; bytes are decoded there.
+        self._deliver_small_cb = self._deliver_datagram if config.encode else self._deliver
+        self._deliver_large_cb = self._deliver_stream if config.encode else self._deliver
         self._arrive_cb = self._arrive_large
+        #: The group of each node while the network is partitioned, else ``None``.
+        self._group_of: list[int] | None = None
         self.sent = 0
         self.delivered = 0
         self.large_messages = 0
@@ -244,6 +273,39 @@ class Network:
             raise ValueError("bandwidth must be > 0 bytes per second")
         self.upload_bytes_per_s[address] = upload_bytes_per_s
         self.download_bytes_per_s[address] = download_bytes_per_s
+
+    # -- partitions ------------------------------------------------------------------------
+    def partition(self, groups: Iterable[Iterable[int]]) -> None:
+        """Split the network: messages between nodes of different groups are dropped.
+
+        ``groups`` are disjoint collections of addresses; the nodes no group names form one
+        more group together, so ``partition([range(10)])`` cuts nodes 0..9 off from the rest.
+        A new partition replaces the previous one; :meth:`heal` ends it.
+        """
+        groups = [list(group) for group in groups]
+        rest = len(groups)
+        group_of = [rest] * self.nodes
+        for index, group in enumerate(groups):
+            for address in group:
+                if type(address) is not int or not 0 <= address < self.nodes:
+                    raise ValueError(f"partition: {address!r} is not a node address (0 .. {self.nodes - 1})")
+                if group_of[address] != rest:
+                    raise ValueError(f"partition: node {address} is in two groups")
+                group_of[address] = index
+        self._group_of = group_of
+
+    def heal(self) -> None:
+        """End the partition: every node reaches every other again."""
+        self._group_of = None
+
+    @property
+    def partitioned(self) -> bool:
+        return self._group_of is not None
+
+    def reachable(self, a: int, b: int) -> bool:
+        """Whether a message from ``a`` to ``b`` crosses no cut of the current partition."""
+        groups = self._group_of
+        return groups is None or groups[a] == groups[b]
 
     # -- latency models --------------------------------------------------------------------
     def _latency_constant(self, a: int, b: int) -> float:
@@ -271,6 +333,50 @@ class Network:
     # -- carrying messages -----------------------------------------------------------------
     def send(self, src: int, messages: list[tuple[Any, Any]]) -> None:
         """Send each ``(dst, msg)`` from ``src``; called by a host after draining its core."""
+        if self.encode:
+            self._send_encoded(src, messages)
+        else:
+            self._send_objects(src, messages)
+
+    def _send_encoded(self, src: int, messages: list[tuple[Any, Any]]) -> None:
+        engine = self.engine
+        now = engine.now
+        nodes = self.nodes
+        rng = self._rng
+        loss = self.loss
+        jitter_s = self.jitter_s
+        threshold = self.large_message_bytes
+        stream_limit = self.stream_limit_bytes
+        latency_s = self.latency_s
+        groups = self._group_of
+        encode = wire.encode
+        deliver = self._deliver_small_cb
+        for dst, msg in messages:
+            self.sent += 1
+            if type(dst) is not int or not 0 <= dst < nodes:
+                self.dropped["unknown_address"] += 1
+                continue
+            try:
+                data = encode(msg, stream_limit)
+            except wire.WireError:  # the runtime's node drops and counts it the same way
+                self.dropped["encode_error"] += 1
+                continue
+            if groups is not None and groups[src] != groups[dst]:
+                self.dropped["partitioned"] += 1
+                continue
+            size = len(data)
+            if size > threshold:
+                self._send_large(src, dst, data, size, now)
+                continue
+            if loss and rng.random() < loss:
+                self.dropped["loss"] += 1
+                continue
+            delay = latency_s(src, dst)
+            if jitter_s:
+                delay += rng.random() * jitter_s
+            engine.schedule(now + delay, deliver, dst, src, data)
+
+    def _send_objects(self, src: int, messages: list[tuple[Any, Any]]) -> None:
         engine = self.engine
         now = engine.now
         nodes = self.nodes
@@ -280,10 +386,15 @@ class Network:
         threshold = self.large_message_bytes
         size_of = self.size_of
         latency_s = self.latency_s
+        groups = self._group_of
+        deliver = self._deliver_small_cb
         for dst, msg in messages:
             self.sent += 1
             if type(dst) is not int or not 0 <= dst < nodes:
                 self.dropped["unknown_address"] += 1
+                continue
+            if groups is not None and groups[src] != groups[dst]:
+                self.dropped["partitioned"] += 1
                 continue
             size = size_of(msg)
             if size > threshold:
@@ -295,9 +406,25 @@ class Network:
             delay = latency_s(src, dst)
             if jitter_s:
                 delay += rng.random() * jitter_s
-            engine.schedule(now + delay, self._deliver_cb, dst, src, msg)
+            engine.schedule(now + delay, deliver, dst, src, msg)
 
-    def _send_large(self, src: int, dst: int, msg: Any, size: int, now: float) -> None:
+    def inject(self, src: int, dst: int, data: bytes, *, stream: bool = False) -> None:
+        """Deliver raw bytes to ``dst`` as if ``src`` had sent them, after the pair's latency.
+
+        What a broken or hostile peer does: the payload is decoded at ``dst`` with the limit of
+        its path (a datagram's, or a stream's when ``stream``) and dropped and counted by kind
+        when it does not decode. It is never lost, and a stream payload skips the bandwidth
+        model. Works whether or not the network encodes its own messages.
+        """
+        if type(data) is not bytes:
+            raise TypeError(f"inject takes bytes (got {type(data).__name__})")
+        if not (0 <= src < self.nodes and 0 <= dst < self.nodes):
+            raise ValueError(f"inject: {src} -> {dst} is not a pair of node addresses (0 .. {self.nodes - 1})")
+        self.sent += 1
+        deliver = self._deliver_stream if stream else self._deliver_datagram
+        self.engine.schedule(self.engine.now + self.latency_s(src, dst), deliver, dst, src, data)
+
+    def _send_large(self, src: int, dst: int, payload: Any, size: int, now: float) -> None:
         self.large_messages += 1
         self.large_bytes += size
         upload_start = max(now, self._upload_free_at[src])
@@ -306,19 +433,46 @@ class Network:
         delay = self.latency_s(src, dst)
         if self.jitter_s:
             delay += self._rng.random() * self.jitter_s
-        self.engine.schedule(upload_start + delay, self._arrive_cb, dst, src, msg, size, upload_done + delay)
+        self.engine.schedule(upload_start + delay, self._arrive_cb, dst, src, payload, size, upload_done + delay)
 
-    def _arrive_large(self, dst: int, src: int, msg: Any, size: int, last_byte_at: float) -> None:
+    def _arrive_large(self, dst: int, src: int, payload: Any, size: int, last_byte_at: float) -> None:
         """The first byte of a large message reached ``dst``: queue it on the downlink."""
         download_start = max(self.engine.now, self._download_free_at[dst])
         download_done = download_start + size / self.download_bytes_per_s[dst]
         self._download_free_at[dst] = download_done
-        self.engine.schedule(max(download_done, last_byte_at), self._deliver_cb, dst, src, msg)
+        self.engine.schedule(max(download_done, last_byte_at), self._deliver_large_cb, dst, src, payload)
 
     def _deliver(self, dst: int, src: int, msg: Any) -> None:
         host = self.hosts[dst]
         if host.core is None:
             self.dropped["down"] += 1
+            return
+        groups = self._group_of
+        if groups is not None and groups[src] != groups[dst]:
+            self.dropped["partitioned"] += 1
+            return
+        self.delivered += 1
+        host.deliver(src, msg)
+
+    def _deliver_datagram(self, dst: int, src: int, data: bytes) -> None:
+        self._deliver_bytes(dst, src, data, self.large_message_bytes)
+
+    def _deliver_stream(self, dst: int, src: int, data: bytes) -> None:
+        self._deliver_bytes(dst, src, data, self.stream_limit_bytes)
+
+    def _deliver_bytes(self, dst: int, src: int, data: bytes, limit_bytes: int) -> None:
+        """Bytes reached ``dst``: decode them as the runtime's node does, then hand over the message."""
+        host = self.hosts[dst]
+        if host.core is None:
+            self.dropped["down"] += 1
+            return
+        groups = self._group_of
+        if groups is not None and groups[src] != groups[dst]:
+            self.dropped["partitioned"] += 1
+            return
+        msg = wire.decode(data, limit_bytes)
+        if type(msg) is wire.DecodeError:
+            self.dropped[msg.kind] += 1
             return
         self.delivered += 1
         host.deliver(src, msg)
@@ -331,7 +485,7 @@ class Network:
             "large_messages": self.large_messages,
             "large_bytes": self.large_bytes,
         }
-        for reason in ("loss", "down", "unknown_address"):
+        for reason in DROP_REASONS:
             out[f"messages_dropped_{reason}"] = self.dropped[reason]
         return out
 

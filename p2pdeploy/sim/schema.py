@@ -108,6 +108,12 @@ BASE_SCHEMA: Section = {
         "large_message_bytes": Field(
             1200, int, "messages larger than this go by stream: no loss, bandwidth applies", ge=0
         ),
+        "encode": Field(
+            True,
+            bool,
+            "messages travel as wire bytes (encoded, decoded, bad ones dropped and counted), as on a "
+            "socket; false passes objects, faster, and the trace hash no longer covers message content",
+        ),
     },
     "churn": {
         "model": Field("none", str, "none, sessions (alternating renewal) or trace", choices=("none", "sessions", "trace")),

@@ -8,6 +8,9 @@
         host.start(PingProtocol(host.address, sim.streams.fresh("node", host.address), ...))
     sim.run(until=60.0)
     sim.trace_hash  # equal for equal seeds
+
+Messages travel as wire bytes unless ``NetworkConfig(encode=False)``; ``sim.network.partition``
+and ``sim.network.heal`` split and join the network (see :mod:`p2pdeploy.sim.network`).
 """
 
 from __future__ import annotations

@@ -128,6 +128,21 @@ def test_trace_hash_does_not_depend_on_the_hashing_batch():
     assert first != _traced_run(delays[:-1])
 
 
+def test_reading_the_trace_hash_mid_run_does_not_change_the_final_hash():
+    def run(read_along_the_way):
+        engine = Engine()
+        for n in range(10_000):  # more than one hashing batch
+            engine.schedule(n * 0.001, lambda n: None, n)
+        for stop in (0.5, 4.1, 7.0):
+            engine.run(until=stop)
+            if read_along_the_way:
+                assert len(engine.trace_hash) == 64
+        engine.run()
+        return engine.trace_hash
+
+    assert run(read_along_the_way=True) == run(read_along_the_way=False)
+
+
 def test_trace_names_messages_by_type_not_by_repr():
     class Message:  # its default repr holds a memory address, which must not reach the hash
         pass
