@@ -39,6 +39,7 @@ from p2pdeploy.overlay.ping import PingProtocol
 from p2pdeploy.resource.description import node_attributes
 from p2pdeploy.resource.protocol import RemoteClient, RemoteConfig, RemoteControl
 from p2pdeploy.runtime.address import HostPort
+from p2pdeploy.runtime.overlay_store import open_overlay_store
 from p2pdeploy.runtime.state_api import persistence_layer
 
 
@@ -115,8 +116,10 @@ def client_layers(context: CoreContext) -> list[Protocol]:
 
 
 def kademlia_layer(context: CoreContext) -> Kademlia:
-    """The overlay with its own random stream split from the node's (its timers start with the node)."""
-    return Kademlia(context.identity.node_id, random.Random(context.rng.getrandbits(64)), context.kademlia)
+    """The overlay with its own random stream split from the node's (its timers start with the node),
+    holding its values in ``overlay.sqlite3`` in the data directory (memory without one)."""
+    return Kademlia(context.identity.node_id, random.Random(context.rng.getrandbits(64)), context.kademlia,
+                    store=open_overlay_store(context))
 
 
 def group_layers(context: CoreContext, overlay: Kademlia) -> list[Protocol]:

@@ -458,12 +458,13 @@ class RuntimeNode:
         return None
 
     def _close_persistence(self) -> None:
-        layer = self._layer_or_none(Persistence)
-        if layer is not None:
-            try:
-                layer.close()
-            except Exception:  # closing must not hide why the node stopped
-                log.exception("closing the persistence store failed")
+        """Close the durable stores: the persistence layer's and the overlay's."""
+        for layer in (self._layer_or_none(Persistence), self._overlay_or_none()):
+            if layer is not None:
+                try:
+                    layer.close()
+                except Exception:  # closing must not hide why the node stopped
+                    log.exception("closing the %s store failed", type(layer).__name__)
 
     # -- hosting replicas --------------------------------------------------------------------
     def _executor_config(self) -> RealExecutorConfig:
