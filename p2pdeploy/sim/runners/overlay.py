@@ -124,6 +124,8 @@ class OverlayRunner(Runner):
         self.joins = 0
         self.joins_failed = 0
         self.abandoned: dict[str, int] = {}  # queries whose node went down before they finished
+        self._issuing: int | None = None  # the node whose API is being called (see _issue)
+        self._early: dict[int, Any] = {}  # its events that came before the call returned
         metrics = sim.metrics
         self.hops = metrics.distributions.setdefault("lookup_hops", [])
         self.requests = metrics.distributions.setdefault("lookup_requests", [])
@@ -236,24 +238,35 @@ class OverlayRunner(Runner):
         value = index.to_bytes(4, "big") * (self.settings["value_bytes"] // 4 + 1)
         value = value[: self.settings["value_bytes"]]
         self.values[key] = value
-        query = self.sim.hosts[address].call(partial(_put, key, value, self.settings["ttl_s"]))
-        self.pending[(address, query)] = ("put", key)
+        self._issue(address, partial(_put, key, value, self.settings["ttl_s"]), ("put", key))
 
     def _lookup(self) -> None:
         address = self._random_live(joined_only=True)
         if address is None:
             return
         target = self.rng.getrandbits(160)
-        query = self.sim.hosts[address].call(partial(_lookup, target))
-        self.pending[(address, query)] = ("lookup", target)
+        self._issue(address, partial(_lookup, target), ("lookup", target))
 
     def _get(self) -> None:
         address = self._random_live(joined_only=True)
         if address is None or not self.values:
             return
         key = self.rng.choice(sorted(self.values))
-        query = self.sim.hosts[address].call(partial(_get, key))
-        self.pending[(address, query)] = ("get", key)
+        self._issue(address, partial(_get, key), ("get", key))
+
+    def _issue(self, address: int, api: Any, what: tuple[str, Any]) -> None:
+        """Call ``api`` on node ``address`` and await its query's event. A get the node answers
+        from its own store finishes inside the call, before its query id is known here: that
+        event is held until the call returns (it used to be dropped, the get never counted)."""
+        self._issuing, self._early = address, {}
+        try:
+            query = self.sim.hosts[address].call(api)
+        finally:
+            self._issuing = None
+        self.pending[(address, query)] = what
+        early = self._early.pop(query, None)
+        if early is not None:
+            self.on_event(address, early)
 
     # -- events ----------------------------------------------------------------------------
     def on_event(self, address: int, event: Any) -> None:
@@ -265,6 +278,8 @@ class OverlayRunner(Runner):
             return
         what = self.pending.pop((address, getattr(event, "query_id", -1)), None)
         if what is None:
+            if address == self._issuing and kind in (LookupFinished, GetFinished, PutFinished):
+                self._early[event.query_id] = event
             return
         if kind is LookupFinished:
             truth = self._true_closest(event.target, exclude=address)
