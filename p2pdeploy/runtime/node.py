@@ -21,7 +21,9 @@ through :func:`open_node`::
 
 With a data directory the node keeps its routing table there (``routing.cbor``, CBOR written
 atomically after the join, every ``snapshot_interval_s`` and at shutdown) and restores it on
-start, so a restarted node rejoins through its old contacts even without ``bootstrap``.
+start, so a restarted node rejoins through its old contacts even without ``bootstrap``. The
+overlay's values (those it holds and those it published) are in ``overlay.sqlite3`` there
+(:mod:`p2pdeploy.runtime.overlay_store`): a restarted node serves them and keeps republishing.
 
 Given a :class:`~p2pdeploy.fabric.contribution.Contribution` the node also hosts replicas: its
 core holds a :class:`~p2pdeploy.fabric.replicas.ReplicaHost` and the remote protocol's node side
