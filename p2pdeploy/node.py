@@ -45,6 +45,7 @@ from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import Kademlia, KademliaConfig
 from p2pdeploy.overlay.multicast import Multicast
 from p2pdeploy.overlay.ping import PingProtocol
+from p2pdeploy.overlay.storage import OverlayStore
 from p2pdeploy.resource.description import NodeDescription
 from p2pdeploy.resource.protocol import RemoteClient, RemoteConfig, RemoteControl
 from p2pdeploy.wire import Address
@@ -80,6 +81,9 @@ class CoreContext:
     #: directory on a real node; kept across a crash by the simulator). ``None``: a store in
     #: memory, lost when the node stops.
     store: DurableStore | None = None
+    #: The overlay's store of values and of what this node published, opened by the driver
+    #: (``overlay.sqlite3`` in the data directory on a real node). ``None``: in memory.
+    overlay_store: OverlayStore | None = None
     #: Parameters of replicated persistence (``RuntimeConfig.persistence``).
     persistence: PersistenceConfig = field(default_factory=PersistenceConfig)
 
@@ -137,8 +141,9 @@ def client_layers(context: CoreContext) -> list[Protocol]:
 
 
 def kademlia_layer(context: CoreContext) -> Kademlia:
-    """The overlay with its own random stream split from the node's (its timers start with the node)."""
-    return Kademlia(context.identity.node_id, split(context.rng), context.kademlia)
+    """The overlay with its own random stream split from the node's (its timers start with the node),
+    holding its values in ``context.overlay_store`` (memory when there is none)."""
+    return Kademlia(context.identity.node_id, split(context.rng), context.kademlia, store=context.overlay_store)
 
 
 def group_layers(context: CoreContext, overlay: Kademlia) -> list[Protocol]:

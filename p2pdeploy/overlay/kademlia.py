@@ -20,6 +20,11 @@ range; replicas republish items they did not hear about for ``replicate_interval
 on the remaining TTL, never a fresh one); original publishers republish with a fresh TTL every
 ``republish_interval_s``; expired items are dropped. A contact that fails a request is counted,
 and replaced only after repeated failures (see ``routing.py``).
+
+The items held and the republish list live in the store handed in (``storage.OverlayStore``,
+in memory by default): a node restarted over a durable store serves what it held and
+resumes republishing what it published (due republishes wait ``rpc_timeout_s`` after start,
+so a bootstrap's first answers come in before them).
 """
 
 from __future__ import annotations
@@ -33,10 +38,14 @@ from p2pdeploy.core import Address, Protocol, Rng
 from p2pdeploy.overlay.lookup import Lookup
 from p2pdeploy.overlay.routing import ID_SPACE, Contact, RoutingTable
 from p2pdeploy.overlay.storage import (
+    DEFAULT_MAX_STORED_BYTES,
+    DEFAULT_MAX_STORED_ITEMS,
     DEFAULT_MAX_TTL_S,
     DEFAULT_MAX_VALUE_BYTES,
     Item,
     LocalStore,
+    OverlayStore,
+    Publication,
     check_item,
     supersedes,
 )
@@ -191,10 +200,12 @@ class KademliaConfig:
     expire_check_interval_s: float = 60.0
     cache_on_get: bool = True
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
-    max_stored_items: int = 100_000
+    max_stored_items: int = DEFAULT_MAX_STORED_ITEMS
+    max_stored_bytes: int = DEFAULT_MAX_STORED_BYTES
 
     def __post_init__(self) -> None:
-        for name in ("k", "alpha", "b", "disjoint_paths", "eviction_failures", "max_stored_items"):
+        for name in ("k", "alpha", "b", "disjoint_paths", "eviction_failures", "max_stored_items",
+                     "max_stored_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"kademlia.{name} must be >= 1 (got {getattr(self, name)})")
         for name in ("rpc_timeout_s", "refresh_interval_s", "replicate_interval_s", "republish_interval_s",
@@ -235,15 +246,16 @@ class _Operation:
 class Kademlia(Protocol):
     handles = REQUESTS + REPLIES
 
-    def __init__(self, node_id: int, rng: Rng, config: KademliaConfig | None = None) -> None:
+    def __init__(self, node_id: int, rng: Rng, config: KademliaConfig | None = None,
+                 store: OverlayStore | None = None) -> None:
         super().__init__()
         self.node_id = node_id
         self.rng = rng
         self.config = config or KademliaConfig()
         c = self.config
         self.table = RoutingTable(node_id, c.k, c.b, eviction_failures=c.eviction_failures)
-        self.store = LocalStore(c.max_stored_items)
-        self.published: dict[int, tuple[Item, float]] = {}  # key -> (item, ttl_s) we originated
+        #: The items held and the republish list (``store=``: e.g. a durable one the driver opened).
+        self.store: OverlayStore = store if store is not None else LocalStore(c.max_stored_items, c.max_stored_bytes)
         self._rpcs: dict[int, _Rpc] = {}
         self._ops: dict[int, _Operation] = {}
         self._probing: set[int] = set()
@@ -262,6 +274,8 @@ class Kademlia(Protocol):
         self.set_timer("refresh", now + c.refresh_interval_s * (0.5 + self.rng.random()))
         self.set_timer("replicate", now + c.replicate_interval_s * (0.5 + self.rng.random()))
         self.set_timer("expire", now + c.expire_check_interval_s)
+        for key, publication in self.store.publications().items():  # kept from an earlier run
+            self.set_timer(("republish", key), max(publication.republish_at, now + c.rpc_timeout_s))
 
     # -- API -------------------------------------------------------------------------------
     def bootstrap(self, addresses: list[Address], now: float) -> int:
@@ -311,9 +325,17 @@ class Kademlia(Protocol):
         reason = check_item(key, item, self.config.max_value_bytes)
         if reason is not None:
             raise ValueError(f"cannot put key {key:040x}: {reason}")
-        self.published[key] = (item, ttl_s)
-        self.set_timer(("republish", key), now + self.config.republish_interval_s)
+        self._schedule_republish(key, Publication(item, ttl_s, now + self.config.republish_interval_s))
         return self._start_store(key, item, ttl_s, now).query_id
+
+    @property
+    def published(self) -> dict[int, tuple[Item, float]]:
+        """The values this node originated and republishes: key -> (item, ttl_s)."""
+        return {key: (p.item, p.ttl_s) for key, p in self.store.publications().items()}
+
+    def close(self) -> None:
+        """Close the store (the driver calls this when the node stops)."""
+        self.store.close()
 
     # -- read-only views for the layers above (they never reach into the table) -------------
     def closest_known(self, target: int, k: int | None = None) -> list[Contact]:
@@ -665,20 +687,23 @@ class Kademlia(Protocol):
                 continue
             remaining = stored.expires_at - now
             if remaining > 0:
-                stored.refreshed_at = now
+                self.store.refreshed(key, now)
                 self._start_store(key, stored.item, remaining, now, visible=False)
 
     def _republish(self, key: int, now: float) -> None:
-        published = self.published.get(key)
-        if published is None:
+        publication = self.store.publications().get(key)
+        if publication is None:
             return
-        item, ttl_s = published
-        self._start_store(key, item, ttl_s, now, visible=False)
-        self.set_timer(("republish", key), now + self.config.republish_interval_s)
+        self._start_store(key, publication.item, publication.ttl_s, now, visible=False)
+        self._schedule_republish(key, dataclasses.replace(publication, republish_at=now + self.config.republish_interval_s))
+
+    def _schedule_republish(self, key: int, publication: Publication) -> None:
+        self.store.publish(key, publication)
+        self.set_timer(("republish", key), publication.republish_at)
 
     def unpublish(self, key: int) -> None:
         """Stop republishing ``key``; its replicas expire with their TTL."""
-        self.published.pop(key, None)
+        self.store.unpublish(key)
         self.cancel_timer(("republish", key))
 
     def _finish(self, op: _Operation, now: float, *, item: Item | None = None, ttl_s: float = 0.0) -> None:

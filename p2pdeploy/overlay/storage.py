@@ -9,12 +9,20 @@ back). Signatures are checked when a record is stored and again when a reader re
 Expiry travels as a remaining TTL, so a replica that republishes passes on the time it was
 given, never a fresh one: only the original publisher can extend a value's life.
 
-This module is the local store (in memory); durable storage comes with the persistence layer.
+The local store is an :class:`OverlayStore`: the items this node holds for others and the
+values it published itself (its republish list). The core calls it synchronously, as the
+persistence layer calls its ``DurableStore``; :class:`LocalStore` keeps everything in memory
+(the default: the simulator, unit tests, a node without a data directory), and a real node
+hands in ``p2pdeploy.runtime.overlay_store.SQLiteOverlayStore``, which writes every change
+through to SQLite in its data directory so a restarted node serves what it held. Times given
+to a store are the core's clock; a durable store keeps them in a form that survives the
+process (and its clock) restarting.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol as TypingProtocol
 
 from p2pdeploy.overlay.identity import Identity, key_id, verify
 from p2pdeploy.wire import ID_BYTES, record
@@ -22,6 +30,11 @@ from p2pdeploy.wire import ID_BYTES, record
 RECORD_DOMAIN = b"p2pdeploy/record/v1"
 DEFAULT_MAX_VALUE_BYTES = 64 * 1024
 DEFAULT_MAX_TTL_S = 7 * 24 * 3600.0
+DEFAULT_MAX_STORED_ITEMS = 100_000
+#: What all items held may weigh together (``item_bytes``): a full store of the largest values
+#: would otherwise be ``max_items * max_value_bytes`` (over 6 GiB).
+DEFAULT_MAX_STORED_BYTES = 256 * 1024 * 1024
+FULL = "store is full"
 
 
 @record
@@ -97,7 +110,12 @@ def supersedes(new: Item, old: Item) -> str | None:
     return None
 
 
-@dataclass(slots=True)
+def item_bytes(item: Item) -> int:
+    """What ``item`` weighs in a store's byte quota: its value, and a record's key, name and signature."""
+    return len(item.value) + len(item.public_key) + len(item.name) + len(item.signature)
+
+
+@dataclass(frozen=True, slots=True)
 class Stored:
     item: Item
     expires_at: float
@@ -106,12 +124,58 @@ class Stored:
     cached: bool = False
 
 
-class LocalStore:
-    """The items this node holds, with their expiry; reading an expired item removes it."""
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """A value this node published itself: it republishes it with a fresh ``ttl_s`` until told not to."""
 
-    def __init__(self, max_items: int = 100_000) -> None:
+    item: Item
+    ttl_s: float
+    #: When the next republish is due (the core's clock).
+    republish_at: float
+
+
+class OverlayStore(TypingProtocol):
+    """Where the overlay keeps the items it holds and its republish list.
+
+    ``put`` applies the overlay's rules (a signed record only moves forward, a cache copy never
+    displaces a replica) and the caps: at most ``max_items`` items weighing at most ``max_bytes``
+    together; it returns a refusal reason or ``None``. Reading an expired item removes it.
+    """
+
+    max_items: int
+    max_bytes: int
+
+    def put(self, key: int, item: Item, ttl_s: float, now: float, *, cached: bool = False) -> str | None: ...
+    def get(self, key: int, now: float) -> Stored | None: ...
+    def refreshed(self, key: int, now: float) -> None: ...
+    def expire(self, now: float) -> int: ...
+    def items(self) -> list[tuple[int, Stored]]: ...
+    def used_bytes(self) -> int: ...
+    def publications(self) -> dict[int, Publication]: ...
+    def publish(self, key: int, publication: Publication) -> None: ...
+    def unpublish(self, key: int) -> None: ...
+    def close(self) -> None: ...
+    def __contains__(self, key: int) -> bool: ...
+    def __len__(self) -> int: ...
+
+
+class LocalStore:
+    """The in-memory :class:`OverlayStore`.
+
+    A durable store extends it: every change goes through ``_write_item``, ``_delete_items``,
+    ``_write_publication`` and ``_delete_publication``, which do nothing here. An item whose
+    write fails is refused (``_write_item`` returns the reason), so memory never holds more
+    than the disk; the republish list is the local caller's and always kept in memory.
+    """
+
+    def __init__(self, max_items: int = DEFAULT_MAX_STORED_ITEMS, max_bytes: int = DEFAULT_MAX_STORED_BYTES) -> None:
+        if max_items < 1 or max_bytes < 1:
+            raise ValueError(f"max_items and max_bytes must be >= 1 (got {max_items}, {max_bytes})")
         self.max_items = max_items
+        self.max_bytes = max_bytes
         self._items: dict[int, Stored] = {}
+        self._bytes = 0
+        self._publications: dict[int, Publication] = {}
 
     def put(self, key: int, item: Item, ttl_s: float, now: float, *, cached: bool = False) -> str | None:
         """Store ``item`` (already checked with ``check_item``); returns a refusal reason or ``None``."""
@@ -123,28 +187,82 @@ class LocalStore:
             if cached and not current.cached:
                 return None  # a cache copy never displaces a replica
         elif len(self._items) >= self.max_items:
-            return "store is full"
+            return FULL
+        if self._bytes - (item_bytes(current.item) if current else 0) + item_bytes(item) > self.max_bytes:
+            return FULL
         expires_at = now + ttl_s
         if current is not None and current.item == item:
             expires_at = max(expires_at, current.expires_at)
-        self._items[key] = Stored(item, expires_at, now, cached and (current is None or current.cached))
-        return None
+        return self._set(key, Stored(item, expires_at, now, cached and (current is None or current.cached)))
 
     def get(self, key: int, now: float) -> Stored | None:
         stored = self._items.get(key)
         if stored is not None and stored.expires_at <= now:
-            del self._items[key]
+            self._drop([key])
             return None
         return stored
 
+    def refreshed(self, key: int, now: float) -> None:
+        """Note that the item under ``key`` went out again at ``now`` (a replica's republish)."""
+        stored = self._items.get(key)
+        if stored is not None:
+            self._set(key, replace(stored, refreshed_at=now))
+
     def expire(self, now: float) -> int:
         dead = [key for key, stored in self._items.items() if stored.expires_at <= now]
-        for key in dead:
-            del self._items[key]
+        self._drop(dead)
         return len(dead)
 
     def items(self) -> list[tuple[int, Stored]]:
         return list(self._items.items())
+
+    def used_bytes(self) -> int:
+        """What the items held weigh together (``item_bytes``)."""
+        return self._bytes
+
+    def _set(self, key: int, stored: Stored) -> str | None:
+        reason = self._write_item(key, stored)
+        if reason is not None:
+            return reason
+        old = self._items.get(key)
+        self._bytes += item_bytes(stored.item) - (item_bytes(old.item) if old else 0)
+        self._items[key] = stored
+        return None
+
+    def _drop(self, keys: list[int]) -> None:
+        if not keys:
+            return
+        for key in keys:
+            self._bytes -= item_bytes(self._items.pop(key).item)
+        self._delete_items(keys)
+
+    # -- the republish list ------------------------------------------------------------------
+    def publications(self) -> dict[int, Publication]:
+        return dict(self._publications)
+
+    def publish(self, key: int, publication: Publication) -> None:
+        self._publications[key] = publication
+        self._write_publication(key, publication)
+
+    def unpublish(self, key: int) -> None:
+        if self._publications.pop(key, None) is not None:
+            self._delete_publication(key)
+
+    # -- what a durable store does besides (nothing here) -------------------------------------
+    def _write_item(self, key: int, stored: Stored) -> str | None:
+        return None
+
+    def _delete_items(self, keys: list[int]) -> None:
+        pass
+
+    def _write_publication(self, key: int, publication: Publication) -> None:
+        pass
+
+    def _delete_publication(self, key: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
     def __contains__(self, key: int) -> bool:
         return key in self._items

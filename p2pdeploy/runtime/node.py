@@ -21,7 +21,9 @@ through :func:`open_node`::
 
 With a data directory the node keeps its routing table there (``routing.cbor``, CBOR written
 atomically after the join, every ``snapshot_interval_s`` and at shutdown) and restores it on
-start, so a restarted node rejoins through its old contacts even without ``bootstrap``.
+start, so a restarted node rejoins through its old contacts even without ``bootstrap``. The
+overlay's values (those it holds and those it published) are in ``overlay.sqlite3`` there
+(:mod:`p2pdeploy.runtime.overlay_store`): a restarted node serves them and keeps republishing.
 
 Given a :class:`~p2pdeploy.fabric.contribution.Contribution` the node also hosts replicas: its
 core holds a :class:`~p2pdeploy.fabric.replicas.ReplicaHost` and the remote protocol's node side
@@ -91,7 +93,7 @@ from p2pdeploy.overlay.kademlia import (
 )
 from p2pdeploy.overlay.ping import PeerSeen, Ping, PingProtocol, PingTimedOut, PongReceived
 from p2pdeploy.overlay.routing import ID_SPACE, Contact
-from p2pdeploy.overlay.storage import Item
+from p2pdeploy.overlay.storage import Item, OverlayStore
 from p2pdeploy.resource.bundle import SignedBundle
 from p2pdeploy.resource.description import NodeDescription
 from p2pdeploy.resource.manifest import SERVICE_VARIABLE
@@ -108,6 +110,7 @@ from p2pdeploy.runtime.address import HostPort, format_host_port
 from p2pdeploy.runtime.exec_local import ReplicaWiring
 from p2pdeploy.runtime.executor import RealExecutor, RealExecutorConfig
 from p2pdeploy.runtime.keyfile import load_or_create_identity
+from p2pdeploy.runtime.overlay_store import open_overlay_store
 from p2pdeploy.runtime.probe import probe_machine
 from p2pdeploy.runtime.snapshot import ROUTING_SNAPSHOT_FILE, read_bounded, write_file_atomically
 from p2pdeploy.runtime.state_api import PersistenceClient, StateServer, open_store
@@ -262,8 +265,9 @@ class RuntimeNode:
         self.state_server: StateServer | None = None
         self._left = False
         self._wiring: ReplicaWiring | None = None
-        #: The persistence store this node opened (closed when it stops).
+        #: The persistence and overlay stores this node opened (closed when it stops).
         self._store: DurableStore | None = None
+        self._overlay_store: OverlayStore | None = None
         self._temporary_dir: Path | None = None
         self._joined = trio.Event()
         #: One save at a time: saves share the temporary file they write before renaming it.
@@ -354,6 +358,8 @@ class RuntimeNode:
                 contribution = contribution.clamp_to(self.machine)
             now = trio.current_time()
             store = self._store = open_store(self.data_dir, contribution)
+            overlay_store = self._overlay_store = open_overlay_store(
+                self.data_dir, self.config.kademlia, wall_clock_offset_s=time.time() - now, now=now)
             context = CoreContext(
                 self.identity,
                 transport.address,
@@ -367,6 +373,7 @@ class RuntimeNode:
                 wall_clock_offset_s=time.time() - now,
                 prospector=self.config.prospector,
                 store=store,
+                overlay_store=overlay_store,
                 persistence=self.config.persistence,
             )
             self._core = build_core(context, layers)
@@ -468,15 +475,18 @@ class RuntimeNode:
         return None
 
     def _close_persistence(self) -> None:
-        """Close the store this node opened, and the one its persistence layer was built with
-        (a layers factory may hand it another)."""
+        """Close the durable stores this node opened, and those its layers were built with (a layers
+        factory may hand them others): the persistence layer's and the overlay's."""
+        opened = [self._store, self._overlay_store]
+        self._store = self._overlay_store = None
         layer = self._layer_or_none(Persistence)
-        opened, self._store = self._store, None
-        for store in {id(s): s for s in (opened, layer.store if layer is not None else None) if s is not None}.values():
+        overlay = self._overlay_or_none()
+        stores = [*opened, layer.store if layer is not None else None, overlay.store if overlay is not None else None]
+        for store in {id(s): s for s in stores if s is not None}.values():
             try:
                 store.close()
             except Exception:  # closing must not hide why the node stopped
-                log.exception("closing the persistence store failed")
+                log.exception("closing the %s failed", type(store).__name__)
 
     # -- hosting replicas --------------------------------------------------------------------
     def _executor_config(self) -> RealExecutorConfig:

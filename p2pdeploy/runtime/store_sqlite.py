@@ -59,6 +59,25 @@ CREATE TABLE IF NOT EXISTS acceptors (key BLOB PRIMARY KEY, data BLOB NOT NULL);
 """
 
 
+def open_database(path: Path, *, durable: bool) -> sqlite3.Connection:
+    """A connection to the SQLite file ``path`` as every store of a node uses it: autocommit
+    (each statement is its own transaction unless a store opens one), write-ahead log,
+    ``synchronous=FULL`` when ``durable`` (a commit is on disk before the call returns) or
+    ``NORMAL`` (it survives the process crashing, not the machine losing power). The file is
+    created with mode 0600 (SQLite gives its log files the same mode) and made so if it was not.
+    """
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 def capacity_from(contribution: Contribution, share: float = DEFAULT_DISK_SHARE) -> int:
     """The chunk quota: ``share`` of the disk the owner contributes (the rest is for services)."""
     if not 0 < share <= 1:
@@ -85,9 +104,7 @@ class SQLiteStore(ChunkBookkeeping):
         self.root = Path(data_dir) / STORE_DIR
         self.chunks_dir = self.root / CHUNKS_DIR
         self.chunks_dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.root / DATABASE_FILE, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        self.db = open_database(self.root / DATABASE_FILE, durable=durable)
         self.db.executescript(_SCHEMA)
         self._corrupted: list[ChunkInfo] = []
         #: Chunks whose bytes no longer matched their hash (dropped and reported).

@@ -161,7 +161,7 @@ async def test_a_restarted_node_rejoins_through_its_saved_routing_table_without_
             assert again.node_id == node_id and again.restored_contacts == 5
             await again.wait_joined()
             assert again.overlay_joined.ok
-            assert key not in again.overlay.store  # its store was in memory: the value comes from the network
+            assert key not in again.overlay.store  # stored while it was away: the value comes from the network
             assert await again.get(key) == b"still here"
             # the others learn its new address from its join
             await wait_for(lambda: all(n.overlay.table.get(node_id).address == again.address for n in nodes))

@@ -13,7 +13,9 @@ Every node hosts :class:`~p2pdeploy.overlay.kademlia.Kademlia`. The run has thre
 3. **workload** (from ``workload_at_s``): ``lookups`` FIND_NODE lookups and ``gets`` gets of the
    stored values, from random live nodes at random times spread over ``workload_window_s``.
    Churn (if any) starts at ``churn.start_s``; a node that comes back rejoins through a random
-   live node with the same id (its key is on its disk) and an empty store (its memory is lost).
+   live node with the same id (its key is on its disk) and an empty store (its memory is lost),
+   or with ``overlay.durable`` the store it had (kept on its disk, as a real node's data
+   directory keeps ``overlay.sqlite3``): it serves what it held and republishes what it published.
 
 A lookup is *exact* when its k contacts are the true k closest live nodes to the target
 (brute force over the live ids, excluding the node that asked). ``messages_per_lookup`` counts
@@ -39,6 +41,7 @@ from p2pdeploy.overlay.kademlia import (
     PutFinished,
 )
 from p2pdeploy.overlay.routing import Contact
+from p2pdeploy.overlay.storage import LocalStore
 from p2pdeploy.sim.runner import Runner, register_runner
 from p2pdeploy.sim.schema import Field
 
@@ -73,6 +76,8 @@ class OverlayRunner(Runner):
             "gets": Field(0, int, "gets of stored values", ge=0),
             "workload_delay_s": Field(30.0, float, "time between the end of the store window and the workload", ge=0),
             "workload_window_s": Field(60.0, float, "lookups and gets are spread over this window", ge=0),
+            "durable": Field(False, bool, "a node keeps its store (values held, republish list) across churn "
+                             "restarts, as a machine keeps its disk"),
             "identities": Field("hash", str, "node ids: ed25519 (seeded key pairs) or hash (same distribution)",
                                 choices=("ed25519", "hash")),
         }
@@ -105,6 +110,8 @@ class OverlayRunner(Runner):
         self.address_of = {node_id: address for address, node_id in enumerate(self.node_ids)}
         self.rng = streams.get("workload")
         self.cores: list[Kademlia | None] = [None] * nodes
+        #: overlay.durable: each node's store, kept while the node is down (its disk).
+        self.stores: list[LocalStore | None] = [None] * nodes
         self.joined_at: list[float | None] = [None] * nodes
         self.build_done_at = (nodes - 1) * s["join_spacing_s"] if s["build"] == "join" else 0.0
         self.store_at = self.build_done_at + s["settle_s"]
@@ -117,6 +124,8 @@ class OverlayRunner(Runner):
         self.joins = 0
         self.joins_failed = 0
         self.abandoned: dict[str, int] = {}  # queries whose node went down before they finished
+        self._issuing: int | None = None  # the node whose API is being called (see _issue)
+        self._early: dict[int, Any] = {}  # its events that came before the call returned
         metrics = sim.metrics
         self.hops = metrics.distributions.setdefault("lookup_hops", [])
         self.requests = metrics.distributions.setdefault("lookup_requests", [])
@@ -124,8 +133,13 @@ class OverlayRunner(Runner):
     # -- building --------------------------------------------------------------------------
     def make_core(self, address: int) -> Protocol:
         host = self.sim.hosts[address]
+        store = None
+        if self.settings["durable"]:
+            store = self.stores[address]
+            if store is None:
+                store = self.stores[address] = LocalStore(self.config.max_stored_items, self.config.max_stored_bytes)
         core = Kademlia(self.node_ids[address], self.sim.streams.fresh("node", address, host.incarnation + 1),
-                        self.config)
+                        self.config, store=store)
         self.cores[address] = core
         return self.stack(address, core)
 
@@ -224,24 +238,35 @@ class OverlayRunner(Runner):
         value = index.to_bytes(4, "big") * (self.settings["value_bytes"] // 4 + 1)
         value = value[: self.settings["value_bytes"]]
         self.values[key] = value
-        query = self.sim.hosts[address].call(partial(_put, key, value, self.settings["ttl_s"]))
-        self.pending[(address, query)] = ("put", key)
+        self._issue(address, partial(_put, key, value, self.settings["ttl_s"]), ("put", key))
 
     def _lookup(self) -> None:
         address = self._random_live(joined_only=True)
         if address is None:
             return
         target = self.rng.getrandbits(160)
-        query = self.sim.hosts[address].call(partial(_lookup, target))
-        self.pending[(address, query)] = ("lookup", target)
+        self._issue(address, partial(_lookup, target), ("lookup", target))
 
     def _get(self) -> None:
         address = self._random_live(joined_only=True)
         if address is None or not self.values:
             return
         key = self.rng.choice(sorted(self.values))
-        query = self.sim.hosts[address].call(partial(_get, key))
-        self.pending[(address, query)] = ("get", key)
+        self._issue(address, partial(_get, key), ("get", key))
+
+    def _issue(self, address: int, api: Any, what: tuple[str, Any]) -> None:
+        """Call ``api`` on node ``address`` and await its query's event. A get the node answers
+        from its own store finishes inside the call, before its query id is known here: that
+        event is held until the call returns (it used to be dropped, the get never counted)."""
+        self._issuing, self._early = address, {}
+        try:
+            query = self.sim.hosts[address].call(api)
+        finally:
+            self._issuing = None
+        self.pending[(address, query)] = what
+        early = self._early.pop(query, None)
+        if early is not None:
+            self.on_event(address, early)
 
     # -- events ----------------------------------------------------------------------------
     def on_event(self, address: int, event: Any) -> None:
@@ -253,6 +278,8 @@ class OverlayRunner(Runner):
             return
         what = self.pending.pop((address, getattr(event, "query_id", -1)), None)
         if what is None:
+            if address == self._issuing and kind in (LookupFinished, GetFinished, PutFinished):
+                self._early[event.query_id] = event
             return
         if kind is LookupFinished:
             truth = self._true_closest(event.target, exclude=address)
