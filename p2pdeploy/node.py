@@ -8,8 +8,9 @@ runs the same layers, wired the same way, as a real one. A test or an embedding 
 passes its own ``layers`` factory to ``open_node`` (:func:`client_layers` for an ephemeral
 deployer).
 
-A full node runs ping/pong (RTT estimates, ``p2pdeploy ping``), the Kademlia overlay
-(configured by ``CoreContext.kademlia``), broadcast, multicast groups and publish/subscribe,
+A full node runs ping/pong (RTT estimates, ``p2pdeploy ping``), the failure detector
+(:class:`~p2pdeploy.overlay.swim.FailureDetector`, watching the overlay's contacts), the Kademlia
+overlay (configured by ``CoreContext.kademlia``), broadcast, multicast groups and publish/subscribe,
 replicated persistence (blobs, records and the state API's quorum records, in
 ``CoreContext.store``), the replicas it hosts (:class:`~p2pdeploy.fabric.replicas.ReplicaHost`,
 within ``CoreContext.contribution``) with the node side of the remote protocol around them
@@ -46,6 +47,7 @@ from p2pdeploy.overlay.kademlia import Kademlia, KademliaConfig
 from p2pdeploy.overlay.multicast import Multicast
 from p2pdeploy.overlay.ping import PingProtocol
 from p2pdeploy.overlay.storage import OverlayStore
+from p2pdeploy.overlay.swim import DetectorConfig, FailureDetector
 from p2pdeploy.resource.description import NodeDescription
 from p2pdeploy.resource.protocol import RemoteClient, RemoteConfig, RemoteControl
 from p2pdeploy.wire import Address
@@ -84,6 +86,8 @@ class CoreContext:
     #: The overlay's store of values and of what this node published, opened by the driver
     #: (``overlay.sqlite3`` in the data directory on a real node). ``None``: in memory.
     overlay_store: OverlayStore | None = None
+    #: Parameters of the failure detector (``RuntimeConfig.detector``); ``None``: no detector.
+    detector: DetectorConfig | None = field(default_factory=DetectorConfig)
     #: Parameters of replicated persistence (``RuntimeConfig.persistence``).
     persistence: PersistenceConfig = field(default_factory=PersistenceConfig)
 
@@ -100,7 +104,8 @@ def split(rng: Rng, bits: int = 64) -> Any:
 def default_layers(context: CoreContext) -> list[Protocol]:
     """The layers of a ``p2pdeploy join`` node, bottom to top."""
     ping = PingProtocol(context.identity.node_id, context.rng, own_address=context.address)
-    overlay = kademlia_layer(context)
+    detector = detector_layers(context)
+    overlay = kademlia_layer(context, *detector)
     groups = group_layers(context, overlay)
     replicas = replica_layers(context)
     host = next((layer for layer in replicas if isinstance(layer, ReplicaHost)), None)
@@ -110,7 +115,15 @@ def default_layers(context: CoreContext) -> list[Protocol]:
     persistence = persistence_layer(context, overlay)
     remote = next((layer for layer in replicas if isinstance(layer, RemoteControl)), None)
     bundles = [] if remote is None else [BundleFetcher(persistence, remote)]
-    return [ping, overlay, *groups, persistence, *replicas, *bundles, description, prospector, client]
+    return [ping, *detector, overlay, *groups, persistence, *replicas, *bundles, description, prospector, client]
+
+
+def detector_layers(context: CoreContext) -> list[FailureDetector]:
+    """The node's failure detector (SWIM with Lifeguard), watching what the overlay's routing
+    table holds; none when ``context.detector`` is None."""
+    if context.detector is None:
+        return []
+    return [FailureDetector(context.identity.node_id, split(context.rng), context.detector)]
 
 
 def prospector_layer(context: CoreContext, overlay: Kademlia) -> Prospector:
@@ -140,10 +153,12 @@ def client_layers(context: CoreContext) -> list[Protocol]:
     ]
 
 
-def kademlia_layer(context: CoreContext) -> Kademlia:
+def kademlia_layer(context: CoreContext, detector: FailureDetector | None = None) -> Kademlia:
     """The overlay with its own random stream split from the node's (its timers start with the node),
-    holding its values in ``context.overlay_store`` (memory when there is none)."""
-    return Kademlia(context.identity.node_id, split(context.rng), context.kademlia, store=context.overlay_store)
+    holding its values in ``context.overlay_store`` (memory when there is none); with a
+    ``detector`` below it, dead contacts cost its lookups nothing."""
+    return Kademlia(context.identity.node_id, split(context.rng), context.kademlia, store=context.overlay_store,
+                    detector=detector)
 
 
 def group_layers(context: CoreContext, overlay: Kademlia) -> list[Protocol]:

@@ -21,6 +21,13 @@ on the remaining TTL, never a fresh one); original publishers republish with a f
 ``republish_interval_s``; expired items are dropped. A contact that fails a request is counted,
 and replaced only after repeated failures (see ``routing.py``).
 
+With a failure detector below it (:class:`~p2pdeploy.overlay.swim.FailureDetector`, in a
+node's stack), the overlay has the detector watch the contacts in its routing table and tells it
+of every peer it hears from; it consumes nothing of the detector but watches its verdicts: a
+contact declared dead is stale at once (not offered, not asked; replaced when a replacement
+waits), one that recovers is fresh again, and a lookup drops candidates the detector holds dead.
+A dead contact then costs a lookup nothing, instead of ``eviction_failures`` timeouts.
+
 The items held and the republish list live in the store handed in (``storage.OverlayStore``,
 in memory by default): a node restarted over a durable store serves what it held and
 resumes republishing what it published (due republishes wait ``rpc_timeout_s`` after start,
@@ -49,6 +56,7 @@ from p2pdeploy.overlay.storage import (
     check_item,
     supersedes,
 )
+from p2pdeploy.overlay.swim import FailureDetector, Liveness, PeerDeclaredDead, PeerRecovered
 from p2pdeploy.wire import DecodeError, NodeId, decode, encode, message
 
 # -- messages -------------------------------------------------------------------------------
@@ -198,6 +206,8 @@ class KademliaConfig:
     default_ttl_s: float = 86400.0
     max_ttl_s: float = DEFAULT_MAX_TTL_S
     expire_check_interval_s: float = 60.0
+    #: How often the failure detector's watch list is reconciled with the routing table.
+    watch_sync_interval_s: float = 5.0
     cache_on_get: bool = True
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     max_stored_items: int = DEFAULT_MAX_STORED_ITEMS
@@ -209,7 +219,7 @@ class KademliaConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"kademlia.{name} must be >= 1 (got {getattr(self, name)})")
         for name in ("rpc_timeout_s", "refresh_interval_s", "replicate_interval_s", "republish_interval_s",
-                     "default_ttl_s", "max_ttl_s", "expire_check_interval_s"):
+                     "default_ttl_s", "max_ttl_s", "expire_check_interval_s", "watch_sync_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"kademlia.{name} must be > 0 (got {getattr(self, name)})")
 
@@ -245,9 +255,10 @@ class _Operation:
 
 class Kademlia(Protocol):
     handles = REQUESTS + REPLIES
+    consumes = (PeerDeclaredDead, PeerRecovered)
 
     def __init__(self, node_id: int, rng: Rng, config: KademliaConfig | None = None,
-                 store: OverlayStore | None = None) -> None:
+                 store: OverlayStore | None = None, detector: FailureDetector | None = None) -> None:
         super().__init__()
         self.node_id = node_id
         self.rng = rng
@@ -259,6 +270,8 @@ class Kademlia(Protocol):
         self._rpcs: dict[int, _Rpc] = {}
         self._ops: dict[int, _Operation] = {}
         self._probing: set[int] = set()
+        #: The node's failure detector (in its stack, below this layer), or None.
+        self.detector = detector
         self._next_query = 0
         self._started = False
         self.counters: dict[str, int] = {"requests_sent": 0, "requests_received": 0, "timeouts": 0}
@@ -274,6 +287,8 @@ class Kademlia(Protocol):
         self.set_timer("refresh", now + c.refresh_interval_s * (0.5 + self.rng.random()))
         self.set_timer("replicate", now + c.replicate_interval_s * (0.5 + self.rng.random()))
         self.set_timer("expire", now + c.expire_check_interval_s)
+        if self.detector is not None:
+            self._sync_watch(now)
         for key, publication in self.store.publications().items():  # kept from an earlier run
             self.set_timer(("republish", key), max(publication.republish_at, now + c.rpc_timeout_s))
 
@@ -461,7 +476,7 @@ class Kademlia(Protocol):
         elif kind in (Nodes, Value) and op.lookup is not None:
             if kind is Value:
                 self._on_value(op, contact, msg, now)
-            op.lookup.answered(msg.sender, [c for c in msg.contacts if c.node_id != self.node_id])
+            op.lookup.answered(msg.sender, [c for c in msg.contacts if c.node_id != self.node_id and self._alive(c)])
             self._advance(op, now)
 
     def _on_value(self, op: _Operation, contact: Contact, msg: Value, now: float) -> None:
@@ -491,6 +506,47 @@ class Kademlia(Protocol):
         elif name == "expire":
             self.store.expire(now)
             self.set_timer("expire", now + c.expire_check_interval_s)
+        elif name == "watch":
+            self._sync_watch(now)
+
+    # -- the failure detector's verdicts ---------------------------------------------------
+    def handle_event(self, event: Any, now: float) -> bool:
+        """A verdict of the detector below: a dead contact is stale at once (and replaced when
+        a replacement waits), a recovered one fresh again. Not consumed: the layers above and
+        the driver hear of it too."""
+        if isinstance(event, PeerDeclaredDead):
+            self.counters["declared_dead"] = self.counters.get("declared_dead", 0) + 1
+            promoted = self.table.declare_dead(event.node_id)
+            if promoted is not None:
+                self._watch(promoted, now)
+        elif isinstance(event, PeerRecovered) and self.table.get(event.node_id) is not None:
+            self._heard(self.table.get(event.node_id), now)
+        return False
+
+    def _sync_watch(self, now: float) -> None:
+        """Level-triggered: the detector watches exactly the routing table's contacts, and the
+        peers it holds dead until they leave the table (so lookups keep dropping them)."""
+        detector = self.detector
+        assert detector is not None
+        in_table = {contact.node_id: contact for contact in self.table.contacts()}
+        for node_id in detector.watched():
+            if node_id not in in_table:
+                detector.unwatch(node_id)
+        for contact in in_table.values():
+            self._watch(contact, now)
+        self.set_timer("watch", now + self.config.watch_sync_interval_s)
+
+    def _watch(self, contact: Contact, now: float) -> None:
+        detector = self.detector
+        if detector is None or detector.state(contact.node_id) is not Liveness.unknown:
+            return
+        if detector.watch_count() >= detector.config.max_watched:
+            self.dropped["watch_list_full"] += 1
+            return
+        detector.watch(contact.node_id, contact.address, now)
+
+    def _alive(self, contact: Contact) -> bool:
+        return self.detector is None or not self.detector.dead(contact.node_id)
 
     def _on_rpc_timeout(self, rpc_id: int, now: float) -> None:
         rpc = self._rpcs.pop(rpc_id, None)
@@ -522,7 +578,11 @@ class Kademlia(Protocol):
 
     # -- routing-table upkeep --------------------------------------------------------------
     def _heard(self, contact: Contact, now: float) -> None:
+        if self.detector is not None:
+            self.detector.heard(contact.node_id, contact.address, now)  # evidence of life
         result = self.table.add(contact)
+        if result.outcome == "added":
+            self._watch(contact, now)
         if result.probe is not None and result.probe.node_id not in self._probing:
             self._probe_lrs(result.probe, now)
         elif result.outcome == "added" and len(self.store):

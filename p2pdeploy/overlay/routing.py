@@ -183,10 +183,32 @@ class RoutingTable:
         entry.failures += 1
         if entry.failures < self.eviction_failures or not bucket.replacements:
             return False
+        self._replace(bucket, node_id)
+        return True
+
+    def declare_dead(self, node_id: int) -> Contact | None:
+        """A failure detector declared ``node_id`` dead: it is stale at once (no longer offered)
+        and replaced when a replacement waits; returns the contact that took its place, if any.
+
+        Without a replacement it stays, stale, as after repeated failures: a verdict can be
+        wrong (the peer refutes it), and the paper keeps what nothing replaces."""
+        bucket = self.bucket_for(node_id)
+        entry = bucket.entries.get(node_id)
+        if entry is None:
+            bucket.replacements.pop(node_id, None)
+            return None
+        entry.failures = max(entry.failures, self.eviction_failures)
+        if not bucket.replacements:
+            return None
+        return self._replace(bucket, node_id)
+
+    def _replace(self, bucket: KBucket, node_id: int) -> Contact:
+        """Evict ``node_id`` for the newest waiting replacement, which is returned."""
         del bucket.entries[node_id]
         newest_id = next(reversed(bucket.replacements))
-        bucket.entries[newest_id] = _Entry(bucket.replacements.pop(newest_id))
-        return True
+        promoted = bucket.replacements.pop(newest_id)
+        bucket.entries[newest_id] = _Entry(promoted)
+        return promoted
 
     def remove(self, node_id: int) -> None:
         bucket = self.bucket_for(node_id)

@@ -489,6 +489,10 @@ class FailureDetector(Protocol):
     def watched(self) -> list[int]:
         return list(self._peers)
 
+    def watch_count(self) -> int:
+        """How many peers are watched (at most ``config.max_watched``)."""
+        return len(self._peers)
+
     def incarnation_of(self, node_id: int) -> int | None:
         peer = self._peers.get(node_id)
         return None if peer is None else peer.incarnation

@@ -94,6 +94,7 @@ from p2pdeploy.overlay.kademlia import (
 from p2pdeploy.overlay.ping import PeerSeen, Ping, PingProtocol, PingTimedOut, PongReceived
 from p2pdeploy.overlay.routing import ID_SPACE, Contact
 from p2pdeploy.overlay.storage import Item, OverlayStore
+from p2pdeploy.overlay.swim import DetectorConfig, PeerDeclaredDead, PeerRecovered
 from p2pdeploy.resource.bundle import SignedBundle
 from p2pdeploy.resource.description import NodeDescription
 from p2pdeploy.resource.manifest import SERVICE_VARIABLE
@@ -205,6 +206,9 @@ class RuntimeConfig:
     prospector: ProspectorConfig = field(default_factory=ProspectorConfig)
     #: Parameters of replicated persistence (chunk size, replicas, repair period, quorum size).
     persistence: PersistenceConfig = field(default_factory=PersistenceConfig)
+    #: Parameters of the failure detector (its defaults suit loopback and LAN; scale the
+    #: period and timeouts up together on a WAN).
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
     #: When the node stops, how long it may spend handing the keys it holds to the nodes now
     #: responsible for them (repair on the others covers what is not handed off in time).
     persistence_leave_s: float = 30.0
@@ -375,6 +379,7 @@ class RuntimeNode:
                 store=store,
                 overlay_store=overlay_store,
                 persistence=self.config.persistence,
+                detector=self.config.detector,
             )
             self._core = build_core(context, layers)
             if self._layer_or_none(Persistence) is not None:
@@ -730,6 +735,12 @@ class RuntimeNode:
                 log.debug("%s not executed: %s", type(event).__name__, exc)
         if isinstance(event, PeerSeen):
             log.info("peer %040x seen at %s", event.node_id, format_host_port(event.address))
+        elif isinstance(event, PeerDeclaredDead):
+            self.counters["peers_declared_dead"] += 1
+            log.info("peer %040x declared dead (incarnation %d)", event.node_id, event.incarnation)
+        elif isinstance(event, PeerRecovered):
+            self.counters["peers_recovered"] += 1
+            log.info("peer %040x is alive again (incarnation %d)", event.node_id, event.incarnation)
         for waiter in list(self._waiters):
             if not waiter.done.is_set() and waiter.finished(event):
                 waiter.event = event

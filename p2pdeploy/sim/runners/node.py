@@ -4,7 +4,9 @@ Each simulated node hosts the stack :func:`p2pdeploy.node.default_layers` builds
 composition a real node runs: ping, the Kademlia overlay, broadcast, multicast, pub/sub,
 replicated persistence, the replicas it hosts with the remote protocol around them (served by
 the simulated executor, :func:`p2pdeploy.sim.executor.serve_node`), its description, the
-resource prospector and the remote client. Nothing is left out to save time, so the layers'
+resource prospector and the remote client, with the failure detector under the overlay
+(``[detector]``: on, with a 5 s protocol period, ten times a real node's loopback default, as
+suits a WAN-sized network). Nothing is left out to save time, so the layers'
 interactions (events flowing up the stack, shared routing tables) run here as on trio.
 
 The workload is the persistence runner's (blobs stored, churn, every blob fetched at the end)
@@ -32,6 +34,7 @@ from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.node import CoreContext, default_layers
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import Kademlia
+from p2pdeploy.overlay.swim import DetectorConfig
 from p2pdeploy.resource.requirements import Requirement
 from p2pdeploy.sim.executor import serve_node
 from p2pdeploy.sim.runner import register_runner
@@ -61,6 +64,12 @@ class NodeRunner(PersistenceRunner):
             "prospector_update_interval_s": Field(ProspectorConfig().update_interval_s, float,
                                                   "how often a node reports to its parent in the tree", gt=0),
         },
+        "detector": {
+            "enabled": Field(True, bool, "every node runs the failure detector under its overlay"),
+            "protocol_period_s": Field(5.0, float, "SWIM protocol period (a real node's default, 0.5 s, "
+                                       "suits loopback; a WAN-sized network scales it up)", gt=0),
+            "probe_timeout_s": Field(1.0, float, "direct probe timeout, seconds", gt=0),
+        },
     }
 
     @classmethod
@@ -72,6 +81,9 @@ class NodeRunner(PersistenceRunner):
             Requirement.parse(scenario.values["node"]["prospect_requirement"])
         except ValueError as exc:
             raise scenario.error("node.prospect_requirement", str(exc)) from None
+        d = scenario.values["detector"]
+        if not d["probe_timeout_s"] < d["protocol_period_s"]:
+            raise scenario.error("detector.probe_timeout_s", "must be shorter than detector.protocol_period_s")
 
     def __init__(self, scenario: Scenario, sim: Simulation) -> None:
         super().__init__(scenario, sim)
@@ -79,6 +91,9 @@ class NodeRunner(PersistenceRunner):
         self.n = n
         self.requirement = Requirement.parse(n["prospect_requirement"])
         self.prospector_config = ProspectorConfig(update_interval_s=n["prospector_update_interval_s"])
+        d = scenario.section("detector")
+        self.detector_config = (DetectorConfig(protocol_period_s=d["protocol_period_s"], probe_timeout_s=d["probe_timeout_s"])
+                                if d["enabled"] else None)
         nodes = len(sim.hosts)
         draw = sim.streams.get("node-contributions")
         self.contributions = [
@@ -113,6 +128,7 @@ class NodeRunner(PersistenceRunner):
             prospector=self.prospector_config,
             persistence=self.pconfig,
             store=self.stores[address],
+            detector=self.detector_config,
         )
         stack = _LayerMeteredStack(default_layers(context), self)
         self.stacks[address] = stack
