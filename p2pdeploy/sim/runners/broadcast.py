@@ -77,6 +77,7 @@ class _Run:
 class BroadcastRunner(OverlayRunner):
     name = "broadcast"
     schema = {
+        "detector": OverlayRunner.schema["detector"],
         "overlay": {**OverlayRunner.schema["overlay"],
                     "lookups": Field(0, int, "FIND_NODE lookups of random targets", ge=0)},
         "broadcast": {
@@ -121,7 +122,7 @@ class BroadcastRunner(OverlayRunner):
     def stack(self, address: int, overlay: Kademlia) -> Protocol:
         layer = Broadcast(overlay, self.sim.streams.fresh("broadcast", address, self.sim.hosts[address].incarnation + 1),
                           self.spread_config)
-        return Stack([overlay, layer])
+        return Stack([*self.below_overlay[address], overlay, layer])
 
     def on_down(self, address: int) -> None:
         core = self.sim.hosts[address].core

@@ -75,6 +75,7 @@ class _Message:
 class MulticastRunner(OverlayRunner):
     name = "multicast"
     schema = {
+        "detector": OverlayRunner.schema["detector"],
         "overlay": {**OverlayRunner.schema["overlay"],
                     "lookups": Field(0, int, "FIND_NODE lookups of random targets", ge=0)},
         "multicast": {
@@ -141,7 +142,7 @@ class MulticastRunner(OverlayRunner):
     # -- nodes -----------------------------------------------------------------------------
     def stack(self, address: int, overlay: Kademlia) -> Protocol:
         rng = self.sim.streams.fresh("multicast", address, self.sim.hosts[address].incarnation + 1)
-        return Stack([overlay, Multicast(overlay, rng, address, self.multicast_config)])
+        return Stack([*self.below_overlay[address], overlay, Multicast(overlay, rng, address, self.multicast_config)])
 
     def on_down(self, address: int) -> None:
         core = self.sim.hosts[address].core

@@ -34,10 +34,10 @@ from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.node import CoreContext, default_layers
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import Kademlia
-from p2pdeploy.overlay.swim import DetectorConfig
 from p2pdeploy.resource.requirements import Requirement
 from p2pdeploy.sim.executor import serve_node
 from p2pdeploy.sim.runner import register_runner
+from p2pdeploy.sim.runners.overlay import detector_schema
 from p2pdeploy.sim.runners.persistence import PersistenceRunner
 from p2pdeploy.sim.schema import Field
 
@@ -64,12 +64,7 @@ class NodeRunner(PersistenceRunner):
             "prospector_update_interval_s": Field(ProspectorConfig().update_interval_s, float,
                                                   "how often a node reports to its parent in the tree", gt=0),
         },
-        "detector": {
-            "enabled": Field(True, bool, "every node runs the failure detector under its overlay"),
-            "protocol_period_s": Field(5.0, float, "SWIM protocol period (a real node's default, 0.5 s, "
-                                       "suits loopback; a WAN-sized network scales it up)", gt=0),
-            "probe_timeout_s": Field(1.0, float, "direct probe timeout, seconds", gt=0),
-        },
+        "detector": detector_schema(enabled=True),
     }
 
     @classmethod
@@ -81,9 +76,6 @@ class NodeRunner(PersistenceRunner):
             Requirement.parse(scenario.values["node"]["prospect_requirement"])
         except ValueError as exc:
             raise scenario.error("node.prospect_requirement", str(exc)) from None
-        d = scenario.values["detector"]
-        if not d["probe_timeout_s"] < d["protocol_period_s"]:
-            raise scenario.error("detector.probe_timeout_s", "must be shorter than detector.protocol_period_s")
 
     def __init__(self, scenario: Scenario, sim: Simulation) -> None:
         super().__init__(scenario, sim)
@@ -91,9 +83,6 @@ class NodeRunner(PersistenceRunner):
         self.n = n
         self.requirement = Requirement.parse(n["prospect_requirement"])
         self.prospector_config = ProspectorConfig(update_interval_s=n["prospector_update_interval_s"])
-        d = scenario.section("detector")
-        self.detector_config = (DetectorConfig(protocol_period_s=d["protocol_period_s"], probe_timeout_s=d["probe_timeout_s"])
-                                if d["enabled"] else None)
         nodes = len(sim.hosts)
         draw = sim.streams.get("node-contributions")
         self.contributions = [

@@ -30,7 +30,7 @@ import math
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from p2pdeploy.core import Protocol
+from p2pdeploy.core import Protocol, Stack
 from p2pdeploy.overlay.identity import Identity, node_id_of
 from p2pdeploy.overlay.kademlia import (
     GetFinished,
@@ -42,12 +42,23 @@ from p2pdeploy.overlay.kademlia import (
 )
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import LocalStore
+from p2pdeploy.overlay.swim import DetectorConfig, FailureDetector
 from p2pdeploy.sim.runner import Runner, register_runner
 from p2pdeploy.sim.schema import Field
 
 if TYPE_CHECKING:
     from p2pdeploy.sim.scenario import Scenario
     from p2pdeploy.sim.simulation import Simulation
+
+
+def detector_schema(*, enabled: bool) -> dict[str, Field]:
+    """The ``[detector]`` table: the failure detector under every node's overlay."""
+    return {
+        "enabled": Field(enabled, bool, "every node runs the failure detector under its overlay"),
+        "protocol_period_s": Field(5.0, float, "SWIM protocol period (a real node's default, 0.5 s, suits "
+                                   "loopback; a WAN-sized network scales it up)", gt=0),
+        "probe_timeout_s": Field(1.0, float, "direct probe timeout, seconds", gt=0),
+    }
 
 
 @register_runner
@@ -80,13 +91,17 @@ class OverlayRunner(Runner):
                              "restarts, as a machine keeps its disk"),
             "identities": Field("hash", str, "node ids: ed25519 (seeded key pairs) or hash (same distribution)",
                                 choices=("ed25519", "hash")),
-        }
+        },
+        "detector": detector_schema(enabled=False),
     }
 
     @classmethod
     def check(cls, scenario: Scenario) -> None:
         if scenario.values["nodes"] < 2:
             raise scenario.error("nodes", 'must be >= 2 for protocol "overlay"')
+        d = scenario.values["detector"]
+        if not d["probe_timeout_s"] < d["protocol_period_s"]:
+            raise scenario.error("detector.probe_timeout_s", "must be shorter than detector.protocol_period_s")
         settings = scenario.values["overlay"]
         if settings["gets"] and not settings["values"]:
             raise scenario.error("overlay.gets", "needs overlay.values >= 1 to have something to get")
@@ -110,6 +125,11 @@ class OverlayRunner(Runner):
         self.address_of = {node_id: address for address, node_id in enumerate(self.node_ids)}
         self.rng = streams.get("workload")
         self.cores: list[Kademlia | None] = [None] * nodes
+        #: The layers under each node's overlay: its failure detector with ``[detector] enabled``.
+        self.below_overlay: list[list[Protocol]] = [[] for _ in range(nodes)]
+        d = scenario.section("detector")
+        self.detector_config = (DetectorConfig(protocol_period_s=d["protocol_period_s"],
+                                               probe_timeout_s=d["probe_timeout_s"]) if d["enabled"] else None)
         #: overlay.durable: each node's store, kept while the node is down (its disk).
         self.stores: list[LocalStore | None] = [None] * nodes
         self.joined_at: list[float | None] = [None] * nodes
@@ -138,15 +158,23 @@ class OverlayRunner(Runner):
             store = self.stores[address]
             if store is None:
                 store = self.stores[address] = LocalStore(self.config.max_stored_items, self.config.max_stored_bytes)
+        detector = None
+        if self.detector_config is not None:
+            detector = FailureDetector(self.node_ids[address],
+                                       self.sim.streams.fresh("detector", address, host.incarnation + 1),
+                                       self.detector_config)
+        self.below_overlay[address] = [] if detector is None else [detector]
         core = Kademlia(self.node_ids[address], self.sim.streams.fresh("node", address, host.incarnation + 1),
-                        self.config, store=store)
+                        self.config, store=store, detector=detector)
         self.cores[address] = core
         return self.stack(address, core)
 
     def stack(self, address: int, overlay: Kademlia) -> Protocol:
-        """The core node ``address`` hosts: the overlay alone here; a runner for a layer above
-        returns a :class:`~p2pdeploy.core.Stack` of the overlay and its own layers."""
-        return overlay
+        """The core node ``address`` hosts: the overlay alone here (above the failure detector
+        with ``[detector] enabled``); a runner for a layer above returns a
+        :class:`~p2pdeploy.core.Stack` of ``self.below_overlay[address]``, the overlay and its own layers."""
+        below = self.below_overlay[address]
+        return Stack([*below, overlay]) if below else overlay
 
     def start(self) -> None:
         s = self.settings

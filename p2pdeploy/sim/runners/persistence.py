@@ -74,6 +74,7 @@ class PersistenceRunner(OverlayRunner):
     name = "persistence"
     schema = {
         "overlay": _OVERLAY,
+        "detector": OverlayRunner.schema["detector"],
         "persistence": {
             "replicas": Field(3, int, "copies of each chunk (r) of the main class of blobs", ge=1, le=16),
             "compare_replicas": Field(True, bool, "also store as many blobs with r = 1 and r = 2"),
@@ -148,7 +149,7 @@ class PersistenceRunner(OverlayRunner):
         rng = self.sim.streams.fresh("persistence", address, host.incarnation + 1)
         layer = Persistence(overlay, self.stores[address], rng, self.sim.now, own_address=address,
                             config=self.pconfig)
-        return _MeteredStack([overlay, layer], self)
+        return _MeteredStack([*self.below_overlay[address], overlay, layer], self)
 
     def start(self) -> None:
         super().start()

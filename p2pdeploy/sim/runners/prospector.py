@@ -124,6 +124,7 @@ def machine_attributes(rng: random.Random, owners: int) -> dict[str, Any]:
 class ProspectorRunner(OverlayRunner):
     name = "prospector"
     schema = {
+        "detector": OverlayRunner.schema["detector"],
         "overlay": {**OverlayRunner.schema["overlay"], "lookups": Field(0, int, "FIND_NODE lookups of random targets",
                                                                          ge=0)},
         "prospector": {
@@ -206,7 +207,7 @@ class ProspectorRunner(OverlayRunner):
         prospector = Prospector(overlay, address, rng, self.prospector_config, self.attributes[address])
         prospector.start(self.sim.now)
         self.prospectors[address] = prospector
-        return Stack([overlay, prospector])
+        return Stack([*self.below_overlay[address], overlay, prospector])
 
     def start(self) -> None:
         super().start()
