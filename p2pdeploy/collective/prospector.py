@@ -74,7 +74,7 @@ from p2pdeploy.core import Address, Protocol, Rng
 from p2pdeploy.overlay.identity import key_id
 from p2pdeploy.overlay.kademlia import Kademlia, LookupFinished
 from p2pdeploy.overlay.requests import RequestTracker
-from p2pdeploy.overlay.routing import Contact
+from p2pdeploy.overlay.routing import Contact, next_hop_towards
 from p2pdeploy.resource.description import DescriptionChanged
 from p2pdeploy.resource.requirements import MAX_SOURCE_CHARS, ParseError, Requirement
 from p2pdeploy.wire import NodeId, message, record
@@ -511,18 +511,19 @@ class Prospector(Protocol):
 
     def preferred_parent(self, now: float) -> Contact | None:
         """The next hop towards the tree's key, skipping suspected contacts; None at the root."""
-        own = self.node_id ^ self.key
         suspects = self.suspects
-        for contact in self.overlay.closest_known(self.key, self.config.parent_choices):
-            if contact.node_id ^ self.key >= own:
-                break
-            until = suspects.get(contact.node_id)
-            if until is not None:
-                if until > now:
-                    continue
-                del suspects[contact.node_id]
-            return contact
-        return None
+
+        def suspected(node_id: int) -> bool:
+            until = suspects.get(node_id)
+            if until is None:
+                return False
+            if until > now:
+                return True
+            del suspects[node_id]  # the suspicion ran out
+            return False
+
+        return next_hop_towards(self.node_id, self.key, self.overlay.closest_known(self.key, self.config.parent_choices),
+                                suspected)
 
     # -- API -------------------------------------------------------------------------------
     def prospect(self, requirement: str | Requirement, n: int, now: float) -> int:

@@ -48,7 +48,7 @@ from p2pdeploy.core import Address, Rng
 from p2pdeploy.overlay.broadcast import PrefixSpreader, SpreadConfig, SpreadState, group_by_sibling
 from p2pdeploy.overlay.identity import key_id
 from p2pdeploy.overlay.requests import RequestTracker
-from p2pdeploy.overlay.routing import Contact
+from p2pdeploy.overlay.routing import Contact, next_hop_towards
 from p2pdeploy.wire import NodeId, message
 
 TREES = ("members", "scribe")
@@ -498,14 +498,9 @@ class Multicast(PrefixSpreader):
     # -- routing towards the root ----------------------------------------------------------
     def _next_hop(self, gid: int, now: float, exclude: Iterable[int] = ()) -> Contact | None:
         """The known contact closest to ``gid`` that is closer than this node and not suspected."""
-        own = self.own_id ^ gid
         excluded = set(exclude)
-        for contact in self.overlay.closest_known(gid, 2 * self.config.route_attempts + 4):
-            if contact.node_id ^ gid >= own:
-                break
-            if contact.node_id not in excluded and not self._suspected(contact.node_id, now):
-                return contact
-        return None
+        return next_hop_towards(self.own_id, gid, self.overlay.closest_known(gid, 2 * self.config.route_attempts + 4),
+                                lambda node_id: node_id in excluded or self._suspected(node_id, now))
 
     def _route(self, gid: int, kind: str, request_id: int, requester: Contact, hops: int, payload: bytes,
                now: float, *, first: Contact | None = None, tried: list[int] | None = None,
