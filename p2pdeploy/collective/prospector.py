@@ -89,8 +89,8 @@ MAX_REPLY_CANDIDATES = 32
 #: Suspicions past their time are forgotten lazily; this many trigger a sweep.
 MAX_SUSPECTS = 256
 #: Query requests (visits, requests to the root) waiting for answers at once. At the cap a query
-#: makes no further visit: it finishes with what it has (not exhausted, as when out of budget),
-#: and an aggregate that cannot ask finishes as failed.
+#: makes no further visit until an answer frees a slot; one with nothing in flight finishes with
+#: what it has (not exhausted, as when out of budget), and an aggregate that cannot ask fails.
 MAX_RPCS = 4096
 _PARSED_CACHE = 128
 
@@ -976,8 +976,11 @@ class Prospector(Protocol):
         if op.root_rpc is not None:
             return
         while len(op.found) < op.n and len(op.inflight) < c.alpha and len(op.found) + len(op.inflight) < op.n:
-            if op.visits >= c.max_visits or self._rpcs.full:
+            if op.visits >= c.max_visits:
                 op.budget_hit = True
+                break
+            if self._rpcs.full:  # at the node's cap: wait for our answers, or finish with what we have
+                op.budget_hit = op.budget_hit or not op.inflight
                 break
             if op.candidates:
                 used = list(op.found.values()) + [f for f in op.inflight.values() if f is not None]

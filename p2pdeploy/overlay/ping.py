@@ -172,7 +172,7 @@ class PingProtocol(Protocol):
     def on_timer(self, name: Hashable, now: float) -> None:
         if name == "round":
             target = self._pick_peer()
-            if target is not None:
+            if target is not None and not self._outstanding.full:  # full: skip a round, never raise
                 self.ping(target, now)
             assert self.interval_s is not None
             self.set_timer("round", now + self.interval_s)
