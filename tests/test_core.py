@@ -5,7 +5,9 @@ import random
 import pytest
 
 from p2pdeploy.core import Protocol, Stack
+from p2pdeploy.overlay import ping as ping_module
 from p2pdeploy.overlay.ping import MIN_RTO_S, Ping, PingProtocol, PingTimedOut, Pong, PongReceived
+from p2pdeploy.overlay.requests import RequestsFull
 
 
 class _Timers(Protocol):
@@ -87,6 +89,22 @@ def test_a_pong_from_the_wrong_address_or_nonce_is_dropped_and_counted():
     a.receive("b", Pong(nonce + 1, 2, b""), now=0.1)
     assert a.dropped["unsolicited_pong"] == 2
     assert a.next_event() is None
+
+
+def test_at_the_cap_a_ping_call_raises_and_the_periodic_round_skips(monkeypatch):
+    monkeypatch.setattr(ping_module, "MAX_OUTSTANDING", 2)
+    a = PingProtocol(1, random.Random(1), interval_s=1.0, peers=["b", "c"], own_address="a")
+    a.ping("b", now=0.0, timeout_s=50)
+    a.ping("c", now=0.0, timeout_s=50)
+    with pytest.raises(RequestsFull, match="2 pings in flight"):
+        a.ping("b", now=0.0)
+    a.messages_to_send()
+    a.start(0.0)
+    a.handle_timer(1.5)  # the round is due: no room, so no ping and no exception
+    assert a.messages_to_send() == [] and a.stats.sent == 2
+    a.handle_timer(50.0)  # both time out: the next round pings again
+    a.handle_timer(51.5)
+    assert [type(m) for _, m in a.messages_to_send()] == [Ping]
 
 
 def test_stack_routes_by_type_and_counts_what_no_layer_handles():

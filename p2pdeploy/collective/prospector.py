@@ -73,7 +73,8 @@ from p2pdeploy.collective.aggregation import (
 from p2pdeploy.core import Address, Protocol, Rng
 from p2pdeploy.overlay.identity import key_id
 from p2pdeploy.overlay.kademlia import Kademlia, LookupFinished
-from p2pdeploy.overlay.routing import Contact
+from p2pdeploy.overlay.requests import RequestTracker
+from p2pdeploy.overlay.routing import Contact, next_hop_towards
 from p2pdeploy.resource.description import DescriptionChanged
 from p2pdeploy.resource.requirements import MAX_SOURCE_CHARS, ParseError, Requirement
 from p2pdeploy.wire import NodeId, message, record
@@ -87,6 +88,10 @@ MAX_EXCLUDE = 64
 MAX_REPLY_CANDIDATES = 32
 #: Suspicions past their time are forgotten lazily; this many trigger a sweep.
 MAX_SUSPECTS = 256
+#: Query requests (visits, requests to the root) waiting for answers at once. At the cap a query
+#: makes no further visit until an answer frees a slot; one with nothing in flight finishes with
+#: what it has (not exhausted, as when out of budget), and an aggregate that cannot ask fails.
+MAX_RPCS = 4096
 _PARSED_CACHE = 128
 
 T = TypeVar("T")
@@ -453,7 +458,8 @@ class Prospector(Protocol):
         self._last_push_at = float("-inf")
         self._last_sent: tuple[int, Summary, dict[str, WireValue]] | None = None
         self._started = False
-        self._rpcs: dict[int, _Rpc] = {}
+        #: Query requests waiting for their answer (from ``_Rpc.expected``, or any root).
+        self._rpcs: RequestTracker[_Rpc] = RequestTracker(self, "rpc", rng=rng, id_bits=62, limit=MAX_RPCS)
         self._ops: dict[int, _ProspectOp | _AggregateOp] = {}
         self._next_query = 0
         self._parsed: dict[str, Requirement] = {}
@@ -505,18 +511,19 @@ class Prospector(Protocol):
 
     def preferred_parent(self, now: float) -> Contact | None:
         """The next hop towards the tree's key, skipping suspected contacts; None at the root."""
-        own = self.node_id ^ self.key
         suspects = self.suspects
-        for contact in self.overlay.closest_known(self.key, self.config.parent_choices):
-            if contact.node_id ^ self.key >= own:
-                break
-            until = suspects.get(contact.node_id)
-            if until is not None:
-                if until > now:
-                    continue
-                del suspects[contact.node_id]
-            return contact
-        return None
+
+        def suspected(node_id: int) -> bool:
+            until = suspects.get(node_id)
+            if until is None:
+                return False
+            if until > now:
+                return True
+            del suspects[node_id]  # the suspicion ran out
+            return False
+
+        return next_hop_towards(self.node_id, self.key, self.overlay.closest_known(self.key, self.config.parent_choices),
+                                suspected)
 
     # -- API -------------------------------------------------------------------------------
     def prospect(self, requirement: str | Requirement, n: int, now: float) -> int:
@@ -556,7 +563,8 @@ class Prospector(Protocol):
             self._finish_aggregate(op, reply, self.node_id, ok=True)
             return op.query_id
         self._ops[op.query_id] = op
-        self._send_aggregate(op, now)
+        if not self._send_aggregate(op, now):
+            self._aggregate_failed(op)
         return op.query_id
 
     # -- inputs ----------------------------------------------------------------------------
@@ -605,8 +613,8 @@ class Prospector(Protocol):
             self._expire(now)
         elif isinstance(name, tuple) and name[0] == "ack":
             self._on_ack_timeout(name[1], now)
-        elif isinstance(name, tuple) and name[0] == "rpc":
-            self._on_rpc_timeout(name[1], now)
+        elif self._rpcs.owns(name):
+            self._on_rpc_timeout(name, now)
 
     # -- the tree: updates, acks, detaches, expiry -----------------------------------------
     def _changed(self, now: float) -> None:
@@ -922,12 +930,6 @@ class Prospector(Protocol):
         self._next_query += 1
         return self._next_query
 
-    def _rpc_id(self) -> int:
-        rpc_id = self.rng.getrandbits(62)
-        while rpc_id in self._rpcs or rpc_id == 0:
-            rpc_id = self.rng.getrandbits(62)
-        return rpc_id
-
     def _route_up(self, now: float, avoid: Iterable[int] = ()) -> Contact | None:
         """Where to send a request for the root: the cached root, else up the tree."""
         avoided = set(avoid)
@@ -945,19 +947,24 @@ class Prospector(Protocol):
         target = self._route_up(now, avoid=op.root_targets)
         if target is None:
             return
+        if self._rpcs.full:
+            op.budget_hit = True
+            return
         op.root_targets.append(target.node_id)
-        rpc_id = self._rpc_id()
-        msg = ProspectRequest(rpc_id, self.contact, self.key, str(op.requirement), op.n, self._exclude(op), True, 0)
-        self._request(rpc_id, _Rpc(op.query_id, None, target, "root"), msg, self.config.root_timeout_s, now)
+        rpc_id = self._request(_Rpc(op.query_id, None, target, "root"), self.config.root_timeout_s, now)
+        self.send(target.address, ProspectRequest(rpc_id, self.contact, self.key, str(op.requirement), op.n,
+                                                  self._exclude(op), True, 0))
         op.inflight[rpc_id] = None
         op.root_rpc = rpc_id
         op.visits += 1
         op.messages += 1
 
-    def _request(self, rpc_id: int, rpc: _Rpc, msg: Any, timeout_s: float, now: float) -> None:
-        self._rpcs[rpc_id] = rpc
-        self.send(rpc.target.address, msg)
-        self.set_timer(("rpc", rpc_id), now + timeout_s)
+    def _request(self, rpc: _Rpc, timeout_s: float, now: float) -> int:
+        """Wait for the answer to a request about to be sent; its id."""
+        expected = rpc.expected
+        if expected is None:  # routed to the root: whichever node is the root answers
+            return self._rpcs.issue(rpc, now, timeout_s)
+        return self._rpcs.issue(rpc, now, timeout_s, address=expected.address, node_id=expected.node_id)
 
     def _exclude(self, op: _ProspectOp) -> list[int]:
         known = list(op.found) + list(op.candidates)
@@ -971,6 +978,9 @@ class Prospector(Protocol):
         while len(op.found) < op.n and len(op.inflight) < c.alpha and len(op.found) + len(op.inflight) < op.n:
             if op.visits >= c.max_visits:
                 op.budget_hit = True
+                break
+            if self._rpcs.full:  # at the node's cap: wait for our answers, or finish with what we have
+                op.budget_hit = op.budget_hit or not op.inflight
                 break
             if op.candidates:
                 used = list(op.found.values()) + [f for f in op.inflight.values() if f is not None]
@@ -987,28 +997,19 @@ class Prospector(Protocol):
 
     def _visit_node(self, op: _ProspectOp, contact: Contact, kind: str, candidate: FoundNode | None,
                     now: float, offset: int = 0) -> None:
-        rpc_id = self._rpc_id()
+        rpc_id = self._request(_Rpc(op.query_id, contact, contact, kind, offset), self.config.rpc_timeout_s, now)
         wanted = max(1, op.n - len(op.found))
         # a second look sends no exclusions: the node's ranking must not shift, or a subtree is skipped
         exclude = self._exclude(op) if offset == 0 else []
-        msg = ProspectRequest(rpc_id, self.contact, self.key, str(op.requirement), wanted, exclude, False, 0,
-                              offset)
-        self._request(rpc_id, _Rpc(op.query_id, contact, contact, kind, offset), msg, self.config.rpc_timeout_s, now)
+        self.send(contact.address, ProspectRequest(rpc_id, self.contact, self.key, str(op.requirement), wanted,
+                                                   exclude, False, 0, offset))
         op.inflight[rpc_id] = candidate
         op.visits += 1
         op.messages += 1
 
     def _take_rpc(self, src: Address, rpc_id: int, sender: int) -> _Rpc | None:
-        rpc = self._rpcs.get(rpc_id)
-        if rpc is None:
-            self.dropped["unsolicited_reply"] += 1
-            return None
-        if rpc.expected is not None and (rpc.expected.node_id != sender or rpc.expected.address != src):
-            self.dropped["unsolicited_reply"] += 1
-            return None
-        del self._rpcs[rpc_id]
-        self.cancel_timer(("rpc", rpc_id))
-        return rpc
+        request = self._rpcs.reply(rpc_id, src, sender)
+        return None if request is None else request.data
 
     def _on_prospect_reply(self, src: Address, msg: ProspectReply, now: float) -> None:
         rpc = self._take_rpc(src, msg.rpc_id, msg.sender)
@@ -1060,10 +1061,11 @@ class Prospector(Protocol):
             # the rest of its list ranks below what it sent: look again once these are explored
             heapq.heappush(op.subtrees, (-subtrees[-1].bound, 0, sender.node_id, offset + len(subtrees), sender))
 
-    def _on_rpc_timeout(self, rpc_id: int, now: float) -> None:
-        rpc = self._rpcs.pop(rpc_id, None)
-        if rpc is None:
+    def _on_rpc_timeout(self, timer_name: Hashable, now: float) -> None:
+        request = self._rpcs.timed_out(timer_name)
+        if request is None:
             return
+        rpc_id, rpc = request.request_id, request.data
         self.counters["query_timeouts"] += 1
         op = self._ops.get(rpc.query_id)
         if isinstance(op, _ProspectOp):
@@ -1082,14 +1084,12 @@ class Prospector(Protocol):
                 self.root = None
             if op.tries < 2 and self._send_aggregate(op, now):
                 return
-            self._ops.pop(op.query_id, None)
-            self.emit(AggregateFinished(op.query_id, op.attribute, op.fn, None, 0, None, op.messages, False))
+            self._aggregate_failed(op)
 
     def _finish_prospect(self, op: _ProspectOp) -> None:
         self._ops.pop(op.query_id, None)
         for rpc_id in list(op.inflight):  # answers still on the way no longer matter
-            self._rpcs.pop(rpc_id, None)
-            self.cancel_timer(("rpc", rpc_id))
+            self._rpcs.end(rpc_id)
         nodes = spread_pick(list(op.found.values()), op.n, lambda f: f.attributes, self.config.spread)
         exhausted = not op.candidates and not op.subtrees and not op.budget_hit
         self.emit(ProspectFinished(
@@ -1099,14 +1099,17 @@ class Prospector(Protocol):
 
     def _send_aggregate(self, op: _AggregateOp, now: float) -> bool:
         target = self._route_up(now)
-        if target is None:
+        if target is None or self._rpcs.full:
             return False
         op.tries += 1
-        rpc_id = self._rpc_id()
-        msg = AggregateRequest(rpc_id, self.contact, self.key, op.attribute or "", op.fn, 0)
-        self._request(rpc_id, _Rpc(op.query_id, None, target, "aggregate"), msg, self.config.root_timeout_s, now)
+        rpc_id = self._request(_Rpc(op.query_id, None, target, "aggregate"), self.config.root_timeout_s, now)
+        self.send(target.address, AggregateRequest(rpc_id, self.contact, self.key, op.attribute or "", op.fn, 0))
         op.messages += 1
         return True
+
+    def _aggregate_failed(self, op: _AggregateOp) -> None:
+        self._ops.pop(op.query_id, None)
+        self.emit(AggregateFinished(op.query_id, op.attribute, op.fn, None, 0, None, op.messages, False))
 
     def _on_aggregate_reply(self, src: Address, msg: AggregateReply, now: float) -> None:
         rpc = self._take_rpc(src, msg.rpc_id, msg.sender)

@@ -47,12 +47,15 @@ from typing import Any
 from p2pdeploy.core import Address, Rng
 from p2pdeploy.overlay.broadcast import PrefixSpreader, SpreadConfig, SpreadState, group_by_sibling
 from p2pdeploy.overlay.identity import key_id
-from p2pdeploy.overlay.routing import Contact
+from p2pdeploy.overlay.requests import RequestTracker
+from p2pdeploy.overlay.routing import Contact, next_hop_towards
 from p2pdeploy.wire import NodeId, message
 
 TREES = ("members", "scribe")
 #: A routed request that has taken this many hops is looping (routing tables disagree); dropped.
 MAX_HOPS = 64
+#: Routed hops waiting for their ack at once; beyond it a request is dropped (``route_overload``).
+MAX_HOPS_IN_FLIGHT = 4096
 #: Routed request kinds: forwarded towards the root (``join``, ``leave``, ``locate``, ``publish``)
 #: or handled by the node they are sent to (``attach``, ``detach``: Scribe's tree links).
 ROUTED_KINDS = ("join", "leave", "locate", "publish")
@@ -289,6 +292,7 @@ class _TreeNode:
 
 @dataclass(slots=True)
 class _Hop:
+    #: The request as sent, but for its ``hop_id`` (the tracker's id).
     msg: GroupRoute
     contact: Contact
     tried: list[int]
@@ -337,7 +341,10 @@ class Multicast(PrefixSpreader):
         self._publishers: dict[int, _Publisher] = {}
         self._tree: dict[int, _TreeNode] = {}
         self._redirects: dict[int, tuple[Contact, float]] = {}  # group -> (the root we yielded to, until)
-        self._hops: dict[int, _Hop] = {}
+        #: Hops waiting for their ``GroupRouteAck``: the hop id is the request id.
+        self._hops: RequestTracker[_Hop] = RequestTracker(
+            self, "hop", rng=rng, limit=MAX_HOPS_IN_FLIGHT, unexpected="unsolicited_ack", what="routed hops"
+        )
         self.counters: dict[str, int] = {
             "data_originated": 0, "data_sent": 0, "forwards_member": 0, "forwards_nonmember": 0, "acks_sent": 0,
             "delivered": 0, "duplicates": 0, "route_hops": 0, "publish_hops": 0, "views_sent": 0,
@@ -467,11 +474,12 @@ class Multicast(PrefixSpreader):
     def on_timer(self, name: Hashable, now: float) -> None:
         if self._spread_timer(name, now):
             return
+        if self._hops.owns(name):
+            self._hop_failed(name, now)
+            return
         assert isinstance(name, tuple)
         kind, key = name
-        if kind == "hop":
-            self._hop_failed(key, now)
-        elif kind == "refresh":
+        if kind == "refresh":
             self._refresh(key, now)
         elif kind == "join_wait":
             membership = self._groups.get(key)
@@ -490,14 +498,9 @@ class Multicast(PrefixSpreader):
     # -- routing towards the root ----------------------------------------------------------
     def _next_hop(self, gid: int, now: float, exclude: Iterable[int] = ()) -> Contact | None:
         """The known contact closest to ``gid`` that is closer than this node and not suspected."""
-        own = self.own_id ^ gid
         excluded = set(exclude)
-        for contact in self.overlay.closest_known(gid, 2 * self.config.route_attempts + 4):
-            if contact.node_id ^ gid >= own:
-                break
-            if contact.node_id not in excluded and not self._suspected(contact.node_id, now):
-                return contact
-        return None
+        return next_hop_towards(self.own_id, gid, self.overlay.closest_known(gid, 2 * self.config.route_attempts + 4),
+                                lambda node_id: node_id in excluded or self._suspected(node_id, now))
 
     def _route(self, gid: int, kind: str, request_id: int, requester: Contact, hops: int, payload: bytes,
                now: float, *, first: Contact | None = None, tried: list[int] | None = None,
@@ -515,27 +518,27 @@ class Multicast(PrefixSpreader):
                        hop, tried, now)
 
     def _send_hop(self, template: GroupRoute, hop: Contact, tried: list[int], now: float) -> None:
-        hop_id = self.rng.getrandbits(63)
-        while hop_id in self._hops:
-            hop_id = self.rng.getrandbits(63)
+        if self._hops.full:
+            self.dropped["route_overload"] += 1  # as lost: the join, locate or refresh timers retry
+            if template.kind == "attach":
+                self._attach_abandoned(template.group)
+            return
+        hop_id = self._hops.issue(_Hop(template, hop, [*tried, hop.node_id]), now, self.config.hop_timeout_s,
+                                  address=hop.address, node_id=hop.node_id)
         msg = GroupRoute(hop_id, self.own_id, template.group, template.kind, template.requester,
                          template.request_id, template.hops, template.payload, template.last_root)
-        self._hops[hop_id] = _Hop(msg, hop, [*tried, hop.node_id])
         self.send(hop.address, msg)
         self.counters["route_hops"] += 1
         if msg.kind == "publish":  # Scribe carries the message itself to the root
             self.counters["publish_hops"] += 1
             if msg.requester.node_id != self.own_id:
                 self._count_forward(msg.group)
-        self.set_timer(("hop", hop_id), now + self.config.hop_timeout_s)
 
     def _on_hop_ack(self, src: Address, msg: GroupRouteAck, now: float) -> None:
-        hop = self._hops.get(msg.hop_id)
-        if hop is None or hop.contact.address != src or hop.contact.node_id != msg.sender:
-            self.dropped["unsolicited_ack"] += 1
+        request = self._hops.reply(msg.hop_id, src, msg.sender)
+        if request is None:
             return
-        del self._hops[msg.hop_id]
-        self.cancel_timer(("hop", msg.hop_id))
+        hop = request.data
         if hop.msg.kind == "attach":
             node = self._tree.get(hop.msg.group)
             if node is not None:
@@ -544,18 +547,17 @@ class Multicast(PrefixSpreader):
                 node.root = False
                 self._scribe_joined(hop.msg.group, hop.contact.node_id)
 
-    def _hop_failed(self, hop_id: int, now: float) -> None:
-        hop = self._hops.pop(hop_id, None)
-        if hop is None:
+    def _hop_failed(self, timer_name: Hashable, now: float) -> None:
+        request = self._hops.timed_out(timer_name)
+        if request is None:
             return
+        hop = request.data
         self._suspects[hop.contact.node_id] = now + self.config.suspect_s  # the engine's list: shared
         msg = hop.msg
         if len(hop.tried) >= self.config.route_attempts:
             self.dropped["route_failed"] += 1
             if msg.kind == "attach":
-                node = self._tree.get(msg.group)
-                if node is not None:
-                    node.attaching = False
+                self._attach_abandoned(msg.group)
             return
         if msg.kind == "attach":
             self._scribe_attach(msg.group, now, hop.tried)
@@ -564,6 +566,11 @@ class Multicast(PrefixSpreader):
         else:
             self._route(msg.group, msg.kind, msg.request_id, msg.requester, msg.hops, msg.payload, now,
                         tried=hop.tried, last_root=msg.last_root)
+
+    def _attach_abandoned(self, gid: int) -> None:
+        node = self._tree.get(gid)
+        if node is not None:
+            node.attaching = False  # the next refresh tries again
 
     def _on_route(self, src: Address, msg: GroupRoute, now: float) -> None:
         self.send(src, GroupRouteAck(msg.hop_id, self.own_id))

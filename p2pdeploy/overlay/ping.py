@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p2pdeploy.core import Address, Protocol, Rng
+from p2pdeploy.overlay.requests import RequestTracker
 from p2pdeploy.wire import NodeId, message
 
 INITIAL_RTO_S = 1.0
@@ -86,12 +87,6 @@ class RttEstimate:
 
 
 @dataclass(slots=True)
-class _Outstanding:
-    address: Address
-    sent_at: float
-
-
-@dataclass(slots=True)
 class PingStats:
     sent: int = 0
     answered: int = 0
@@ -122,7 +117,10 @@ class PingProtocol(Protocol):
         self.rtt: dict[Address, RttEstimate] = {}
         self.stats = PingStats()
         self.keep_samples = keep_samples
-        self._outstanding: dict[int, _Outstanding] = {}
+        #: Pings waiting for their pong: the nonce is the request id, the value unused.
+        self._outstanding: RequestTracker[None] = RequestTracker(
+            self, "timeout", rng=rng, limit=MAX_OUTSTANDING, unexpected="unsolicited_pong", what="pings"
+        )
         self._started = False
 
     def start(self, now: float) -> None:
@@ -136,20 +134,14 @@ class PingProtocol(Protocol):
         """Queue a ping to ``address``; returns its nonce (matched by the resulting event).
 
         It is declared lost (:class:`PingTimedOut`) after ``timeout_s`` when given, else after
-        the peer's retransmission timeout (RTO, at least :data:`MIN_RTO_S`)."""
-        if timeout_s is not None and not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0 (got {timeout_s})")
-        if len(self._outstanding) >= MAX_OUTSTANDING:
-            raise RuntimeError(f"more than {MAX_OUTSTANDING} pings outstanding; wait for answers")
-        nonce = self.rng.getrandbits(63)
-        while nonce in self._outstanding:
-            nonce = self.rng.getrandbits(63)
-        self._outstanding[nonce] = _Outstanding(address, now)
-        self.send(address, Ping(nonce, self.node_id, payload))
-        self.stats.sent += 1
+        the peer's retransmission timeout (RTO, at least :data:`MIN_RTO_S`). Raises
+        :class:`~p2pdeploy.overlay.requests.RequestsFull` (a ``RuntimeError``) while
+        :data:`MAX_OUTSTANDING` pings wait for answers."""
         if timeout_s is None:
             timeout_s = self.rtt[address].rto_s if address in self.rtt else INITIAL_RTO_S
-        self.set_timer(("timeout", nonce), now + timeout_s)
+        nonce = self._outstanding.issue(None, now, timeout_s, address=address)  # RequestsFull at the cap
+        self.send(address, Ping(nonce, self.node_id, payload))
+        self.stats.sent += 1
         return nonce
 
     def estimate(self, address: Address) -> RttEstimate | None:
@@ -161,12 +153,9 @@ class PingProtocol(Protocol):
             self._heard(src, msg.sender)
             self.send(src, Pong(msg.nonce, self.node_id, msg.payload))
         elif type(msg) is Pong:
-            pending = self._outstanding.get(msg.nonce)
-            if pending is None or pending.address != src:
-                self.dropped["unsolicited_pong"] += 1
+            pending = self._outstanding.reply(msg.nonce, src)
+            if pending is None:
                 return
-            del self._outstanding[msg.nonce]
-            self.cancel_timer(("timeout", msg.nonce))
             self._heard(src, msg.sender)
             rtt_s = max(0.0, now - pending.sent_at)
             estimate = self.rtt.get(src)
@@ -183,18 +172,18 @@ class PingProtocol(Protocol):
     def on_timer(self, name: Hashable, now: float) -> None:
         if name == "round":
             target = self._pick_peer()
-            if target is not None:
+            if target is not None and not self._outstanding.full:  # full: skip a round, never raise
                 self.ping(target, now)
             assert self.interval_s is not None
             self.set_timer("round", now + self.interval_s)
-        elif isinstance(name, tuple) and name[0] == "timeout":
-            pending = self._outstanding.pop(name[1], None)
+        elif self._outstanding.owns(name):
+            pending = self._outstanding.timed_out(name)
             if pending is not None:
                 self.stats.timed_out += 1
                 estimate = self.rtt.get(pending.address)
                 if estimate is not None:  # back off as TCP does after a loss
                     estimate.rto_s = min(MAX_RTO_S, estimate.rto_s * 2)
-                self.emit(PingTimedOut(pending.address, name[1]))
+                self.emit(PingTimedOut(pending.address, pending.request_id))
 
     def _heard(self, address: Address, node_id: int) -> None:
         if address not in self.peers:

@@ -18,7 +18,7 @@ Not here: sending probes (the protocol in ``kademlia.py`` asks ``add`` what to p
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from p2pdeploy.wire import ID_BITS, Address, NodeId, record
@@ -37,6 +37,25 @@ class Contact:
 
 def distance(a: int, b: int) -> int:
     return a ^ b
+
+
+def next_hop_towards(
+    own_id: int, key: int, closest: Iterable[Contact], skip: Callable[[int], bool] | None = None
+) -> Contact | None:
+    """The next hop from ``own_id`` towards the root of ``key`` (the live node closest to it).
+
+    ``closest`` are known contacts closest to ``key``, closest first: the hop is the first of
+    them that is closer to ``key`` than this node and that ``skip`` (called with a node id, in
+    order, until a hop is found) does not reject. None when there is none: this node is the root
+    of ``key`` as far as it knows. A parent so chosen is always closer to the key than its child,
+    so trees built with it (Scribe's, SDIMS's) have no cycles."""
+    own = own_id ^ key
+    for contact in closest:
+        if contact.node_id ^ key >= own:
+            break
+        if skip is None or not skip(contact.node_id):
+            return contact
+    return None
 
 
 def _first(pair: tuple[int, Contact]) -> int:

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,7 @@ from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.fabric.supervisor import ReplicaSpec, ReplicaStatus
 from p2pdeploy.overlay.identity import Identity, verify
+from p2pdeploy.overlay.requests import RequestTracker
 from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, Bundle, BundleError, SignedBundle, verify_bundle
 from p2pdeploy.resource.description import node_attributes
 from p2pdeploy.resource.manifest import ManifestError
@@ -68,6 +69,10 @@ PUBLIC_KEY_BYTES = 32
 #: A blob id (a Kademlia key) on the wire: 160 bits, big-endian.
 BLOB_ID_BYTES = 20
 MAX_LOG_BYTES = 64 * 1024
+#: Log reads waiting for the driver at once; beyond it a ``FetchLogs`` is refused as ``busy``.
+MAX_LOGS_WAITING = 1024
+#: Requests a client waits for at once; beyond it its API raises ``RequestsFull``.
+MAX_CLIENT_REQUESTS = 4096
 
 
 def _check_common(msg: Any) -> None:
@@ -292,6 +297,8 @@ class RemoteConfig:
             raise ValueError(f"remote.window_s must be > 0 (got {self.window_s})")
         if self.max_nonces < 1:
             raise ValueError(f"remote.max_nonces must be >= 1 (got {self.max_nonces})")
+        if not self.logs_timeout_s > 0:
+            raise ValueError(f"remote.logs_timeout_s must be > 0 (got {self.logs_timeout_s})")
 
 
 class RemoteControl(Protocol):
@@ -322,8 +329,10 @@ class RemoteControl(Protocol):
         #: Refusals by check (``signature``, ``replay``...), for the node's counters.
         self.refused: Counter[str] = Counter()
         self._nonces: dict[bytes, float] = {}  # nonce -> wall time after which it is stale anyway
-        self._logs_waiting: dict[int, tuple[Address, int, str]] = {}
-        self._next_token = 0
+        #: Log reads the driver has been asked for: token -> (asker, its request id, replica id).
+        self._logs_waiting: RequestTracker[tuple[Address, int, str]] = RequestTracker(
+            self, "logs", limit=MAX_LOGS_WAITING, what="log reads"
+        )
         #: Starts by blob id whose replica is fetching its bundle, by replica id.
         self._awaiting: dict[str, StartReplica] = {}
 
@@ -549,20 +558,18 @@ class RemoteControl(Protocol):
             return "replica", f"replica: no replica {msg.replica_id} on this node"
         if not self._authorized(msg.signer, msg.replica_id):
             return "authorization", f"authorization: key {_key(msg.signer)} did not start {msg.replica_id} and is not an owner key"
-        self._next_token += 1
-        token = self._next_token
-        self._logs_waiting[token] = (src, msg.request_id, msg.replica_id)
-        self.set_timer(("logs", token), now + self.config.logs_timeout_s)
+        if self._logs_waiting.full:
+            return "busy", f"busy: {MAX_LOGS_WAITING} log reads are waiting on this node; ask again later"
+        token = self._logs_waiting.issue((src, msg.request_id, msg.replica_id), now, self.config.logs_timeout_s)
         self.emit(LogsRequested(token, msg.replica_id, min(msg.max_bytes, self.config.max_log_bytes)))
         return None
 
     def answer_logs(self, token: int, data: bytes, now: float) -> None:
         """The driver read the logs asked for by ``LogsRequested(token, ...)``."""
-        waiting = self._logs_waiting.pop(token, None)
+        waiting = self._logs_waiting.end(token)
         if waiting is None:
             return
-        self.cancel_timer(("logs", token))
-        src, request_id, replica_id = waiting
+        src, request_id, replica_id = waiting.data
         self.send(src, LogsReply(request_id, replica_id, data[-self.config.max_log_bytes :]))
 
     # -- timers ----------------------------------------------------------------------------
@@ -571,10 +578,10 @@ class RemoteControl(Protocol):
             self._expire_nonces(now + self.wall_clock_offset_s)
             if self._nonces:
                 self.set_timer("nonces", now + self.config.window_s)
-        elif isinstance(name, tuple) and name[0] == "logs":
-            waiting = self._logs_waiting.pop(name[1], None)
+        elif self._logs_waiting.owns(name):
+            waiting = self._logs_waiting.timed_out(name)
             if waiting is not None:
-                src, request_id, _ = waiting
+                src, request_id, _ = waiting.data
                 self.send(src, Refused(request_id, "busy", "logs: the node did not read the logs in time"))
 
     def _expire_nonces(self, wall: float) -> None:
@@ -633,12 +640,17 @@ class RemoteClient(Protocol):
         timeout_s: float = 10.0,
         wall_clock_offset_s: float = 0.0,
     ) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"RemoteClient timeout_s must be > 0 (got {timeout_s})")
         super().__init__()
         self.identity = identity
         self.rng = rng
         self.timeout_s = timeout_s
         self.wall_clock_offset_s = wall_clock_offset_s
-        self._waiting: dict[int, tuple[Address, str]] = {}
+        #: Requests waiting for their reply, from the node they were sent to: the request's kind.
+        self._waiting: RequestTracker[str] = RequestTracker(
+            self, "request", rng=rng, limit=MAX_CLIENT_REQUESTS, what="remote requests"
+        )
 
     def set_wall_clock_offset(self, offset_s: float) -> None:
         self.wall_clock_offset_s = offset_s
@@ -657,59 +669,54 @@ class RemoteClient(Protocol):
     ) -> int:
         """Start ``bundle`` as ``replica_id``: inline, or with ``blob_id`` by the id of the blob
         that holds its bytes (stored with ``Persistence.put_blob``); the node fetches it."""
-        request_id, nonce, timestamp = self._envelope(now)
         data, blob = bundle.data, b""
         if blob_id is not None:
             data, blob = b"", blob_id.to_bytes(BLOB_ID_BYTES, "big")
-        request = StartReplica(
-            request_id, node_id, self.identity.public_key, nonce, timestamp, replica_id,
+        key = self.identity.public_key
+        return self._ask(address, StartReplica, now, lambda request_id, nonce, timestamp: StartReplica(
+            request_id, node_id, key, nonce, timestamp, replica_id,
             data, bundle.public_key, bundle.signature, dict(bindings or {}), bundle_blob=blob,
-        )  # fmt: skip
-        return self._send(address, request, now)
+        ))  # fmt: skip
 
     def stop(self, address: Address, node_id: int, replica_id: str, now: float) -> int:
-        request_id, nonce, timestamp = self._envelope(now)
-        return self._send(address, StopReplica(request_id, node_id, self.identity.public_key, nonce, timestamp, replica_id), now)
+        key = self.identity.public_key
+        return self._ask(address, StopReplica, now, lambda request_id, nonce, timestamp: StopReplica(
+            request_id, node_id, key, nonce, timestamp, replica_id))  # fmt: skip
 
     def query(self, address: Address, node_id: int, replica_id: str, now: float) -> int:
-        request_id, nonce, timestamp = self._envelope(now)
-        return self._send(address, QueryReplica(request_id, node_id, self.identity.public_key, nonce, timestamp, replica_id), now)
+        key = self.identity.public_key
+        return self._ask(address, QueryReplica, now, lambda request_id, nonce, timestamp: QueryReplica(
+            request_id, node_id, key, nonce, timestamp, replica_id))  # fmt: skip
 
     def fetch_logs(self, address: Address, node_id: int, replica_id: str, now: float, max_bytes: int = MAX_LOG_BYTES) -> int:
-        request_id, nonce, timestamp = self._envelope(now)
-        request = FetchLogs(request_id, node_id, self.identity.public_key, nonce, timestamp, replica_id, max_bytes)
-        return self._send(address, request, now)
+        key = self.identity.public_key
+        return self._ask(address, FetchLogs, now, lambda request_id, nonce, timestamp: FetchLogs(
+            request_id, node_id, key, nonce, timestamp, replica_id, max_bytes))  # fmt: skip
 
     def make_signed(self, request: Request) -> Request:
         return sign_request(request, self.identity)
 
     # -- inputs ----------------------------------------------------------------------------
     def receive(self, src: Address, msg: Any, now: float) -> None:
-        waiting = self._waiting.get(msg.request_id)
-        if waiting is None or waiting[0] != src:
-            self.dropped["unsolicited_reply"] += 1
+        if self._waiting.reply(msg.request_id, src) is None:
             return
-        del self._waiting[msg.request_id]
-        self.cancel_timer(("request", msg.request_id))
         self.emit(RequestAnswered(msg.request_id, msg))
 
     def on_timer(self, name: Hashable, now: float) -> None:
-        if isinstance(name, tuple) and name[0] == "request":
-            waiting = self._waiting.pop(name[1], None)
-            if waiting is not None:
-                self.emit(RequestTimedOut(name[1], waiting[1]))
+        waiting = self._waiting.timed_out(name)
+        if waiting is not None:
+            self.emit(RequestTimedOut(waiting.request_id, waiting.data))
 
     # -- helpers ---------------------------------------------------------------------------
-    def _envelope(self, now: float) -> tuple[int, bytes, float]:
-        request_id = self.rng.getrandbits(63)
-        while request_id in self._waiting or request_id == 0:
-            request_id = self.rng.getrandbits(63)
+    def _ask(self, address: Address, kind: type, now: float, build: Callable[[int, bytes, float], Request]) -> int:
+        """Send the request ``build(request_id, nonce, timestamp)`` makes to ``address`` and wait
+        for its reply; the request id. Raises ``RequestsFull`` while too many wait already."""
+        request_id = self._waiting.issue(kind.__name__, now, self.timeout_s, address=address)
         nonce = self.rng.getrandbits(8 * NONCE_BYTES).to_bytes(NONCE_BYTES, "big")
-        return request_id, nonce, now + self.wall_clock_offset_s
-
-    def _send(self, address: Address, request: Request, now: float) -> int:
-        signed = sign_request(request, self.identity)
-        self._waiting[request.request_id] = (address, type(request).__name__)
-        self.set_timer(("request", request.request_id), now + self.timeout_s)
+        try:
+            signed = sign_request(build(request_id, nonce, now + self.wall_clock_offset_s), self.identity)
+        except BaseException:
+            self._waiting.end(request_id)  # the caller's arguments were refused: nothing was sent
+            raise
         self.send(address, signed)
-        return request.request_id
+        return request_id

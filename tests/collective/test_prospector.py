@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2pdeploy.collective import prospector as prospector_module
 from p2pdeploy.collective.aggregation import Summary, TopEntry, attributes_to_wire
 from p2pdeploy.collective.prospector import (
     AggregateAck,
@@ -409,3 +410,30 @@ def test_spread_pick_prefers_new_owners_and_regions_then_keeps_order():
     picked = spread_pick(items, 3, lambda item: item, ("owner", "region"))
     assert picked == [items[0], items[3], items[4]]
     assert spread_pick(items, 10, lambda item: item, ("owner",)) == [items[0], items[2], items[4], items[1], items[3]]
+
+
+def test_at_the_cap_of_requests_in_flight_queries_wait_for_a_slot_or_finish_with_what_they_have(monkeypatch):
+    monkeypatch.setattr(prospector_module, "MAX_RPCS", 1)
+    community = Community(40, seed=3)
+    community.run(10.0)
+    asker = next(i for i in community.live() if i != community.root())
+    requirement = "cpu_free >= 0"
+
+    def prospect_then_aggregate(p, now):
+        p.prospect(requirement, 40, now)  # its request to the root takes the one slot
+        return p.aggregate(None, "count", now)
+
+    failed = community.ask(asker, prospect_then_aggregate)
+    assert isinstance(failed, AggregateFinished) and not failed.ok and failed.messages == 0
+    community.run(20.0)
+    (throttled,) = community.net.events_of(ProspectFinished, asker)  # one visit at a time, but complete
+    assert {community.net.index_of(f.contact.node_id) for f in throttled.nodes} == community.matching(requirement)
+    assert throttled.exhausted
+
+    def aggregate_then_prospect(p, now):
+        p.aggregate(None, "count", now)
+        return p.prospect(requirement, 40, now)
+
+    blocked = community.ask(asker, aggregate_then_prospect)  # no slot: only what the node knows itself
+    assert not blocked.exhausted and blocked.messages == 0 and len(blocked.nodes) < 40
+    assert community.ask(asker, lambda p, now: p.aggregate(None, "count", now)).ok  # the slot is free again

@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+from p2pdeploy.overlay import multicast as multicast_module
 from p2pdeploy.overlay.multicast import (
     MAX_HOPS,
     AnchorSync,
@@ -360,3 +361,18 @@ def test_the_scenario_with_failures_repairs_with_reliable_sends():
                    "multicast.messages=20")
     assert summary["failed_root"] is not None
     assert summary["delivery_ratio_after_failures"] == 1.0
+
+
+def test_routed_hops_beyond_the_cap_are_dropped_and_the_join_timer_retries_them(monkeypatch):
+    monkeypatch.setattr(multicast_module, "MAX_HOPS_IN_FLIGHT", 1)
+    net = group_net(30)
+
+    def join_two(stack, now):
+        layer = stack.layer(Multicast)
+        layer.join("g/1", now)
+        layer.join("g/2", now)  # the first join's hop still waits for its ack: no room
+
+    net.call(0, join_two)
+    assert mc(net, 0).dropped["route_overload"] == 1
+    net.run(until=net.now + 2 * FAST.request_timeout_s)
+    assert mc(net, 0).is_joined("g/1") and mc(net, 0).is_joined("g/2")

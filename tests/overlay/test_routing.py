@@ -7,7 +7,7 @@ import warnings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pdeploy.overlay.routing import Contact, RoutingTable
+from p2pdeploy.overlay.routing import Contact, RoutingTable, next_hop_towards
 
 
 def _hashed_id(seed: bytes) -> int:
@@ -170,3 +170,30 @@ def test_the_reference_departs_from_the_true_k_closest_on_some_tables():
         ref = [n.long_id for n in reference.find_neighbors(node_cls(target.to_bytes(20, "big")), k=8)]
         departures += ref != truth
     assert departures > 0
+
+
+ids = st.integers(0, 2**160 - 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids, ids, st.lists(ids, max_size=30, unique=True), st.sets(ids, max_size=5), st.data())
+def test_next_hop_towards_is_the_closest_unskipped_contact_closer_than_us(own, key, known, skipped, data):
+    known = [n for n in known if n != own]
+    skipped |= set(data.draw(st.lists(st.sampled_from(known), max_size=5)) if known else [])
+    closest = sorted((Contact(n, ("h", n % 1000)) for n in known), key=lambda c: c.node_id ^ key)
+    hop = next_hop_towards(own, key, closest, lambda node_id: node_id in skipped)
+    closer = [c for c in closest if c.node_id ^ key < own ^ key and c.node_id not in skipped]
+    assert hop == (closer[0] if closer else None)
+    unskipped = next_hop_towards(own, key, closest)
+    assert unskipped == next((c for c in closest if c.node_id ^ key < own ^ key), None)
+
+
+def test_next_hop_towards_asks_skip_only_about_contacts_closer_than_us_in_order():
+    key = 0
+    closest = [Contact(n, n) for n in (1, 2, 3, 8, 9)]
+    asked = []
+    assert next_hop_towards(5, key, closest, lambda n: asked.append(n) or n < 3) == Contact(3, 3)
+    assert asked == [1, 2, 3]
+    asked.clear()
+    assert next_hop_towards(2, key, closest, lambda n: asked.append(n) or True) is None
+    assert asked == [1]  # 2 is this node's own distance: no closer contact is left

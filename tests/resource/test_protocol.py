@@ -13,6 +13,8 @@ from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.fabric.units import GIB
 from p2pdeploy.overlay.identity import Identity
+from p2pdeploy.overlay.requests import RequestsFull
+from p2pdeploy.resource import protocol as protocol_module
 from p2pdeploy.resource.bundle import Bundle, pack_files
 from p2pdeploy.resource.protocol import (
     FetchLogs,
@@ -288,6 +290,34 @@ def test_a_node_that_remembers_too_many_nonces_refuses_new_requests_as_busy():
     link.start("web-1")
     link.start("web-2")
     assert link.start("web-3").check == "busy"
+
+
+def test_log_reads_beyond_the_cap_are_refused_as_busy(monkeypatch):
+    monkeypatch.setattr(protocol_module, "MAX_LOGS_WAITING", 1)
+    link = Link()
+    link.start()
+    link.client.fetch_logs("node", NODE.node_id, "web-1", NOW)
+    link.flush()
+    second = link.ask(lambda c, t: c.fetch_logs("node", NODE.node_id, "web-1", t))
+    assert second.check == "busy" and "1 log reads are waiting" in second.reason
+    (asked,) = [e for e in link.node_events if isinstance(e, LogsRequested)]
+    link.node.answer_logs(asked.token, b"x", NOW)  # a slot is free again: the next read waits for the driver
+    link.client.fetch_logs("node", NODE.node_id, "web-1", NOW)
+    link.flush()
+    assert len([e for e in link.node_events if isinstance(e, LogsRequested)]) == 2
+
+
+def test_a_client_at_its_cap_raises_and_a_request_it_could_not_make_is_not_waited_for(monkeypatch):
+    monkeypatch.setattr(protocol_module, "MAX_CLIENT_REQUESTS", 1)
+    client = RemoteClient(DEPLOYER, random.Random(1))
+    with pytest.raises(ValueError, match="max_bytes"):
+        client.fetch_logs("node", NODE.node_id, "web-1", NOW, max_bytes=-1)
+    first = client.query("node", NODE.node_id, "web-1", NOW)
+    with pytest.raises(RequestsFull):
+        client.query("node", NODE.node_id, "web-2", NOW)
+    client.handle_timer(NOW + 10)
+    assert client.next_event() == RequestTimedOut(first, "QueryReplica") and client.next_event() is None
+    assert [type(m) for _, m in client.messages_to_send()] == [QueryReplica]
 
 
 def test_a_request_nobody_answers_times_out_at_the_client():
