@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, deque
-from collections.abc import Hashable, Iterable
-from typing import Any
+from collections.abc import Hashable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
 from typing import Protocol as _TypingProtocol
 
 Address = Hashable
+K = TypeVar("K", bound=Hashable)
+P = TypeVar("P", bound="Protocol")
 
 
 class Rng(_TypingProtocol):
@@ -221,3 +223,64 @@ class Stack(Protocol):
             if isinstance(layer, cls):
                 return layer
         raise KeyError(cls.__name__)
+
+
+class KeyedChildren(Generic[K, P]):
+    """Child protocol objects of one owner, by key: a replica's supervisor in the replica host,
+    a service's manager in a deployer.
+
+    The owner holds them here and stays the one protocol a stack sees: its ``next_deadline``
+    includes :meth:`next_deadline`, its ``handle_timer`` calls :meth:`handle_timer`, and after
+    each input it calls :meth:`drain` to move the children's events and messages into its own
+    buffers (in key order of insertion, so a run is reproducible).
+    """
+
+    def __init__(self) -> None:
+        self._children: dict[K, P] = {}
+
+    def __getitem__(self, key: K) -> P:
+        return self._children[key]
+
+    def __setitem__(self, key: K, child: P) -> None:
+        self._children[key] = child
+
+    def __delitem__(self, key: K) -> None:
+        del self._children[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._children
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._children)
+
+    def get(self, key: K) -> P | None:
+        return self._children.get(key)
+
+    def items(self) -> Iterator[tuple[K, P]]:
+        return iter(list(self._children.items()))
+
+    def values(self) -> list[P]:
+        return list(self._children.values())
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline among the children."""
+        deadlines = [d for d in (child.next_deadline() for child in self._children.values()) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> None:
+        """Run the timers of every child whose deadline is due."""
+        for child in list(self._children.values()):
+            deadline = child.next_deadline()
+            if deadline is not None and deadline <= now:
+                child.handle_timer(now)
+
+    def drain(self, owner: Protocol) -> None:
+        """Move every child's events and messages into ``owner``'s buffers."""
+        for child in self._children.values():
+            while (event := child.next_event()) is not None:
+                owner.emit(event)
+            for dst, msg in child.messages_to_send():
+                owner.send(dst, msg)

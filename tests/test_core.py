@@ -206,3 +206,35 @@ def test_the_time_of_the_last_input_is_used_when_the_driver_gives_none():
     fresh.layers[0].work("x", 0.0)
     with pytest.raises(RuntimeError, match="pass now"):
         fresh.next_event()
+
+
+# -- keyed children ---------------------------------------------------------------------------
+
+
+class _Child(Protocol):
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+
+    def on_timer(self, name, now):
+        self.emit((self.name, name, now))
+        self.send(f"peer-of-{self.name}", name)
+
+
+def test_keyed_children_run_due_timers_and_their_output_reaches_the_owner_in_insertion_order():
+    from p2pdeploy.core import KeyedChildren
+
+    owner = _Timers()
+    children: KeyedChildren[str, _Child] = KeyedChildren()
+    children["b"], children["a"] = _Child("b"), _Child("a")
+    children["b"].set_timer("t", 2.0)
+    children["a"].set_timer("t", 1.0)
+    children["a"].set_timer("later", 9.0)
+    assert children.next_deadline() == 1.0
+    children.handle_timer(2.0)
+    children.drain(owner)
+    assert [owner.next_event(), owner.next_event(), owner.next_event()] == [("b", "t", 2.0), ("a", "t", 2.0), None]
+    assert owner.messages_to_send() == [("peer-of-b", "t"), ("peer-of-a", "t")]
+    assert children.next_deadline() == 9.0
+    del children["a"]
+    assert children.next_deadline() is None and "a" not in children and len(children) == 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any
 
-from p2pdeploy.core import Address, Protocol, Rng
+from p2pdeploy.core import Address, KeyedChildren, Protocol, Rng
 from p2pdeploy.fabric.admission import Admission, Demand, Refusal
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.fabric.executor import ExecutorReport, Removed, RemoveReplica
@@ -26,7 +26,7 @@ class ReplicaHost(Protocol):
         super().__init__()
         self.admission = Admission(contribution)
         self.rng = rng
-        self._supervisors: dict[str, Supervisor] = {}
+        self._supervisors: KeyedChildren[str, Supervisor] = KeyedChildren()
         #: Who asked for each replica (the public key that signed the start), for authorization.
         self.requested_by: dict[str, bytes] = {}
 
@@ -158,26 +158,19 @@ class ReplicaHost(Protocol):
 
     def handle_timer(self, now: float) -> None:
         super().handle_timer(now)
-        for supervisor in list(self._supervisors.values()):
-            deadline = supervisor.next_deadline()
-            if deadline is not None and deadline <= now:
-                supervisor.handle_timer(now)
+        self._supervisors.handle_timer(now)
         self._collect()
 
     def on_timer(self, name: Hashable, now: float) -> None:
         pass  # the host arms no timers of its own
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (s.next_deadline() for s in self._supervisors.values()) if d is not None]
-        own = super().next_deadline()
-        if own is not None:
-            deadlines.append(own)
+        deadlines = [d for d in (self._supervisors.next_deadline(), super().next_deadline()) if d is not None]
         return min(deadlines) if deadlines else None
 
     def _collect(self) -> None:
-        """Move the supervisors' events into this layer's queue; release finished reservations."""
+        """Move the supervisors' output into this layer's; release finished reservations."""
+        self._supervisors.drain(self)
         for replica_id, supervisor in self._supervisors.items():
-            while (event := supervisor.next_event()) is not None:
-                self.emit(event)
             if supervisor.finished:
                 self.admission.release(replica_id)
