@@ -131,13 +131,19 @@ def _converters(hint: Any) -> tuple[Converter, Converter]:
 
 
 def _lazy(hint: Any) -> tuple[Converter, Converter]:
-    """Converters for a nested type, compiled at first use (records may refer to each other)."""
+    """Converters for a nested type, compiled at first use (records may refer to each other)
+    and kept from then on, so a message's nested fields cost no look-up per value."""
+    resolved: list[Converter] = []
+
+    def resolve() -> list[Converter]:
+        resolved.extend(_converters(hint))
+        return resolved
 
     def out(value: Any) -> Any:
-        return _converters(hint)[0](value)
+        return (resolved or resolve())[0](value)
 
     def in_(raw: Any) -> Any:
-        return _converters(hint)[1](raw)
+        return (resolved or resolve())[1](raw)
 
     return out, in_
 
