@@ -3,7 +3,7 @@
 Each node is a :class:`~p2pdeploy.core.Stack` of real layers, in the order
 ``p2pdeploy.node.default_layers`` gives them (Kademlia, persistence, the replica host, the
 remote protocol's node side, the :class:`BundleFetcher`, the remote protocol's client side), on
-the fake network of ``stacknet`` (every message crosses the wire codec).
+the simulator (``tests/simnet.py``; every message crosses the wire codec).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from p2pdeploy.resource.protocol import (
     sign_request,
     verify_request,
 )
-from tests.collective.stacknet import StackNet
+from tests.simnet import SimNet
 
 DEPLOYER = Identity.from_seed(b"d" * 32)
 STRANGER = Identity.from_seed(b"s" * 32)
@@ -68,7 +68,7 @@ def layers(overlay, rng):
     return [persistence, host, remote, fetcher, client]
 
 
-class Net(StackNet):
+class Net(SimNet):
     def __init__(self, seed: int = 1) -> None:
         super().__init__(layers, seed=seed)
         self.fill_tables(NODES)

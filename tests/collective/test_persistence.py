@@ -31,7 +31,7 @@ from p2pdeploy.collective.persistence import (
 )
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.storage import Item, record_key, sign_record
-from p2pdeploy.sim.runners.persistence import StorageNet
+from tests.simnet import StorageNet
 
 #: Small chunks keep the simulated transfers short; the logic does not depend on the size.
 CONFIG = PersistenceConfig(chunk_bytes=4096, repair_interval_s=30.0)
@@ -99,7 +99,7 @@ def test_repair_brings_every_key_back_to_r_live_copies_on_the_closest_nodes():
     victims = {a for key in keys for a in net.holders(key)[:2]} - {0}
     for address in victims:
         net.crash(address)
-    net.run(2.5 * CONFIG.repair_interval_s)
+    net.run_for(2.5 * CONFIG.repair_interval_s)
     for key in keys:
         assert live_holders(net, key) == set(net.closest(key, 3)), key
     assert fetch(net, 0, keys[0]).data == data
@@ -113,10 +113,10 @@ def test_when_old_holders_return_the_surplus_copies_are_dropped():
     victims = {net.holders(key)[0] for key in keys} - {0}
     for address in victims:
         net.crash(address)
-    net.run(2.5 * CONFIG.repair_interval_s)
+    net.run_for(2.5 * CONFIG.repair_interval_s)
     for address in victims:
         net.restart(address)  # back with its disk: it holds its old copies again
-    net.run(5 * CONFIG.repair_interval_s)
+    net.run_for(5 * CONFIG.repair_interval_s)
     for key in keys:
         assert set(net.holders(key)) == set(net.closest(key, 3)), key
     dropped = sum(net.persistence(a).counters["surplus_dropped"] for a in range(20))
@@ -147,7 +147,7 @@ def test_a_node_that_joins_closer_to_a_key_receives_it():
     store(net, 0 if newcomer else 1, data)
     assert newcomer not in net.holders(keys[0])
     net.restart(newcomer)
-    net.run(2.5 * CONFIG.repair_interval_s)
+    net.run_for(2.5 * CONFIG.repair_interval_s)
     assert newcomer in net.holders(keys[0])
     for key in keys:
         assert set(net.holders(key)) == set(net.closest(key, 3))
@@ -177,7 +177,7 @@ def test_a_corrupt_chunk_is_detected_by_the_scrub_and_fetched_again_from_a_repli
     key = keys_of(data, config)[2]
     victim = net.holders(key)[0]
     net.stores[victim].corrupt(key)
-    net.run(2 * config.scrub_interval_s)
+    net.run_for(2 * config.scrub_interval_s)
     assert (victim, ChunkCorrupted(key)) in net.events
     assert net.stores[victim].read_chunk(key) == dict(split(data, 4096).chunks)[key]
     assert net.persistence(victim).counters["corrupt_repaired"] == 1
@@ -192,7 +192,7 @@ def test_a_corrupt_local_copy_is_never_returned_and_the_fetch_uses_a_replica():
     victim = net.holders(key)[0]
     net.stores[victim].corrupt(key)
     assert fetch(net, victim, blob_id).data == data
-    net.run(5.0)
+    net.run_for(5.0)
     assert net.stores[victim].read_chunk(key) is not None  # restored from a replica
 
 
@@ -203,7 +203,7 @@ def test_a_node_caches_a_blob_it_fetches_with_keep_and_serves_it():
     cache = next(a for a in range(12) if a not in net.holders(blob_id))
     assert fetch(net, cache, blob_id, keep=True).data == data
     assert all(net.stores[cache].chunk_info(key).pinned for key in keys_of(data))
-    net.run(3 * CONFIG.repair_interval_s)  # a pinned copy is not a surplus one
+    net.run_for(3 * CONFIG.repair_interval_s)  # a pinned copy is not a surplus one
     assert all(cache in net.holders(key) for key in keys_of(data))
     net.call(cache, lambda p, now: p.unpin(blob_id))
     assert not any(net.stores[cache].chunk_info(key).pinned for key in keys_of(data))
@@ -232,7 +232,7 @@ def test_repair_keeps_r_copies_whenever_fewer_than_r_holders_crash_at_once(seed,
         for address in rng.sample(sorted(live_holders(net, key)), crashes):
             if address != 0:
                 net.crash(address)
-        net.run(2.5 * CONFIG.repair_interval_s)
+        net.run_for(2.5 * CONFIG.repair_interval_s)
         assert all(live_holders(net, k) for k in keys)
     for key in keys:
         assert live_holders(net, key) >= set(net.closest(key, 3))
@@ -274,7 +274,7 @@ def test_a_read_repairs_replicas_that_hold_an_older_record():
     stale = net.holders(key)[0]
     net.stores[[a for a in net.holders(key) if a != stale][0]].write_record(key, new, 3)
     assert get_record(net, 4, key) == new
-    net.run(2.0)
+    net.run_for(2.0)
     assert all(net.stores[a].read_record(key)[0] == new for a in net.closest(key, 3))
     assert sum(net.persistence(a).counters["read_repairs"] for a in range(12)) >= 1
 
@@ -286,7 +286,7 @@ def test_eventual_records_are_repaired_like_chunks():
     for address in net.holders(key)[:2]:
         if address != 0:
             net.crash(address)
-    net.run(2.5 * CONFIG.repair_interval_s)
+    net.run_for(2.5 * CONFIG.repair_interval_s)
     assert {a for a in net.holders(key) if net.up(a)} >= set(net.closest(key, 3))
 
 

@@ -1,4 +1,4 @@
-"""The prospector core on a fake network of stacks: the tree converges to exact aggregates,
+"""The prospector core on the simulator (tests/simnet.py): the tree converges to exact aggregates,
 repairs itself, answers prospects with matching nodes only, and drops bad input."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from p2pdeploy.overlay.kademlia import Kademlia, KademliaConfig, LookupFinished
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.resource.description import DescriptionChanged, NodeDescription
 from p2pdeploy.resource.requirements import ParseError, Requirement
-from tests.collective.stacknet import StackNet
+from tests.simnet import SimNet
 
 FAST = ProspectorConfig(update_interval_s=2.0, min_update_interval_s=0.2, expiry_s=5.0, ack_timeout_s=0.5,
                         rpc_timeout_s=0.5, root_timeout_s=1.0, suspect_s=30.0)
@@ -63,13 +63,13 @@ class Community:
         self.attributes: list[dict] = []
 
         def layers(overlay: Kademlia, rng: random.Random) -> list:
-            address = len(self.net.nodes)  # StackNet numbers nodes in the order it adds them
+            address = len(self.net.nodes)  # SimNet numbers nodes in the order it adds them
             attributes = machine(self.rng)
             self.attributes.append(attributes)
             return [Prospector(overlay, address, rng, config, attributes)]
 
         # small buckets: each node knows few others, so the tree has inner nodes, as at scale
-        self.net = StackNet(layers, seed=seed, config=KademliaConfig(k=k, alpha=3, b=1))
+        self.net = SimNet(layers, seed=seed, config=KademliaConfig(k=k, alpha=3, b=1))
         indices = [self.net.add() for _ in range(size)]
         order = random.Random(seed)
         for i in indices:  # each table gets k random members of each bucket's range (an oracle warm start)
@@ -343,7 +343,8 @@ def test_a_described_node_publishes_what_changed_locally_at_its_next_update():
 def test_bad_input_from_peers_is_dropped_and_counted(community):
     p = community.p(0)
     key, now = p.key, community.net.now
-    far = (1 << 160) - 1 if p.node_id ^ key < (1 << 159) else 0
+    far = (1 << 160) - 1  # key ^ far is the id farthest from the key: a child of anyone
+    assert p.node_id != key ^ far
     # an "update" from a node closer to the key than us would make a cycle
     closer = key ^ 1
     p.receive(99, AggregateUpdate(closer, key, 1, 1, {}, None), now)

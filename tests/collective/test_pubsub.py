@@ -1,7 +1,7 @@
 """Publish/subscribe: content filters at the subscriber, per-publisher order, delivery guarantees.
 
-Order keeping is a unit (a fake multicast layer hands events in any order); the rest runs on a
-fake network of whole stacks (overlay, multicast, pub/sub).
+Order keeping is a unit (a fake multicast layer hands events in any order); the rest runs on the
+simulator with whole stacks (overlay, multicast, pub/sub; tests/simnet.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from p2pdeploy.collective.filters import FilterError
 from p2pdeploy.collective.pubsub import GROUP_PREFIX, Delivered, PublishedEvent, PubSub, PubSubConfig
 from p2pdeploy.overlay.broadcast import SpreadConfig
 from p2pdeploy.overlay.multicast import GroupDelivered, Multicast, MulticastConfig
-from tests.collective.stacknet import StackNet
+from tests.simnet import SimNet
 
 # -- order keeping, as a unit ---------------------------------------------------------------
 
@@ -177,27 +177,27 @@ def test_the_last_unsubscription_of_a_topic_leaves_its_group():
 # -- on a network ---------------------------------------------------------------------------
 
 
-def pubsub_net(n: int, *, seed: int = 1, jitter_s: float = 0.0, config: MulticastConfig | None = None) -> StackNet:
+def pubsub_net(n: int, *, seed: int = 1, jitter_s: float = 0.0, config: MulticastConfig | None = None) -> SimNet:
     addresses = iter(range(n))
 
     def layers(overlay, rng):
         multicast = Multicast(overlay, rng, next(addresses), config or MulticastConfig(refresh_interval_s=10.0))
         return [multicast, PubSub(multicast, random.Random(rng.getrandbits(64)))]
 
-    net = StackNet(layers, seed=seed, jitter_s=jitter_s)
+    net = SimNet(layers, seed=seed, jitter_s=jitter_s)
     net.fill_tables(n)
     return net
 
 
-def subscribe(net: StackNet, index: int, topic: str, filter_expr: str | None) -> int:
+def subscribe(net: SimNet, index: int, topic: str, filter_expr: str | None) -> int:
     return net.call(index, lambda stack, now: stack.layer(PubSub).subscribe(topic, filter_expr, now))
 
 
-def publish(net: StackNet, index: int, topic: str, attributes: dict, *, reliable: bool = False) -> int:
+def publish(net: SimNet, index: int, topic: str, attributes: dict, *, reliable: bool = False) -> int:
     return net.call(index, lambda stack, now: stack.layer(PubSub).publish(topic, attributes, now, reliable=reliable))
 
 
-def got(net: StackNet, index: int, subscription: int) -> list[Delivered]:
+def got(net: SimNet, index: int, subscription: int) -> list[Delivered]:
     return [e for i, e in net.events if i == index and isinstance(e, Delivered) and e.subscription_id == subscription]
 
 

@@ -21,7 +21,7 @@ from p2pdeploy.collective.records import ZERO, AcceptorState, Ballot, Change, ma
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import record_key, sign_record
-from p2pdeploy.sim.runners.persistence import StorageNet
+from tests.simnet import StorageNet
 
 WRITER = Identity.from_seed(bytes(range(2, 34)))
 CONFIG = PersistenceConfig(rpc_timeout_s=1.0, quorum_attempts=4, quorum_backoff_s=0.2)
@@ -132,7 +132,7 @@ def test_a_first_write_fails_rather_than_fork_when_a_closest_node_is_unreachable
     key = record_key(WRITER.public_key, b"new")
     closest = net.closest(key, 1)[0]
     writer = next(a for a in range(9) if a != closest)
-    net.partition({closest: 1})
+    net.partition([[closest]])
     failed = op(net, writer, lambda p, now: p.quorum_put(WRITER, b"new", b"v", now))
     assert not failed.ok and failed.reason.startswith("unavailable")
     net.heal()
@@ -157,7 +157,7 @@ def test_a_read_makes_a_value_it_returns_durable_on_a_majority_first():
     if seen.version == 2:
         holders = [a for a in group if net.stores[a].read_acceptor(key).item == partial]
         assert len(holders) >= 2
-        net.partition({lone: 1})
+        net.partition([[lone]])
         again = op(net, reader, lambda p, now: p.quorum_read(key, now))
         assert again.ok and again.item == partial
     else:
@@ -246,7 +246,7 @@ class QuorumRegisters(RuleBasedStateMachine):
 
     @rule(members=st.sets(st.integers(0, NODES - 1), min_size=1, max_size=NODES - 1))
     def partition(self, members):
-        self.net.partition({a: 1 for a in members})
+        self.net.partition([members])
 
     @rule()
     def heal(self):
@@ -254,7 +254,7 @@ class QuorumRegisters(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([0.05, 0.5, 2.0, 8.0]))
     def advance(self, seconds):
-        self.net.run(seconds)
+        self.net.run_for(seconds)
         self._collect()
 
     # -- checking
@@ -312,7 +312,7 @@ class QuorumRegisters(RuleBasedStateMachine):
         net.heal()
         for address in range(NODES):
             net.restart(address)
-        net.run(60.0)
+        net.run_for(60.0)
         self._collect()
         for name in NAMES:
             reader = 0

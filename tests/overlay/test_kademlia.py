@@ -1,4 +1,4 @@
-"""The Kademlia protocol driven by hand over a fake instant link (tests/overlay/fakenet.py)."""
+"""The Kademlia protocol over the simulator with an instant link (tests/simnet.py, latency 0)."""
 
 import random
 
@@ -19,32 +19,31 @@ from p2pdeploy.overlay.kademlia import (
 )
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import Item, sign_record
-
-from .fakenet import FakeNet
+from tests.simnet import SimNet
 
 
 def _truth(net, target, exclude, k):
-    ids = [n.node_id for i, n in net.nodes.items() if i not in net.down and n.node_id != exclude]
+    ids = [n.node_id for i, n in net.overlays.items() if i not in net.down and n.node_id != exclude]
     return sorted(ids, key=lambda i: i ^ target)[:k]
 
 
 @pytest.fixture(scope="module")
 def joined_net():
-    net = FakeNet(seed=3, config=KademliaConfig(k=8, alpha=3))
-    net.join_all(64)
+    net = SimNet(seed=3, latency_s=0.0, config=KademliaConfig(k=8, alpha=3))
+    net.join_all(64, settle_s=10.0)
     return net
 
 
 def test_every_node_joins_and_learns_contacts(joined_net):
     joined = [e for _, e in joined_net.events if isinstance(e, Joined)]
     assert len(joined) == 63 and all(e.ok for e in joined)
-    assert min(len(n.table) for n in joined_net.nodes.values()) >= 8
+    assert min(len(n.table) for n in joined_net.overlays.values()) >= 8
 
 
 @pytest.mark.parametrize("paths", [1, 3])
 def test_lookup_finds_true_k_closest(paths):
-    net = FakeNet(seed=4, config=KademliaConfig(k=8, alpha=3, disjoint_paths=paths))
-    net.join_all(48)
+    net = SimNet(seed=4, latency_s=0.0, config=KademliaConfig(k=8, alpha=3, disjoint_paths=paths))
+    net.join_all(48, settle_s=10.0)
     rng = random.Random(1)
     for _ in range(40):
         source = rng.randrange(48)
@@ -52,7 +51,7 @@ def test_lookup_finds_true_k_closest(paths):
         query = net.call(source, "lookup", target)
         net.run(until=net.now)
         event = net.finished(LookupFinished, query, source)
-        assert [c.node_id for c in event.closest] == _truth(net, target, net.nodes[source].node_id, 8)
+        assert [c.node_id for c in event.closest] == _truth(net, target, net.overlays[source].node_id, 8)
         assert event.hops >= 1 and event.requests >= len(event.closest)
 
 
@@ -62,7 +61,7 @@ def test_put_stores_on_k_nodes_and_any_node_gets_it(joined_net):
     query = net.call(5, "put", key, b"hello world")
     net.run(until=net.now)
     assert net.finished(PutFinished, query, 5).stored == 8
-    holders = [n.node_id for n in net.nodes.values() if key in n.store]
+    holders = [n.node_id for n in net.overlays.values() if key in n.store]
     assert sorted(holders, key=lambda i: i ^ key) == _truth(net, key, None, 8)
     for reader in (0, 17, 63):
         query = net.call(reader, "get", key)
@@ -78,15 +77,15 @@ def test_get_of_a_missing_key_finishes_empty(joined_net):
 
 
 def test_signed_record_highest_sequence_wins_and_stale_replicas_are_repaired():
-    net = FakeNet(seed=5)
-    net.join_all(32)
+    net = SimNet(seed=5, latency_s=0.0)
+    net.join_all(32, settle_s=10.0)
     writer = Identity.from_seed(bytes(32))
     key, first = sign_record(writer, b"service/wiki", b"v1", 1)
     net.call(2, "put_item", key, first)
     net.run(until=net.now)
     key, second = sign_record(writer, b"service/wiki", b"v2", 2)
     # the new version reaches only some replicas: the others keep v1
-    holders = [n for n in net.nodes.values() if key in n.store]
+    holders = [n for n in net.overlays.values() if key in n.store]
     for node in holders[:3]:
         node.store.put(key, second, 3600.0, net.now)
     query = net.call(20, "get", key, latest=True)
@@ -101,8 +100,8 @@ def test_signed_record_highest_sequence_wins_and_stale_replicas_are_repaired():
 
 
 def test_forged_or_misplaced_records_are_refused():
-    net = FakeNet(seed=6)
-    net.join_all(16)
+    net = SimNet(seed=6, latency_s=0.0)
+    net.join_all(16, settle_s=10.0)
     writer = Identity.from_seed(bytes(31) + b"\x01")
     key, item = sign_record(writer, b"name", b"value", 1)
     forged = Item(b"evil", item.public_key, item.name, item.sequence, item.signature)
@@ -111,8 +110,8 @@ def test_forged_or_misplaced_records_are_refused():
     with pytest.raises(ValueError, match="does not match"):
         net.call(1, "put_item", key + 1, item)
     # a peer that stores a forged record directly is refused by the replica
-    node = net.nodes[3]
-    node.receive(7, Store(99, net.nodes[7].node_id, key, forged, 60.0), net.now)
+    node = net.overlays[3]
+    node.receive(7, Store(99, net.overlays[7].node_id, key, forged, 60.0), net.now)
     sent = node.messages_to_send()
     assert any(isinstance(m, StoreReply) and not m.ok and m.reason == "bad signature" for _, m in sent)
     assert key not in node.store
@@ -120,20 +119,20 @@ def test_forged_or_misplaced_records_are_refused():
 
 def test_replica_republish_cannot_defeat_expiry():
     config = KademliaConfig(k=4, replicate_interval_s=60.0, refresh_interval_s=600.0, expire_check_interval_s=10.0)
-    net = FakeNet(seed=7, config=config)
-    net.join_all(12)
+    net = SimNet(seed=7, latency_s=0.0, config=config)
+    net.join_all(12, settle_s=10.0)
     net.call(0, "put", 42, b"short-lived", ttl_s=300.0)
-    net.nodes[0].unpublish(42)  # the publisher walks away: only replicas republish
+    net.overlays[0].unpublish(42)  # the publisher walks away: only replicas republish
     net.run(until=net.now + 200.0)
-    assert any(42 in n.store for n in net.nodes.values())
+    assert any(42 in n.store for n in net.overlays.values())
     net.run(until=net.now + 400.0)
-    assert not any(n.store.get(42, net.now) for n in net.nodes.values())
+    assert not any(n.store.get(42, net.now) for n in net.overlays.values())
 
 
 def test_original_publisher_republish_keeps_a_value_alive():
     config = KademliaConfig(k=4, replicate_interval_s=60.0, republish_interval_s=100.0, expire_check_interval_s=10.0)
-    net = FakeNet(seed=8, config=config)
-    net.join_all(12)
+    net = SimNet(seed=8, latency_s=0.0, config=config)
+    net.join_all(12, settle_s=10.0)
     net.call(0, "put", 43, b"kept", ttl_s=300.0)
     net.run(until=net.now + 1000.0)
     query = net.call(7, "get", 43)
@@ -143,13 +142,14 @@ def test_original_publisher_republish_keeps_a_value_alive():
 
 def test_values_survive_losing_a_third_of_the_nodes_after_republish():
     config = KademliaConfig(k=6, replicate_interval_s=120.0, rpc_timeout_s=1.0)
-    net = FakeNet(seed=9, config=config)
-    net.join_all(45)
+    net = SimNet(seed=9, latency_s=0.0, config=config)
+    net.join_all(45, settle_s=10.0)
     keys = [random.Random(i).getrandbits(160) for i in range(20)]
     for index, key in enumerate(keys):
         net.call(index, "put", key, b"v%d" % index)
     net.run(until=net.now)
-    net.down.update(range(0, 45, 3))  # a third crash at once, publishers among them
+    for index in range(0, 45, 3):  # a third crash at once, publishers among them
+        net.crash(index)
     net.run(until=net.now + 400.0)  # replicas notice and republish
     for index, key in enumerate(keys):
         reader = next(i for i in range(44, -1, -1) if i not in net.down)
@@ -174,7 +174,7 @@ def test_a_request_teaches_the_table_and_is_answered():
 
 
 def test_snapshot_restores_contacts_and_ignores_foreign_or_corrupt_files(joined_net):
-    source = joined_net.nodes[10]
+    source = joined_net.overlays[10]
     data = source.snapshot()
     fresh = Kademlia(source.node_id, random.Random(0), joined_net.config)
     assert fresh.restore(data) == len(source.table)
@@ -192,17 +192,15 @@ def test_bad_configuration_names_the_field():
 
 
 def test_a_joining_node_close_to_a_key_is_handed_the_value():
-    net = FakeNet(seed=11, config=KademliaConfig(k=4))
-    net.join_all(20)
+    net = SimNet(seed=11, latency_s=0.0, config=KademliaConfig(k=4))
+    net.join_all(20, settle_s=10.0)
     key = random.Random(3).getrandbits(160)
     net.call(0, "put", key, b"handed")
     net.run(until=net.now)
     # a newcomer whose id is the key itself is the closest node there can be
-    newcomer = Kademlia(key ^ 1, random.Random(5), net.config)
-    newcomer.address = 99
-    net.nodes[99] = newcomer
-    newcomer.start(net.now)
-    net.call(99, "bootstrap", [0])
+    newcomer_address = net.add(node_id=key ^ 1)
+    newcomer = net.overlays[newcomer_address]
+    net.call(newcomer_address, "bootstrap", [0])
     net.run(until=net.now + 10.0)
     assert newcomer.store.get(key, net.now).item == Item(b"handed")
 
@@ -210,18 +208,18 @@ def test_a_joining_node_close_to_a_key_is_handed_the_value():
 def test_next_hop_towards_a_key_leads_to_its_root(joined_net):
     net = joined_net
     key = random.Random(21).getrandbits(160)
-    root = min(net.nodes.values(), key=lambda n: n.node_id ^ key)
+    root = min(net.overlays.values(), key=lambda n: n.node_id ^ key)
     assert root.next_hop_towards(key) is None
-    for start in list(net.nodes.values())[:10]:
+    for start in list(net.overlays.values())[:10]:
         node, hops = start, 0
         while (hop := node.next_hop_towards(key)) is not None:
             assert hop.node_id ^ key < node.node_id ^ key  # every hop gets strictly closer
-            node, hops = net.nodes[hop.address], hops + 1
+            node, hops = net.overlays[hop.address], hops + 1
         assert node is root and hops <= 8
 
 
 def test_buckets_partition_the_id_space_and_hold_the_table(joined_net):
-    node = joined_net.nodes[0]
+    node = joined_net.overlays[0]
     views = node.buckets()
     assert views[0][0] == 0 and sum(size for _, size, _ in views) == 1 << 160
     assert sum(len(contacts) for _, _, contacts in views) == node.contact_count()

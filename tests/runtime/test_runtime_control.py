@@ -164,7 +164,7 @@ async def test_blob_put_and_get_through_the_control_socket_byte_identical_from_a
     out = io.StringIO()
     console = Console(file=out, width=200)
     async with AsyncExitStack() as stack:
-        # the network stops as a whole at the end: no hand-off (tests/runtime_store tests it)
+        # the network stops as a whole at the end: no hand-off (test_persistence_runtime tests it)
         first, _ = await serve_node(stack, tmp_path / "a", hand_off=False)
         others = [(await serve_node(stack, tmp_path / f"n{i}", bootstrap=[first.address], seed=i, hand_off=False))[0]
                   for i in range(3)]

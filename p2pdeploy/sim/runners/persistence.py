@@ -25,15 +25,12 @@ traffic is what the layer sends for repair and handoff: the copies it pushes and
 searches (requests and their answers), sized as on the wire, divided by the number of nodes
 and the time from the start of the churn to the end (``repair_bytes_per_node_per_s``, for the
 r = ``replicas`` class; ``_r1``/``_r2``/``_all`` beside it).
-
-:class:`StorageNet` is the same stack on a small simulated network without a scenario file,
-for tests: oracle routing tables, crash and restart with the disk kept, and partitions.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,10 +50,8 @@ from p2pdeploy.collective.persistence import (
     StoreRecord,
 )
 from p2pdeploy.core import Protocol, Stack
-from p2pdeploy.overlay.identity import Identity, node_id_of
-from p2pdeploy.overlay.kademlia import Kademlia, KademliaConfig
-from p2pdeploy.overlay.routing import Contact
-from p2pdeploy.sim.network import NetworkConfig
+from p2pdeploy.overlay.identity import node_id_of
+from p2pdeploy.overlay.kademlia import Kademlia
 from p2pdeploy.sim.runner import register_runner
 from p2pdeploy.sim.runners.overlay import OverlayRunner
 from p2pdeploy.sim.schema import Field
@@ -427,129 +422,3 @@ def _get_blob(blob_id: int, core: Protocol, now: float) -> int:
 
 def _leave(core: Protocol, now: float) -> int:
     return persistence_of(core).leave(now)
-
-
-# -- a small simulated network for tests ------------------------------------------------------
-
-
-class _Partitioned(Stack):
-    """A node's stack behind the harness's partition: messages from the other side are dropped."""
-
-    def __init__(self, layers: Iterable[Protocol], net: StorageNet, address: int) -> None:
-        super().__init__(layers)
-        self._net = net
-        self._address = address
-
-    def receive(self, src: Any, msg: Any, now: float) -> None:
-        if self._net.connected(src, self._address):
-            super().receive(src, msg, now)
-
-
-class StorageNet:
-    """``nodes`` simulated nodes running Kademlia and persistence, for tests and notebooks.
-
-    Routing tables start full (every node knows every other), stores survive :meth:`crash`
-    (a restarted node serves what it held), and :meth:`partition` splits the network: a
-    message between two sides is dropped when it arrives. Every event is kept in ``events``.
-    """
-
-    def __init__(
-        self,
-        nodes: int,
-        *,
-        seed: int = 0,
-        config: PersistenceConfig | None = None,
-        kademlia: KademliaConfig | None = None,
-        network: NetworkConfig | None = None,
-    ) -> None:
-        self.sim = Simulation(nodes, seed=seed, network=network or NetworkConfig(latency_model="constant"),
-                              per_node_metrics=False)
-        self.config = config or PersistenceConfig()
-        self.kademlia = kademlia or KademliaConfig(k=8)
-        self.identities = [Identity.from_seed(self.sim.streams.bytes("identity", i)) for i in range(nodes)]
-        self.stores = [MemoryStore() for _ in range(nodes)]
-        self.events: list[tuple[int, Any]] = []
-        self._marks: dict[tuple[int, int], int] = {}
-        self.side: list[int] = [0] * nodes
-        self.sim.set_observer(lambda address, event: self.events.append((address, event)))
-        for address in range(nodes):
-            self._start(address)
-
-    @property
-    def now(self) -> float:
-        return self.sim.now
-
-    def node_id(self, address: int) -> int:
-        return self.identities[address].node_id
-
-    def _start(self, address: int) -> None:
-        host = self.sim.hosts[address]
-        streams = self.sim.streams
-        overlay = Kademlia(self.node_id(address), streams.fresh("node", address, host.incarnation + 1), self.kademlia)
-        for other in range(len(self.sim.hosts)):
-            if other != address:
-                overlay.table.add(Contact(self.node_id(other), other))
-        layer = Persistence(overlay, self.stores[address], streams.fresh("persistence", address, host.incarnation + 1),
-                            self.sim.now, own_address=address, config=self.config)
-        host.start(_Partitioned([overlay, layer], self, address))
-        host.call(lambda core, now: core.layer(Kademlia).start(now))
-
-    def persistence(self, address: int) -> Persistence:
-        core = self.sim.hosts[address].core
-        assert core is not None, f"node {address} is down"
-        return persistence_of(core)
-
-    def call(self, address: int, api: Callable[[Persistence, float], Any]) -> Any:
-        """``api(persistence, now)`` on node ``address`` (its output is drained)."""
-        mark = len(self.events)
-        result = self.sim.hosts[address].call(lambda core, now: api(persistence_of(core), now))
-        if isinstance(result, int):  # a query id: its event is among those emitted from now on
-            self._marks[(address, result)] = mark
-        return result
-
-    def run(self, seconds: float) -> None:
-        self.sim.run(until=self.sim.now + seconds)
-
-    def result(self, address: int, query_id: int, cls: type, timeout_s: float = 600.0, step_s: float = 0.5) -> Any:
-        """Run until node ``address`` emitted the ``cls`` event of ``query_id``; that event."""
-        deadline = self.sim.now + timeout_s
-        start = self._marks.get((address, query_id), 0)  # a restarted node counts its queries from 1 again
-        while True:
-            for where, event in self.events[start:]:
-                if where == address and isinstance(event, cls) and event.query_id == query_id:
-                    return event
-            if self.sim.now >= deadline:
-                raise AssertionError(f"no {cls.__name__} for query {query_id} on node {address} "
-                                     f"after {timeout_s} s")
-            self.run(step_s)
-
-    def up(self, address: int) -> bool:
-        return self.sim.hosts[address].up
-
-    def crash(self, address: int) -> None:
-        """The node stops (its store, its disk, is kept)."""
-        self.sim.hosts[address].crash()
-
-    def restart(self, address: int) -> None:
-        """A crashed node starts again with the same id and store."""
-        if not self.up(address):
-            self._start(address)
-
-    def partition(self, sides: dict[int, int]) -> None:
-        """Put node ``a`` on side ``sides[a]`` (0 for nodes not named); sides cannot talk."""
-        self.side = [sides.get(a, 0) for a in range(len(self.sim.hosts))]
-
-    def heal(self) -> None:
-        self.side = [0] * len(self.sim.hosts)
-
-    def connected(self, a: int, b: int) -> bool:
-        return self.side[a] == self.side[b]
-
-    def holders(self, key: int) -> list[int]:
-        """Addresses whose store holds a copy of the chunk or record ``key`` (up or down)."""
-        return [a for a, s in enumerate(self.stores)
-                if s.chunk_info(key) is not None or s.read_record(key) is not None]
-
-    def closest(self, key: int, count: int, *, live_only: bool = True) -> list[int]:
-        addresses = [a for a in range(len(self.sim.hosts)) if self.up(a) or not live_only]
-        return sorted(addresses, key=lambda a: self.node_id(a) ^ key)[:count]
