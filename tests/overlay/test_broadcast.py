@@ -115,8 +115,11 @@ def test_the_tree_is_about_log2_n_deep_and_blocks_never_overlap():
         assert receiver is not None
 
 
-def test_a_join_built_network_is_covered_too():
-    net = broadcast_net(80, seed=1, join=True)
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.xfail(
+    strict=True, reason="known defect: on some join-built networks a few nodes that many tables hold "
+                        "are handed no block (6 of 80 unreached at seed 2)"))])
+def test_a_join_built_network_is_covered_too(seed):
+    net = broadcast_net(80, seed=seed, join=True)
     broadcast_id = start(net, 17, payload=b"x" * 2000)  # over a datagram: travels by stream, same protocol
     net.run()
     assert sorted(deliveries(net, broadcast_id)) == [i for i in range(80) if i != 17]

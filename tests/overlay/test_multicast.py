@@ -235,10 +235,13 @@ def test_a_publisher_whose_entry_members_all_died_locates_the_group_again():
 # -- Scribe, for comparison -----------------------------------------------------------------
 
 
-def test_a_scribe_tree_delivers_to_members_through_forwarders_outside_the_group():
+@pytest.mark.parametrize("seed", [14, pytest.param(11, marks=pytest.mark.xfail(
+    strict=True, reason="known defect: in some Scribe trees members whose joins were acknowledged "
+                        "never receive the data (seeds 11, 12, 13, 15)"))])
+def test_a_scribe_tree_delivers_to_members_through_forwarders_outside_the_group(seed):
     config = MulticastConfig(tree="scribe", refresh_interval_s=10.0)
-    net = group_net(120, seed=14, config=config, join=True)
-    members = random.Random(14).sample(range(120), 12)
+    net = group_net(120, seed=seed, config=config, join=True)
+    members = random.Random(seed).sample(range(120), 12)
     join(net, members)
     assert all(mc(net, i).is_joined(GROUP) for i in members)
     msg_id = send(net, members[0])
