@@ -741,10 +741,13 @@ class RuntimeNode:
         elif isinstance(event, PeerRecovered):
             self.counters["peers_recovered"] += 1
             log.info("peer %040x is alive again (incarnation %d)", event.node_id, event.incarnation)
-        for waiter in list(self._waiters):
-            if not waiter.done.is_set() and waiter.finished(event):
-                waiter.event = event
-                waiter.done.set()
+        if self._waiters:
+            for waiter in list(self._waiters):
+                if not waiter.done.is_set() and waiter.finished(event):
+                    waiter.event = event
+                    waiter.done.set()
+        if not self._subscribers:
+            return
         for channel in list(self._subscribers):
             try:
                 channel.send_nowait(event)
@@ -796,7 +799,12 @@ class RuntimeNode:
         self._waiters.add(waiter)
         try:
             self._after_input()
-            await waiter.done.wait()
+            if waiter.done.is_set():
+                # Answered at once (a get the local store holds): no need to give other tasks a
+                # turn before returning, but a cancelled caller still sees its cancellation.
+                await trio.lowlevel.checkpoint_if_cancelled()
+            else:
+                await waiter.done.wait()
             if waiter.event is None:
                 raise NodeNotRunning("the node stopped before the answer came")
             return waiter.event

@@ -37,6 +37,8 @@ DATAGRAM_RECEIVE_BYTES = 65536
 STREAM_RECEIVE_BYTES = 65536
 #: How many times to look for a port free for both UDP and TCP when the OS picks it.
 BIND_ATTEMPTS = 32
+#: Datagrams read in one go once the socket is readable, before other tasks get a turn.
+RECEIVE_BATCH = 64
 
 #: ``deliver(src, data, limit_bytes)``: bytes that arrived from ``src``, to decode with that limit.
 Deliver = Callable[[HostPort, bytes, int], None]
@@ -118,6 +120,15 @@ class Transport:
         self._udp_out, self._udp_queue = trio.open_memory_channel[tuple[HostPort, bytes]](
             self.config.udp_send_queue
         )
+        #: The UDP socket as a plain non-blocking socket (a duplicate descriptor of it): a datagram
+        #: to a numeric address goes out at once and ready datagrams are read in a batch, without
+        #: a task switch each; what would block goes through the trio socket and its queue.
+        self._udp_raw = stdlib_socket.fromfd(udp.fileno(), udp.family, udp.type)
+        self._udp_raw.setblocking(False)
+        #: Datagrams queued for the sending task and not yet sent (direct sends wait behind them).
+        self._udp_backlog = 0
+        #: host -> True when it is a numeric address of our family (a name would need resolving).
+        self._numeric: dict[str, bool] = {}
         self._stream_queues: dict[HostPort, trio.MemorySendChannel[bytes]] = {}
         self._inbound_connections = 0
         self._nursery: trio.Nursery | None = None
@@ -141,11 +152,13 @@ class Transport:
                 task_status.started()
         finally:
             self._nursery = None
+            self._udp_raw.close()
             self._udp.close()
             self._listener.socket.close()
 
     def close(self) -> None:
         """Close the sockets of a transport that was bound but never run."""
+        self._udp_raw.close()
         self._udp.close()
         self._listener.socket.close()
 
@@ -157,13 +170,39 @@ class Transport:
             self.counters["send_after_close"] += 1
             return path
         if path == "udp":
+            if self._udp_backlog == 0 and self._is_numeric(dst[0]):
+                try:
+                    self._udp_raw.sendto(data, dst)
+                except BlockingIOError:
+                    pass  # the socket's buffer is full: queue it
+                except OSError as exc:  # unreachable network, bad address: a lost datagram
+                    self.counters["udp_send_error"] += 1
+                    log.debug("datagram to %s failed: %s", format_host_port(dst), exc)
+                    return path
+                else:
+                    self.counters["udp_sent"] += 1
+                    return path
             try:
                 self._udp_out.send_nowait((dst, data))
             except trio.WouldBlock:
                 self.counters["send_queue_full"] += 1
+            else:
+                self._udp_backlog += 1
         else:
             self._send_stream(dst, data)
         return path
+
+    def _is_numeric(self, host: str) -> bool:
+        numeric = self._numeric.get(host)
+        if numeric is None:
+            try:
+                stdlib_socket.inet_pton(self.family, host)
+                numeric = True
+            except (OSError, ValueError):
+                numeric = False
+            if len(self._numeric) < 4096:
+                self._numeric[host] = numeric
+        return numeric
 
     async def _send_datagrams(self) -> None:
         async for dst, data in self._udp_queue:
@@ -174,6 +213,8 @@ class Transport:
                 log.debug("datagram to %s failed: %s", format_host_port(dst), exc)
             else:
                 self.counters["udp_sent"] += 1
+            finally:
+                self._udp_backlog -= 1
 
     def _send_stream(self, dst: HostPort, data: bytes) -> None:
         queue = self._stream_queues.get(dst)
@@ -253,14 +294,19 @@ class Transport:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         task_status.started()
+        raw = self._udp_raw
         while True:
-            try:
-                data, src = await self._udp.recvfrom(DATAGRAM_RECEIVE_BYTES)
-            except ConnectionError:  # an ICMP error reported on some platforms: not for us to act on
-                self.counters["udp_receive_error"] += 1
-                continue
-            self.counters["udp_received"] += 1
-            self._deliver((src[0], src[1]), data, DATAGRAM_LIMIT_BYTES)
+            await trio.lowlevel.wait_readable(raw)
+            for _ in range(RECEIVE_BATCH):  # then other tasks get a turn
+                try:
+                    data, src = raw.recvfrom(DATAGRAM_RECEIVE_BYTES)
+                except BlockingIOError:
+                    break
+                except ConnectionError:  # an ICMP error reported on some platforms: not for us to act on
+                    self.counters["udp_receive_error"] += 1
+                    continue
+                self.counters["udp_received"] += 1
+                self._deliver((src[0], src[1]), data, DATAGRAM_LIMIT_BYTES)
 
     async def _serve_inbound(self, stream: trio.SocketStream) -> None:
         if self._inbound_connections >= self.config.max_inbound_connections:
