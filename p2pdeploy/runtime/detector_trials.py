@@ -9,9 +9,9 @@ dead, each with since when), so the verdicts are the nodes' own, timed by their 
   the seconds from the kill to each watcher's verdict.
 - :func:`pause_and_watch`: SIGSTOP a node for a while, SIGCONT, and watch every node's view
   until a suspicion would have expired; whoever declared it dead.
-- :func:`lossy_namespace`: a network namespace of its own whose loopback drops a share of
-  the datagrams (``tc netem``, or an ``iptables`` statistic rule where netem is missing); nodes
-  started with its ``command_prefix`` run there. Needs root; raises
+- :func:`network_namespace`: a network namespace of its own, whose loopback can be made to drop
+  a share of the packets (``tc netem``, or an ``iptables`` statistic rule where the kernel has no
+  netem); nodes started with its ``command_prefix`` run there. Needs root; raises
   :class:`NamespaceUnavailable` (saying why) where it cannot be made.
 
 Every wait is bounded; nothing here leaves a process or a namespace behind.
@@ -220,16 +220,25 @@ class NamespaceUnavailable(Exception):
     """A lossy network namespace cannot be made here (the message says why)."""
 
 
-@dataclass(frozen=True)
-class LossyNamespace:
+@dataclass
+class NetworkNamespace:
     name: str
-    loss: float
-    #: How the loss is made: ``netem`` or ``iptables``.
-    method: str
+    #: The share of packets its loopback drops, and how (``netem``, ``iptables``; ``none``).
+    loss: float = 0.0
+    method: str = "none"
 
     @property
     def command_prefix(self) -> tuple[str, ...]:
         return ("ip", "netns", "exec", self.name)
+
+    def add_loss(self, loss: float) -> str:
+        """From now on its loopback drops ``loss`` (0..1) of the packets; how (``netem`` or
+        ``iptables``). Raises :class:`NamespaceUnavailable` when neither works here."""
+        if not 0.0 < loss < 1.0:
+            raise ValueError(f"loss must be in (0, 1) (got {loss})")
+        self.method = _add_loss(self.name, loss)
+        self.loss = loss
+        return self.method
 
 
 def _run(*command: str) -> subprocess.CompletedProcess[str]:
@@ -237,12 +246,9 @@ def _run(*command: str) -> subprocess.CompletedProcess[str]:
 
 
 @contextmanager
-def lossy_namespace(loss: float) -> Iterator[LossyNamespace]:
-    """A fresh network namespace whose loopback is up and drops ``loss`` (0..1) of its packets.
-
-    Kill the processes started in it before the block ends; the namespace is deleted then."""
-    if not 0.0 <= loss < 1.0:
-        raise ValueError(f"loss must be in [0, 1) (got {loss})")
+def network_namespace() -> Iterator[NetworkNamespace]:
+    """A fresh network namespace with its loopback up (:meth:`NetworkNamespace.add_loss` makes
+    it lossy). Kill the processes started in it before the block ends; it is deleted then."""
     if os.geteuid() != 0:
         raise NamespaceUnavailable("making a network namespace needs root")
     if shutil.which("ip") is None:
@@ -255,14 +261,12 @@ def lossy_namespace(loss: float) -> Iterator[LossyNamespace]:
         up = _run("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up")
         if up.returncode != 0:
             raise NamespaceUnavailable(f"cannot bring up loopback in a namespace: {up.stderr.strip()}")
-        yield LossyNamespace(name, loss, _add_loss(name, loss))
+        yield NetworkNamespace(name)
     finally:
         _run("ip", "netns", "delete", name)
 
 
 def _add_loss(name: str, loss: float) -> str:
-    if loss == 0:
-        return "none"
     inside = ("ip", "netns", "exec", name)
     reasons = []
     if shutil.which("tc") is not None:
