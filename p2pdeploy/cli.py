@@ -377,11 +377,13 @@ def blob_get(blob_id: str, out: str | None, data_dir: str | None) -> None:
 
 @main.command()
 @_data_dir_option
-def status(data_dir: str | None) -> None:
-    """Show the running node's id, address, routing table, stored items and counters."""
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object (node ids in hex).")
+def status(data_dir: str | None, as_json: bool) -> None:
+    """Show the running node's id, address, routing table, stored items, failure detector
+    (peers watched, suspected and declared dead, local health) and counters."""
     from p2pdeploy.runtime.commands import make_console, run_status
 
-    sys.exit(_run_node_command(run_status, _data_dir_or_default(data_dir), make_console()))
+    sys.exit(_run_node_command(run_status, _data_dir_or_default(data_dir), make_console(), as_json=as_json))
 
 
 @main.command()

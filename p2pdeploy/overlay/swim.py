@@ -353,6 +353,8 @@ class _Peer:
     last_probed_at: float = -math.inf
     told_at: float = -math.inf
     verdict_shared_at: float = -math.inf
+    #: When this node came to its current belief (watched, suspected, declared dead, recovered).
+    since: float = 0.0
 
 
 @dataclass(slots=True)
@@ -377,6 +379,16 @@ class _Relay:
 class _Rumor:
     update: Update
     sent: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PeerView:
+    """What this node believes about one watched peer, and since when (its ``now``)."""
+
+    node_id: int
+    state: Liveness
+    incarnation: int
+    since: float
 
 
 @dataclass(slots=True)
@@ -433,7 +445,7 @@ class FailureDetector(Protocol):
             raise RuntimeError(
                 f"already watching {len(self._peers)} peers (DetectorConfig.max_watched); unwatch some first"
             )
-        peer = self._peers[node_id] = _Peer(node_id, address)
+        peer = self._peers[node_id] = _Peer(node_id, address, since=now)
         self._by_address[address] = node_id
         # Into the rest of the current pass at a random place, as memberlist adds a node.
         position = self.rng.randrange(self._order_index, len(self._order) + 1)
@@ -496,6 +508,13 @@ class FailureDetector(Protocol):
     def incarnation_of(self, node_id: int) -> int | None:
         peer = self._peers.get(node_id)
         return None if peer is None else peer.incarnation
+
+    def views(self, states: tuple[Liveness, ...] = (Liveness.suspect, Liveness.dead)) -> list[PeerView]:
+        """The watched peers in one of ``states`` (by default the suspects and the dead), with
+        what this node believes of each and since when."""
+        return [
+            PeerView(p.node_id, p.state, p.incarnation, p.since) for p in self._peers.values() if p.state in states
+        ]
 
     def gossip_pending(self) -> int:
         """Rumors waiting to be piggybacked."""
@@ -803,6 +822,7 @@ class FailureDetector(Protocol):
             self._arm_suspicion(peer, suspicion, now)
             return
         peer.state = Liveness.suspect
+        peer.since = now
         peer.incarnation = incarnation
         peer.suspicion = _Suspicion(now, now, [origin], ours)
         self._note_source(peer, peer.suspicion, src)
@@ -850,6 +870,7 @@ class FailureDetector(Protocol):
             if address != src:  # the other watchers we know of hear the verdict at once
                 self.send(address, Rumors(self.node_id, self.incarnation, (verdict,)))
         peer.state = Liveness.dead
+        peer.since = now
         peer.incarnation = incarnation
         peer.suspicion = None
         self.cancel_timer(("suspicion", peer.node_id))
@@ -864,6 +885,7 @@ class FailureDetector(Protocol):
         peer.suspicion = None
         self.cancel_timer(("suspicion", peer.node_id))
         if was is not Liveness.alive:
+            peer.since = now
             self._forget_rumors(peer.node_id)
             self.emit(PeerRecovered(peer.node_id, incarnation))
 

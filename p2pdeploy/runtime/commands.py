@@ -21,7 +21,9 @@ standard error, ``refused by node HEX at HOST:PORT: CHECK: REASON`` (the check t
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -31,7 +33,7 @@ import sys
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -73,6 +75,7 @@ from p2pdeploy.runtime.control import (
     ControlClient,
     ControlRequestRefused,
     ControlSocket,
+    DetectorStatus,
     GetReply,
     GetRequest,
     LookupReply,
@@ -498,10 +501,51 @@ async def run_lookup(name: str, data_dir: str | os.PathLike[str], console: Conso
     return 0 if reply.contacts else 1
 
 
-async def run_status(data_dir: str | os.PathLike[str], console: Console) -> int:
-    """Show the node's id, address, routing table, store and counters as a table."""
+def status_to_json(status: StatusReply) -> dict[str, Any]:
+    """``status`` as plain JSON values: node ids as 40 hex digits, bytes as hex."""
+
+    def plain(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {name: plain(item, name) for name, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(item) for item in value]
+        if isinstance(value, bytes):
+            return value.hex()
+        if key == "node_id" and isinstance(value, int):
+            return f"{value:040x}"
+        return value
+
+    return plain(asdict(status))
+
+
+def detector_table(detector: DetectorStatus) -> Table:
+    """The failure detector's view: whom it watches, suspects and holds dead, its health and counters."""
+    counters = detector.counters
+    table = Table(
+        title=f"failure detector: {_count(detector.watched, 'peer')} watched, {len(detector.suspects)} suspect, "
+        f"{len(detector.dead)} dead",
+        title_justify="left",
+    )
+    for column in ("peer", "state", "incarnation", "since"):
+        table.add_column(column)
+    for peer in [*detector.suspects, *detector.dead]:
+        when = datetime.datetime.fromtimestamp(peer.since_unix_s).strftime("%H:%M:%S")
+        table.add_row(f"{peer.node_id:040x}", peer.state, str(peer.incarnation), f"{when} ({peer.for_s:.1f} s ago)")
+    table.caption = f"local health {detector.health} (0 is healthy), incarnation {detector.incarnation}; " + ", ".join(
+        f"{name} {counters[name]}" for name in sorted(counters)
+    )
+    table.caption_justify = "left"
+    return table
+
+
+async def run_status(data_dir: str | os.PathLike[str], console: Console, *, as_json: bool = False) -> int:
+    """Show the node's id, address, routing table, store, failure detector and counters as tables
+    (``as_json``: one JSON object instead)."""
     with trio.fail_after(CONTROL_TIMEOUT_S):
         status: StatusReply = await control_request(data_dir, StatusRequest())
+    if as_json:
+        console.print(json.dumps(status_to_json(status)), markup=False, highlight=False, soft_wrap=True)
+        return 0
     table = Table(title=f"node of {status.data_dir or data_dir}", title_justify="left", show_header=False)
     table.add_column("what")
     table.add_column("value")
@@ -537,6 +581,8 @@ async def run_status(data_dir: str | os.PathLike[str], console: Console) -> int:
                 str(replica.restarts), f"{replica.requested_by.hex()[:16]}…" if replica.requested_by else "",
             )  # fmt: skip
         console.print(replicas)
+    if status.detector is not None:
+        console.print(detector_table(status.detector))
     counters = Table(title="counters", title_justify="left")
     counters.add_column("counter")
     counters.add_column("value", justify="right")

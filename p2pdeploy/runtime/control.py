@@ -24,9 +24,10 @@ import logging
 import os
 import socket as stdlib_socket
 import stat
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ import trio
 from p2pdeploy import wire
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import Item
+from p2pdeploy.overlay.swim import DetectorStats, Liveness
 from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, SignedBundle
 from p2pdeploy.resource.protocol import MAX_LOG_BYTES, LogsReply, Refused
 from p2pdeploy.resource.protocol import StatusReply as ReplicaStatusReply
@@ -59,6 +61,8 @@ CONTROL_LIMIT_BYTES = max(MAX_BUNDLE_BYTES, MAX_CONTROL_BLOB_BYTES) + 1024 * 102
 #: Connections served at once; more are closed at once (a local client needs one).
 MAX_CONTROL_CONNECTIONS = 32
 RECEIVE_BYTES = 65536
+#: The failure detector's counters that ``status`` reports (:class:`~p2pdeploy.overlay.swim.DetectorStats`).
+DETECTOR_STATS = tuple(f.name for f in fields(DetectorStats))
 #: Unix socket paths longer than this are reached through the directory's file descriptor.
 UNIX_PATH_MAX_BYTES = 100
 
@@ -69,7 +73,8 @@ UNIX_PATH_MAX_BYTES = 100
 @message(50)
 @dataclass(frozen=True, slots=True)
 class StatusRequest:
-    """What the node is: id, address, routing table, store, counters, contribution and replicas."""
+    """What the node is: id, address, routing table, store, counters, contribution, replicas and
+    the failure detector's view."""
 
 
 @record
@@ -86,6 +91,39 @@ class HostedReplica:
     healthy: bool
     #: The public key that started it.
     requested_by: bytes
+
+
+@record
+@dataclass(frozen=True, slots=True)
+class WatchedPeer:
+    """A peer the failure detector suspects or holds dead, as ``p2pdeploy status`` lists it."""
+
+    node_id: NodeId
+    #: ``suspect`` or ``dead``.
+    state: str
+    incarnation: int
+    #: When the node came to believe it (seconds since the epoch, by the node's clock).
+    since_unix_s: float
+    #: How long it has believed it, in seconds.
+    for_s: float
+
+
+@record
+@dataclass(frozen=True, slots=True)
+class DetectorStatus:
+    """The failure detector's view (:mod:`p2pdeploy.overlay.swim`): whom it watches, whom it
+    suspects or holds dead, its local health and its counters."""
+
+    watched: int
+    #: Lifeguard's local health score (0 is healthy; probe timeouts scale by score + 1).
+    health: int
+    #: The node's own incarnation (raised each time it refutes a suspicion about itself).
+    incarnation: int
+    suspects: list[WatchedPeer]
+    dead: list[WatchedPeer]
+    #: ``probes``, ``probes_failed``, ``indirect_requests``, ``nacks_received``, ``refutations``,
+    #: ``relayed``, ``gossip_pending``, and the node's ``peers_declared_dead`` / ``peers_recovered``.
+    counters: dict[str, int]
 
 
 @message(51)
@@ -112,6 +150,8 @@ class StatusReply:
     persistence: dict[str, int] | None = None
     #: Where its services reach the state API ("" without one).
     state_url: str = ""
+    #: The failure detector's view; None: the node runs none.
+    detector: DetectorStatus | None = None
 
 
 @message(52)
@@ -560,6 +600,37 @@ def status_of(node: RuntimeNode) -> StatusReply:
         replicas_dir="" if node.replicas_dir is None else os.fspath(node.replicas_dir),
         persistence=persistence,
         state_url="" if node.state_server is None else node.state_server.url,
+        detector=detector_status_of(node),
+    )
+
+
+def detector_status_of(node: RuntimeNode) -> DetectorStatus | None:
+    """The failure detector under the node's overlay, as a :class:`DetectorStatus` (None: none)."""
+    detector = node.overlay.detector
+    if detector is None:
+        return None
+    now = trio.current_time()
+    wall_offset_s = time.time() - now
+
+    def listed(state: Liveness) -> list[WatchedPeer]:
+        views = sorted(detector.views((state,)), key=lambda view: (view.since, view.node_id))
+        return [
+            WatchedPeer(NodeId(view.node_id), view.state.value, view.incarnation, view.since + wall_offset_s,
+                        max(now - view.since, 0.0))
+            for view in views
+        ]  # fmt: skip
+
+    counters = {name: int(getattr(detector.stats, name)) for name in DETECTOR_STATS}
+    counters["gossip_pending"] = detector.gossip_pending()
+    for name in ("peers_declared_dead", "peers_recovered"):
+        counters[name] = int(node.counters.get(name, 0))
+    return DetectorStatus(
+        watched=detector.watch_count(),
+        health=detector.health,
+        incarnation=detector.incarnation,
+        suspects=listed(Liveness.suspect),
+        dead=listed(Liveness.dead),
+        counters=counters,
     )
 
 

@@ -182,9 +182,13 @@ class LocalProcesses:
         listen: HostPort = ("127.0.0.1", 0),
         name: str | None = None,
         extra_args: Sequence[str] = (),
+        command_prefix: Sequence[str] = (),
     ) -> JoinProcess:
-        """Start ``p2pdeploy join`` (it is not listening yet: see :meth:`JoinProcess.wait_listening`)."""
-        command = [sys.executable, "-m", "p2pdeploy.cli", "join", "--listen", format_host_port(listen)]
+        """Start ``p2pdeploy join`` (it is not listening yet: see :meth:`JoinProcess.wait_listening`).
+
+        ``command_prefix`` runs it through a command that execs it, so the process id is the
+        node's: ``("ip", "netns", "exec", NAME)`` starts it in a network namespace."""
+        command = [*command_prefix, sys.executable, "-m", "p2pdeploy.cli", "join", "--listen", format_host_port(listen)]
         command += ["--data-dir", os.fspath(data_dir)]
         for address in bootstrap:
             command += ["--bootstrap", format_host_port(address)]

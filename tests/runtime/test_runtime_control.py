@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import re
 import stat
+import time
 from contextlib import AsyncExitStack
 
 import cbor2
@@ -19,7 +21,8 @@ from p2pdeploy import api, wire
 from p2pdeploy.cli import main
 from p2pdeploy.overlay.kademlia import KademliaConfig, Probe
 from p2pdeploy.overlay.storage import Item
-from p2pdeploy.runtime.commands import run_blob_get, run_blob_put
+from p2pdeploy.overlay.swim import DetectorConfig
+from p2pdeploy.runtime.commands import run_blob_get, run_blob_put, run_status
 from p2pdeploy.runtime.control import (
     CONTROL_LIMIT_BYTES,
     ControlError,
@@ -31,16 +34,16 @@ from p2pdeploy.runtime.control import (
     open_control,
 )
 from p2pdeploy.runtime.framing import LENGTH_PREFIX, FrameDecoder, frame
-from p2pdeploy.runtime.node import open_node
+from p2pdeploy.runtime.node import RuntimeConfig, open_node
 
 LOOPBACK = ("127.0.0.1", 0)
 FAST = KademliaConfig(k=8, rpc_timeout_s=1.0)
 
 
-async def serve_node(stack: AsyncExitStack, data_dir, **kwargs):
+async def serve_node(stack: AsyncExitStack, data_dir, *, kademlia: KademliaConfig = FAST, **kwargs):
     """A node with its control socket served from ``data_dir``, as ``p2pdeploy join`` runs it."""
     control = await ControlSocket.bind(data_dir)
-    node = await stack.enter_async_context(open_node(LOOPBACK, data_dir=data_dir, kademlia=FAST, **kwargs))
+    node = await stack.enter_async_context(open_node(LOOPBACK, data_dir=data_dir, kademlia=kademlia, **kwargs))
     nursery = await stack.enter_async_context(trio.open_nursery())
     stack.callback(nursery.cancel_scope.cancel)
     await nursery.start(control.serve, node)
@@ -188,3 +191,65 @@ def test_blob_get_names_a_bad_id(tmp_path):
     result = CliRunner().invoke(main, ["blob", "get", "xyz", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert "a blob id is 40 hex digits" in result.output
+
+
+FAST_DETECTOR = DetectorConfig(protocol_period_s=0.1, probe_timeout_s=0.05, suspicion_min_mult=3.0)
+
+
+async def _poll_status(data_dir, condition, bound_s: float = 30.0):
+    """The first status of the node of ``data_dir`` that satisfies ``condition`` (polled, bounded)."""
+    with trio.fail_after(bound_s):
+        while not condition(status := await api.control_request(data_dir, api.StatusRequest())):
+            await trio.sleep(0.05)
+    return status
+
+
+async def test_status_shows_the_failure_detector_watching_suspecting_and_declaring_dead(tmp_path):
+    config = RuntimeConfig(detector=FAST_DETECTOR)
+    fast_watch = KademliaConfig(k=8, rpc_timeout_s=1.0, watch_sync_interval_s=0.2)
+    async with AsyncExitStack() as stack:
+        first, _ = await serve_node(stack, tmp_path / "a", config=config, kademlia=fast_watch)
+        second, _ = await serve_node(stack, tmp_path / "b", bootstrap=[first.address], config=config,
+                                     kademlia=fast_watch)  # fmt: skip
+        async with AsyncExitStack() as victim_stack:
+            victim, _ = await serve_node(victim_stack, tmp_path / "c", bootstrap=[first.address], config=config,
+                                         kademlia=fast_watch, hand_off=False)  # fmt: skip
+            await victim.wait_joined()
+            for data_dir in ("a", "b"):
+                status = await _poll_status(tmp_path / data_dir, lambda s: s.detector.watched == 2)
+                assert (status.detector.suspects, status.detector.dead) == ([], [])
+                assert status.detector.counters["probes"] >= 0 and status.detector.health >= 0
+            victim_id = victim.node_id
+        # the victim is gone: both watchers hold it dead, since when and for how long
+        for data_dir in ("a", "b"):
+            status = await _poll_status(tmp_path / data_dir, lambda s: s.detector.dead)
+            [dead] = status.detector.dead
+            assert (dead.node_id, dead.state, status.detector.suspects) == (victim_id, "dead", [])
+            assert dead.for_s >= 0 and abs(time.time() - dead.for_s - dead.since_unix_s) < 5.0
+            assert status.detector.counters["peers_declared_dead"] == 1
+            assert status.detector.counters["probes_failed"] >= 1
+            assert status.detector.watched == 2  # dead peers stay watched, in case they come back
+
+        # `p2pdeploy status` prints it; `--json` gives node ids in hex
+        out = io.StringIO()
+        assert await run_status(tmp_path / "a", Console(file=out, width=200, soft_wrap=True)) == 0
+        text = out.getvalue()
+        assert re.search(rf"^.*{victim_id:040x}.*dead.*s ago", text, re.M), text
+        assert "failure detector: 2 peers watched, 0 suspect, 1 dead" in text
+        out = io.StringIO()
+        assert await run_status(tmp_path / "a", Console(file=out, width=80, soft_wrap=True), as_json=True) == 0
+        reported = json.loads(out.getvalue())
+        assert reported["node_id"] == f"{first.node_id:040x}"
+        assert [peer["node_id"] for peer in reported["detector"]["dead"]] == [f"{victim_id:040x}"]
+        assert reported["detector"]["counters"]["peers_declared_dead"] == 1
+        assert reported["counters"]["peers_declared_dead"] == 1
+
+
+async def test_status_of_a_node_without_a_detector_has_none(tmp_path):
+    async with AsyncExitStack() as stack:
+        await serve_node(stack, tmp_path, config=RuntimeConfig(detector=None))
+        status = await api.control_request(tmp_path, api.StatusRequest())
+        assert status.detector is None
+        out = io.StringIO()
+        assert await run_status(tmp_path, Console(file=out, width=200)) == 0
+        assert "failure detector" not in out.getvalue()
