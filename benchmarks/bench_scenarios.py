@@ -11,7 +11,8 @@ get_success, lookup_success, exact_k_closest; for persistence-churn blobs_lost a
 traffic; ...), then the run's events, events per second, the event loop's seconds (``wall_s``
 of the summary), the subprocess's wall seconds (``process wall s``: start-up, build and the
 loop) and the trace hash, which is the same exactly when the run took the same events in the
-same order.
+same order (``-`` where the file sets ``trace = false``, as most do to save the hashing;
+``--set trace=true`` turns it on everywhere).
 
 Which scenarios: by default ``DEFAULT_SCENARIOS`` from ``simulations/`` plus every
 ``simulations/*-weibull.toml`` (the heavy-tailed churn twins). A positional ``SCENARIO`` is a
@@ -170,7 +171,7 @@ def run(path: Path, overrides: Iterable[str], seed: int | None) -> dict[str, Any
 
 def format_value(value: Any) -> str:
     """A figure as a table cell: ``-`` for missing, integers with separators, floats to 6 significant digits."""
-    if value is None:
+    if value is None or value == "":
         return "-"
     if isinstance(value, bool):
         return str(value).lower()
@@ -188,7 +189,7 @@ def format_value(value: Any) -> str:
 def ratio(before: Any, after: Any) -> str:
     """after / before as a cell: ``same``/``differs`` for strings, ``-`` when it has no meaning."""
     if isinstance(before, str) or isinstance(after, str):
-        if before is None or after is None:
+        if not before or not after:
             return "-"
         return "same" if before == after else "differs"
     if not isinstance(before, (int, float)) or not isinstance(after, (int, float)):

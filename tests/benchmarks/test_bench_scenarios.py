@@ -130,3 +130,9 @@ def test_a_failed_run_raises_with_the_tail_of_its_stderr(monkeypatch):
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     with pytest.raises(RuntimeError, match="nodes must be >= 1"):
         bench.run(Path("x.toml"), [], seed=None)
+
+
+def test_a_run_without_trace_hash_shows_a_dash_not_a_match():
+    untraced = {**OVERLAY_STATIC, "trace_hash": ""}
+    rows = _rows(bench.table("overlay-static", untraced, untraced))
+    assert rows["trace_hash"] == ["-", "-", "-"]
