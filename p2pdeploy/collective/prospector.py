@@ -32,7 +32,6 @@ from p2pdeploy.collective.aggregation_tree import (
     AggregateAck,
     AggregateUpdate,
     AggregationTree,
-    Child,
     Detach,
     Orphaned,
 )
@@ -61,6 +60,11 @@ from p2pdeploy.resource.description import DescriptionChanged
 from p2pdeploy.resource.requirements import Requirement
 
 MESSAGES = TREE_MESSAGES + QUERY_MESSAGES
+
+
+def _from_tree(name: str, doc: str) -> Any:
+    """A read-only attribute of the Prospector that is its tree's."""
+    return property(lambda self: getattr(self.tree, name), doc=doc)
 
 
 class Prospector(Protocol):
@@ -120,50 +124,16 @@ class Prospector(Protocol):
         """The next hop towards the tree's key, skipping suspected contacts; None at the root."""
         return self.tree.preferred_parent(now)
 
-    @property
-    def attributes(self) -> dict[str, Any]:
-        """This node's published attributes (normalized)."""
-        return self.tree.attributes
-
-    @property
-    def parent(self) -> Contact | None:
-        """The acked parent (None: root, or not attached yet)."""
-        return self.tree.parent
-
-    @property
-    def depth(self) -> int | None:
-        """Hops from the root (0 at the root; None while unknown)."""
-        return self.tree.depth
-
-    @property
-    def root(self) -> Contact | None:
-        """The root's contact as the acks (or the answers of queries) last told it."""
-        return self.tree.root
-
-    @property
-    def grandparent(self) -> Contact | None:
-        """The parent's parent, told by its acks: where to report the parent's death."""
-        return self.tree.grandparent
-
-    @property
-    def children(self) -> dict[int, Child]:
-        """The children's entries by node id."""
-        return self.tree.children
-
-    @property
-    def suspects(self) -> dict[int, float]:
-        """Contacts that did not ack our updates, and until when they are avoided."""
-        return self.tree.suspects
-
-    @property
-    def epoch(self) -> int:
-        """This incarnation: a restarted node's updates replace its old entry whatever their seq."""
-        return self.tree.epoch
-
-    @property
-    def seq(self) -> int:
-        """The sequence number of this node's latest update."""
-        return self.tree.seq
+    # the tree's state, read-only from here (types: see AggregationTree)
+    attributes = _from_tree("attributes", "This node's published attributes (normalized).")
+    parent = _from_tree("parent", "The acked parent (None: root, or not attached yet).")
+    depth = _from_tree("depth", "Hops from the root (0 at the root; None while unknown).")
+    root = _from_tree("root", "The root's contact as the acks (or the answers of queries) last told it.")
+    grandparent = _from_tree("grandparent", "The parent's parent, told by its acks: where to report the parent's death.")
+    children = _from_tree("children", "The children's entries by node id.")
+    suspects = _from_tree("suspects", "Contacts that did not ack our updates, and until when they are avoided.")
+    epoch = _from_tree("epoch", "This incarnation: a restarted node's updates replace its old entry whatever their seq.")
+    seq = _from_tree("seq", "The sequence number of this node's latest update.")
 
     # -- API (the queries') ----------------------------------------------------------------
     def prospect(self, requirement: str | Requirement, n: int, now: float) -> int:

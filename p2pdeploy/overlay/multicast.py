@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p2pdeploy.core import Address, Rng
+from p2pdeploy.overlay import multicast_messages
 from p2pdeploy.overlay.broadcast import PrefixSpreader, SpreadConfig, SpreadState, group_by_sibling
 from p2pdeploy.overlay.identity import key_id
 from p2pdeploy.overlay.multicast_messages import (
@@ -772,18 +773,6 @@ class Multicast(PrefixSpreader):
             self.counters["forwards_nonmember"] += 1
 
 
-__all__ = [
-    "AnchorSync",
-    "GroupData",
-    "GroupDataAck",
-    "GroupDelivered",
-    "GroupEntries",
-    "GroupJoined",
-    "GroupRoute",
-    "GroupRouteAck",
-    "GroupSendFinished",
-    "GroupView",
-    "Multicast",
-    "MulticastConfig",
-    "group_id",
-]
+#: The layer's own names, and the messages and events it re-exports.
+__all__ = ["Multicast", "MulticastConfig", "group_id"]
+__all__ += multicast_messages.__all__
