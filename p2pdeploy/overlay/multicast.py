@@ -26,13 +26,16 @@ Two ways to carry group traffic (``MulticastConfig.tree``):
   appears takes the list over (``AnchorSync``); of two nodes acting as root, the one closer to
   the group id keeps the role and both lists. A member that leaves keeps passing messages on
   (without delivering them) for a member TTL, since stale views and entry lists still name it.
-- ``"scribe"``: Scribe's tree, for comparison. A JOIN goes to the next hop towards the group
+- ``"scribe"``: Scribe's tree, for comparison (:mod:`p2pdeploy.overlay.scribe`). A JOIN goes to the next hop towards the group
   id, which records the child and, if not yet in the tree, joins its own next hop; messages are
   routed to the root and flow down the tree. Nodes on the join paths forward group traffic
   without being members. Best effort only.
 
 Reliable sends (``send_to(..., reliable=True)``, members tree only) acknowledge every hand-off
 and re-delegate a block whose member failed, as reliable broadcast does.
+
+The messages and events live in :mod:`p2pdeploy.overlay.multicast_messages`; every one of them
+is importable from here.
 
 Not here: content filtering, ordering and delivery guarantees, which :mod:`p2pdeploy.collective.pubsub`
 builds on top, and any check of who may join or send (groups are open).
@@ -45,11 +48,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p2pdeploy.core import Address, Rng
+from p2pdeploy.overlay import multicast_messages
 from p2pdeploy.overlay.broadcast import PrefixSpreader, SpreadConfig, SpreadState, group_by_sibling
 from p2pdeploy.overlay.identity import key_id
+from p2pdeploy.overlay.multicast_messages import (
+    AnchorSync,
+    GroupData,
+    GroupDataAck,
+    GroupDelivered,
+    GroupEntries,
+    GroupJoined,
+    GroupRoute,
+    GroupRouteAck,
+    GroupSendFinished,
+    GroupView,
+)
 from p2pdeploy.overlay.requests import RequestTracker
 from p2pdeploy.overlay.routing import Contact, next_hop_towards
-from p2pdeploy.wire import NodeId, message
+from p2pdeploy.overlay.scribe import ScribeTrees
 
 TREES = ("members", "scribe")
 #: A routed request that has taken this many hops is looping (routing tables disagree); dropped.
@@ -113,137 +129,6 @@ def group_id(name: str) -> int:
     return key_id(name.encode())
 
 
-# -- messages -------------------------------------------------------------------------------
-
-
-@message(62)
-@dataclass(frozen=True, slots=True)
-class GroupRoute:
-    """A request travelling hop by hop towards the root of ``group`` (see ``ROUTED_KINDS``), or a
-    Scribe tree link (``LINK_KINDS``). ``hop_id`` is this hop's nonce, echoed by the ack."""
-
-    hop_id: int
-    sender: NodeId
-    group: NodeId
-    kind: str
-    requester: Contact
-    request_id: int
-    hops: int
-    payload: bytes = b""
-    #: Join: the root whose view the member holds (a root that started without the member list
-    #: learns from a join naming another root that the list is being rebuilt).
-    last_root: NodeId | None = None
-
-
-@message(63)
-@dataclass(frozen=True, slots=True)
-class GroupRouteAck:
-    hop_id: int
-    sender: NodeId
-
-
-@message(64)
-@dataclass(frozen=True, slots=True)
-class GroupView:
-    """The root tells a member whom to hand messages to. ``complete`` is false while a root
-    that took over without the member list rebuilds it from the members' refreshes: the member
-    then adds these to its view instead of replacing it, until a complete view comes."""
-
-    group: NodeId
-    sender: NodeId
-    version: int
-    view: list[Contact]
-    complete: bool
-
-
-@message(65)
-@dataclass(frozen=True, slots=True)
-class GroupEntries:
-    """The root's answer to ``locate``: members a publisher outside the group may hand messages to."""
-
-    group: NodeId
-    sender: NodeId
-    entries: list[Contact]
-
-
-@message(66)
-@dataclass(frozen=True, slots=True)
-class GroupData:
-    """A group message handed to a member with the block ``(low, depth)`` it now covers (members
-    tree), or passed down a Scribe tree (block unused)."""
-
-    group: NodeId
-    msg_id: int
-    origin: NodeId
-    sender: NodeId
-    low: NodeId
-    depth: int
-    hops: int
-    reliable: bool
-    payload: bytes
-    #: Proxies the block passed through (0: the receiver lies in it).
-    proxies: int = 0
-
-
-@message(67)
-@dataclass(frozen=True, slots=True)
-class GroupDataAck:
-    group: NodeId
-    msg_id: int
-    sender: NodeId
-    low: NodeId
-    depth: int
-    done: bool
-
-
-@message(68)
-@dataclass(frozen=True, slots=True)
-class AnchorSync:
-    """The root's member list, copied to the next closest nodes so one of them can take over."""
-
-    group: NodeId
-    sender: NodeId
-    version: int
-    members: list[Contact]
-
-
-# -- events ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class GroupJoined:
-    """The root answered this member's first JOIN: messages now reach it (Scribe: the member is
-    attached to the tree, and ``root`` is its parent)."""
-
-    name: str
-    group: int
-    root: int
-    view_size: int
-
-
-@dataclass(frozen=True, slots=True)
-class GroupDelivered:
-    """A group message reached this member (once per message id)."""
-
-    name: str
-    group: int
-    msg_id: int
-    origin: int
-    payload: bytes
-    hops: int
-
-
-@dataclass(frozen=True, slots=True)
-class GroupSendFinished:
-    """A reliable send is done: every block was acknowledged, or ``unreached_blocks`` were given up
-    (for a publisher outside the group, 1 means no entry member took the message)."""
-
-    name: str
-    group: int
-    msg_id: int
-    unreached_blocks: int
-
-
 # -- state ----------------------------------------------------------------------------------
 
 
@@ -278,16 +163,6 @@ class _Publisher:
     expires_at: float = 0.0
     locating: bool = False
     queued: list[_Queued] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class _TreeNode:
-    """Scribe: this node's links in a group's tree."""
-
-    parent: Contact | None = None
-    root: bool = False
-    attaching: bool = False
-    children: dict[int, tuple[Contact, float]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -339,7 +214,8 @@ class Multicast(PrefixSpreader):
         self._roots: dict[int, _RootState] = {}
         self._anchored: dict[int, tuple[int, list[Contact], float]] = {}  # group -> (version, members, expires)
         self._publishers: dict[int, _Publisher] = {}
-        self._tree: dict[int, _TreeNode] = {}
+        #: Scribe's trees (``tree = "scribe"``): this node's links in each.
+        self._scribe = ScribeTrees(self)
         self._redirects: dict[int, tuple[Contact, float]] = {}  # group -> (the root we yielded to, until)
         #: Hops waiting for their ``GroupRouteAck``: the hop id is the request id.
         self._hops: RequestTracker[_Hop] = RequestTracker(
@@ -361,12 +237,10 @@ class Multicast(PrefixSpreader):
         self._groups[gid] = _Membership(name, gid)
         self._departed.pop(gid, None)
         if self.config.tree == "scribe":
-            self._tree.setdefault(gid, _TreeNode())
-            self._scribe_ensure_attached(gid, now)
-            self._arm_refresh(gid, now)
+            self._scribe.join(gid, now)
         else:
             self._send_join(gid, now)
-            self._arm_refresh(gid, now)
+        self._arm_refresh(gid, now)
         return gid
 
     def leave(self, name: str, now: float) -> None:
@@ -378,9 +252,7 @@ class Multicast(PrefixSpreader):
         self.cancel_timer(("join_wait", gid))
         self._departed[gid] = (membership.view, now + self.config.member_ttl_s)
         if self.config.tree == "scribe":
-            node = self._tree.get(gid)
-            if node is not None and not node.children:
-                self._scribe_detach(gid, now)
+            self._scribe.leave(gid, now)
             return
         self.cancel_timer(("refresh", gid))
         self._route(gid, "leave", self.rng.getrandbits(63), self.contact, 0, b"", now, first=membership.root)
@@ -427,15 +299,13 @@ class Multicast(PrefixSpreader):
         """True once the root answered this member's JOIN (Scribe: once attached to the tree)."""
         gid = group_id(name)
         if self.config.tree == "scribe":
-            node = self._tree.get(gid)
-            return gid in self._groups and node is not None and (node.root or node.parent is not None)
+            return gid in self._groups and self._scribe.is_attached(gid)
         membership = self._groups.get(gid)
         return membership is not None and membership.joined
 
     def is_root(self, name: str) -> bool:
         gid = group_id(name)
-        node = self._tree.get(gid)
-        return gid in self._roots or (node is not None and node.root)
+        return gid in self._roots or self._scribe.is_root(gid)
 
     def member_count(self, name: str) -> int | None:
         """Members on the root's list (None on a node that is not the root)."""
@@ -448,8 +318,7 @@ class Multicast(PrefixSpreader):
 
     def children(self, name: str) -> list[Contact]:
         """Scribe: this node's children in the tree of ``name``."""
-        node = self._tree.get(group_id(name))
-        return [] if node is None else [c for c, _ in node.children.values()]
+        return self._scribe.children(group_id(name))
 
     # -- inputs ----------------------------------------------------------------------------
     def receive(self, src: Address, msg: Any, now: float) -> None:
@@ -521,7 +390,7 @@ class Multicast(PrefixSpreader):
         if self._hops.full:
             self.dropped["route_overload"] += 1  # as lost: the join, locate or refresh timers retry
             if template.kind == "attach":
-                self._attach_abandoned(template.group)
+                self._scribe.attach_abandoned(template.group)
             return
         hop_id = self._hops.issue(_Hop(template, hop, [*tried, hop.node_id]), now, self.config.hop_timeout_s,
                                   address=hop.address, node_id=hop.node_id)
@@ -540,12 +409,7 @@ class Multicast(PrefixSpreader):
             return
         hop = request.data
         if hop.msg.kind == "attach":
-            node = self._tree.get(hop.msg.group)
-            if node is not None:
-                node.attaching = False
-                node.parent = hop.contact
-                node.root = False
-                self._scribe_joined(hop.msg.group, hop.contact.node_id)
+            self._scribe.attach_acked(hop.msg.group, hop.contact)
 
     def _hop_failed(self, timer_name: Hashable, now: float) -> None:
         request = self._hops.timed_out(timer_name)
@@ -557,25 +421,20 @@ class Multicast(PrefixSpreader):
         if len(hop.tried) >= self.config.route_attempts:
             self.dropped["route_failed"] += 1
             if msg.kind == "attach":
-                self._attach_abandoned(msg.group)
+                self._scribe.attach_abandoned(msg.group)
             return
         if msg.kind == "attach":
-            self._scribe_attach(msg.group, now, hop.tried)
+            self._scribe.attach(msg.group, now, hop.tried)
         elif msg.kind == "detach":
             return
         else:
             self._route(msg.group, msg.kind, msg.request_id, msg.requester, msg.hops, msg.payload, now,
                         tried=hop.tried, last_root=msg.last_root)
 
-    def _attach_abandoned(self, gid: int) -> None:
-        node = self._tree.get(gid)
-        if node is not None:
-            node.attaching = False  # the next refresh tries again
-
     def _on_route(self, src: Address, msg: GroupRoute, now: float) -> None:
         self.send(src, GroupRouteAck(msg.hop_id, self.own_id))
         if msg.kind in LINK_KINDS:
-            self._on_link(src, msg, now)
+            self._scribe.on_link(src, msg, now)
             return
         if msg.kind not in ROUTED_KINDS:
             self.dropped["bad_route_kind"] += 1
@@ -590,7 +449,7 @@ class Multicast(PrefixSpreader):
     def _at_root(self, gid: int, kind: str, request_id: int, requester: Contact, payload: bytes, now: float,
                  last_root: int | None = None) -> None:
         if kind == "publish":
-            self._scribe_publish(gid, request_id, requester.node_id, payload, now)
+            self._scribe.publish(gid, request_id, requester.node_id, payload, now)
             return
         if self.config.tree == "scribe":
             self.dropped["wrong_tree"] += 1
@@ -762,10 +621,10 @@ class Multicast(PrefixSpreader):
                     last_root=membership.view_from[0] if membership.view_from[0] >= 0 else None)
 
     def _refresh(self, gid: int, now: float) -> None:
-        if gid not in self._groups and gid not in self._tree:
+        if gid not in self._groups and not self._scribe.holds(gid):
             return
         if self.config.tree == "scribe":
-            self._scribe_refresh(gid, now)
+            self._scribe.refresh(gid, now)
         else:
             self._send_join(gid, now)
         self._arm_refresh(gid, now)
@@ -839,7 +698,7 @@ class Multicast(PrefixSpreader):
     # -- dissemination (engine hooks) ------------------------------------------------------
     def _on_data(self, src: Address, msg: GroupData, now: float) -> None:
         if self.config.tree == "scribe":
-            self._scribe_data(msg, now)
+            self._scribe.data(msg, now)
             return
         membership = self._groups.get(msg.group)
         if membership is None and not self._forwards_for(msg.group, now):
@@ -913,118 +772,7 @@ class Multicast(PrefixSpreader):
         else:
             self.counters["forwards_nonmember"] += 1
 
-    # -- Scribe trees ----------------------------------------------------------------------
-    def _scribe_ensure_attached(self, gid: int, now: float) -> None:
-        node = self._tree[gid]
-        if node.root or node.parent is not None or node.attaching:
-            return
-        self._scribe_attach(gid, now, [])
 
-    def _scribe_attach(self, gid: int, now: float, tried: list[int]) -> None:
-        node = self._tree.get(gid)
-        if node is None:
-            return
-        parent = self._next_hop(gid, now, tried)
-        if parent is None:
-            node.root, node.parent, node.attaching = True, None, False
-            self._scribe_joined(gid, self.own_id)
-            return
-        node.attaching = True
-        self._send_hop(GroupRoute(0, self.own_id, gid, "attach", self.contact, 0, 0), parent, tried, now)
-
-    def _scribe_joined(self, gid: int, parent_id: int) -> None:
-        membership = self._groups.get(gid)
-        if membership is not None and not membership.joined:
-            membership.joined = True
-            self.emit(GroupJoined(membership.name, gid, parent_id, 0))
-
-    def _scribe_detach(self, gid: int, now: float) -> None:
-        node = self._tree.pop(gid, None)
-        self.cancel_timer(("refresh", gid))
-        if node is not None and node.parent is not None:
-            self._send_hop(GroupRoute(0, self.own_id, gid, "detach", self.contact, 0, 0), node.parent, [], now)
-
-    def _on_link(self, src: Address, msg: GroupRoute, now: float) -> None:
-        if self.config.tree != "scribe":
-            self.dropped["wrong_tree"] += 1
-            return
-        gid = msg.group
-        if msg.kind == "detach":
-            node = self._tree.get(gid)
-            if node is not None:
-                node.children.pop(msg.sender, None)
-            return
-        node = self._tree.get(gid)
-        if node is None:
-            node = self._tree[gid] = _TreeNode()
-            self._arm_refresh(gid, now)
-        node.children[msg.sender] = (Contact(msg.sender, src), now + self.config.member_ttl_s)
-        self._scribe_ensure_attached(gid, now)
-
-    def _scribe_refresh(self, gid: int, now: float) -> None:
-        node = self._tree.get(gid)
-        if node is None:
-            return
-        for child_id in [cid for cid, (_, expires) in node.children.items() if expires <= now]:
-            del node.children[child_id]
-        if gid not in self._groups and not node.children:
-            self._scribe_detach(gid, now)
-            return
-        if node.root:
-            if self._next_hop(gid, now) is not None:  # a closer node appeared: it is the root now
-                node.root = False
-                self._scribe_attach(gid, now, [])
-        elif node.parent is not None:
-            node.attaching = True  # the parent's ack confirms the link; silence re-attaches elsewhere
-            self._send_hop(GroupRoute(0, self.own_id, gid, "attach", self.contact, 0, 0), node.parent, [], now)
-        elif not node.attaching:
-            self._scribe_attach(gid, now, [])
-
-    def _scribe_publish(self, gid: int, msg_id: int, origin: int, payload: bytes, now: float) -> None:
-        """At the root: pass the message down the tree."""
-        node = self._tree.get(gid)
-        if node is None:
-            self.dropped["no_tree"] += 1
-            return
-        self._scribe_data(GroupData(gid, msg_id, origin, self.own_id, 0, 0, 0, False, payload), now)
-
-    def _scribe_data(self, msg: GroupData, now: float) -> None:
-        gid = msg.group
-        key = (gid, msg.msg_id)
-        spread = self._spreads.get(key)
-        if spread is not None and spread.covered_depth == 0:
-            self.counters["duplicates"] += 1
-            return
-        if spread is None:
-            spread = self._remember(gid, msg.msg_id, None, False, now)
-            spread.hops = msg.hops
-        spread.covered_depth = 0  # passed down: a second copy is a duplicate
-        membership = self._groups.get(gid)
-        if membership is not None:
-            self._deliver(membership, msg.msg_id, msg.origin, msg.payload, msg.hops, now)
-        node = self._tree.get(gid)
-        if node is None:
-            return
-        for child, _ in node.children.values():
-            self.send(child.address, GroupData(gid, msg.msg_id, msg.origin, self.own_id, 0, 0, msg.hops + 1,
-                                               False, msg.payload))
-            self.counters["data_sent"] += 1
-            if msg.hops > 0 or msg.origin != self.own_id:  # not the root sending its own message
-                self._count_forward(gid)
-
-
-__all__ = [
-    "AnchorSync",
-    "GroupData",
-    "GroupDataAck",
-    "GroupDelivered",
-    "GroupEntries",
-    "GroupJoined",
-    "GroupRoute",
-    "GroupRouteAck",
-    "GroupSendFinished",
-    "GroupView",
-    "Multicast",
-    "MulticastConfig",
-    "group_id",
-]
+#: The layer's own names, and the messages and events it re-exports.
+__all__ = ["Multicast", "MulticastConfig", "group_id"]
+__all__ += multicast_messages.__all__
