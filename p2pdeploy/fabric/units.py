@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 
 KIB = 1024
 MIB = 1024**2
@@ -50,20 +51,7 @@ class UnitError(ValueError):
 
 def parse_size(text: str | int | float) -> int:
     """Bytes in ``text`` (``"512M"``, ``"2GiB"``, ``"1.5G"``, ``4096``); raise :class:`UnitError`."""
-    if isinstance(text, bool):
-        raise UnitError(f"expected a size such as 512M or 2G (got {text!r})")
-    if isinstance(text, int | float):
-        if not math.isfinite(text) or text < 0:
-            raise UnitError(f"a size must be a finite number >= 0 (got {text!r})")
-        return int(text)
-    match = _SIZE_RE.fullmatch(text.strip())
-    if match is None:
-        raise UnitError(f"expected a size such as 512M or 2G (got {text!r})")
-    unit = match["unit"] or "B"
-    factor = SIZE_UNITS.get(unit)
-    if factor is None:
-        raise UnitError(f"unknown size unit {unit!r} in {text!r} (use K, M, G, T, KiB..., KB..., or B)")
-    return int(float(match["number"]) * factor)
+    return _parse_quantity(text, "size", "512M or 2G", "B", SIZE_UNITS, "K, M, G, T, KiB..., KB..., or B")
 
 
 def parse_cores(text: str | int | float) -> float:
@@ -81,19 +69,27 @@ def parse_cores(text: str | int | float) -> float:
 
 def parse_bandwidth(text: str | int | float) -> int:
     """Bits per second in ``text`` (``"100Mbit"``, ``"10Mbps"``, ``1000000``); raise :class:`UnitError`."""
+    return _parse_quantity(text, "bandwidth", "100Mbit", "bit", BANDWIDTH_UNITS, "bit, kbit, Mbit, Gbit")
+
+
+def _parse_quantity(
+    text: str | int | float, noun: str, example: str, default_unit: str, units: Mapping[str, int], known: str
+) -> int:
+    """A whole quantity: a number as it is, or a number and a unit of ``units`` (``default_unit``
+    when none is written); the errors call it a ``noun``, give ``example`` and list ``known``."""
     if isinstance(text, bool):
-        raise UnitError(f"expected a bandwidth such as 100Mbit (got {text!r})")
+        raise UnitError(f"expected a {noun} such as {example} (got {text!r})")
     if isinstance(text, int | float):
         if not math.isfinite(text) or text < 0:
-            raise UnitError(f"a bandwidth must be a finite number >= 0 (got {text!r})")
+            raise UnitError(f"a {noun} must be a finite number >= 0 (got {text!r})")
         return int(text)
     match = _SIZE_RE.fullmatch(text.strip())
     if match is None:
-        raise UnitError(f"expected a bandwidth such as 100Mbit (got {text!r})")
-    unit = match["unit"] or "bit"
-    factor = BANDWIDTH_UNITS.get(unit)
+        raise UnitError(f"expected a {noun} such as {example} (got {text!r})")
+    unit = match["unit"] or default_unit
+    factor = units.get(unit)
     if factor is None:
-        raise UnitError(f"unknown bandwidth unit {unit!r} in {text!r} (use bit, kbit, Mbit, Gbit)")
+        raise UnitError(f"unknown {noun} unit {unit!r} in {text!r} (use {known})")
     return int(float(match["number"]) * factor)
 
 

@@ -26,20 +26,25 @@ MAX_RTO_S = 60.0
 MAX_OUTSTANDING = 4096
 
 
-@message(1)
 @dataclass(frozen=True, slots=True)
-class Ping:
+class _Echo:
+    """What a ping and its pong both carry (a pong echoes the ping's nonce and payload)."""
+
     nonce: int
     sender: NodeId
     payload: bytes = b""
+
+
+@message(1)
+@dataclass(frozen=True, slots=True)
+class Ping(_Echo):
+    pass
 
 
 @message(2)
 @dataclass(frozen=True, slots=True)
-class Pong:
-    nonce: int
-    sender: NodeId
-    payload: bytes = b""
+class Pong(_Echo):
+    pass
 
 
 @dataclass(frozen=True, slots=True)

@@ -209,6 +209,13 @@ def _check_updates(updates: tuple[Update, ...]) -> None:
         raise ValueError(f"at most {MAX_UPDATES_ON_WIRE} updates per message (got {len(updates)})")
 
 
+def _check_sequenced(msg: Probe | _Answer) -> None:
+    """The checks of a message with a sequence number, an incarnation and rumors, in that order."""
+    _check_int("seq", msg.seq)
+    _check_int("incarnation", msg.incarnation)
+    _check_updates(msg.updates)
+
+
 @message(130)
 @dataclass(frozen=True, slots=True)
 class Probe:
@@ -221,15 +228,13 @@ class Probe:
     updates: tuple[Update, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_int("seq", self.seq)
-        _check_int("incarnation", self.incarnation)
-        _check_updates(self.updates)
+        _check_sequenced(self)
 
 
-@message(131)
 @dataclass(frozen=True, slots=True)
-class ProbeAck:
-    """The answer to a probe, from ``sender`` (forwarded by a relay for an indirect probe)."""
+class _Answer:
+    """What an answer to a probe or a ping-req carries: the ``seq`` it answers, and its sender's
+    incarnation and rumors (:class:`ProbeAck` and :class:`ProbeNack` differ only by their tag)."""
 
     seq: int
     sender: NodeId
@@ -237,9 +242,13 @@ class ProbeAck:
     updates: tuple[Update, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_int("seq", self.seq)
-        _check_int("incarnation", self.incarnation)
-        _check_updates(self.updates)
+        _check_sequenced(self)
+
+
+@message(131)
+@dataclass(frozen=True, slots=True)
+class ProbeAck(_Answer):
+    """The answer to a probe, from ``sender`` (forwarded by a relay for an indirect probe)."""
 
 
 @message(132)
@@ -265,18 +274,8 @@ class ProbeRequest:
 
 @message(133)
 @dataclass(frozen=True, slots=True)
-class ProbeNack:
+class ProbeNack(_Answer):
     """Lifeguard's nack: a relay (``sender``) got no ack from the target of ping-req ``seq``."""
-
-    seq: int
-    sender: NodeId
-    incarnation: int
-    updates: tuple[Update, ...] = ()
-
-    def __post_init__(self) -> None:
-        _check_int("seq", self.seq)
-        _check_int("incarnation", self.incarnation)
-        _check_updates(self.updates)
 
 
 @message(134)

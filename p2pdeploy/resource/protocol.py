@@ -87,15 +87,25 @@ def _check_common(msg: Any) -> None:
 # -- requests -------------------------------------------------------------------------------
 
 
-@message(30)
 @dataclass(frozen=True, slots=True)
-class StartReplica:
+class _SignedRequest:
+    """The fields every request starts with, in this order on the wire; each request adds its own
+    after them, and its ``signature`` (empty while it is signed)."""
+
     request_id: int
     node: NodeId
     signer: bytes
     nonce: bytes
     timestamp: float
     replica_id: str
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+
+
+@message(30)
+@dataclass(frozen=True, slots=True)
+class StartReplica(_SignedRequest):
     bundle: bytes
     bundle_key: bytes
     bundle_signature: bytes
@@ -123,43 +133,19 @@ class StartReplica:
 
 @message(31)
 @dataclass(frozen=True, slots=True)
-class StopReplica:
-    request_id: int
-    node: NodeId
-    signer: bytes
-    nonce: bytes
-    timestamp: float
-    replica_id: str
+class StopReplica(_SignedRequest):
     signature: bytes = b""
-
-    def __post_init__(self) -> None:
-        _check_common(self)
 
 
 @message(32)
 @dataclass(frozen=True, slots=True)
-class QueryReplica:
-    request_id: int
-    node: NodeId
-    signer: bytes
-    nonce: bytes
-    timestamp: float
-    replica_id: str
+class QueryReplica(_SignedRequest):
     signature: bytes = b""
-
-    def __post_init__(self) -> None:
-        _check_common(self)
 
 
 @message(33)
 @dataclass(frozen=True, slots=True)
-class FetchLogs:
-    request_id: int
-    node: NodeId
-    signer: bytes
-    nonce: bytes
-    timestamp: float
-    replica_id: str
+class FetchLogs(_SignedRequest):
     max_bytes: int
     signature: bytes = b""
 

@@ -96,7 +96,28 @@ class LengthDistribution:
 Hook = Callable[[int], None]
 
 
-class SessionChurn:
+class _Churn:
+    """What both sources of churn share: the engine, the two hooks they drive, when they start,
+    and how many departures and arrivals they caused."""
+
+    def __init__(self, engine: Engine, *, on_down: Hook, on_up: Hook, start_s: float) -> None:
+        self.engine = engine
+        self.start_s = start_s
+        self.on_down = on_down
+        self.on_up = on_up
+        self.departures = 0
+        self.arrivals = 0
+
+    def _leave(self, address: int) -> None:
+        self.departures += 1
+        self.on_down(address)
+
+    def _return(self, address: int) -> None:
+        self.arrivals += 1
+        self.on_up(address)
+
+
+class SessionChurn(_Churn):
     """Alternating up/down periods per node, drawn from two distributions.
 
     Node ``i`` draws from its own stream ``streams.get("churn", i)``, so its history does not
@@ -116,16 +137,11 @@ class SessionChurn:
         on_up: Hook,
         start_s: float = 0.0,
     ) -> None:
-        self.engine = engine
-        self.start_s = start_s
+        super().__init__(engine, on_down=on_down, on_up=on_up, start_s=start_s)
         self.streams = streams
         self.addresses = addresses
         self.session = session
         self.downtime = downtime
-        self.on_down = on_down
-        self.on_up = on_up
-        self.departures = 0
-        self.arrivals = 0
         self._down_cb = self._go_down
         self._up_cb = self._come_up
 
@@ -136,14 +152,12 @@ class SessionChurn:
             self.engine.schedule(begin + self.session.sample(rng), self._down_cb, address)
 
     def _go_down(self, address: int) -> None:
-        self.departures += 1
-        self.on_down(address)
+        self._leave(address)
         rng = self.streams.get("churn", address)
         self.engine.schedule(self.engine.now + self.downtime.sample(rng), self._up_cb, address)
 
     def _come_up(self, address: int) -> None:
-        self.arrivals += 1
-        self.on_up(address)
+        self._return(address)
         rng = self.streams.get("churn", address)
         self.engine.schedule(self.engine.now + self.session.sample(rng), self._down_cb, address)
 
@@ -202,7 +216,7 @@ def load_trace(path: str | Path, *, nodes: int | None = None) -> list[Transition
     return parse_trace(text, source=str(path), nodes=nodes)
 
 
-class TraceChurn:
+class TraceChurn(_Churn):
     """Replays a list of :class:`Transition` through the ``on_down`` / ``on_up`` hooks.
 
     A transition at ``time_s`` happens at ``start_s + time_s``.
@@ -217,13 +231,8 @@ class TraceChurn:
         on_up: Hook,
         start_s: float = 0.0,
     ) -> None:
-        self.engine = engine
-        self.start_s = start_s
+        super().__init__(engine, on_down=on_down, on_up=on_up, start_s=start_s)
         self.transitions = sorted(transitions, key=lambda t: t.time_s)  # stable: file order at ties
-        self.on_down = on_down
-        self.on_up = on_up
-        self.departures = 0
-        self.arrivals = 0
         self.ignored = 0
         self._down: set[int] = set()
 
@@ -240,9 +249,7 @@ class TraceChurn:
             return
         if up:
             self._down.discard(address)
-            self.arrivals += 1
-            self.on_up(address)
+            self._return(address)
         else:
             self._down.add(address)
-            self.departures += 1
-            self.on_down(address)
+            self._leave(address)

@@ -332,13 +332,11 @@ class Network:
 
     # -- carrying messages -----------------------------------------------------------------
     def send(self, src: int, messages: list[tuple[Any, Any]]) -> None:
-        """Send each ``(dst, msg)`` from ``src``; called by a host after draining its core."""
-        if self.encode:
-            self._send_encoded(src, messages)
-        else:
-            self._send_objects(src, messages)
+        """Send each ``(dst, msg)`` from ``src``; called by a host after draining its core.
 
-    def _send_encoded(self, src: int, messages: list[tuple[Any, Any]]) -> None:
+        An encoding network carries each message's bytes (one that does not encode is dropped
+        and counted before anything else is decided about it); otherwise it carries the object
+        and sizes it with ``size_of``."""
         engine = self.engine
         now = engine.now
         nodes = self.nodes
@@ -347,58 +345,29 @@ class Network:
         jitter_s = self.jitter_s
         threshold = self.large_message_bytes
         stream_limit = self.stream_limit_bytes
-        latency_s = self.latency_s
-        groups = self._group_of
-        encode = wire.encode
-        deliver = self._deliver_small_cb
-        for dst, msg in messages:
-            self.sent += 1
-            if type(dst) is not int or not 0 <= dst < nodes:
-                self.dropped["unknown_address"] += 1
-                continue
-            try:
-                data = encode(msg, stream_limit)
-            except wire.WireError:  # the runtime's node drops and counts it the same way
-                self.dropped["encode_error"] += 1
-                continue
-            if groups is not None and groups[src] != groups[dst]:
-                self.dropped["partitioned"] += 1
-                continue
-            size = len(data)
-            if size > threshold:
-                self._send_large(src, dst, data, size, now)
-                continue
-            if loss and rng.random() < loss:
-                self.dropped["loss"] += 1
-                continue
-            delay = latency_s(src, dst)
-            if jitter_s:
-                delay += rng.random() * jitter_s
-            engine.schedule(now + delay, deliver, dst, src, data)
-
-    def _send_objects(self, src: int, messages: list[tuple[Any, Any]]) -> None:
-        engine = self.engine
-        now = engine.now
-        nodes = self.nodes
-        rng = self._rng
-        loss = self.loss
-        jitter_s = self.jitter_s
-        threshold = self.large_message_bytes
         size_of = self.size_of
         latency_s = self.latency_s
         groups = self._group_of
+        encode = wire.encode if self.encode else None
         deliver = self._deliver_small_cb
         for dst, msg in messages:
             self.sent += 1
             if type(dst) is not int or not 0 <= dst < nodes:
                 self.dropped["unknown_address"] += 1
                 continue
+            payload = msg
+            if encode is not None:
+                try:
+                    payload = encode(msg, stream_limit)
+                except wire.WireError:  # the runtime's node drops and counts it the same way
+                    self.dropped["encode_error"] += 1
+                    continue
             if groups is not None and groups[src] != groups[dst]:
                 self.dropped["partitioned"] += 1
                 continue
-            size = size_of(msg)
+            size = size_of(msg) if encode is None else len(payload)
             if size > threshold:
-                self._send_large(src, dst, msg, size, now)
+                self._send_large(src, dst, payload, size, now)
                 continue
             if loss and rng.random() < loss:
                 self.dropped["loss"] += 1
@@ -406,7 +375,7 @@ class Network:
             delay = latency_s(src, dst)
             if jitter_s:
                 delay += rng.random() * jitter_s
-            engine.schedule(now + delay, deliver, dst, src, msg)
+            engine.schedule(now + delay, deliver, dst, src, payload)
 
     def inject(self, src: int, dst: int, data: bytes, *, stream: bool = False) -> None:
         """Deliver raw bytes to ``dst`` as if ``src`` had sent them, after the pair's latency.
@@ -442,14 +411,22 @@ class Network:
         self._download_free_at[dst] = download_done
         self.engine.schedule(max(download_done, last_byte_at), self._deliver_large_cb, dst, src, payload)
 
-    def _deliver(self, dst: int, src: int, msg: Any) -> None:
+    def _receiver(self, dst: int, src: int) -> SimNode | None:
+        """The host at ``dst`` if what ``src`` sent can reach it now (it is up, on ``src``'s side
+        of any partition); ``None``, counted as dropped, if not."""
         host = self.hosts[dst]
         if host.core is None:
             self.dropped["down"] += 1
-            return
+            return None
         groups = self._group_of
         if groups is not None and groups[src] != groups[dst]:
             self.dropped["partitioned"] += 1
+            return None
+        return host
+
+    def _deliver(self, dst: int, src: int, msg: Any) -> None:
+        host = self._receiver(dst, src)
+        if host is None:
             return
         self.delivered += 1
         host.deliver(src, msg)
@@ -462,13 +439,8 @@ class Network:
 
     def _deliver_bytes(self, dst: int, src: int, data: bytes, limit_bytes: int) -> None:
         """Bytes reached ``dst``: decode them as the runtime's node does, then hand over the message."""
-        host = self.hosts[dst]
-        if host.core is None:
-            self.dropped["down"] += 1
-            return
-        groups = self._group_of
-        if groups is not None and groups[src] != groups[dst]:
-            self.dropped["partitioned"] += 1
+        host = self._receiver(dst, src)
+        if host is None:
             return
         msg = wire.decode(data, limit_bytes)
         if type(msg) is wire.DecodeError:
