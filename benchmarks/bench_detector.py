@@ -45,19 +45,13 @@ from p2pdeploy.runtime.detector_trials import (
 )
 from p2pdeploy.runtime.localnet import open_local_processes
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_overlay import percentile  # noqa: E402 - the benchmarks' one nearest-rank percentile
+
 EXTRA_ARGS = ["--kademlia", "watch_sync_interval_s=1"]
 WATCH_BOUND_S = 300.0
 VERDICT_BOUND_S = 60.0
 PAUSE_S = 2.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) by the nearest-rank method; NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
 
 
 async def kill_and_pause(nodes_count: int, kills: int) -> dict[str, Any]:
