@@ -29,7 +29,12 @@ this way: handoff on join), then drops its own copy if it is not among them whil
 it (a node back from a long downtime, or one that was displaced). The ``check`` flag of the
 search tells the holders it reaches that the key was just checked, so a key costs about one
 check per interval however many holders it has. ``leave()`` hands every key to the next
-closest nodes before a graceful departure; a crash is repaired by the next check. A search
+closest nodes before a graceful departure; a crash is repaired by the next check, or sooner:
+the holders of a key watch one another (a ``HolderPing`` every ``watch_interval_s`` to each
+node this one holds keys with, one per peer whatever the number of keys), and a holder that
+stops answering has every key it held with this node checked at once (:meth:`Persistence.peer_gone`),
+since under heavy-tailed churn all the holders of a key can leave within one repair interval.
+A node that starts with keys in its store (back with its disk) checks them within seconds. A search
 asks nodes that failed it before again (they may be back from a reboot with their disk). A
 search that meets fewer live nodes than it wanted (the known neighbourhood of the key left)
 searches once more as wide as an overlay lookup. The layer reports every peer it hears from or
