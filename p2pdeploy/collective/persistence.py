@@ -29,7 +29,12 @@ this way: handoff on join), then drops its own copy if it is not among them whil
 it (a node back from a long downtime, or one that was displaced). The ``check`` flag of the
 search tells the holders it reaches that the key was just checked, so a key costs about one
 check per interval however many holders it has. ``leave()`` hands every key to the next
-closest nodes before a graceful departure; a crash is repaired by the next check. A search
+closest nodes before a graceful departure; a crash is repaired by the next check, or sooner:
+the holders of a key watch one another (a ``HolderPing`` every ``watch_interval_s`` to each
+node this one holds keys with, one per peer whatever the number of keys), and a holder that
+stops answering has every key it held with this node checked at once (:meth:`Persistence.peer_gone`),
+since under heavy-tailed churn all the holders of a key can leave within one repair interval.
+A node that starts with keys in its store (back with its disk) checks them within seconds. A search
 asks nodes that failed it before again (they may be back from a reboot with their disk). A
 search that meets fewer live nodes than it wanted (the known neighbourhood of the key left)
 searches once more as wide as an overlay lookup. The layer reports every peer it hears from or
@@ -48,6 +53,7 @@ moving quorum groups when their members leave for good (see ``records.py``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -224,8 +230,24 @@ class Accepted:
     promised: Ballot
 
 
-REQUESTS = (FindHolders, FetchChunk, StoreChunk, StoreRecord, Prepare, Accept)
-REPLIES = (Holders, ChunkBody, Stored, Promise, Accepted)
+@message(111)
+@dataclass(frozen=True, slots=True)
+class HolderPing:
+    """Are you there? (sent to the other holders of this node's keys, see ``watch_interval_s``)."""
+
+    rpc_id: int
+    sender: NodeId
+
+
+@message(112)
+@dataclass(frozen=True, slots=True)
+class HolderPong:
+    rpc_id: int
+    sender: NodeId
+
+
+REQUESTS = (FindHolders, FetchChunk, StoreChunk, StoreRecord, Prepare, Accept, HolderPing)
+REPLIES = (Holders, ChunkBody, Stored, Promise, Accepted, HolderPong)
 
 # -- events ---------------------------------------------------------------------------------
 
@@ -471,6 +493,16 @@ class PersistenceConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     #: How often each held key is checked for r live holders.
     repair_interval_s: float = 30.0
+    #: How often a node probes the other holders of its keys (those its last check of a key
+    #: found, and the nodes that check its keys). One that does not answer within
+    #: ``rpc_timeout_s`` is taken for gone and every key it held with this node is checked at
+    #: once, instead of at the next repair round: under heavy-tailed churn a key's holders can
+    #: all leave within one repair interval. One probe per peer, whatever the number of keys.
+    watch_interval_s: float = 5.0
+    #: A node that starts with keys in its store (back from a downtime with its disk, perhaps
+    #: holding the last copies) checks them this soon after it starts, once the overlay knows
+    #: another node, instead of after a random share of ``repair_interval_s``.
+    rejoin_check_s: float = 3.0
     #: How often every local chunk is re-read and checked against its hash.
     scrub_interval_s: float = 3600.0
     rpc_timeout_s: float = 2.0
@@ -506,8 +538,8 @@ class PersistenceConfig:
             raise ValueError(f"persistence.chunk_bytes must be in [1, {MAX_CHUNK_BYTES}] (got {self.chunk_bytes})")
         if self.search_margin < 0:
             raise ValueError(f"persistence.search_margin must be >= 0 (got {self.search_margin})")
-        for name in ("repair_interval_s", "scrub_interval_s", "rpc_timeout_s", "transfer_timeout_s", "handoff_timeout_s",
-                     "quorum_backoff_s"):
+        for name in ("repair_interval_s", "watch_interval_s", "rejoin_check_s", "scrub_interval_s", "rpc_timeout_s",
+                     "transfer_timeout_s", "handoff_timeout_s", "quorum_backoff_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"persistence.{name} must be > 0 (got {getattr(self, name)})")
 
@@ -900,6 +932,8 @@ class _Check(_Op):
 
         lacking = [c for c in targets if lacks(c)]
         self._set_spares(lacks)
+        if not self.leaving:
+            p._watch(self.key, [c for c in targets if c.node_id != p.node_id], now, reset=True)
         data = p.store.read_chunk(self.key) if lacking else b""  # read (and hash) only to send it
         if data is None:
             p._drain_corrupted(now)
@@ -911,6 +945,7 @@ class _Check(_Op):
         responsible = any(c.node_id == p.node_id for c in targets)
         if not responsible and not lacking and not info.pinned and len(targets) >= self.replicas:
             p.store.delete_chunk(self.key)  # a surplus copy: the r closest all hold the key
+            p._peers.pop(self.key, None)
             p.counters["surplus_dropped"] += 1
 
     def _record(self, p: Persistence, targets: list[Contact], search: _Search, now: float) -> None:
@@ -930,12 +965,15 @@ class _Check(_Op):
 
         lacking = [c for c in targets if lacks(c)]
         self._set_spares(lacks)
+        if not self.leaving:
+            p._watch(self.key, [c for c in targets if c.node_id != p.node_id], now, reset=True)
         for contact in lacking:
             p.counters[f"{PURPOSES[purpose]}_records"] += 1
             self._copy(p, contact, StoreRecord(0, p.node_id, self.key, item, replicas, purpose), now)
         responsible = any(c.node_id == p.node_id for c in targets)
         if not responsible and not lacking and len(targets) >= self.replicas:
             p.store.delete_record(self.key)
+            p._peers.pop(self.key, None)
             p.counters["surplus_dropped"] += 1
 
 
@@ -1214,11 +1252,22 @@ class Persistence(Protocol):
         self._ops: dict[int, _Op] = {}
         self._next_op = 0
         self._checked_at: dict[int, float] = {}
+        #: Per held key, the other nodes that hold it as far as this node knows (its last check
+        #: found them, or they checked it here): probed every ``watch_interval_s``.
+        self._peers: dict[int, dict[int, Contact]] = {}
+        #: Peers probed in the current watch round that have not answered yet.
+        self._probing: dict[int, Contact] = {}
+        self._watching = False
+        #: Keys with a repair check under way (not a hand-off).
+        self._checking: set[int] = set()
         #: Set by :meth:`leave`: the node is handing its keys off and takes no new ones.
         self.leaving = False
         c = self.config
         # spread periodic work so nodes started together do not act in lock-step
-        self.set_timer("repair", now + c.repair_interval_s * self.rng.uniform(0.5, 1.5))
+        if store.chunk_infos() or store.record_keys():  # back with its disk: check what it holds soon
+            self.set_timer("repair", now + c.rejoin_check_s * self.rng.uniform(1.0, 1.5))
+        else:
+            self.set_timer("repair", now + c.repair_interval_s * self.rng.uniform(0.5, 1.5))
         self.set_timer("scrub", now + c.scrub_interval_s * self.rng.uniform(0.5, 1.5))
 
     # -- API: blobs ------------------------------------------------------------------------
@@ -1346,17 +1395,26 @@ class Persistence(Protocol):
     # -- inputs ----------------------------------------------------------------------------
     def receive(self, src: Address, msg: Any, now: float) -> None:
         kind = type(msg)
+        if kind is HolderPong:
+            if not self._alive(msg.sender, src):
+                self.dropped["unsolicited_reply"] += 1
+            return
         if kind in REPLIES:
             self._on_reply(src, msg, now)
             return
         self.overlay.heard(Contact(msg.sender, src), now)  # news for the routing table
+        if self._probing:
+            self._alive(msg.sender, src)
+        if kind is HolderPing:
+            self.send(src, HolderPong(msg.rpc_id, self.node_id))
+            return
         if self.leaving and kind in (FindHolders, StoreChunk, StoreRecord):
             self.dropped["leaving"] += 1  # a departing node takes no new copies: let searches pass it by
             if kind is not FindHolders:  # and say so to a copy, whose sender would wait for a transfer timeout
                 self.send(src, Stored(msg.rpc_id, self.node_id, False, "leaving"))
             return
         if kind is FindHolders:
-            self.send(src, self._holders(msg, now))
+            self.send(src, self._holders(msg, src, now))
         elif kind is FetchChunk:
             data = self.store.read_chunk(msg.key)
             self.send(src, ChunkBody(msg.rpc_id, self.node_id, msg.key, data or b"", data is not None))
@@ -1364,10 +1422,11 @@ class Persistence(Protocol):
                 self._drain_corrupted(now)
             else:
                 self.counters["chunks_served"] += 1
-        elif kind is StoreChunk:
-            self.send(src, Stored(msg.rpc_id, self.node_id, *self._accept_chunk(msg)))
-        elif kind is StoreRecord:
-            self.send(src, Stored(msg.rpc_id, self.node_id, *self._accept_record(msg)))
+        elif kind is StoreChunk or kind is StoreRecord:
+            ok, reason = self._accept_chunk(msg) if kind is StoreChunk else self._accept_record(msg)
+            self.send(src, Stored(msg.rpc_id, self.node_id, ok, reason))
+            if ok and msg.purpose == PURPOSE_REPAIR:  # the repairer holds the key: if it goes, check at once
+                self._watch(msg.key, [Contact(msg.sender, src)], now)
         elif kind is Prepare:
             self.send(src, self._acceptor_prepare(msg.key, msg.ballot, msg.rpc_id))
         elif kind is Accept:
@@ -1379,7 +1438,7 @@ class Persistence(Protocol):
         else:
             self.dropped["unexpected"] += 1
 
-    def _holders(self, msg: FindHolders, now: float) -> Holders:
+    def _holders(self, msg: FindHolders, src: Address, now: float) -> Holders:
         contacts = [c for c in self.overlay.closest_known(msg.key, self.config.reply_contacts + 1)
                     if c.node_id != msg.sender][: self.config.reply_contacts]
         has, sequence, item = False, 0, None
@@ -1400,6 +1459,8 @@ class Persistence(Protocol):
             self.dropped["bad_kind"] += 1
         if has and msg.check and self._responsible(msg.key, msg.replicas or self.config.replicas):
             self._checked_at[msg.key] = now  # checked for us; a surplus copy still checks itself, to drop
+            # the checker holds the key too (it checks only what it holds): if it goes, check at once
+            self._watch(msg.key, [Contact(msg.sender, src)], now)
         return Holders(msg.rpc_id, self.node_id, contacts, has, sequence, item, msg.check)
 
     def _accept_chunk(self, msg: StoreChunk) -> tuple[bool, str]:
@@ -1463,6 +1524,8 @@ class Persistence(Protocol):
             return
         del self._rpcs[msg.rpc_id]
         self.overlay.heard(rpc.contact, now)
+        if self._probing:
+            self._alive(msg.sender, src)
         self.cancel_timer(("rpc", msg.rpc_id))
         if isinstance(msg, Stored) and not msg.ok:
             self.counters["refused"] += 1
@@ -1488,6 +1551,7 @@ class Persistence(Protocol):
             return
         self.counters["timeouts"] += 1
         self.overlay.unreachable(rpc.contact.node_id)
+        self.peer_gone(rpc.contact.node_id, now)
         op = self._ops.get(rpc.op_id) if rpc.op_id is not None else None
         if op is None:
             return
@@ -1509,6 +1573,10 @@ class Persistence(Protocol):
                     op.on_timer(self, now)
         elif name == "repair":
             self._repair_round(now)
+        elif name == "watch":
+            self._watch_round(now)
+        elif name == "watch-verdict":
+            self._watch_verdict(now)
         elif name == "scrub":
             self._scrub(now)
             self.set_timer("scrub", now + self.config.scrub_interval_s)
@@ -1518,29 +1586,111 @@ class Persistence(Protocol):
         """Check every held key nobody checked during the last interval (bounded per round)."""
         interval = self.config.repair_interval_s
         horizon = now - interval
+        if not self.overlay.closest_known(self.node_id, 1) and (self.store.chunk_infos() or self.store.record_keys()):
+            self.set_timer("repair", now + self.config.rejoin_check_s)  # not joined yet: nobody to check with
+            return
         self._drain_corrupted(now)  # e.g. chunks a restarted store found missing when it opened
         running = sum(1 for op in self._ops.values() if isinstance(op, _Check))
         budget = self.config.max_checks - running
         due: list[tuple[int, int, int]] = []
         chunks = self.store.chunk_infos()
         for info in chunks:
-            if self._checked_at.get(info.key, -1.0) <= horizon:
+            if self._checked_at.get(info.key, -math.inf) <= horizon:
                 due.append((info.key, KIND_CHUNK, info.replicas))
         for key in self.store.record_keys():
-            if self._checked_at.get(key, -1.0) <= horizon:
+            if self._checked_at.get(key, -math.inf) <= horizon:
                 stored = self.store.read_record(key)
                 if stored is not None:
                     due.append((key, KIND_RECORD, stored[1]))
         held = {info.key for info in chunks} | set(self.store.record_keys())
         for key in [k for k in self._checked_at if k not in held]:
             del self._checked_at[key]
+        for key in [k for k in self._peers if k not in held]:
+            del self._peers[key]
         for key, kind, replicas in due[: max(0, budget)]:
-            self._checked_at[key] = now
-            self.counters["checks"] += 1
-            op = _Check(self._next_id(), key, kind, replicas)
-            self._start(op, now)
+            self._check(key, kind, replicas, now)
         # a backlog is worked through sooner than the next full interval
         self.set_timer("repair", now + (interval if len(due) <= budget else min(interval, 5.0)))
+
+    def _check(self, key: int, kind: int, replicas: int, now: float) -> None:
+        """Start the repair check of a held key (unless one is under way)."""
+        self._checked_at[key] = now
+        if key in self._checking:
+            return
+        self._checking.add(key)
+        self.counters["checks"] += 1
+        self._start(_Check(self._next_id(), key, kind, replicas), now)
+
+    # -- watching the other holders ----------------------------------------------------------
+    def peer_gone(self, node_id: int, now: float) -> None:
+        """Evidence that ``node_id`` is gone (it did not answer): every key this node holds with
+        it is checked now, so its copies are replaced without waiting for the next repair round.
+        (A failure detector's verdict may be fed in here too.)"""
+        self._probing.pop(node_id, None)
+        for key, peers in list(self._peers.items()):
+            if peers.pop(node_id, None) is None:
+                continue
+            info = self.store.chunk_info(key)
+            if info is not None:
+                kind, replicas = KIND_CHUNK, info.replicas
+            else:
+                stored = self.store.read_record(key)
+                if stored is None:
+                    del self._peers[key]
+                    continue
+                kind, replicas = KIND_RECORD, stored[1]
+            if key not in self._checking:
+                self.counters["checks_triggered"] += 1
+                self._check(key, kind, replicas, now)
+
+    def _watch(self, key: int, contacts: list[Contact], now: float, *, reset: bool = False) -> None:
+        """``contacts`` hold ``key`` as this node does: probe them from now on (``reset``: only them)."""
+        peers = self._peers.get(key)
+        if peers is None or reset:
+            peers = self._peers[key] = {}
+        for contact in contacts:
+            if contact.node_id != self.node_id:
+                peers.pop(contact.node_id, None)
+                peers[contact.node_id] = contact
+        limit = MAX_REPLICAS + self.config.search_margin
+        while len(peers) > limit:  # the oldest checkers first
+            del peers[next(iter(peers))]
+        if peers and not self._watching and not self.leaving:
+            self._watching = True
+            self.set_timer("watch", now + self.config.watch_interval_s * self.rng.uniform(0.5, 1.0))
+
+    def _watch_round(self, now: float) -> None:
+        """Ping every peer that holds a key with this node (once, however many keys)."""
+        self._probing.clear()
+        if self.leaving:
+            self._watching = False
+            return
+        for peers in self._peers.values():
+            for node_id, contact in peers.items():
+                self._probing.setdefault(node_id, contact)
+        if not self._probing:
+            self._watching = False
+            return
+        for contact in self._probing.values():
+            self.send(contact.address, HolderPing(self.rng.getrandbits(63), self.node_id))
+        self.counters["probes"] += len(self._probing)
+        self.set_timer("watch-verdict", now + self.config.rpc_timeout_s)
+        self.set_timer("watch", now + self.config.watch_interval_s)
+
+    def _watch_verdict(self, now: float) -> None:
+        silent, self._probing = self._probing, {}
+        for node_id in silent:
+            self.counters["probes_unanswered"] += 1
+            self.overlay.unreachable(node_id)
+            self.peer_gone(node_id, now)
+
+    def _alive(self, node_id: int, src: Address) -> bool:
+        """A probed peer was heard from (at the address probed): True if it was being probed."""
+        contact = self._probing.get(node_id)
+        if contact is None or contact.address != src:
+            return False
+        del self._probing[node_id]
+        return True
 
     def _scrub(self, now: float) -> None:
         for info in self.store.chunk_infos():
@@ -1659,6 +1809,8 @@ class Persistence(Protocol):
             return
         op.done = True
         self._ops.pop(op.op_id, None)
+        if isinstance(op, _Check) and not op.leaving:
+            self._checking.discard(op.key)
         self.cancel_timer(("op", op.op_id))
         if isinstance(op, _Fetch) and op.restore is not None:
             info = op.restore
@@ -1731,6 +1883,8 @@ __all__ = [
     "FetchChunk",
     "FindHolders",
     "HandedOff",
+    "HolderPing",
+    "HolderPong",
     "Holders",
     "MemoryStore",
     "Persistence",

@@ -24,7 +24,11 @@ disk, up or down-but-coming-back: nothing can bring it back, the blob is lost fo
 traffic is what the layer sends for repair and handoff: the copies it pushes and its check
 searches (requests and their answers), sized as on the wire, divided by the number of nodes
 and the time from the start of the churn to the end (``repair_bytes_per_node_per_s``, for the
-r = ``replicas`` class; ``_r1``/``_r2``/``_all`` beside it).
+r = ``replicas`` class; ``_r1``/``_r2``/``_all`` beside it). The pings with which holders watch
+one another are counted apart (``watch_bytes_per_node_per_s``, in ``_all`` too): one ping serves
+every key two nodes share, whatever its class. With ``--out``, ``key_history.csv`` lists what
+happened to every copy of the keys of lost blobs (r >= 2): written, dropped, its holder down,
+up, or gone for good with its disk.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from p2pdeploy.collective.persistence import (
     BlobStored,
     FindHolders,
     HandedOff,
+    HolderPing,
+    HolderPong,
     Holders,
     MemoryStore,
     Persistence,
@@ -109,8 +115,11 @@ class PersistenceRunner(OverlayRunner):
             scrub_interval_s=p["scrub_interval_s"], rpc_timeout_s=p["rpc_timeout_s"],
         )
         nodes = len(sim.hosts)
-        self.stores: list[MemoryStore] = [MemoryStore() for _ in range(nodes)]
+        #: key -> what happened to its copies: (time, address, generation, what), for blobs.csv's
+        #: companion key_history.csv (written for the keys of lost blobs).
+        self.key_log: dict[int, list[tuple[float, int, int, str]]] = {}
         self.generation = [0] * nodes
+        self.stores: list[MemoryStore] = [self._new_store(a) for a in range(nodes)]
         self.churn_rng = sim.streams.get("persistence-churn")
         self.blob_rng = sim.streams.get("persistence-blobs")
         self.classes = [p["replicas"]] + ([r for r in (1, 2) if r != p["replicas"]] if p["compare_replicas"] else [])
@@ -125,6 +134,9 @@ class PersistenceRunner(OverlayRunner):
         self.leaving_permanently: dict[int, bool] = {}
         self.repair_bytes: dict[int, int] = {r: 0 for r in (*self.classes, 0)}
         self.repair_rpcs: dict[int, int] = {}
+        #: What nodes spend probing the other holders of their keys (pings and answers, any class).
+        self.watch_bytes = 0
+        self._watch_size: dict[type, int] = {}
         self._holders_size: dict[tuple[int, bool], int] = {}
         self.unavailable_max = 0
         #: Per metrics sample from the end of the stores: the share of main-class keys with < r live copies.
@@ -191,9 +203,10 @@ class PersistenceRunner(OverlayRunner):
         for key in [k for k in self.pending_ops if k[0] == address]:
             del self.pending_ops[key]
         super().on_down(address)
+        self._log_holdings(address, "disk lost" if permanent else "down")
         if permanent:  # the disk is gone; a new machine will take the address
-            self.stores[address] = MemoryStore()
             self.generation[address] += 1
+            self.stores[address] = self._new_store(address)
             old = self.node_ids[address]
             new = node_id_of(self.sim.streams.bytes("identity", address, self.generation[address]))
             self.address_of.pop(old, None)
@@ -204,6 +217,20 @@ class PersistenceRunner(OverlayRunner):
         if address in self.leaving:
             self._go_down(address, self.leaving_permanently.pop(address, False))
         super().on_up(address)
+        self._log_holdings(address, "up")
+
+    def _new_store(self, address: int) -> MemoryStore:
+        return _LoggedStore(self, address)
+
+    def _log(self, address: int, key: int, what: str) -> None:
+        log = self.key_log.get(key)
+        if log is None:
+            log = self.key_log[key] = []
+        log.append((self.sim.now, address, self.generation[address], what))
+
+    def _log_holdings(self, address: int, what: str) -> None:
+        for info in self.stores[address].chunk_infos():
+            self._log(address, info.key, what)
 
     # -- workload --------------------------------------------------------------------------
     def _put_blob(self, replicas: int, data: bytes) -> None:
@@ -269,13 +296,18 @@ class PersistenceRunner(OverlayRunner):
                 if msg.check:
                     self.repair_bytes[msg.replicas] = self.repair_bytes.get(msg.replicas, 0) + size_of(msg)
                     rpcs[msg.rpc_id] = msg.replicas
+            elif kind is HolderPing or kind is HolderPong:
+                size = self._watch_size.get(kind)
+                if size is None:  # about the same for every ping: sized once
+                    size = self._watch_size[kind] = size_of(msg)
+                self.watch_bytes += size
             elif kind is Holders or kind is Stored:
                 r = rpcs.pop(msg.rpc_id, None)
                 if r is not None:
                     self.repair_bytes[r] = self.repair_bytes.get(r, 0) + self._small_size(msg)
 
     def write(self, out_dir: Path) -> list[Path]:
-        return [_write_blobs(self, out_dir)]
+        return [_write_blobs(self, out_dir), _write_key_history(self, out_dir)]
 
     def _small_size(self, msg: Any) -> int:
         """The wire size of an answer; an answer without a record is sized once per shape."""
@@ -357,7 +389,9 @@ class PersistenceRunner(OverlayRunner):
             "repair_bytes_per_node_per_s": round(self.repair_bytes.get(main, 0) / per_node_s, 3),
             "repair_bytes_per_node_per_s_r1": _rate(self.repair_bytes.get(1), per_node_s),
             "repair_bytes_per_node_per_s_r2": _rate(self.repair_bytes.get(2), per_node_s),
-            "repair_bytes_per_node_per_s_all": round(sum(self.repair_bytes.values()) / per_node_s, 3),
+            "repair_bytes_per_node_per_s_all": round((sum(self.repair_bytes.values()) + self.watch_bytes)
+                                                     / per_node_s, 3),
+            "watch_bytes_per_node_per_s": round(self.watch_bytes / per_node_s, 3),
             "fetch_success": round(sum(self.fetches.values()) / len(self.fetches), 6) if self.fetches else None,
             "keys_without_live_copy_max": self.unavailable_max,
             "keys_under_replicated_mean": round(sum(self.under_replicated) / len(self.under_replicated), 6)
@@ -387,6 +421,45 @@ def _write_blobs(runner: PersistenceRunner, out_dir: Path) -> Path:
                              "" if blob_id not in runner.fetches else int(runner.fetches[blob_id]),
                              failure[2] if failure else ""])
     return path
+
+
+def _write_key_history(runner: PersistenceRunner, out_dir: Path) -> Path:
+    """For each key of a lost blob (r >= 2): every copy written or dropped, and every holder
+    going down (``down``: coming back with its disk; ``disk lost``: gone for good) or up again."""
+    held = runner._held_keys()
+    path = out_dir / "key_history.csv"
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["blob_id", "replicas", "key", "lost", "time_s", "address", "generation", "event"])
+        for blob_id, (replicas, keys) in sorted(runner.blobs.items()):
+            if replicas < 2 or all(k in held for k in keys):
+                continue
+            for key in keys:
+                for at, address, generation, what in runner.key_log.get(key, []):
+                    writer.writerow([f"{blob_id:040x}", replicas, f"{key:040x}", int(key not in held),
+                                     round(at, 3), address, generation, what])
+    return path
+
+
+class _LoggedStore(MemoryStore):
+    """A node's store that tells the runner when a copy appears or goes (diagnostics only)."""
+
+    def __init__(self, runner: PersistenceRunner, address: int) -> None:
+        super().__init__()
+        self._runner = runner
+        self._address = address
+
+    def write_chunk(self, key: int, data: bytes, replicas: int, pinned: bool = False) -> str | None:
+        new = key not in self._chunks
+        reason = super().write_chunk(key, data, replicas, pinned)
+        if new and reason is None:
+            self._runner._log(self._address, key, "write")
+        return reason
+
+    def delete_chunk(self, key: int) -> None:
+        if key in self._chunks:
+            self._runner._log(self._address, key, "drop")
+        super().delete_chunk(key)
 
 
 def _rate(total: int | None, per_node_s: float) -> float | None:
