@@ -2,7 +2,7 @@
 
 **The tree** (SDIMS and Willow). The tree named ``config.tree`` is rooted at the node closest
 to ``key_id(tree)``; a node's parent is its next hop towards that key as Kademlia sees it
-(``closest_known``, skipping contacts this layer suspects), so the parent is always closer to
+(``closest_known``, skipping contacts the node suspects), so the parent is always closer to
 the key than the child (no cycles) and the depth is O(log N). One tree carries every attribute,
 as in Willow: one update per node and interval whatever the number of attributes, and a query
 over several attributes can prune with all of them at once.
@@ -17,7 +17,9 @@ as a heartbeat. State is soft:
   is counted once; an entry not refreshed for ``expiry_s`` is dropped, so a dead subtree
   disappears and its live members reappear under their new parents;
 - a parent acks each update; a parent that does not ack ``update_tries`` sends is suspected for
-  ``suspect_s`` and the child re-parents at once to its next hop (churn repair);
+  ``suspect_s`` (in the node's one list, :mod:`~p2pdeploy.overlay.suspicion`, shared with the
+  other layers and backed by the failure detector) and the child re-parents at once to its next
+  hop (churn repair);
 - the dead parent's entry at the grandparent still counts the orphan's subtree, which its new
   parent now counts too: the orphan tells the grandparent (``Orphaned``, with the summary the
   dead parent last acked), which subtracts it from that entry until it expires. Without this a
@@ -58,9 +60,6 @@ from p2pdeploy.overlay.kademlia import Kademlia, LookupFinished
 from p2pdeploy.overlay.routing import Contact, next_hop_towards
 from p2pdeploy.resource.description import DescriptionChanged
 from p2pdeploy.wire import NodeId, message
-
-#: Suspicions past their time are forgotten lazily; this many trigger a sweep.
-MAX_SUSPECTS = 256
 
 # -- messages (wire tags 80-82, 87) ---------------------------------------------------------
 
@@ -189,7 +188,8 @@ class AggregationTree:
         #: Query ids of this tree's own overlay lookups, whose ``LookupFinished`` it consumes.
         self._root_lookups: set[int] = set()
         self.children: dict[int, Child] = {}
-        self.suspects: dict[int, float] = {}
+        #: The node's suspicions (the overlay's: one list for every layer, backed by its detector).
+        self.suspicions = overlay.suspicions
         self._pending: dict[int, _Pending] = {}
         self._summary: Summary | None = None
         self._dirty = True
@@ -243,24 +243,14 @@ class AggregationTree:
 
     def preferred_parent(self, now: float) -> Contact | None:
         """The next hop towards the tree's key, skipping suspected contacts; None at the root."""
-        suspects = self.suspects
-
-        def suspected(node_id: int) -> bool:
-            until = suspects.get(node_id)
-            if until is None:
-                return False
-            if until > now:
-                return True
-            del suspects[node_id]  # the suspicion ran out
-            return False
-
+        suspicions = self.suspicions
         return next_hop_towards(self.node_id, self.key, self.overlay.closest_known(self.key, self.config.parent_choices),
-                                suspected)
+                                lambda node_id: suspicions.suspected(node_id, now))
 
     def is_suspected(self, node_id: int, now: float) -> bool:
-        """``node_id`` did not ack our updates within the last ``suspect_s``."""
-        until = self.suspects.get(node_id)
-        return until is not None and until > now
+        """``node_id`` is avoided: it did not ack our updates (or another layer's requests) lately,
+        or the failure detector declared it dead."""
+        return self.suspicions.suspected(node_id, now)
 
     def root_answered(self, contact: Contact) -> None:
         """A node answered as the root: requests for the root may go straight to it."""
@@ -328,8 +318,6 @@ class AggregationTree:
         if self.overlay.contact_count() == 0:  # not joined yet: look again soon, send nothing
             self.host.set_timer("push", now + c.min_update_interval_s)
             return
-        if len(self.suspects) > MAX_SUSPECTS:
-            self.suspects = {node_id: until for node_id, until in self.suspects.items() if until > now}
         target = self.preferred_parent(now)
         if target is None:
             was_root = self.is_root
@@ -369,7 +357,7 @@ class AggregationTree:
 
     def _root_by_suspicion(self, now: float) -> bool:
         own = self.node_id ^ self.key
-        return any(until > now and node_id ^ self.key < own for node_id, until in self.suspects.items())
+        return any(node_id ^ self.key < own for node_id in self.suspicions.active(now))
 
     def _look_for_closer(self, now: float) -> None:
         """Believing we are the root is cheap to check: an overlay lookup of the tree's key
@@ -412,7 +400,7 @@ class AggregationTree:
         self.children[msg.sender] = Child(
             contact, msg.epoch, msg.seq, msg.attributes, attributes, summary, now + self.config.expiry_s
         )
-        self.suspects.pop(msg.sender, None)
+        self.suspicions.clear(msg.sender)
         self.counters["updates_received"] += 1
         if self.host.timer_deadline("expire") is None:
             self.host.set_timer("expire", now + self.config.expiry_s)
@@ -433,7 +421,7 @@ class AggregationTree:
         for seq in [s for s, p in self._pending.items() if s <= msg.seq and p.contact.node_id == contact.node_id]:
             del self._pending[seq]  # acks are cumulative: an older update lost on the way no longer matters
             self.host.cancel_timer(("ack", seq))
-        self.suspects.pop(contact.node_id, None)
+        self.suspicions.clear(contact.node_id)
         if self.parent is None or self.parent.node_id != contact.node_id:
             preferred = self.preferred_parent(now)
             if preferred is None or preferred.node_id != contact.node_id:
@@ -463,7 +451,7 @@ class AggregationTree:
             return
         node_id = pending.contact.node_id
         self.counters["parents_suspected"] += 1
-        self.suspects[node_id] = now + self.config.suspect_s
+        self.suspicions.suspect(node_id, now + self.config.suspect_s, now)
         for other in [s for s, p in self._pending.items() if p.contact.node_id == node_id]:
             del self._pending[other]
             self.host.cancel_timer(("ack", other))

@@ -131,7 +131,7 @@ class Prospector(Protocol):
     root = _from_tree("root", "The root's contact as the acks (or the answers of queries) last told it.")
     grandparent = _from_tree("grandparent", "The parent's parent, told by its acks: where to report the parent's death.")
     children = _from_tree("children", "The children's entries by node id.")
-    suspects = _from_tree("suspects", "Contacts that did not ack our updates, and until when they are avoided.")
+    suspicions = _from_tree("suspicions", "The contacts the node avoids for a while (the overlay's list, backed by its detector).")
     epoch = _from_tree("epoch", "This incarnation: a restarted node's updates replace its old entry whatever their seq.")
     seq = _from_tree("seq", "The sequence number of this node's latest update.")
 

@@ -57,6 +57,7 @@ from typing import Any
 
 from p2pdeploy.core import Address, Protocol, Rng
 from p2pdeploy.overlay.routing import Contact
+from p2pdeploy.overlay.suspicion import Suspicions
 from p2pdeploy.wire import ID_BITS, NodeId, message
 
 # -- prefix blocks --------------------------------------------------------------------------
@@ -263,13 +264,14 @@ class PrefixSpreader(Protocol):
     ``("spread", ...)`` belong to the engine: call :meth:`_spread_timer` from ``on_timer``.
     """
 
-    def __init__(self, own_id: int, rng: Rng, config: SpreadConfig | None = None) -> None:
+    def __init__(self, own_id: int, rng: Rng, suspicions: Suspicions, config: SpreadConfig | None = None) -> None:
         super().__init__()
         self.own_id = own_id
         self.rng = rng
         self.spread_config = config or SpreadConfig()
         self._spreads: dict[tuple[int, int], SpreadState] = {}
-        self._suspects: dict[int, float] = {}  # node id -> until when it is tried last
+        #: The node's suspicions (the overlay's: one list for every layer).
+        self.suspicions = suspicions
         self.spread_counters: dict[str, int] = {"proxied": 0, "redelegated": 0, "given_up": 0}
 
     # -- hooks -----------------------------------------------------------------------------
@@ -502,7 +504,7 @@ class PrefixSpreader(Protocol):
     def _delegate_failed(self, spread: SpreadState, block: Block, now: float) -> None:
         """A delegate did not accept, or fell silent: hand its block to another contact of it."""
         delegation = spread.delegations[block]
-        self._suspects[delegation.contact.node_id] = now + self.spread_config.suspect_s
+        self.suspicions.suspect(delegation.contact.node_id, now + self.spread_config.suspect_s, now)
         if len(delegation.tried) < self.spread_config.max_attempts and self._delegate_block(
                 spread, delegation.low, delegation.depth, delegation.tried, now, proxies=delegation.proxies):
             self.spread_counters["redelegated"] += 1
@@ -513,13 +515,7 @@ class PrefixSpreader(Protocol):
         self._check_finished(spread, now)
 
     def _suspected(self, node_id: int, now: float) -> bool:
-        until = self._suspects.get(node_id)
-        if until is None:
-            return False
-        if until <= now:
-            del self._suspects[node_id]
-            return False
-        return True
+        return self.suspicions.suspected(node_id, now)
 
     # -- memory ----------------------------------------------------------------------------
     def _remember(self, stream: int, msg_id: int, info: Any, reliable: bool, now: float) -> SpreadState:
@@ -563,7 +559,7 @@ class Broadcast(PrefixSpreader):
     handles = (BroadcastData, BroadcastAck)
 
     def __init__(self, overlay: Any, rng: Rng, config: SpreadConfig | None = None) -> None:
-        super().__init__(overlay.node_id, rng, config)
+        super().__init__(overlay.node_id, rng, overlay.suspicions, config)
         self.overlay = overlay
         self.counters: dict[str, int] = {"data_sent": 0, "data_sent_reliable": 0, "acks_sent": 0,
                                          "delivered": 0, "duplicates": 0}

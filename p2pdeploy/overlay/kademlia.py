@@ -56,6 +56,7 @@ from p2pdeploy.overlay.storage import (
     check_item,
     supersedes,
 )
+from p2pdeploy.overlay.suspicion import Suspicions
 from p2pdeploy.overlay.swim import FailureDetector, Liveness, PeerDeclaredDead, PeerRecovered
 from p2pdeploy.wire import DecodeError, NodeId, decode, encode, message
 
@@ -272,6 +273,8 @@ class Kademlia(Protocol):
         self._probing: set[int] = set()
         #: The node's failure detector (in its stack, below this layer), or None.
         self.detector = detector
+        #: The contacts the layers above avoid for a while (one list for all of them, backed by the detector).
+        self.suspicions = Suspicions(detector)
         self._next_query = 0
         self._started = False
         self.counters: dict[str, int] = {"requests_sent": 0, "requests_received": 0, "timeouts": 0}

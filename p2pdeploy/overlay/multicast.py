@@ -4,7 +4,8 @@ A group named ``G`` has the id ``key_id(G)``; its *root* is the live node closes
 found the way Scribe (Castro et al., 2002) finds it: requests are routed hop by hop with
 :meth:`~p2pdeploy.overlay.kademlia.Kademlia.next_hop_towards` until a node knows nobody closer.
 Every hop acknowledges the request; a hop that stays silent for ``hop_timeout_s`` is suspected
-for ``suspect_s`` and the request goes to the next closest contact instead.
+for ``suspect_s`` (in the node's one list, :mod:`~p2pdeploy.overlay.suspicion`, which the other
+layers and the failure detector share) and the request goes to the next closest contact instead.
 
 Two ways to carry group traffic (``MulticastConfig.tree``):
 
@@ -204,7 +205,7 @@ class Multicast(PrefixSpreader):
 
     def __init__(self, overlay: Any, rng: Rng, address: Address, config: MulticastConfig | None = None) -> None:
         self.config = config or MulticastConfig()
-        super().__init__(overlay.node_id, rng, self.config.spread)
+        super().__init__(overlay.node_id, rng, overlay.suspicions, self.config.spread)
         self.overlay = overlay
         self.contact = Contact(overlay.node_id, address)
         self._groups: dict[int, _Membership] = {}
@@ -416,7 +417,7 @@ class Multicast(PrefixSpreader):
         if request is None:
             return
         hop = request.data
-        self._suspects[hop.contact.node_id] = now + self.config.suspect_s  # the engine's list: shared
+        self.suspicions.suspect(hop.contact.node_id, now + self.config.suspect_s, now)
         msg = hop.msg
         if len(hop.tried) >= self.config.route_attempts:
             self.dropped["route_failed"] += 1

@@ -99,3 +99,16 @@ def test_a_dead_contact_is_stale_and_one_that_recovers_is_offered_again():
     community.sim.hosts[victim].resume()
     community.run(20.0)  # the victim refutes the verdict: alive again, its contact fresh
     assert community.ids[victim] in [c.node_id for c in watcher.table.closest(community.ids[victim], K)]
+
+
+def test_the_layers_avoid_a_contact_the_detector_declared_dead_until_it_refutes():
+    community = Community(12)
+    community.run(3.0)
+    victim = 11
+    community.sim.hosts[victim].pause()
+    community.run(20.0)
+    suspicions = community.overlay(0).suspicions
+    assert suspicions.suspected(community.ids[victim], community.sim.now)
+    community.sim.hosts[victim].resume()
+    community.run(20.0)
+    assert not suspicions.suspected(community.ids[victim], community.sim.now)
