@@ -356,6 +356,12 @@ class Kademlia(Protocol):
         self.store.close()
 
     # -- read-only views for the layers above (they never reach into the table) -------------
+    def held(self, key: int, now: float) -> Item | None:
+        """The item this node itself holds under ``key`` and has not expired, or None: what
+        :meth:`get` answers at once without asking anyone."""
+        local = self.store.get(key, now)
+        return None if local is None else local.item
+
     def closest_known(self, target: int, k: int | None = None) -> list[Contact]:
         """The ``k`` (default: the bucket size) live contacts closest to ``target`` we know."""
         return self.table.closest(target, k)

@@ -1007,6 +1007,11 @@ class RuntimeNode:
         value found is returned.
         """
         check_key(key)
+        if not latest:  # a value this node holds is the answer, as the overlay's get would give it
+            held = self.overlay.held(key, self._now())
+            if held is not None:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                return held
         event: GetFinished = await self.query(lambda overlay, now: overlay.get(key, now, latest=latest))
         return event.item
 
