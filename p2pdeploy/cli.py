@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -293,9 +294,42 @@ def _data_dir_or_default(data_dir: str | None) -> str:
     return data_dir or str(default_data_dir())
 
 
-@main.command()
+def _node_command(group: click.Group, name: str, *, json_help: str | None = None) -> Callable[[Any], click.Command]:
+    """A command of ``group`` that sends one control request to the running node of --data-dir.
+
+    The request is the one :data:`p2pdeploy.runtime.control.CONTROL_COMMANDS` declares for the
+    command (``blob put`` for ``name="put"`` under ``blob``): the decorated function gives only
+    its help and its parameters, which become the request's arguments by name. Adds --data-dir
+    (last) and, with ``json_help``, --json; the exit status is the command's.
+    """
+
+    def build(fn: Any) -> click.Command:
+        words = name if group is main else f"{group.name} {name}"
+
+        def send(data_dir: str | None, as_json: bool = False, **arguments: Any) -> None:
+            from p2pdeploy.runtime.commands import make_console, run_control_command
+
+            directory = _data_dir_or_default(data_dir)
+            sys.exit(_run_node_command(run_control_command, words, arguments, directory, make_console(), as_json=as_json))
+
+        send.__doc__ = fn.__doc__
+        if json_help is not None:
+            send = click.option("--json", "as_json", is_flag=True, help=json_help)(send)
+        send = _data_dir_option(send)
+        send.__click_params__.extend(getattr(fn, "__click_params__", []))  # the command's own come first
+        return group.command(name)(send)
+
+    return build
+
+
+def _value_bytes(ctx: click.Context, param: click.Parameter, value: str) -> bytes:
+    """``put``'s VALUE as its UTF-8 bytes, or standard input when it is ``-``."""
+    return sys.stdin.buffer.read() if value == "-" else value.encode()
+
+
+@_node_command(main, "put")
 @click.argument("name")
-@click.argument("value")
+@click.argument("value", callback=_value_bytes)
 @click.option(
     "--ttl",
     "ttl_s",
@@ -304,37 +338,24 @@ def _data_dir_or_default(data_dir: str | None) -> str:
     help="Seconds the value lives unless republished [default: the overlay's, 24 h]; "
     "the node republishes what it stored while it runs.",
 )
-@_data_dir_option
-def put(name: str, value: str, ttl_s: float | None, data_dir: str | None) -> None:
+def put() -> None:
     """Store VALUE under NAME in the overlay, through the running node of the data directory.
 
     NAME is hashed to its key (the first 160 bits of SHA-256 of its UTF-8 bytes); VALUE is
     stored as its UTF-8 bytes, or read from standard input when it is `-`.
     """
-    from p2pdeploy.runtime.commands import make_console, run_put
-
-    data = sys.stdin.buffer.read() if value == "-" else value.encode()
-    sys.exit(_run_node_command(run_put, name, data, ttl_s, _data_dir_or_default(data_dir), make_console()))
 
 
-@main.command()
+@_node_command(main, "get")
 @click.argument("name")
-@_data_dir_option
-def get(name: str, data_dir: str | None) -> None:
+def get() -> None:
     """Print the value stored under NAME (then a newline); exit status 1 when no node holds one."""
-    from p2pdeploy.runtime.commands import make_console, run_get
-
-    sys.exit(_run_node_command(run_get, name, _data_dir_or_default(data_dir), make_console()))
 
 
-@main.command()
+@_node_command(main, "lookup")
 @click.argument("name")
-@_data_dir_option
-def lookup(name: str, data_dir: str | None) -> None:
+def lookup() -> None:
     """Print the nodes closest to NAME's key, closest first: `HEX HOST:PORT` per line."""
-    from p2pdeploy.runtime.commands import make_console, run_lookup
-
-    sys.exit(_run_node_command(run_lookup, name, _data_dir_or_default(data_dir), make_console()))
 
 
 @main.group()
@@ -347,43 +368,37 @@ def blob() -> None:
     """
 
 
-@blob.command("put")
+@_node_command(blob, "put")
 @click.argument("path", metavar="FILE", type=click.Path(exists=True, dir_okay=False))
 @click.option("--replicas", type=click.IntRange(min=1, max=20), default=None,
               help="Copies of each chunk [default: 3].")
-@_data_dir_option
-def blob_put(path: str, replicas: int | None, data_dir: str | None) -> None:
+def blob_put() -> None:
     """Store FILE (up to 64 MiB); print its blob id (40 hex digits)."""
-    from p2pdeploy.runtime.commands import make_console, run_blob_put
-
-    sys.exit(_run_node_command(run_blob_put, path, replicas, _data_dir_or_default(data_dir), make_console()))
 
 
-@blob.command("get")
-@click.argument("blob_id", metavar="ID")
-@click.option("-o", "--out", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Write the blob to this file [default: standard output].")
-@_data_dir_option
-def blob_get(blob_id: str, out: str | None, data_dir: str | None) -> None:
-    """Fetch the blob ID, every chunk checked against its hash; exit status 1 when not found."""
-    from p2pdeploy.runtime.commands import blob_id_of, make_console, run_blob_get
+def _blob_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``blob get``'s ID, checked before the node is asked."""
+    from p2pdeploy.runtime.control_views import blob_id_of
 
     try:
-        blob_id_of(blob_id)
+        blob_id_of(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="ID") from None
-    sys.exit(_run_node_command(run_blob_get, blob_id, out, _data_dir_or_default(data_dir), make_console()))
+    return value
 
 
-@main.command()
-@_data_dir_option
-@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object (node ids in hex).")
-def status(data_dir: str | None, as_json: bool) -> None:
+@_node_command(blob, "get")
+@click.argument("blob_id", metavar="ID", callback=_blob_id)
+@click.option("-o", "--out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the blob to this file [default: standard output].")
+def blob_get() -> None:
+    """Fetch the blob ID, every chunk checked against its hash; exit status 1 when not found."""
+
+
+@_node_command(main, "status", json_help="Print the status as one JSON object (node ids in hex).")
+def status() -> None:
     """Show the running node's id, address, routing table, stored items, failure detector
     (peers watched, suspected and declared dead, local health) and counters."""
-    from p2pdeploy.runtime.commands import make_console, run_status
-
-    sys.exit(_run_node_command(run_status, _data_dir_or_default(data_dir), make_console(), as_json=as_json))
 
 
 @main.command()
