@@ -688,15 +688,24 @@ async def run_replica_start(
                 "--by-blob stores the bundle through the persistence of a running node: start one with "
                 f"`p2pdeploy join --data-dir {os.fspath(data_dir)}` first, or send the bundle inline"
             )
-        answer = await channel.send(request)
-        if isinstance(answer.reply, Refused):
-            return _refused(answer, answer.reply)
-        assert isinstance(answer.reply, ReplicaStatusReply)
-        console.print(f"replica {replica_id} on {_node_words(answer)}: {answer.reply}", markup=False)
-        if not wait:
-            return 0
-        final = await _wait_for_state(channel, answer, replica_id, ("running", "failed", "stopped"), timeout_s)
-    return _print_final(final, replica_id, "running", timeout_s, console)
+        return await _send_and_wait(channel, request, ("running", "failed", "stopped"), wait, timeout_s, console)
+
+
+async def _send_and_wait(
+    channel: ReplicaChannel, request: ReplicaRequest, done: Sequence[str], wait: bool, timeout_s: float, console: Console
+) -> int:
+    """Send a start or a stop and print the answer; with ``wait``, ask until the replica's state
+    is one of ``done`` and print it (exit status 0 when it is the first). The command's exit status."""
+    replica_id = request.replica_id
+    answer = await channel.send(request)
+    if isinstance(answer.reply, Refused):
+        return _refused(answer, answer.reply)
+    assert isinstance(answer.reply, ReplicaStatusReply)
+    console.print(f"replica {replica_id} on {_node_words(answer)}: {answer.reply}", markup=False)
+    if not wait:
+        return 0
+    final = await _wait_for_state(channel, answer, replica_id, done, timeout_s)
+    return _print_final(final, replica_id, done[0], timeout_s, console)
 
 
 def _print_final(answer: ReplicaAnswer, replica_id: str, wanted: str, timeout_s: float, console: Console) -> int:
@@ -724,15 +733,8 @@ async def run_replica_stop(
 ) -> int:
     """Send a signed StopReplica; by default wait until the replica has stopped."""
     async with open_replica_channel(data_dir, target, listen) as channel:
-        answer = await channel.send(ReplicaRequest("stop", target[0], target[1], replica_id))
-        if isinstance(answer.reply, Refused):
-            return _refused(answer, answer.reply)
-        assert isinstance(answer.reply, ReplicaStatusReply)
-        console.print(f"replica {replica_id} on {_node_words(answer)}: {answer.reply}", markup=False)
-        if not wait:
-            return 0
-        final = await _wait_for_state(channel, answer, replica_id, ("stopped",), timeout_s)
-    return _print_final(final, replica_id, "stopped", timeout_s, console)
+        request = ReplicaRequest("stop", target[0], target[1], replica_id)
+        return await _send_and_wait(channel, request, ("stopped",), wait, timeout_s, console)
 
 
 async def run_replica_status(

@@ -11,6 +11,14 @@ persistence: ``p2pdeploy blob``) and :class:`ReplicaRequest` (the node signs a s
 request with its key and sends it to another node, or to itself; ``p2pdeploy replica``); the
 node serves them through its async facade, so the control API makes no protocol decision either.
 
+Each request is declared once, with :func:`control_command` on the coroutine that serves it:
+:func:`answer` dispatches by that declaration (:data:`CONTROL_COMMANDS`), and the ``p2pdeploy``
+command of the same name (``put``, ``blob get``, ...) asks for it and prints its reply by the
+functions it names (:mod:`~p2pdeploy.runtime.control_views`;
+:func:`~p2pdeploy.runtime.commands.run_control_command`). A new request is its messages (a
+free tag), one declaration and its serving coroutine, and, for a command, its printing and
+its parameters in ``cli.py``.
+
 A frame that is not a valid request is answered with a refusal and the connection is closed;
 the node counts it (``control_malformed``) and carries on. The socket exists only while a node
 runs; one left behind by a killed node is detected (nobody accepts) and replaced by the next
@@ -49,7 +57,12 @@ from p2pdeploy.wire import NodeId, message, record
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from rich.console import Console
+
     from p2pdeploy.runtime.node import RuntimeNode
+
+    #: Serves one request on a node: its reply, or an exception naming what was wrong.
+    Serve = Callable[[RuntimeNode, Any], Awaitable[Any]]
 
 log = logging.getLogger(__name__)
 
@@ -317,37 +330,44 @@ class ReplicaAnswer:
 class ControlCommand:
     """One request the ``p2pdeploy`` command sends to the running node of a data directory.
 
-    Its wire messages, the coroutine that serves it on the node (through the node's facade: a
-    refusal is an exception :func:`answer` turns into a :class:`ControlRefusal`), and, for a
-    request with a command of its own (``name``: ``put``, ``blob get``, ...), how the command's
-    arguments make the request (``ask``), how its reply prints (``show``, returning the exit
-    status) and, for ``--json``, the reply as one JSON object (``to_json``). ``cli.py`` builds
-    the command's options; :mod:`~p2pdeploy.runtime.control_views` holds the printing.
+    Its wire messages and the coroutine that serves it on the node, through the node's facade
+    (a refusal is an exception that :func:`answer` turns into a :class:`ControlRefusal`). A
+    request with a command of its own (``name``: ``put``, ``blob get``, ...) also says how the
+    command's arguments make it (``ask``, by parameter name), how its reply prints (``show``,
+    which returns the exit status) and, for ``--json``, the reply as one JSON object
+    (``to_json``); the printing lives in :mod:`~p2pdeploy.runtime.control_views`, the
+    command's parameters in ``cli.py``.
     """
 
     request: type
     reply: type
-    serve: Callable[[RuntimeNode, Any], Awaitable[Any]]
+    serve: Serve
     name: str | None = None
     ask: Callable[[Mapping[str, Any]], Any] | None = None
-    show: Callable[[Any, Mapping[str, Any], Any], int] | None = None
+    show: Callable[[Any, Mapping[str, Any], Console], int] | None = None
     to_json: Callable[[Any], dict[str, Any]] | None = None
 
 
-#: Every control request by its request class, in the order they were declared.
+#: Every control request by its request class, in the order they are declared.
 CONTROL_COMMANDS: dict[type, ControlCommand] = {}
 
 
 def control_command(
-    request: type, reply: type, **cli: Any
-) -> Callable[[Callable[[RuntimeNode, Any], Awaitable[Any]]], Callable[[RuntimeNode, Any], Awaitable[Any]]]:
-    """Declare ``request`` (answered with ``reply``) as served by the decorated coroutine;
-    ``cli``: the :class:`ControlCommand` fields of its command (``name``, ``ask``, ``show``, ``to_json``)."""
+    request: type,
+    reply: type,
+    *,
+    name: str | None = None,
+    ask: Callable[[Mapping[str, Any]], Any] | None = None,
+    show: Callable[[Any, Mapping[str, Any], Console], int] | None = None,
+    to_json: Callable[[Any], dict[str, Any]] | None = None,
+) -> Callable[[Serve], Serve]:
+    """Declare ``request``, answered with ``reply``, as served by the decorated coroutine
+    (the other arguments: :class:`ControlCommand`)."""
 
-    def declare(serve: Callable[[RuntimeNode, Any], Awaitable[Any]]) -> Callable[[RuntimeNode, Any], Awaitable[Any]]:
+    def declare(serve: Serve) -> Serve:
         if request in CONTROL_COMMANDS:
             raise ValueError(f"{request.__name__} is already declared")
-        CONTROL_COMMANDS[request] = ControlCommand(request, reply, serve, **cli)
+        CONTROL_COMMANDS[request] = ControlCommand(request, reply, serve, name, ask, show, to_json)
         return serve
 
     return declare
