@@ -302,6 +302,18 @@ def _data_dir_or_default(data_dir: str | None) -> str:
     return data_dir or str(default_data_dir())
 
 
+def _command(
+    group: click.Group, name: str, fn: Any, run: Callable[..., None], shared: list[Callable[[Any], Any]]
+) -> click.Command:
+    """``group``'s command ``name``: ``fn``'s help and parameters, then the ``shared`` options in
+    that order, all passed to ``run``."""
+    run.__doc__ = fn.__doc__
+    for option in reversed(shared):  # click lists a function's parameters last applied first
+        run = option(run)
+    run.__click_params__.extend(getattr(fn, "__click_params__", []))  # type: ignore[attr-defined]
+    return group.command(name)(run)
+
+
 def _node_command(group: click.Group, name: str, *, json_help: str | None = None) -> Callable[[Any], click.Command]:
     """A command of ``group`` that sends one control request to the running node of --data-dir.
 
@@ -320,12 +332,10 @@ def _node_command(group: click.Group, name: str, *, json_help: str | None = None
             directory = _data_dir_or_default(data_dir)
             sys.exit(_run_node_command(run_control_command, words, arguments, directory, make_console(), as_json=as_json))
 
-        send.__doc__ = fn.__doc__
+        shared = [_node_dir_option]
         if json_help is not None:
-            send = click.option("--json", "as_json", is_flag=True, help=json_help)(send)
-        send = _node_dir_option(send)
-        send.__click_params__.extend(getattr(fn, "__click_params__", []))  # the command's own come first
-        return group.command(name)(send)
+            shared.append(click.option("--json", "as_json", is_flag=True, help=json_help))
+        return _command(group, name, fn, send, shared)
 
     return build
 
@@ -514,6 +524,18 @@ def replica() -> None:
     """
 
 
+_node_option = click.option(
+    "--node", "target", type=HostPortType(), required=True, help="The node's address (its `listening on` line)."
+)
+_replica_listen_option = click.option(
+    "--listen",
+    type=HostPortType(allow_port_zero=True),
+    default=None,
+    help="Advanced: where the ephemeral node listens for answers [default: 127.0.0.1:0 for a loopback "
+    "node, else 0.0.0.0:0].",
+)
+
+
 def _replica_command(name: str, run: str, *, console: bool = True) -> Callable[[Any], click.Command]:
     """A ``replica`` command that calls ``p2pdeploy.runtime.commands.<run>``.
 
@@ -531,21 +553,7 @@ def _replica_command(name: str, run: str, *, console: bool = True) -> Callable[[
                 arguments["console"] = commands.make_console()
             sys.exit(_run_node_command(getattr(commands, run), data_dir=_data_dir_or_default(data_dir), **arguments))
 
-        send.__doc__ = fn.__doc__
-        send = _verbose_option(send)
-        send = click.option(
-            "--listen",
-            type=HostPortType(allow_port_zero=True),
-            default=None,
-            help="Advanced: where the ephemeral node listens for answers [default: 127.0.0.1:0 for a loopback "
-            "node, else 0.0.0.0:0].",
-        )(send)
-        send = _requests_dir_option(send)
-        send = click.option(
-            "--node", "target", type=HostPortType(), required=True, help="The node's address (its `listening on` line)."
-        )(send)
-        send.__click_params__.extend(getattr(fn, "__click_params__", []))  # the command's own come first
-        return replica.command(name)(send)
+        return _command(replica, name, fn, send, [_node_option, _requests_dir_option, _replica_listen_option, _verbose_option])
 
     return build
 

@@ -2,8 +2,9 @@
 
 ``join`` runs a node in the foreground, with its control socket in the data directory, and
 hosts replicas within the owner's contribution; ``ping`` runs an ephemeral node; ``put``,
-``get``, ``lookup`` and ``status`` talk to the running ``join`` node of a data directory through
-its control socket (:mod:`~p2pdeploy.runtime.control`). ``key`` and ``bundle`` use the data
+``get``, ``lookup``, ``status`` and ``blob`` talk to the running ``join`` node of a data directory
+through its control socket (:mod:`~p2pdeploy.runtime.control`), each by the declaration of its
+request (:func:`run_control_command`). ``key`` and ``bundle`` use the data
 directory's key; ``replica start|stop|status|logs`` send signed requests to a node, through the
 running node of the data directory when there is one, else from an ephemeral node with its key.
 
