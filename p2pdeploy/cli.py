@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -38,41 +39,66 @@ class HostPortType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-class KademliaSettingType(click.ParamType):
-    """``KEY=VALUE`` naming a field of ``KademliaConfig`` (checked when the config is built)."""
+class _PairType(click.ParamType):
+    """``KEY=VALUE`` as a ``(key, value)`` tuple; a value that is not names ``example``."""
 
-    name = "KEY=VALUE"
+    example = ""
+    #: Whether spaces around the key and the value go.
+    strip = False
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, str]:
         if isinstance(value, tuple):
             return value
         key, sep, text = value.partition("=")
-        if not sep or not key.strip():
-            self.fail(f"{value!r} is not KEY=VALUE, e.g. replicate_interval_s=60", param, ctx)
-        return key.strip(), text.strip()
+        if self.strip:
+            key, text = key.strip(), text.strip()
+        if not sep or not key:
+            self.fail(f"{value!r} is not {self.name}, e.g. {self.example}", param, ctx)
+        return key, text
 
 
-def _data_dir_option(fn: Any) -> Any:
+class KademliaSettingType(_PairType):
+    """``KEY=VALUE`` naming a field of ``KademliaConfig`` (checked when the config is built)."""
+
+    name = "KEY=VALUE"
+    example = "replicate_interval_s=60"
+    strip = True
+
+
+def _data_dir_option(what: str) -> Callable[[Any], Any]:
+    """The --data-dir option (or $P2PDEPLOY_DATA_DIR) of every command; ``what`` the directory is to it."""
     return click.option(
         "--data-dir",
         type=click.Path(file_okay=False),
         default=None,
         envvar="P2PDEPLOY_DATA_DIR",
-        help="The data directory of the node "
-        "[default: $P2PDEPLOY_DATA_DIR, else $XDG_DATA_HOME/p2pdeploy, else ~/.local/share/p2pdeploy].",
-    )(fn)
+        help=f"{what} [default: $P2PDEPLOY_DATA_DIR, else $XDG_DATA_HOME/p2pdeploy, else ~/.local/share/p2pdeploy].",
+    )
 
 
-def _key_dir_option(fn: Any, *, requests: bool = False) -> Any:
-    through = "; when a node runs with it, the requests go through that node" if requests else ""
+_node_dir_option = _data_dir_option("The data directory of the node")
+_key_dir_option = _data_dir_option("The data directory whose key signs (identity.key, created on first use)")
+_requests_dir_option = _data_dir_option(
+    "The data directory whose key signs (identity.key, created on first use); when a node runs with it, "
+    "the requests go through that node"
+)
+
+
+_verbose_option = click.option("-v", "--verbose", count=True, help="Log more (-v: info, -vv: debug) to stderr.")
+
+
+def _seconds_option(flag: str, name: str, default: float, help: str) -> Callable[[Any], Any]:
+    """An option of seconds, more than 0, whose help shows its default."""
     return click.option(
-        "--data-dir",
-        type=click.Path(file_okay=False),
-        default=None,
-        envvar="P2PDEPLOY_DATA_DIR",
-        help=f"The data directory whose key signs (identity.key, created on first use){through} "
-        "[default: $P2PDEPLOY_DATA_DIR, else $XDG_DATA_HOME/p2pdeploy, else ~/.local/share/p2pdeploy].",
-    )(fn)
+        flag, name, type=click.FloatRange(min=0, min_open=True), default=default, show_default=True, help=help
+    )
+
+
+def _listen_option(help: str) -> Callable[[Any], Any]:
+    """--listen HOST:PORT of a node this command runs (port 0: the OS chooses)."""
+    return click.option(
+        "--listen", type=HostPortType(allow_port_zero=True), default="127.0.0.1:0", show_default=True, help=help
+    )
 
 
 def _configure_logging(verbose: int) -> None:
@@ -132,13 +158,7 @@ def simulate(scenario: str, seed: int | None, overrides: tuple[str, ...], out: s
 
 
 @main.command()
-@click.option(
-    "--listen",
-    type=HostPortType(allow_port_zero=True),
-    default="127.0.0.1:0",
-    show_default=True,
-    help="Address to listen on, for UDP and TCP alike; port 0 lets the OS choose.",
-)
+@_listen_option("Address to listen on, for UDP and TCP alike; port 0 lets the OS choose.")
 @click.option(
     "--bootstrap",
     type=HostPortType(),
@@ -146,14 +166,7 @@ def simulate(scenario: str, seed: int | None, overrides: tuple[str, ...], out: s
     help="Address of a node already in the community to join through (repeatable). "
     "A restarted node also rejoins through the contacts saved in its data directory.",
 )
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    envvar="P2PDEPLOY_DATA_DIR",
-    help="Where the node keeps its identity, routing table and control socket "
-    "[default: $P2PDEPLOY_DATA_DIR, else $XDG_DATA_HOME/p2pdeploy, else ~/.local/share/p2pdeploy].",
-)
+@_data_dir_option("Where the node keeps its identity, routing table and control socket")
 @click.option("--cpu", metavar="CORES|N%", help="Cores services may use in all, e.g. 2 or 0.5, or a share of this machine such as 50% [default: 1].")
 @click.option("--memory", metavar="SIZE|N%", help="Memory services may reserve in all, e.g. 512M, 2G or 25% [default: 1G].")
 @click.option("--disk", metavar="SIZE|N%", help="Disk services may reserve in all, e.g. 10G or 10% of the free disk [default: 5G].")
@@ -196,15 +209,11 @@ def simulate(scenario: str, seed: int | None, overrides: tuple[str, ...], out: s
     "(repeatable; any field of p2pdeploy.overlay.kademlia.KademliaConfig; "
     "$P2PDEPLOY_KADEMLIA holds the same, separated by spaces).",
 )
-@click.option(
-    "--snapshot-interval",
-    "snapshot_interval_s",
-    type=click.FloatRange(min=0, min_open=True),
-    default=60.0,
-    show_default=True,
-    help="Advanced: seconds between saves of the routing table to the data directory.",
-)
-@click.option("-v", "--verbose", count=True, help="Log more (-v: info, -vv: debug) to stderr.")
+@_seconds_option(
+    "--snapshot-interval", "snapshot_interval_s", 60.0,
+    "Advanced: seconds between saves of the routing table to the data directory.",
+)  # fmt: skip
+@_verbose_option
 def join(
     listen: tuple[str, int],
     bootstrap: tuple[tuple[str, int], ...],
@@ -293,9 +302,52 @@ def _data_dir_or_default(data_dir: str | None) -> str:
     return data_dir or str(default_data_dir())
 
 
-@main.command()
+def _command(
+    group: click.Group, name: str, fn: Any, run: Callable[..., None], shared: list[Callable[[Any], Any]]
+) -> click.Command:
+    """``group``'s command ``name``: ``fn``'s help and parameters, then the ``shared`` options in
+    that order, all passed to ``run``."""
+    run.__doc__ = fn.__doc__
+    for option in reversed(shared):  # click lists a function's parameters last applied first
+        run = option(run)
+    run.__click_params__.extend(getattr(fn, "__click_params__", []))  # type: ignore[attr-defined]
+    return group.command(name)(run)
+
+
+def _node_command(group: click.Group, name: str, *, json_help: str | None = None) -> Callable[[Any], click.Command]:
+    """A command of ``group`` that sends one control request to the running node of --data-dir.
+
+    The request is the one :data:`p2pdeploy.runtime.control.CONTROL_COMMANDS` declares for the
+    command (``blob put`` for ``name="put"`` under ``blob``): the decorated function gives only
+    its help and its parameters, which become the request's arguments by name. Adds --data-dir
+    (last) and, with ``json_help``, --json; the exit status is the command's.
+    """
+
+    def build(fn: Any) -> click.Command:
+        words = name if group is main else f"{group.name} {name}"
+
+        def send(data_dir: str | None, as_json: bool = False, **arguments: Any) -> None:
+            from p2pdeploy.runtime.commands import make_console, run_control_command
+
+            directory = _data_dir_or_default(data_dir)
+            sys.exit(_run_node_command(run_control_command, words, arguments, directory, make_console(), as_json=as_json))
+
+        shared = [_node_dir_option]
+        if json_help is not None:
+            shared.append(click.option("--json", "as_json", is_flag=True, help=json_help))
+        return _command(group, name, fn, send, shared)
+
+    return build
+
+
+def _value_bytes(ctx: click.Context, param: click.Parameter, value: str) -> bytes:
+    """``put``'s VALUE as its UTF-8 bytes, or standard input when it is ``-``."""
+    return sys.stdin.buffer.read() if value == "-" else value.encode()
+
+
+@_node_command(main, "put")
 @click.argument("name")
-@click.argument("value")
+@click.argument("value", callback=_value_bytes)
 @click.option(
     "--ttl",
     "ttl_s",
@@ -304,37 +356,24 @@ def _data_dir_or_default(data_dir: str | None) -> str:
     help="Seconds the value lives unless republished [default: the overlay's, 24 h]; "
     "the node republishes what it stored while it runs.",
 )
-@_data_dir_option
-def put(name: str, value: str, ttl_s: float | None, data_dir: str | None) -> None:
+def put() -> None:
     """Store VALUE under NAME in the overlay, through the running node of the data directory.
 
     NAME is hashed to its key (the first 160 bits of SHA-256 of its UTF-8 bytes); VALUE is
     stored as its UTF-8 bytes, or read from standard input when it is `-`.
     """
-    from p2pdeploy.runtime.commands import make_console, run_put
-
-    data = sys.stdin.buffer.read() if value == "-" else value.encode()
-    sys.exit(_run_node_command(run_put, name, data, ttl_s, _data_dir_or_default(data_dir), make_console()))
 
 
-@main.command()
+@_node_command(main, "get")
 @click.argument("name")
-@_data_dir_option
-def get(name: str, data_dir: str | None) -> None:
+def get() -> None:
     """Print the value stored under NAME (then a newline); exit status 1 when no node holds one."""
-    from p2pdeploy.runtime.commands import make_console, run_get
-
-    sys.exit(_run_node_command(run_get, name, _data_dir_or_default(data_dir), make_console()))
 
 
-@main.command()
+@_node_command(main, "lookup")
 @click.argument("name")
-@_data_dir_option
-def lookup(name: str, data_dir: str | None) -> None:
+def lookup() -> None:
     """Print the nodes closest to NAME's key, closest first: `HEX HOST:PORT` per line."""
-    from p2pdeploy.runtime.commands import make_console, run_lookup
-
-    sys.exit(_run_node_command(run_lookup, name, _data_dir_or_default(data_dir), make_console()))
 
 
 @main.group()
@@ -347,43 +386,37 @@ def blob() -> None:
     """
 
 
-@blob.command("put")
+@_node_command(blob, "put")
 @click.argument("path", metavar="FILE", type=click.Path(exists=True, dir_okay=False))
 @click.option("--replicas", type=click.IntRange(min=1, max=20), default=None,
               help="Copies of each chunk [default: 3].")
-@_data_dir_option
-def blob_put(path: str, replicas: int | None, data_dir: str | None) -> None:
+def blob_put() -> None:
     """Store FILE (up to 64 MiB); print its blob id (40 hex digits)."""
-    from p2pdeploy.runtime.commands import make_console, run_blob_put
-
-    sys.exit(_run_node_command(run_blob_put, path, replicas, _data_dir_or_default(data_dir), make_console()))
 
 
-@blob.command("get")
-@click.argument("blob_id", metavar="ID")
-@click.option("-o", "--out", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Write the blob to this file [default: standard output].")
-@_data_dir_option
-def blob_get(blob_id: str, out: str | None, data_dir: str | None) -> None:
-    """Fetch the blob ID, every chunk checked against its hash; exit status 1 when not found."""
-    from p2pdeploy.runtime.commands import blob_id_of, make_console, run_blob_get
+def _blob_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``blob get``'s ID, checked before the node is asked."""
+    from p2pdeploy.runtime.control_views import blob_id_of
 
     try:
-        blob_id_of(blob_id)
+        blob_id_of(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="ID") from None
-    sys.exit(_run_node_command(run_blob_get, blob_id, out, _data_dir_or_default(data_dir), make_console()))
+    return value
 
 
-@main.command()
-@_data_dir_option
-@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object (node ids in hex).")
-def status(data_dir: str | None, as_json: bool) -> None:
+@_node_command(blob, "get")
+@click.argument("blob_id", metavar="ID", callback=_blob_id)
+@click.option("-o", "--out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the blob to this file [default: standard output].")
+def blob_get() -> None:
+    """Fetch the blob ID, every chunk checked against its hash; exit status 1 when not found."""
+
+
+@_node_command(main, "status", json_help="Print the status as one JSON object (node ids in hex).")
+def status() -> None:
     """Show the running node's id, address, routing table, stored items, failure detector
     (peers watched, suspected and declared dead, local health) and counters."""
-    from p2pdeploy.runtime.commands import make_console, run_status
-
-    sys.exit(_run_node_command(run_status, _data_dir_or_default(data_dir), make_console(), as_json=as_json))
 
 
 @main.command()
@@ -396,23 +429,10 @@ def status(data_dir: str | None, as_json: bool) -> None:
     show_default=True,
     help="Payload echoed back; a ping over 1,200 encoded bytes goes by TCP instead of UDP.",
 )
-@click.option(
-    "--listen",
-    type=HostPortType(allow_port_zero=True),
-    default="127.0.0.1:0",
-    show_default=True,
-    help="Address of the ephemeral node that sends the pings.",
-)
+@_listen_option("Address of the ephemeral node that sends the pings.")
 @click.option("--interval", "interval_s", type=click.FloatRange(min=0), default=0.2, show_default=True, help="Seconds between pings.")
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=click.FloatRange(min=0, min_open=True),
-    default=2.0,
-    show_default=True,
-    help="Count a ping as lost when no pong came within this many seconds.",
-)
-@click.option("-v", "--verbose", count=True, help="Log more (-v: info, -vv: debug) to stderr.")
+@_seconds_option("--timeout", "timeout_s", 2.0, "Count a ping as lost when no pong came within this many seconds.")
+@_verbose_option
 def ping(
     target: tuple[str, int],
     count: int,
@@ -439,18 +459,11 @@ def ping(
     sys.exit(status)
 
 
-class BindingType(click.ParamType):
+class BindingType(_PairType):
     """``NAME=VALUE``: an environment variable given to the replica (``--bind DATABASE_URL=...``)."""
 
     name = "NAME=VALUE"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, str]:
-        if isinstance(value, tuple):
-            return value
-        key, sep, text = value.partition("=")
-        if not sep or not key:
-            self.fail(f"{value!r} is not NAME=VALUE, e.g. GREETING=hi", param, ctx)
-        return key, text
+    example = "GREETING=hi"
 
 
 @main.command()
@@ -511,19 +524,38 @@ def replica() -> None:
     """
 
 
-def _replica_options(fn: Any) -> Any:
-    fn = click.option("-v", "--verbose", count=True, help="Log more (-v: info, -vv: debug) to stderr.")(fn)
-    fn = click.option(
-        "--listen",
-        type=HostPortType(allow_port_zero=True),
-        default=None,
-        help="Advanced: where the ephemeral node listens for answers [default: 127.0.0.1:0 for a loopback "
-        "node, else 0.0.0.0:0].",
-    )(fn)
-    fn = _key_dir_option(fn, requests=True)
-    return click.option(
-        "--node", "target", type=HostPortType(), required=True, help="The node's address (its `listening on` line)."
-    )(fn)
+_node_option = click.option(
+    "--node", "target", type=HostPortType(), required=True, help="The node's address (its `listening on` line)."
+)
+_replica_listen_option = click.option(
+    "--listen",
+    type=HostPortType(allow_port_zero=True),
+    default=None,
+    help="Advanced: where the ephemeral node listens for answers [default: 127.0.0.1:0 for a loopback "
+    "node, else 0.0.0.0:0].",
+)
+
+
+def _replica_command(name: str, run: str, *, console: bool = True) -> Callable[[Any], click.Command]:
+    """A ``replica`` command that calls ``p2pdeploy.runtime.commands.<run>``.
+
+    The decorated function gives the help and the command's own parameters, passed to ``run``
+    by name with ``target``, ``listen``, ``data_dir`` (and, with ``console``, a console); the
+    shared options --node, --data-dir, --listen and -v follow them. The exit status is ``run``'s.
+    """
+
+    def build(fn: Any) -> click.Command:
+        def send(verbose: int, data_dir: str | None, **arguments: Any) -> None:
+            from p2pdeploy.runtime import commands
+
+            _configure_logging(verbose)
+            if console:
+                arguments["console"] = commands.make_console()
+            sys.exit(_run_node_command(getattr(commands, run), data_dir=_data_dir_or_default(data_dir), **arguments))
+
+        return _command(replica, name, fn, send, [_node_option, _requests_dir_option, _replica_listen_option, _verbose_option])
+
+    return build
 
 
 _wait_option = click.option(
@@ -532,113 +564,45 @@ _wait_option = click.option(
     show_default=True,
     help="Wait until the replica is running (start) or stopped (stop), asking for its status.",
 )
-_timeout_option = click.option(
-    "--timeout",
-    "timeout_s",
-    type=click.FloatRange(min=0, min_open=True),
-    default=60.0,
-    show_default=True,
-    help="Seconds to wait with --wait.",
-)
+_timeout_option = _seconds_option("--timeout", "timeout_s", 60.0, "Seconds to wait with --wait.")
 
 
-@replica.command("start")
+@_replica_command("start", "run_replica_start")
 @click.argument("source", metavar="DIR|BUNDLE", type=click.Path(exists=True))
 @click.option("--id", "replica_id", default=None, help="The replica's id on the node [default: NAME-1].")
-@click.option("--bind", "bindings", type=BindingType(), multiple=True, help="An environment variable for the service, NAME=VALUE (repeatable).")
+@click.option("--bind", "bindings", type=BindingType(), multiple=True, callback=lambda ctx, param, pairs: dict(pairs),
+              help="An environment variable for the service, NAME=VALUE (repeatable).")
 @click.option("--by-blob", is_flag=True, help="Store the bundle as a blob through the running node of the data "
               "directory and start by its id: the node fetches it from the nodes that hold it and caches it.")
 @_wait_option
 @_timeout_option
-@_replica_options
-def replica_start(
-    source: str,
-    replica_id: str | None,
-    bindings: tuple[tuple[str, str], ...],
-    by_blob: bool,
-    wait: bool,
-    timeout_s: float,
-    target: tuple[str, int],
-    data_dir: str | None,
-    listen: tuple[str, int] | None,
-    verbose: int,
-) -> None:
+def replica_start() -> None:
     """Run a service on the node: a service directory (packed and signed now) or a bundle file
     from `p2pdeploy bundle` (with its .sig beside it)."""
-    from p2pdeploy.runtime.commands import make_console, run_replica_start
-
-    _configure_logging(verbose)
-    sys.exit(
-        _run_node_command(
-            run_replica_start, source, target, replica_id, dict(bindings), _data_dir_or_default(data_dir),
-            make_console(), wait=wait, timeout_s=timeout_s, listen=listen, by_blob=by_blob,
-        )  # fmt: skip
-    )
 
 
-@replica.command("stop")
+@_replica_command("stop", "run_replica_stop")
 @click.argument("replica_id", metavar="ID")
 @_wait_option
 @_timeout_option
-@_replica_options
-def replica_stop(
-    replica_id: str,
-    wait: bool,
-    timeout_s: float,
-    target: tuple[str, int],
-    data_dir: str | None,
-    listen: tuple[str, int] | None,
-    verbose: int,
-) -> None:
+def replica_stop() -> None:
     """Stop replica ID on the node (TERM, then KILL after its grace period); its logs stay readable."""
-    from p2pdeploy.runtime.commands import make_console, run_replica_stop
-
-    _configure_logging(verbose)
-    sys.exit(
-        _run_node_command(
-            run_replica_stop, replica_id, target, _data_dir_or_default(data_dir), make_console(),
-            wait=wait, timeout_s=timeout_s, listen=listen,
-        )  # fmt: skip
-    )
 
 
-@replica.command("status")
+@_replica_command("status", "run_replica_status")
 @click.argument("replica_id", metavar="ID")
-@_replica_options
-def replica_status(
-    replica_id: str, target: tuple[str, int], data_dir: str | None, listen: tuple[str, int] | None, verbose: int
-) -> None:
+def replica_status() -> None:
     """Print replica ID's state on the node, then its run, restarts, port and health."""
-    from p2pdeploy.runtime.commands import make_console, run_replica_status
-
-    _configure_logging(verbose)
-    sys.exit(
-        _run_node_command(
-            run_replica_status, replica_id, target, _data_dir_or_default(data_dir), make_console(), listen=listen
-        )
-    )
 
 
-@replica.command("logs")
+@_replica_command("logs", "run_replica_logs", console=False)
 @click.argument("replica_id", metavar="ID")
 @click.option(
     "--bytes", "max_bytes", type=click.IntRange(min=1), default=16384, show_default=True,
     help="How much of the end of the logs (the node sends at most 64 KiB).",
 )  # fmt: skip
-@_replica_options
-def replica_logs(
-    replica_id: str,
-    max_bytes: int,
-    target: tuple[str, int],
-    data_dir: str | None,
-    listen: tuple[str, int] | None,
-    verbose: int,
-) -> None:
+def replica_logs() -> None:
     """Print the end of replica ID's logs (its stdout and stderr) as the node kept them."""
-    from p2pdeploy.runtime.commands import run_replica_logs
-
-    _configure_logging(verbose)
-    sys.exit(_run_node_command(run_replica_logs, replica_id, target, max_bytes, _data_dir_or_default(data_dir), listen=listen))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 ``join`` runs a node in the foreground, with its control socket in the data directory, and
 hosts replicas within the owner's contribution; ``ping`` runs an ephemeral node; ``put``,
-``get``, ``lookup`` and ``status`` talk to the running ``join`` node of a data directory through
-its control socket (:mod:`~p2pdeploy.runtime.control`). ``key`` and ``bundle`` use the data
+``get``, ``lookup``, ``status`` and ``blob`` talk to the running ``join`` node of a data directory
+through its control socket (:mod:`~p2pdeploy.runtime.control`), each by the declaration of its
+request (:func:`run_control_command`). ``key`` and ``bundle`` use the data
 directory's key; ``replica start|stop|status|logs`` send signed requests to a node, through the
 running node of the data directory when there is one, else from an ephemeral node with its key.
 
@@ -21,7 +22,6 @@ standard error, ``refused by node HEX at HOST:PORT: CHECK: REASON`` (the check t
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import json
 import logging
@@ -33,13 +33,12 @@ import sys
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
 from rich.console import Console
-from rich.table import Table
 
 from p2pdeploy.fabric.contribution import (
     ANY,
@@ -49,12 +48,11 @@ from p2pdeploy.fabric.contribution import (
 )
 from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.supervisor import ReplicaState, ReplicaStateChanged
-from p2pdeploy.fabric.units import format_bandwidth, format_cores, format_cores_number, format_size
+from p2pdeploy.fabric.units import format_size
 from p2pdeploy.node import client_layers
-from p2pdeploy.overlay.identity import Identity, key_id
+from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import KademliaConfig
 from p2pdeploy.overlay.ping import PeerSeen, Ping
-from p2pdeploy.overlay.storage import Item
 from p2pdeploy.resource.bundle import Bundle, SignedBundle
 from p2pdeploy.resource.protocol import (
     LogsReply,
@@ -67,33 +65,28 @@ from p2pdeploy.runtime.address import HostPort, format_host_port
 from p2pdeploy.runtime.bundlefile import bundle_from_directory, read_signed_bundle, write_signed_bundle
 from p2pdeploy.runtime.configfile import read_config_section
 from p2pdeploy.runtime.control import (
-    MAX_CONTROL_BLOB_BYTES,
-    BlobGetReply,
-    BlobGetRequest,
-    BlobPutReply,
-    BlobPutRequest,
     ControlClient,
     ControlRequestRefused,
     ControlSocket,
-    DetectorStatus,
-    GetReply,
-    GetRequest,
-    LookupReply,
-    LookupRequest,
     NoNodeRunning,
-    PutReply,
-    PutRequest,
     ReplicaAnswer,
     ReplicaRequest,
-    StatusReply,
-    StatusRequest,
+    command_named,
     control_request,
     open_control,
     serve_replica_request,
 )
+from p2pdeploy.runtime.control_views import (  # noqa: F401  (importable from here, as before)
+    Unsendable,
+    blob_id_of,
+    contribution_table,
+    detector_table,
+    key_of_name,
+    status_to_json,
+)
+from p2pdeploy.runtime.control_views import count as _count
 from p2pdeploy.runtime.keyfile import key_path, load_or_create_identity
 from p2pdeploy.runtime.node import PingTimeout, RemoteTimeout, RuntimeConfig, RuntimeNode, open_node
-from p2pdeploy.runtime.snapshot import write_file_atomically
 
 log = logging.getLogger(__name__)
 
@@ -261,39 +254,6 @@ def print_contribution(node: RuntimeNode, console: Console) -> None:
             )
 
 
-def contribution_table(contribution: Contribution, machine: Machine | None, replicas_dir: Path | None) -> Table:
-    """What a node offers; with ``machine``, beside what the machine has."""
-    table = Table(title="contribution (what this node offers)", title_justify="left", show_header=False)
-    table.add_column("what")
-    table.add_column("offered", overflow="fold")
-    if machine is not None:
-        table.add_column("this machine", style="dim")
-    c = contribution
-
-    def row(what: str, offered: str, has: str = "") -> None:
-        table.add_row(what, offered, *([has] if machine is not None else []))
-
-    row("cpu", format_cores(c.cpu_cores), f"of {format_cores_number(machine.cores)}" if machine else "")
-    row("memory", format_size(c.memory_bytes), f"of {format_size(machine.memory_total_bytes)}" if machine else "")
-    row("disk", format_size(c.disk_bytes), f"of {format_size(machine.disk_free_bytes)} free" if machine else "")
-    row("bandwidth", "not metered" if c.bandwidth_bps is None else format_bandwidth(c.bandwidth_bps))
-    row("services", f"at most {c.max_services}")
-    if c.trusted_keys == ANY:
-        trusts = "any key (an open community)"
-    elif not c.trusted_keys:
-        trusts = "nobody but this node's own key"
-    else:
-        trusts = ", ".join(f"{key.hex()[:16]}…" for key in sorted(c.trusted_keys))
-    row("trusts", trusts)
-    row("allowed tags", "any" if c.allowed_tags == ANY else ", ".join(sorted(c.allowed_tags)) or "none")
-    row("tags", ", ".join(sorted(c.tags)) or "none")
-    if c.owner:
-        row("owner", c.owner)
-    if replicas_dir is not None:
-        row("replicas in", str(replicas_dir))
-    return table
-
-
 def _service_user_cannot_enter(root: Path, uid: int | None, gid: int | None) -> str | None:
     """Why services running as ``uid`` could not enter ``root`` (a directory on the way), or None."""
     if uid is None:
@@ -396,50 +356,42 @@ async def run_ping(
 # -- commands that talk to a running node ----------------------------------------------------
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def key_of_name(name: str) -> int:
-    """The overlay key of a NAME given on the command line."""
-    return key_id(name.encode())
+async def run_control_command(
+    name: str, arguments: Mapping[str, Any], data_dir: str | os.PathLike[str], console: Console, *, as_json: bool = False
+) -> int:
+    """Send the request of the command ``name`` (declared in :data:`~p2pdeploy.runtime.control.CONTROL_COMMANDS`),
+    made from its ``arguments``, to the node of ``data_dir``; print the reply (``as_json``: as one
+    JSON object). Its exit status."""
+    command = command_named(name)
+    assert command.ask is not None and command.show is not None
+    try:
+        request = command.ask(arguments)
+    except Unsendable as exc:
+        console.print(exc.message)
+        return exc.status
+    with trio.fail_after(CONTROL_TIMEOUT_S):
+        reply = await control_request(data_dir, request)
+    if as_json and command.to_json is not None:
+        console.print(json.dumps(command.to_json(reply)), markup=False, highlight=False, soft_wrap=True)
+        return 0
+    return command.show(reply, {**arguments, "data_dir": data_dir}, console)
 
 
 async def run_put(
     name: str, value: bytes, ttl_s: float | None, data_dir: str | os.PathLike[str], console: Console
 ) -> int:
     """Store VALUE under NAME through the node of ``data_dir``; exit status 0 when any node stored it."""
-    key = key_of_name(name)
-    with trio.fail_after(CONTROL_TIMEOUT_S):
-        reply: PutReply = await control_request(data_dir, PutRequest(key, Item(value), ttl_s))
-    if reply.stored == 0:
-        reasons = "; ".join(sorted(set(reply.refusals))) or "no node answered"
-        console.print(f"[red]{name} was stored on no node[/] (key {key:040x}): {reasons}")
-        return 1
-    console.print(f"stored {name} (key {key:040x}) on {_count(reply.stored, 'node')}")
-    return 0
+    return await run_control_command("put", {"name": name, "value": value, "ttl_s": ttl_s}, data_dir, console)
 
 
 async def run_get(name: str, data_dir: str | os.PathLike[str], console: Console) -> int:
     """Print the value under NAME (the bytes, then a newline); exit status 1 when none is found."""
-    key = key_of_name(name)
-    with trio.fail_after(CONTROL_TIMEOUT_S):
-        reply: GetReply = await control_request(data_dir, GetRequest(key))
-    if reply.item is None:
-        Console(stderr=True, highlight=False).print(f"{name} not found (key {key:040x})")
-        return 1
-    out = sys.stdout.buffer
-    out.write(reply.item.value + b"\n")
-    out.flush()
-    return 0
+    return await run_control_command("get", {"name": name}, data_dir, console)
 
 
-def blob_id_of(text: str) -> int:
-    """A blob id given on the command line: the 40 hex digits ``blob put`` printed."""
-    cleaned = text.strip().lower().removeprefix("0x")
-    if len(cleaned) != 40 or any(ch not in "0123456789abcdef" for ch in cleaned):
-        raise ValueError(f"a blob id is 40 hex digits, as `p2pdeploy blob put` prints it (got {text!r})")
-    return int(cleaned, 16)
+async def run_lookup(name: str, data_dir: str | os.PathLike[str], console: Console) -> int:
+    """Print the nodes closest to NAME's key, closest first, as ``HEX HOST:PORT`` lines."""
+    return await run_control_command("lookup", {"name": name}, data_dir, console)
 
 
 async def run_blob_put(
@@ -447,149 +399,20 @@ async def run_blob_put(
 ) -> int:
     """Store a file as a content-addressed blob (chunks replicated on the nodes closest to each
     chunk's id) through the node of ``data_dir``; print its id. Exit status 1 when not stored."""
-    source = Path(path)
-    size = source.stat().st_size
-    if size > MAX_CONTROL_BLOB_BYTES:
-        console.print(f"[red]{source} has {format_size(size)}; `blob put` carries at most "
-                      f"{format_size(MAX_CONTROL_BLOB_BYTES)}[/]")
-        return 2
-    data = source.read_bytes()
-    with trio.fail_after(CONTROL_TIMEOUT_S):
-        reply: BlobPutReply = await control_request(data_dir, BlobPutRequest(data, replicas))
-    if reply.reason:
-        console.print(f"[red]{source} was not stored[/]: {reply.reason}")
-        return 1
-    console.print(f"stored {source.name} ({format_size(reply.size)}, {_count(reply.chunks, 'chunk')}, "
-                  f"{reply.replicas} {'copy' if reply.replicas == 1 else 'copies'} of each)")
-    console.print(f"blob {reply.blob_id:040x}")
-    return 0
+    return await run_control_command("blob put", {"path": path, "replicas": replicas}, data_dir, console)
 
 
 async def run_blob_get(
     blob_id: str, out: str | os.PathLike[str] | None, data_dir: str | os.PathLike[str], console: Console
 ) -> int:
     """Fetch a blob (every chunk checked against its hash) to ``out``, or to standard output."""
-    key = blob_id_of(blob_id)
-    with trio.fail_after(CONTROL_TIMEOUT_S):
-        reply: BlobGetReply = await control_request(data_dir, BlobGetRequest(key))
-    if reply.data is None:
-        Console(stderr=True, highlight=False).print(f"blob {key:040x} not fetched: {reply.reason or 'not found'}")
-        return 1
-    if out is None:
-        sys.stdout.buffer.write(reply.data)
-        sys.stdout.buffer.flush()
-    else:
-        write_file_atomically(Path(out), reply.data, mode=0o644)
-        console.print(f"fetched blob {key:040x} ({format_size(len(reply.data))}) to {out}")
-    return 0
-
-
-async def run_lookup(name: str, data_dir: str | os.PathLike[str], console: Console) -> int:
-    """Print the nodes closest to NAME's key, closest first, as ``HEX HOST:PORT`` lines."""
-    key = key_of_name(name)
-    with trio.fail_after(CONTROL_TIMEOUT_S):
-        reply: LookupReply = await control_request(data_dir, LookupRequest(key))
-    console.print(
-        f"[dim]{_count(len(reply.contacts), 'node')} closest to {name} (key {key:040x}), closest first, "
-        f"{_count(reply.hops, 'hop')}, {_count(reply.requests, 'request')}:[/]"
-    )
-    for contact in reply.contacts:
-        address = contact.address
-        where = format_host_port(address) if isinstance(address, tuple) else str(address)
-        distance_bits = (contact.node_id ^ key).bit_length()
-        console.print(f"{contact.node_id:040x} {where} [dim](distance < 2^{distance_bits})[/]")
-    return 0 if reply.contacts else 1
-
-
-def status_to_json(status: StatusReply) -> dict[str, Any]:
-    """``status`` as plain JSON values: node ids as 40 hex digits, bytes as hex."""
-
-    def plain(value: Any, key: str = "") -> Any:
-        if isinstance(value, dict):
-            return {name: plain(item, name) for name, item in value.items()}
-        if isinstance(value, list | tuple):
-            return [plain(item) for item in value]
-        if isinstance(value, bytes):
-            return value.hex()
-        if key == "node_id" and isinstance(value, int):
-            return f"{value:040x}"
-        return value
-
-    return plain(asdict(status))
-
-
-def detector_table(detector: DetectorStatus) -> Table:
-    """The failure detector's view: whom it watches, suspects and holds dead, its health and counters."""
-    counters = detector.counters
-    table = Table(
-        title=f"failure detector: {_count(detector.watched, 'peer')} watched, {len(detector.suspects)} suspect, "
-        f"{len(detector.dead)} dead",
-        title_justify="left",
-    )
-    for column in ("peer", "state", "incarnation", "since"):
-        table.add_column(column)
-    for peer in [*detector.suspects, *detector.dead]:
-        when = datetime.datetime.fromtimestamp(peer.since_unix_s).strftime("%H:%M:%S")
-        table.add_row(f"{peer.node_id:040x}", peer.state, str(peer.incarnation), f"{when} ({peer.for_s:.1f} s ago)")
-    table.caption = f"local health {detector.health} (0 is healthy), incarnation {detector.incarnation}; " + ", ".join(
-        f"{name} {counters[name]}" for name in sorted(counters)
-    )
-    table.caption_justify = "left"
-    return table
+    return await run_control_command("blob get", {"blob_id": blob_id, "out": out}, data_dir, console)
 
 
 async def run_status(data_dir: str | os.PathLike[str], console: Console, *, as_json: bool = False) -> int:
     """Show the node's id, address, routing table, store, failure detector and counters as tables
     (``as_json``: one JSON object instead)."""
-    with trio.fail_after(CONTROL_TIMEOUT_S):
-        status: StatusReply = await control_request(data_dir, StatusRequest())
-    if as_json:
-        console.print(json.dumps(status_to_json(status)), markup=False, highlight=False, soft_wrap=True)
-        return 0
-    table = Table(title=f"node of {status.data_dir or data_dir}", title_justify="left", show_header=False)
-    table.add_column("what")
-    table.add_column("value")
-    table.add_row("node id", f"{status.node_id:040x}")
-    table.add_row("address", format_host_port((status.host, status.port)))
-    table.add_row("uptime", f"{status.uptime_s:.1f} s")
-    table.add_row("contacts", f"{status.contacts} in {status.buckets} buckets ({status.restored_contacts} restored)")
-    table.add_row("stored items", str(status.stored_items))
-    table.add_row("published items", str(status.published_items))
-    if status.persistence is not None:
-        held = status.persistence
-        table.add_row("persistence", f"{_count(held.get('chunks', 0), 'chunk')} "
-                      f"({format_size(held.get('bytes_used', 0))} of {format_size(held.get('capacity_bytes', 0))}), "
-                      f"{_count(held.get('records', 0), 'record')}")
-    if status.state_url:
-        table.add_row("state API", status.state_url)
-    console.print(table)
-    if status.contribution is not None:
-        try:
-            contribution = Contribution.from_table(status.contribution, source="the node's status")
-        except ContributionError:
-            contribution = None
-        if contribution is not None:
-            replicas_dir = Path(status.replicas_dir) if status.replicas_dir else None
-            console.print(contribution_table(contribution, None, replicas_dir))
-        replicas = Table(title=f"replicas ({len(status.replicas)})", title_justify="left")
-        for column in ("replica", "state", "port", "run", "restarts", "started by"):
-            replicas.add_column(column)
-        for replica in status.replicas:
-            state = f"{replica.state}: {replica.reason}" if replica.reason else replica.state
-            replicas.add_row(
-                replica.replica_id, state, "" if replica.port is None else str(replica.port), str(replica.run),
-                str(replica.restarts), f"{replica.requested_by.hex()[:16]}…" if replica.requested_by else "",
-            )  # fmt: skip
-        console.print(replicas)
-    if status.detector is not None:
-        console.print(detector_table(status.detector))
-    counters = Table(title="counters", title_justify="left")
-    counters.add_column("counter")
-    counters.add_column("value", justify="right")
-    for name in sorted(status.counters):
-        counters.add_row(name, str(status.counters[name]))
-    console.print(counters)
-    return 0
+    return await run_control_command("status", {}, data_dir, console, as_json=as_json)
 
 
 # -- the contribution of a join node -------------------------------------------------------
@@ -866,15 +689,24 @@ async def run_replica_start(
                 "--by-blob stores the bundle through the persistence of a running node: start one with "
                 f"`p2pdeploy join --data-dir {os.fspath(data_dir)}` first, or send the bundle inline"
             )
-        answer = await channel.send(request)
-        if isinstance(answer.reply, Refused):
-            return _refused(answer, answer.reply)
-        assert isinstance(answer.reply, ReplicaStatusReply)
-        console.print(f"replica {replica_id} on {_node_words(answer)}: {answer.reply}", markup=False)
-        if not wait:
-            return 0
-        final = await _wait_for_state(channel, answer, replica_id, ("running", "failed", "stopped"), timeout_s)
-    return _print_final(final, replica_id, "running", timeout_s, console)
+        return await _send_and_wait(channel, request, ("running", "failed", "stopped"), wait, timeout_s, console)
+
+
+async def _send_and_wait(
+    channel: ReplicaChannel, request: ReplicaRequest, done: Sequence[str], wait: bool, timeout_s: float, console: Console
+) -> int:
+    """Send a start or a stop and print the answer; with ``wait``, ask until the replica's state
+    is one of ``done`` and print it (exit status 0 when it is the first). The command's exit status."""
+    replica_id = request.replica_id
+    answer = await channel.send(request)
+    if isinstance(answer.reply, Refused):
+        return _refused(answer, answer.reply)
+    assert isinstance(answer.reply, ReplicaStatusReply)
+    console.print(f"replica {replica_id} on {_node_words(answer)}: {answer.reply}", markup=False)
+    if not wait:
+        return 0
+    final = await _wait_for_state(channel, answer, replica_id, done, timeout_s)
+    return _print_final(final, replica_id, done[0], timeout_s, console)
 
 
 def _print_final(answer: ReplicaAnswer, replica_id: str, wanted: str, timeout_s: float, console: Console) -> int:
@@ -902,15 +734,8 @@ async def run_replica_stop(
 ) -> int:
     """Send a signed StopReplica; by default wait until the replica has stopped."""
     async with open_replica_channel(data_dir, target, listen) as channel:
-        answer = await channel.send(ReplicaRequest("stop", target[0], target[1], replica_id))
-        if isinstance(answer.reply, Refused):
-            return _refused(answer, answer.reply)
-        assert isinstance(answer.reply, ReplicaStatusReply)
-        console.print(f"replica {replica_id} on {_node_words(answer)}: {answer.reply}", markup=False)
-        if not wait:
-            return 0
-        final = await _wait_for_state(channel, answer, replica_id, ("stopped",), timeout_s)
-    return _print_final(final, replica_id, "stopped", timeout_s, console)
+        request = ReplicaRequest("stop", target[0], target[1], replica_id)
+        return await _send_and_wait(channel, request, ("stopped",), wait, timeout_s, console)
 
 
 async def run_replica_status(

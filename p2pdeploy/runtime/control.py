@@ -11,6 +11,14 @@ persistence: ``p2pdeploy blob``) and :class:`ReplicaRequest` (the node signs a s
 request with its key and sends it to another node, or to itself; ``p2pdeploy replica``); the
 node serves them through its async facade, so the control API makes no protocol decision either.
 
+Each request is declared once, with :func:`control_command` on the coroutine that serves it:
+:func:`answer` dispatches by that declaration (:data:`CONTROL_COMMANDS`), and the ``p2pdeploy``
+command of the same name (``put``, ``blob get``, ...) asks for it and prints its reply by the
+functions it names (:mod:`~p2pdeploy.runtime.control_views`;
+:func:`~p2pdeploy.runtime.commands.run_control_command`). A new request is its messages (a
+free tag), one declaration and its serving coroutine, and, for a command, its printing and
+its parameters in ``cli.py``.
+
 A frame that is not a valid request is answered with a refusal and the connection is closed;
 the node counts it (``control_malformed``) and carries on. The socket exists only while a node
 runs; one left behind by a killed node is detected (nobody accepts) and replaced by the next
@@ -25,7 +33,7 @@ import os
 import socket as stdlib_socket
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -40,6 +48,7 @@ from p2pdeploy.overlay.swim import DetectorStats, Liveness
 from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, SignedBundle
 from p2pdeploy.resource.protocol import MAX_LOG_BYTES, LogsReply, Refused
 from p2pdeploy.resource.protocol import StatusReply as ReplicaStatusReply
+from p2pdeploy.runtime import control_views as views
 from p2pdeploy.runtime.address import HostPort
 from p2pdeploy.runtime.framing import FrameDecoder, FrameTooLarge, frame
 from p2pdeploy.runtime.state_api import NoPersistence
@@ -48,7 +57,12 @@ from p2pdeploy.wire import NodeId, message, record
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from rich.console import Console
+
     from p2pdeploy.runtime.node import RuntimeNode
+
+    #: Serves one request on a node: its reply, or an exception naming what was wrong.
+    Serve = Callable[[RuntimeNode, Any], Awaitable[Any]]
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +323,231 @@ class ReplicaAnswer:
     reply: ReplicaStatusReply | LogsReply | Refused
 
 
-REQUESTS = (StatusRequest, PutRequest, GetRequest, LookupRequest, BlobPutRequest, BlobGetRequest, ReplicaRequest)
+# -- the requests: one declaration each ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ControlCommand:
+    """One request the ``p2pdeploy`` command sends to the running node of a data directory.
+
+    Its wire messages and the coroutine that serves it on the node, through the node's facade
+    (a refusal is an exception that :func:`answer` turns into a :class:`ControlRefusal`). A
+    request with a command of its own (``name``: ``put``, ``blob get``, ...) also says how the
+    command's arguments make it (``ask``, by parameter name), how its reply prints (``show``,
+    which returns the exit status) and, for ``--json``, the reply as one JSON object
+    (``to_json``); the printing lives in :mod:`~p2pdeploy.runtime.control_views`, the
+    command's parameters in ``cli.py``.
+    """
+
+    request: type
+    reply: type
+    serve: Serve
+    name: str | None = None
+    ask: Callable[[Mapping[str, Any]], Any] | None = None
+    show: Callable[[Any, Mapping[str, Any], Console], int] | None = None
+    to_json: Callable[[Any], dict[str, Any]] | None = None
+
+
+#: Every control request by its request class, in the order they are declared.
+CONTROL_COMMANDS: dict[type, ControlCommand] = {}
+
+
+def control_command(
+    request: type,
+    reply: type,
+    *,
+    name: str | None = None,
+    ask: Callable[[Mapping[str, Any]], Any] | None = None,
+    show: Callable[[Any, Mapping[str, Any], Console], int] | None = None,
+    to_json: Callable[[Any], dict[str, Any]] | None = None,
+) -> Callable[[Serve], Serve]:
+    """Declare ``request``, answered with ``reply``, as served by the decorated coroutine
+    (the other arguments: :class:`ControlCommand`)."""
+
+    def declare(serve: Serve) -> Serve:
+        if request in CONTROL_COMMANDS:
+            raise ValueError(f"{request.__name__} is already declared")
+        CONTROL_COMMANDS[request] = ControlCommand(request, reply, serve, name, ask, show, to_json)
+        return serve
+
+    return declare
+
+
+def command_named(name: str) -> ControlCommand:
+    """The control request behind the command ``name`` (``status``, ``blob put``, ...)."""
+    for command in CONTROL_COMMANDS.values():
+        if command.name == name:
+            return command
+    raise KeyError(f"no control request is declared for the command {name!r}")
+
+
+@control_command(
+    StatusRequest, StatusReply, name="status", ask=lambda arguments: StatusRequest(),
+    show=views.show_status, to_json=views.status_to_json,
+)  # fmt: skip
+async def serve_status(node: RuntimeNode, request: StatusRequest) -> StatusReply:
+    return status_of(node)
+
+
+@control_command(
+    PutRequest, PutReply, name="put", show=views.show_put,
+    ask=lambda arguments: PutRequest(views.key_of_name(arguments["name"]), Item(arguments["value"]), arguments["ttl_s"]),
+)  # fmt: skip
+async def serve_put(node: RuntimeNode, request: PutRequest) -> PutReply:
+    item, ttl_s = request.item, request.ttl_s
+    event = await node.query(lambda overlay, now: overlay.put_item(request.key, item, now, ttl_s))
+    return PutReply(request.key, event.stored, list(event.refusals))
+
+
+@control_command(
+    GetRequest, GetReply, name="get", show=views.show_get,
+    ask=lambda arguments: GetRequest(views.key_of_name(arguments["name"])),
+)  # fmt: skip
+async def serve_get(node: RuntimeNode, request: GetRequest) -> GetReply:
+    event = await node.query(lambda overlay, now: overlay.get(request.key, now, latest=request.latest))
+    return GetReply(request.key, event.item, max(event.ttl_s, 0.0), event.hops)
+
+
+@control_command(
+    LookupRequest, LookupReply, name="lookup", show=views.show_lookup,
+    ask=lambda arguments: LookupRequest(views.key_of_name(arguments["name"])),
+)  # fmt: skip
+async def serve_lookup(node: RuntimeNode, request: LookupRequest) -> LookupReply:
+    event = await node.query(lambda overlay, now: overlay.lookup(request.key, now))
+    return LookupReply(request.key, list(event.closest), event.hops, event.requests)
+
+
+@control_command(
+    BlobPutRequest, BlobPutReply, name="blob put", show=views.show_blob_put,
+    ask=lambda arguments: BlobPutRequest(
+        views.read_blob_file(arguments["path"], MAX_CONTROL_BLOB_BYTES), arguments["replicas"]
+    ),
+)  # fmt: skip
+async def serve_blob_put(node: RuntimeNode, request: BlobPutRequest) -> BlobPutReply:
+    if len(request.data) > MAX_CONTROL_BLOB_BYTES:
+        raise ValueError(f"a blob through the control socket is at most {MAX_CONTROL_BLOB_BYTES} bytes")
+    stored = await node.persistence.put_blob(request.data, replicas=request.replicas)
+    return BlobPutReply(stored.blob_id, stored.size, stored.chunks, stored.replicas, stored.reason)
+
+
+@control_command(
+    BlobGetRequest, BlobGetReply, name="blob get", show=views.show_blob_get,
+    ask=lambda arguments: BlobGetRequest(views.blob_id_of(arguments["blob_id"])),
+)  # fmt: skip
+async def serve_blob_get(node: RuntimeNode, request: BlobGetRequest) -> BlobGetReply:
+    fetched = await node.persistence.fetch_blob(request.blob_id)
+    if fetched.data is not None and len(fetched.data) > MAX_CONTROL_BLOB_BYTES:
+        return BlobGetReply(request.blob_id, None, f"the blob has {len(fetched.data)} bytes, over the "
+                            f"control socket's {MAX_CONTROL_BLOB_BYTES}; fetch it with the library")
+    return BlobGetReply(request.blob_id, fetched.data, fetched.reason)
+
+
+@control_command(ReplicaRequest, ReplicaAnswer)  # its commands are ``replica start|stop|status|logs``
+async def serve_replica_request(node: RuntimeNode, request: ReplicaRequest) -> ReplicaAnswer:
+    """Send ``request`` from ``node`` (signed with its key) and wrap the target's reply.
+
+    Raises :class:`~p2pdeploy.runtime.node.PingTimeout` when the target does not answer a ping
+    for its id, :class:`~p2pdeploy.runtime.node.RemoteTimeout` when it does not answer the request.
+    """
+    address = await node.resolve(request.address)
+    node_id = request.node if request.node is not None else await node.node_id_at(address)
+    replica_id = request.replica_id
+    if request.operation == "start":
+        bundle = SignedBundle(request.bundle, request.bundle_key, request.bundle_signature)
+        reply = await node.remote_start(
+            address, replica_id, bundle, bindings=dict(request.bindings), node_id=node_id, by_blob=request.by_blob
+        )
+    elif request.operation == "stop":
+        reply = await node.remote_stop(address, replica_id, node_id=node_id)
+    elif request.operation == "status":
+        reply = await node.remote_query(address, replica_id, node_id=node_id)
+    else:
+        reply = await node.remote_logs(address, replica_id, request.max_bytes, node_id=node_id)
+    return ReplicaAnswer(node_id, address[0], address[1], reply)
+
+
+def status_of(node: RuntimeNode) -> StatusReply:
+    overlay = node.overlay
+    counters = {key: int(value) for key, value in node.counters.items()}
+    counters.update({f"kademlia.{key}": value for key, value in overlay.counters.items()})
+    counters.update(node.core_counters())
+    persistence = None
+    try:
+        layer = node.persistence.layer
+    except NoPersistence:
+        layer = None
+    if layer is not None:
+        counters.update({f"persistence.{key}": int(value) for key, value in layer.counters.items()})
+        store = layer.store
+        persistence = {
+            "chunks": len(store.chunk_infos()),
+            "records": len(store.record_keys()),
+            "bytes_used": store.used_bytes(),
+            "capacity_bytes": int(getattr(store, "capacity_bytes", 0)),
+        }
+    host, port = node.address
+    uptime_s = 0.0 if node.started_at is None else trio.current_time() - node.started_at
+    contribution = node.contribution
+    requested_by = node.replica_host.requested_by if contribution is not None else {}
+    return StatusReply(
+        node_id=node.node_id,
+        host=host,
+        port=port,
+        data_dir="" if node.data_dir is None else os.fspath(node.data_dir),
+        uptime_s=uptime_s,
+        contacts=len(overlay.table),
+        buckets=len(overlay.table.buckets),
+        stored_items=len(overlay.store),
+        published_items=len(overlay.published),
+        restored_contacts=node.restored_contacts,
+        counters=counters,
+        contribution=None if contribution is None else contribution.to_table(),
+        replicas=[
+            HostedReplica(
+                r.replica_id, r.state.value, r.reason, r.run, r.restarts, r.port, r.healthy,
+                requested_by.get(r.replica_id, b""),
+            )
+            for r in node.hosted_replicas()
+        ],  # fmt: skip
+        replicas_dir="" if node.replicas_dir is None else os.fspath(node.replicas_dir),
+        persistence=persistence,
+        state_url="" if node.state_server is None else node.state_server.url,
+        detector=detector_status_of(node),
+    )
+
+
+def detector_status_of(node: RuntimeNode) -> DetectorStatus | None:
+    """The failure detector under the node's overlay, as a :class:`DetectorStatus` (None: none)."""
+    detector = node.overlay.detector
+    if detector is None:
+        return None
+    now = trio.current_time()
+    wall_offset_s = time.time() - now
+
+    def listed(state: Liveness) -> list[WatchedPeer]:
+        views = sorted(detector.views((state,)), key=lambda view: (view.since, view.node_id))
+        return [
+            WatchedPeer(NodeId(view.node_id), view.state.value, view.incarnation, view.since + wall_offset_s,
+                        max(now - view.since, 0.0))
+            for view in views
+        ]  # fmt: skip
+
+    counters = {name: int(getattr(detector.stats, name)) for name in DETECTOR_STATS}
+    counters["gossip_pending"] = detector.gossip_pending()
+    for name in ("peers_declared_dead", "peers_recovered"):
+        counters[name] = int(node.counters.get(name, 0))
+    return DetectorStatus(
+        watched=detector.watch_count(),
+        health=detector.health,
+        incarnation=detector.incarnation,
+        suspects=listed(Liveness.suspect),
+        dead=listed(Liveness.dead),
+        counters=counters,
+    )
+
+
+#: The request classes, for the server's check and its refusal naming them.
+REQUESTS = tuple(CONTROL_COMMANDS)
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -488,7 +726,7 @@ async def _reply(stream: trio.SocketStream, reply: Any) -> None:
 
 
 async def answer(node: RuntimeNode, request: Any) -> Any:
-    """The reply to one control request, served through the node's facade."""
+    """The reply to one control request, served through the node's facade by its declaration."""
     from p2pdeploy.runtime.node import (
         BundleNotStored,
         NodeNotRunning,
@@ -498,140 +736,15 @@ async def answer(node: RuntimeNode, request: Any) -> Any:
         RemoteTimeout,
     )
 
+    command = CONTROL_COMMANDS.get(type(request))
+    if command is None:
+        raise AssertionError(f"unhandled request {request!r}")
     try:
-        if isinstance(request, StatusRequest):
-            return status_of(node)
-        if isinstance(request, PutRequest):
-            item, ttl_s = request.item, request.ttl_s
-            event = await node.query(lambda overlay, now: overlay.put_item(request.key, item, now, ttl_s))
-            return PutReply(request.key, event.stored, list(event.refusals))
-        if isinstance(request, GetRequest):
-            event = await node.query(lambda overlay, now: overlay.get(request.key, now, latest=request.latest))
-            return GetReply(request.key, event.item, max(event.ttl_s, 0.0), event.hops)
-        if isinstance(request, LookupRequest):
-            event = await node.query(lambda overlay, now: overlay.lookup(request.key, now))
-            return LookupReply(request.key, list(event.closest), event.hops, event.requests)
-        if isinstance(request, BlobPutRequest):
-            if len(request.data) > MAX_CONTROL_BLOB_BYTES:
-                raise ValueError(f"a blob through the control socket is at most {MAX_CONTROL_BLOB_BYTES} bytes")
-            stored = await node.persistence.put_blob(request.data, replicas=request.replicas)
-            return BlobPutReply(stored.blob_id, stored.size, stored.chunks, stored.replicas, stored.reason)
-        if isinstance(request, BlobGetRequest):
-            fetched = await node.persistence.fetch_blob(request.blob_id)
-            if fetched.data is not None and len(fetched.data) > MAX_CONTROL_BLOB_BYTES:
-                return BlobGetReply(request.blob_id, None, f"the blob has {len(fetched.data)} bytes, over the "
-                                    f"control socket's {MAX_CONTROL_BLOB_BYTES}; fetch it with the library")
-            return BlobGetReply(request.blob_id, fetched.data, fetched.reason)
-        if isinstance(request, ReplicaRequest):
-            return await serve_replica_request(node, request)
+        return await command.serve(node, request)
     except (ValueError, TypeError, NodeNotRunning, NoOverlay, NoRemoteClient, NoPersistence, BundleNotStored,
             PingTimeout, RemoteTimeout) as exc:
         node.counters["control_refused"] += 1
         return ControlRefusal(str(exc))
-    raise AssertionError(f"unhandled request {request!r}")
-
-
-async def serve_replica_request(node: RuntimeNode, request: ReplicaRequest) -> ReplicaAnswer:
-    """Send ``request`` from ``node`` (signed with its key) and wrap the target's reply.
-
-    Raises :class:`~p2pdeploy.runtime.node.PingTimeout` when the target does not answer a ping
-    for its id, :class:`~p2pdeploy.runtime.node.RemoteTimeout` when it does not answer the request.
-    """
-    address = await node.resolve(request.address)
-    node_id = request.node if request.node is not None else await node.node_id_at(address)
-    replica_id = request.replica_id
-    if request.operation == "start":
-        bundle = SignedBundle(request.bundle, request.bundle_key, request.bundle_signature)
-        reply = await node.remote_start(
-            address, replica_id, bundle, bindings=dict(request.bindings), node_id=node_id, by_blob=request.by_blob
-        )
-    elif request.operation == "stop":
-        reply = await node.remote_stop(address, replica_id, node_id=node_id)
-    elif request.operation == "status":
-        reply = await node.remote_query(address, replica_id, node_id=node_id)
-    else:
-        reply = await node.remote_logs(address, replica_id, request.max_bytes, node_id=node_id)
-    return ReplicaAnswer(node_id, address[0], address[1], reply)
-
-
-def status_of(node: RuntimeNode) -> StatusReply:
-    overlay = node.overlay
-    counters = {key: int(value) for key, value in node.counters.items()}
-    counters.update({f"kademlia.{key}": value for key, value in overlay.counters.items()})
-    counters.update(node.core_counters())
-    persistence = None
-    try:
-        layer = node.persistence.layer
-    except NoPersistence:
-        layer = None
-    if layer is not None:
-        counters.update({f"persistence.{key}": int(value) for key, value in layer.counters.items()})
-        store = layer.store
-        persistence = {
-            "chunks": len(store.chunk_infos()),
-            "records": len(store.record_keys()),
-            "bytes_used": store.used_bytes(),
-            "capacity_bytes": int(getattr(store, "capacity_bytes", 0)),
-        }
-    host, port = node.address
-    uptime_s = 0.0 if node.started_at is None else trio.current_time() - node.started_at
-    contribution = node.contribution
-    requested_by = node.replica_host.requested_by if contribution is not None else {}
-    return StatusReply(
-        node_id=node.node_id,
-        host=host,
-        port=port,
-        data_dir="" if node.data_dir is None else os.fspath(node.data_dir),
-        uptime_s=uptime_s,
-        contacts=len(overlay.table),
-        buckets=len(overlay.table.buckets),
-        stored_items=len(overlay.store),
-        published_items=len(overlay.published),
-        restored_contacts=node.restored_contacts,
-        counters=counters,
-        contribution=None if contribution is None else contribution.to_table(),
-        replicas=[
-            HostedReplica(
-                r.replica_id, r.state.value, r.reason, r.run, r.restarts, r.port, r.healthy,
-                requested_by.get(r.replica_id, b""),
-            )
-            for r in node.hosted_replicas()
-        ],  # fmt: skip
-        replicas_dir="" if node.replicas_dir is None else os.fspath(node.replicas_dir),
-        persistence=persistence,
-        state_url="" if node.state_server is None else node.state_server.url,
-        detector=detector_status_of(node),
-    )
-
-
-def detector_status_of(node: RuntimeNode) -> DetectorStatus | None:
-    """The failure detector under the node's overlay, as a :class:`DetectorStatus` (None: none)."""
-    detector = node.overlay.detector
-    if detector is None:
-        return None
-    now = trio.current_time()
-    wall_offset_s = time.time() - now
-
-    def listed(state: Liveness) -> list[WatchedPeer]:
-        views = sorted(detector.views((state,)), key=lambda view: (view.since, view.node_id))
-        return [
-            WatchedPeer(NodeId(view.node_id), view.state.value, view.incarnation, view.since + wall_offset_s,
-                        max(now - view.since, 0.0))
-            for view in views
-        ]  # fmt: skip
-
-    counters = {name: int(getattr(detector.stats, name)) for name in DETECTOR_STATS}
-    counters["gossip_pending"] = detector.gossip_pending()
-    for name in ("peers_declared_dead", "peers_recovered"):
-        counters[name] = int(node.counters.get(name, 0))
-    return DetectorStatus(
-        watched=detector.watch_count(),
-        health=detector.health,
-        incarnation=detector.incarnation,
-        suspects=listed(Liveness.suspect),
-        dead=listed(Liveness.dead),
-        counters=counters,
-    )
 
 
 # -- the client -----------------------------------------------------------------------------

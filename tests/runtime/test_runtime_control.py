@@ -24,7 +24,9 @@ from p2pdeploy.overlay.storage import Item
 from p2pdeploy.overlay.swim import DetectorConfig
 from p2pdeploy.runtime.commands import run_blob_get, run_blob_put, run_status
 from p2pdeploy.runtime.control import (
+    CONTROL_COMMANDS,
     CONTROL_LIMIT_BYTES,
+    REQUESTS,
     ControlError,
     ControlRefusal,
     ControlSocket,
@@ -253,3 +255,24 @@ async def test_status_of_a_node_without_a_detector_has_none(tmp_path):
         out = io.StringIO()
         assert await run_status(tmp_path, Console(file=out, width=200)) == 0
         assert "failure detector" not in out.getvalue()
+
+
+def test_every_control_request_is_declared_once_with_its_wire_tags_and_command():
+    tag_of = {cls: tag for tag, cls in wire.message_types().items()}
+    declared = {
+        command.request.__name__: (tag_of[command.request], command.reply.__name__, tag_of[command.reply], command.name)
+        for command in CONTROL_COMMANDS.values()
+    }
+    assert declared == {
+        "StatusRequest": (50, "StatusReply", 51, "status"),
+        "PutRequest": (52, "PutReply", 53, "put"),
+        "GetRequest": (54, "GetReply", 55, "get"),
+        "LookupRequest": (56, "LookupReply", 57, "lookup"),
+        "BlobPutRequest": (42, "BlobPutReply", 43, "blob put"),
+        "BlobGetRequest": (44, "BlobGetReply", 45, "blob get"),
+        "ReplicaRequest": (40, "ReplicaAnswer", 41, None),  # the `replica` commands send it themselves
+    }
+    for command in CONTROL_COMMANDS.values():
+        if command.name is not None:
+            assert command.ask is not None and command.show is not None, command.name
+    assert tuple(CONTROL_COMMANDS) == REQUESTS
