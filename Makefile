@@ -34,7 +34,7 @@ check-slow: $(VENV)/.installed-test
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q -m slow
 
 bench: $(VENV)/.installed-bench
-	$(PY) benchmarks/bench_sim_engine.py
+	$(PY) benchmarks/bench_scenarios.py --engine
 	$(PY) benchmarks/bench_overlay.py
 
 clean:

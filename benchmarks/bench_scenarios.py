@@ -40,6 +40,10 @@ Example, before and after a change::
     git checkout main   && python benchmarks/bench_scenarios.py --save before.json
     git checkout branch && python benchmarks/bench_scenarios.py --compare before.json --save after.json
 
+``--engine`` then runs ``benchmarks/bench_sim_engine.py`` (events per second of the simulator and of
+the bare engine against SimPy) in the same run, so the scenario figures and the engine's ratios
+come from one sitting of the machine.
+
 Exit status 1 if a scenario failed (its stderr's tail is printed; the others still run).
 """
 
@@ -254,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="passed to every run")
     parser.add_argument("--save", metavar="FILE.json", help="write the summaries here (others in FILE are kept)")
     parser.add_argument("--compare", metavar="FILE.json", help="show these summaries as 'before' beside this run")
+    parser.add_argument("--engine", action="store_true",
+                        help="then run bench_sim_engine.py (the event engine against SimPy) in the same run")
     args = parser.parse_args(argv)
 
     selected = scenario_paths(args.scenarios)
@@ -290,6 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             Path(args.save).write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
         print(table(name, summary, before.get(name) if args.compare else None) + "\n", flush=True)
     print(f"{len(selected) - failed} of {len(selected)} scenarios ran, {time.perf_counter() - total_started:.0f} s in all")
+    if args.engine:
+        print("# the event engine against SimPy (bench_sim_engine.py) ...", file=sys.stderr, flush=True)
+        engine = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_sim_engine.py")], cwd=ROOT)
+        failed += engine.returncode != 0
     return 1 if failed else 0
 
 
