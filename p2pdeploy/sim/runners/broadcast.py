@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 from p2pdeploy.core import Protocol, Stack
 from p2pdeploy.overlay.broadcast import Broadcast, BroadcastCompleted, BroadcastDelivered, SpreadConfig
 from p2pdeploy.overlay.kademlia import Kademlia
+from p2pdeploy.sim.metrics import percentile_of_sorted, rounded
 from p2pdeploy.sim.runner import register_runner
-from p2pdeploy.sim.runners.overlay import OverlayRunner
+from p2pdeploy.sim.runners.overlay import OverlayRunner, overlay_table_without_lookups
 from p2pdeploy.sim.schema import Field
 
 if TYPE_CHECKING:
@@ -78,8 +79,7 @@ class BroadcastRunner(OverlayRunner):
     name = "broadcast"
     schema = {
         "detector": OverlayRunner.schema["detector"],
-        "overlay": {**OverlayRunner.schema["overlay"],
-                    "lookups": Field(0, int, "FIND_NODE lookups of random targets", ge=0)},
+        "overlay": overlay_table_without_lookups(),
         "broadcast": {
             "mode": Field("both", str, "best_effort, reliable, or both alternating", choices=MODES),
             "broadcasts": Field(10, int, "broadcasts started, one every interval_s", ge=1),
@@ -210,7 +210,7 @@ class BroadcastRunner(OverlayRunner):
         out: dict[str, Any] = {
             "log2_n": round(math.log2(nodes), 3),
             "broadcasts": len(done),
-            "coverage": _round(min((_coverage(run) for run in done), default=None)),
+            "coverage": rounded(min((_coverage(run) for run in done), default=None)),
         }
         per_node: list[float] = []
         for mode in ("best_effort", "reliable"):
@@ -219,27 +219,27 @@ class BroadcastRunner(OverlayRunner):
                 continue
             audience = sum(len(run.audience) for run in runs)
             reached = sum(len(run.reached & run.audience) for run in runs)
-            out[f"coverage_{mode}"] = _round(reached / audience)
-            out[f"coverage_{mode}_min"] = _round(min(_coverage(run) for run in runs))
+            out[f"coverage_{mode}"] = rounded(reached / audience)
+            out[f"coverage_{mode}_min"] = rounded(min(_coverage(run) for run in runs))
             messages = sum(run.data / run.nodes_at_start for run in runs) / len(runs)
-            out[f"messages_per_node_{mode}"] = _round(messages)
+            out[f"messages_per_node_{mode}"] = rounded(messages)
             per_node.append(messages)
             if mode == "reliable":
                 kept = [run for run in runs if not run.origin_crashed]
                 out["origin_crashed_reliable"] = len(runs) - len(kept)
                 if kept:
-                    out["coverage_reliable_origin_up"] = _round(sum(len(run.reached & run.audience) for run in kept)
+                    out["coverage_reliable_origin_up"] = rounded(sum(len(run.reached & run.audience) for run in kept)
                                                                 / sum(len(run.audience) for run in kept))
-                out["acks_per_node_reliable"] = _round(sum(run.acks / run.nodes_at_start for run in runs) / len(runs))
+                out["acks_per_node_reliable"] = rounded(sum(run.acks / run.nodes_at_start for run in runs) / len(runs))
                 out["completed_reliable"] = sum(run.completed for run in runs)
                 out["unreached_blocks"] = sum(run.unreached for run in runs)
-        out["messages_per_node"] = _round(max(per_node)) if per_node else None
+        out["messages_per_node"] = rounded(max(per_node)) if per_node else None
         hops = [h for run in done for h in run.hops]
         out["depth_max"] = max(hops) if hops else None
-        out["depth_mean"] = _round(sum(hops) / len(hops)) if hops else None
+        out["depth_mean"] = rounded(sum(hops) / len(hops)) if hops else None
         last = sorted(max(run.times) for run in done if run.times)
-        out["delivery_time_p99_s"] = _round(_percentile(sorted(t for run in done for t in run.times), 0.99))
-        out["delivery_time_max_s"] = _round(last[-1]) if last else None
+        out["delivery_time_p99_s"] = rounded(percentile_of_sorted(sorted(t for run in done for t in run.times), 0.99))
+        out["delivery_time_max_s"] = rounded(last[-1]) if last else None
         out["audience_median"] = sorted(len(run.audience) for run in done)[len(done) // 2] if done else None
         for key in ("contacts_median", "joins", "joins_failed", "build_done_s"):
             out[key] = base[key]
@@ -255,16 +255,6 @@ def settled_at(scenario: Scenario) -> float:
 
 def _coverage(run: _Run) -> float:
     return len(run.reached & run.audience) / len(run.audience)
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 6)
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def _broadcast(core: Protocol) -> Broadcast:

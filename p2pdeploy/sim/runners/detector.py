@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from p2pdeploy.core import Protocol
 from p2pdeploy.overlay.identity import node_id_of
 from p2pdeploy.overlay.swim import DetectorConfig, FailureDetector, PeerDeclaredDead, PeerSuspected
+from p2pdeploy.sim.metrics import rounded
 from p2pdeploy.sim.runner import Runner, register_runner
 from p2pdeploy.sim.schema import Field
 
@@ -218,22 +219,18 @@ class DetectorRunner(Runner):
             d.stats.refutations for d in self.detectors if d is not None
         )
         return {
-            "detection_median_s": _round(metrics.median("detection_s")),
-            "detection_p99_s": _round(metrics.percentile("detection_s", 0.99)),
-            "detection_max_s": _round(max(self.latencies, default=None)),
+            "detection_median_s": rounded(metrics.median("detection_s"), 3),
+            "detection_p99_s": rounded(metrics.percentile("detection_s", 0.99), 3),
+            "detection_max_s": rounded(max(self.latencies, default=None), 3),
             "detections": len(self.latencies),
             "undetected": len(self.pending),
             "false_deaths": self.false_deaths,
             "false_suspicions": self.false_suspicions,
             "refutations": refutations,
-            "messages_per_node_per_s": _round(self.sim.network.sent / (nodes * duration))
+            "messages_per_node_per_s": rounded(self.sim.network.sent / (nodes * duration), 3)
             if duration > 0
             else None,
             "kills": len(self.killed_at),
             "pauses": self.pauses_done,
             "health_max": self._health_max(),
         }
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)

@@ -39,9 +39,10 @@ from p2pdeploy.overlay.multicast import (
     Multicast,
     MulticastConfig,
 )
+from p2pdeploy.sim.metrics import rounded
 from p2pdeploy.sim.runner import register_runner
 from p2pdeploy.sim.runners.broadcast import settled_at
-from p2pdeploy.sim.runners.overlay import OverlayRunner
+from p2pdeploy.sim.runners.overlay import OverlayRunner, overlay_table_without_lookups
 from p2pdeploy.sim.schema import Field
 
 if TYPE_CHECKING:
@@ -76,8 +77,7 @@ class MulticastRunner(OverlayRunner):
     name = "multicast"
     schema = {
         "detector": OverlayRunner.schema["detector"],
-        "overlay": {**OverlayRunner.schema["overlay"],
-                    "lookups": Field(0, int, "FIND_NODE lookups of random targets", ge=0)},
+        "overlay": overlay_table_without_lookups(),
         "multicast": {
             "tree": Field("members", str, "members (member-only dissemination tree) or scribe", choices=TREES),
             "group": Field("group/0", str, "the group's name; its root is the node closest to its id"),
@@ -258,19 +258,19 @@ class MulticastRunner(OverlayRunner):
             "tree": self.group_settings["tree"],
             "members": len(self.members),
             "members_joined": len(self.join_times),
-            "join_time_median_s": _round(statistics.median(self.join_times)) if self.join_times else None,
+            "join_time_median_s": rounded(statistics.median(self.join_times)) if self.join_times else None,
             "messages": len(sent),
             "messages_from_outside": sum(m.outside for m in sent),
-            "delivery_ratio": _round(sum(len(m.reached & m.audience) for m in sent) / audience) if audience else None,
-            "all_delivered": _round(sum(m.audience <= m.reached for m in sent) / len(sent)) if sent else None,
+            "delivery_ratio": rounded(sum(len(m.reached & m.audience) for m in sent) / audience) if audience else None,
+            "all_delivered": rounded(sum(m.audience <= m.reached for m in sent) / len(sent)) if sent else None,
             "delivered_to_nonmembers": sum(len(m.reached - self.members) for m in sent),
             "forwards": forwards,
             "forwards_nonmember": totals["forwards_nonmember"],
-            "nonmember_forward_fraction": _round(totals["forwards_nonmember"] / forwards) if forwards else None,
-            "data_messages_per_message": _round((totals["data_sent"] + totals["publish_hops"]) / len(sent)) if sent
+            "nonmember_forward_fraction": rounded(totals["forwards_nonmember"] / forwards) if forwards else None,
+            "data_messages_per_message": rounded((totals["data_sent"] + totals["publish_hops"]) / len(sent)) if sent
             else None,
             "depth_max": max(hops) if hops else None,
-            "depth_mean": _round(sum(hops) / len(hops)) if hops else None,
+            "depth_mean": rounded(sum(hops) / len(hops)) if hops else None,
             "log2_members": round(math.log2(max(1, len(self.members))), 3),
             "acks_sent": totals["acks_sent"],
             "control_route_hops": totals["route_hops"] - totals["publish_hops"],
@@ -283,9 +283,9 @@ class MulticastRunner(OverlayRunner):
             reached = sum(len(m.reached & m.audience) for m in after)
             out["failures_at_s"] = self.failures_at
             out["failed_root"] = self.failed_root
-            out["delivery_ratio_after_failures"] = _round(reached / sum(len(m.audience) for m in after)) if after \
+            out["delivery_ratio_after_failures"] = rounded(reached / sum(len(m.audience) for m in after)) if after \
                 else None
-            out["all_delivered_after_failures"] = _round(sum(m.audience <= m.reached for m in after) / len(after)) \
+            out["all_delivered_after_failures"] = rounded(sum(m.audience <= m.reached for m in after) / len(after)) \
                 if after else None
         for key in ("contacts_median", "build_done_s"):
             out[key] = base[key]
@@ -295,10 +295,6 @@ class MulticastRunner(OverlayRunner):
         """Scribe: live nodes outside the group that hold children in its tree (0 for the member tree)."""
         return sum(1 for a, h in enumerate(self.sim.hosts)
                    if h.up and a not in self.members and _multicast(h.core).children(self.group))
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 6)
 
 
 def _multicast(core: Protocol | None) -> Multicast:
