@@ -37,7 +37,7 @@ from p2pdeploy.overlay.kademlia import Kademlia
 from p2pdeploy.sim.metrics import percentile_of_sorted, rounded
 from p2pdeploy.sim.runner import register_runner
 from p2pdeploy.sim.runners.overlay import OverlayRunner, overlay_table_without_lookups
-from p2pdeploy.sim.schema import Field
+from p2pdeploy.sim.schema import Field, config_from
 
 if TYPE_CHECKING:
     from p2pdeploy.sim.scenario import Scenario
@@ -109,8 +109,7 @@ class BroadcastRunner(OverlayRunner):
         super().__init__(scenario, sim)
         b = scenario.section("broadcast")
         self.broadcast_settings = b
-        self.spread_config = SpreadConfig(ack_timeout_s=b["ack_timeout_s"], progress_interval_s=b["progress_interval_s"],
-                                          progress_misses=b["progress_misses"], max_attempts=b["max_attempts"])
+        self.spread_config = config_from(b, SpreadConfig)
         self.payload = bytes(b["payload_bytes"])
         self.runs: list[_Run] = []
         self.by_id: dict[int, _Run] = {}

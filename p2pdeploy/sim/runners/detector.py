@@ -33,7 +33,7 @@ from p2pdeploy.overlay.identity import node_id_of
 from p2pdeploy.overlay.swim import DetectorConfig, FailureDetector, PeerDeclaredDead, PeerSuspected
 from p2pdeploy.sim.metrics import rounded
 from p2pdeploy.sim.runner import Runner, register_runner
-from p2pdeploy.sim.schema import Field
+from p2pdeploy.sim.schema import Field, config_from
 
 if TYPE_CHECKING:
     from p2pdeploy.sim.scenario import Scenario
@@ -96,15 +96,7 @@ class DetectorRunner(Runner):
         settings = scenario.section("detector")
         self.settings = settings
         nodes = len(sim.hosts)
-        self.config = DetectorConfig(
-            protocol_period_s=settings["protocol_period_s"],
-            probe_timeout_s=settings["probe_timeout_s"],
-            indirect_probes=settings["indirect_probes"],
-            suspicion_min_mult=settings["suspicion_min_mult"],
-            suspicion_max_mult=settings["suspicion_max_mult"],
-            confirmations=settings["confirmations"],
-            lha_max=settings["lha_max"],
-        )
+        self.config = config_from(settings, DetectorConfig)
         streams = sim.streams
         self.node_ids = [node_id_of(streams.bytes("identity", i)) for i in range(nodes)]
         self.address_of = {node_id: address for address, node_id in enumerate(self.node_ids)}

@@ -43,7 +43,7 @@ from p2pdeploy.sim.metrics import rounded
 from p2pdeploy.sim.runner import register_runner
 from p2pdeploy.sim.runners.broadcast import settled_at
 from p2pdeploy.sim.runners.overlay import OverlayRunner, overlay_table_without_lookups
-from p2pdeploy.sim.schema import Field
+from p2pdeploy.sim.schema import Field, config_from
 
 if TYPE_CHECKING:
     from p2pdeploy.sim.scenario import Scenario
@@ -123,11 +123,7 @@ class MulticastRunner(OverlayRunner):
         m = scenario.section("multicast")
         self.group_settings = m
         self.group = m["group"]
-        self.multicast_config = MulticastConfig(
-            tree=m["tree"], refresh_interval_s=m["refresh_interval_s"], anchors=m["anchors"],
-            view_per_subtree=m["view_per_subtree"], entries=m["entries"], hop_timeout_s=m["hop_timeout_s"],
-            spread=SpreadConfig(ack_timeout_s=m["ack_timeout_s"]),
-        )
+        self.multicast_config = config_from(m, MulticastConfig, spread=config_from(m, SpreadConfig))
         self.payload = bytes(m["payload_bytes"])
         self.members: set[int] = set()
         self.join_called: dict[int, float] = {}

@@ -45,7 +45,7 @@ from p2pdeploy.overlay.storage import LocalStore
 from p2pdeploy.overlay.swim import DetectorConfig, FailureDetector
 from p2pdeploy.sim.metrics import ratio
 from p2pdeploy.sim.runner import Runner, register_runner
-from p2pdeploy.sim.schema import Field
+from p2pdeploy.sim.schema import Field, config_from
 
 if TYPE_CHECKING:
     from p2pdeploy.sim.scenario import Scenario
@@ -117,12 +117,8 @@ class OverlayRunner(Runner):
         s = scenario.section("overlay")
         self.settings = s
         nodes = len(sim.hosts)
-        self.config = KademliaConfig(
-            k=s["k"], alpha=s["alpha"], disjoint_paths=s["disjoint_paths"], rpc_timeout_s=s["rpc_timeout_s"],
-            refresh_interval_s=s["refresh_interval_s"], replicate_interval_s=s["replicate_interval_s"],
-            republish_interval_s=s["republish_interval_s"], default_ttl_s=s["ttl_s"],
-            max_ttl_s=max(s["ttl_s"], KademliaConfig().max_ttl_s),
-        )
+        self.config = config_from(s, KademliaConfig, default_ttl_s=s["ttl_s"],
+                                  max_ttl_s=max(s["ttl_s"], KademliaConfig().max_ttl_s))
         streams = sim.streams
         if s["identities"] == "ed25519":
             self.node_ids = [Identity.from_seed(streams.bytes("identity", i)).node_id for i in range(nodes)]
@@ -134,8 +130,7 @@ class OverlayRunner(Runner):
         #: The layers under each node's overlay: its failure detector with ``[detector] enabled``.
         self.below_overlay: list[list[Protocol]] = [[] for _ in range(nodes)]
         d = scenario.section("detector")
-        self.detector_config = (DetectorConfig(protocol_period_s=d["protocol_period_s"],
-                                               probe_timeout_s=d["probe_timeout_s"]) if d["enabled"] else None)
+        self.detector_config = config_from(d, DetectorConfig) if d["enabled"] else None
         #: overlay.durable: each node's store, kept while the node is down (its disk).
         self.stores: list[LocalStore | None] = [None] * nodes
         self.joined_at: list[float | None] = [None] * nodes

@@ -60,7 +60,7 @@ from p2pdeploy.overlay.identity import node_id_of
 from p2pdeploy.overlay.kademlia import Kademlia
 from p2pdeploy.sim.runner import register_runner
 from p2pdeploy.sim.runners.overlay import OverlayRunner, overlay_table_without_lookups
-from p2pdeploy.sim.schema import Field
+from p2pdeploy.sim.schema import Field, config_from
 from p2pdeploy.sim.simulation import Simulation
 
 if TYPE_CHECKING:
@@ -106,10 +106,7 @@ class PersistenceRunner(OverlayRunner):
         super().__init__(scenario, sim)
         p = scenario.section("persistence")
         self.p = p
-        self.pconfig = PersistenceConfig(
-            replicas=p["replicas"], chunk_bytes=p["chunk_bytes"], repair_interval_s=p["repair_interval_s"],
-            scrub_interval_s=p["scrub_interval_s"], rpc_timeout_s=p["rpc_timeout_s"],
-        )
+        self.pconfig = config_from(p, PersistenceConfig)
         nodes = len(sim.hosts)
         #: key -> what happened to its copies: (time, address, generation, what), for blobs.csv's
         #: companion key_history.csv (written for the keys of lost blobs).

@@ -48,7 +48,7 @@ from p2pdeploy.resource.requirements import ParseError, Requirement
 from p2pdeploy.sim.metrics import percentile_of_sorted, ratio, rounded
 from p2pdeploy.sim.runner import register_runner
 from p2pdeploy.sim.runners.overlay import OverlayRunner, overlay_table_without_lookups
-from p2pdeploy.sim.schema import Field
+from p2pdeploy.sim.schema import Field, config_from
 
 if TYPE_CHECKING:
     import random
@@ -162,7 +162,7 @@ class ProspectorRunner(OverlayRunner):
         super().check(scenario)
         s = scenario.values["prospector"]
         try:
-            _config(s)
+            config_from(s, ProspectorConfig)
         except ValueError as exc:
             raise scenario.error("prospector", str(exc)) from None
         texts = [t.strip() for t in s["requirements"].split(";") if t.strip()]
@@ -178,7 +178,7 @@ class ProspectorRunner(OverlayRunner):
         super().__init__(scenario, sim)
         s = scenario.section("prospector")
         self.p = s
-        self.prospector_config = _config(s)
+        self.prospector_config = config_from(s, ProspectorConfig)
         nodes = len(sim.hosts)
         self.prospectors: list[Prospector | None] = [None] * nodes
         streams = sim.streams
@@ -426,16 +426,6 @@ class ProspectorRunner(OverlayRunner):
         out["sum_error"] = rounded(sums[-1]) if sums else None
         out["sum_error_median"] = rounded(percentile_of_sorted(sums, 0.5))
         return out
-
-
-def _config(s: dict[str, Any]) -> ProspectorConfig:
-    return ProspectorConfig(
-        tree=s["tree"], update_interval_s=s["update_interval_s"], min_update_interval_s=s["min_update_interval_s"],
-        expiry_s=s["expiry_s"], ack_timeout_s=s["ack_timeout_s"], update_tries=s["update_tries"],
-        suspect_s=s["suspect_s"], rpc_timeout_s=s["rpc_timeout_s"], root_timeout_s=s["root_timeout_s"],
-        alpha=s["alpha"], max_visits=s["max_visits"], verify_candidates=s["verify_candidates"],
-        max_distinct=s["max_distinct"], top_k=s["top_k"],
-    )  # fmt: skip
 
 
 def _prospector(core: Protocol) -> Prospector:
