@@ -35,7 +35,7 @@ from p2pdeploy.core import Protocol, Stack
 from p2pdeploy.overlay.broadcast import Broadcast, BroadcastCompleted, BroadcastDelivered, SpreadConfig
 from p2pdeploy.overlay.kademlia import Kademlia
 from p2pdeploy.sim.metrics import percentile_of_sorted, rounded
-from p2pdeploy.sim.runner import register_runner
+from p2pdeploy.sim.runner import SummedCounters, register_runner
 from p2pdeploy.sim.runners.overlay import OverlayRunner, overlay_table_without_lookups
 from p2pdeploy.sim.schema import Field, config_from
 
@@ -115,7 +115,7 @@ class BroadcastRunner(OverlayRunner):
         self.by_id: dict[int, _Run] = {}
         self.active: _Run | None = None
         self.last_down: list[float | None] = [None] * len(sim.hosts)
-        self.harvested = dict.fromkeys(COUNTERS, 0)
+        self.layer_counters = SummedCounters(COUNTERS, lambda core: _broadcast(core).counters)
 
     # -- nodes -----------------------------------------------------------------------------
     def stack(self, address: int, overlay: Kademlia) -> Protocol:
@@ -124,22 +124,9 @@ class BroadcastRunner(OverlayRunner):
         return Stack([*self.below_overlay[address], overlay, layer])
 
     def on_down(self, address: int) -> None:
-        core = self.sim.hosts[address].core
-        if core is not None:
-            counters = _broadcast(core).counters
-            for key in COUNTERS:
-                self.harvested[key] += counters[key]
+        self.layer_counters.harvest(self.sim.hosts[address].core)
         self.last_down[address] = self.sim.now
         super().on_down(address)
-
-    def _totals(self) -> dict[str, int]:
-        totals = dict(self.harvested)
-        for host in self.sim.hosts:
-            if host.core is not None:
-                counters = _broadcast(host.core).counters
-                for key in COUNTERS:
-                    totals[key] += counters[key]
-        return totals
 
     # -- the workload ----------------------------------------------------------------------
     def start(self) -> None:
@@ -159,7 +146,7 @@ class BroadcastRunner(OverlayRunner):
         if origin is None:
             return
         run.origin = origin
-        run.counters_at_start = self._totals()
+        run.counters_at_start = self.layer_counters.totals(self.sim.hosts)
         run.nodes_at_start = sum(1 for a, h in enumerate(self.sim.hosts) if h.up and self.joined_at[a] is not None)
         self.active = run
         run.broadcast_id = self.sim.hosts[origin].call(partial(_start_broadcast, self.payload, run.mode == "reliable"))
@@ -169,7 +156,7 @@ class BroadcastRunner(OverlayRunner):
     def _end(self, run: _Run) -> None:
         if run.origin is None:
             return
-        totals = self._totals()
+        totals = self.layer_counters.totals(self.sim.hosts)
         data_key = "data_sent_reliable" if run.mode == "reliable" else "data_sent"
         run.data = totals[data_key] - run.counters_at_start[data_key]
         run.acks = totals["acks_sent"] - run.counters_at_start["acks_sent"]

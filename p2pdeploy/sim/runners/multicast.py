@@ -40,7 +40,7 @@ from p2pdeploy.overlay.multicast import (
     MulticastConfig,
 )
 from p2pdeploy.sim.metrics import rounded
-from p2pdeploy.sim.runner import register_runner
+from p2pdeploy.sim.runner import SummedCounters, register_runner
 from p2pdeploy.sim.runners.broadcast import settled_at
 from p2pdeploy.sim.runners.overlay import OverlayRunner, overlay_table_without_lookups
 from p2pdeploy.sim.schema import Field, config_from
@@ -130,7 +130,7 @@ class MulticastRunner(OverlayRunner):
         self.join_times: list[float] = []
         self.messages: list[_Message] = []
         self.by_id: dict[int, _Message] = {}
-        self.harvested = dict.fromkeys(COUNTERS, 0)
+        self.layer_counters = SummedCounters(COUNTERS, lambda core: _multicast(core).counters)
         self.failed_root: int | None = None
         self.sending: _Message | None = None
         self.failures_at: float | None = None
@@ -141,26 +141,13 @@ class MulticastRunner(OverlayRunner):
         return Stack([*self.below_overlay[address], overlay, Multicast(overlay, rng, address, self.multicast_config)])
 
     def on_down(self, address: int) -> None:
-        core = self.sim.hosts[address].core
-        if core is not None:
-            counters = _multicast(core).counters
-            for key in COUNTERS:
-                self.harvested[key] += counters.get(key, 0)
+        self.layer_counters.harvest(self.sim.hosts[address].core)
         super().on_down(address)
 
     def on_up(self, address: int) -> None:
         super().on_up(address)
         if address in self.members:  # a member that comes back joins again (its subscription is its own)
             self.sim.hosts[address].call(partial(_join, self.group))
-
-    def _totals(self) -> dict[str, int]:
-        totals = dict(self.harvested)
-        for host in self.sim.hosts:
-            if host.core is not None:
-                counters = _multicast(host.core).counters
-                for key in COUNTERS:
-                    totals[key] += counters.get(key, 0)
-        return totals
 
     # -- the workload ----------------------------------------------------------------------
     def start(self) -> None:
@@ -245,7 +232,7 @@ class MulticastRunner(OverlayRunner):
     def summary(self) -> dict[str, Any]:
         base = super().summary()
         sent = [m for m in self.messages if m.msg_id is not None and m.audience]
-        totals = self._totals()
+        totals = self.layer_counters.totals(self.sim.hosts)
         forwards = totals["forwards_member"] + totals["forwards_nonmember"]
         audience = sum(len(m.audience) for m in sent)
         hops = [h for m in sent for h in m.hops]
