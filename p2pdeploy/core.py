@@ -284,3 +284,32 @@ class KeyedChildren(Generic[K, P]):
                 owner.emit(event)
             for dst, msg in child.messages_to_send():
                 owner.send(dst, msg)
+
+
+# -- configuration checks -------------------------------------------------------------------
+# The frozen configuration dataclasses of every layer check their fields in ``__post_init__``
+# with these, so that every layer words a bad value the same way:
+# ``kademlia.k must be >= 1 (got 0)``.
+
+
+def require_positive(config: Any, prefix: str, *names: str, error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` for the first of ``names`` whose value on ``config`` is not > 0.
+
+    ``prefix`` starts the message (``"kademlia."`` names the field ``kademlia.rpc_timeout_s``);
+    NaN is refused too.
+    """
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0:
+            raise error(f"{prefix}{name} must be > 0 (got {value})")
+
+
+def require_at_least(
+    config: Any, prefix: str, minimum: int, *names: str, error: type[Exception] = ValueError
+) -> None:
+    """Raise ``error`` for the first of ``names`` whose value on ``config`` is below ``minimum``
+    (or NaN); the message reads as :func:`require_positive`'s."""
+    for name in names:
+        value = getattr(config, name)
+        if not value >= minimum:
+            raise error(f"{prefix}{name} must be >= {minimum} (got {value})")

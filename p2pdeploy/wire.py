@@ -294,23 +294,20 @@ def _union(hint: Any, args: tuple[Any, ...]) -> tuple[Converter, Converter]:
     alternatives = [_lazy(arg) for arg in args]
     problem = f"matches none of {hint}"
 
-    def out(value: Any) -> Any:
-        for convert, _ in alternatives:
-            try:
-                return convert(value)
-            except _Invalid:
-                continue
-        raise _Invalid(problem)
+    def first_that_fits(direction: int) -> Converter:
+        """The converter trying each alternative's (out: 0, in: 1) converter in turn."""
 
-    def in_(raw: Any) -> Any:
-        for _, convert in alternatives:
-            try:
-                return convert(raw)
-            except _Invalid:
-                continue
-        raise _Invalid(problem)
+        def convert(value: Any) -> Any:
+            for pair in alternatives:
+                try:
+                    return pair[direction](value)
+                except _Invalid:
+                    continue
+            raise _Invalid(problem)
 
-    return out, in_
+        return convert
+
+    return first_that_fits(0), first_that_fits(1)
 
 
 _ID_LIMIT = 1 << ID_BITS

@@ -86,7 +86,7 @@ from p2pdeploy.collective.records import (
     on_accept,
     on_prepare,
 )
-from p2pdeploy.core import Address, Protocol, Rng
+from p2pdeploy.core import Address, Protocol, Rng, require_at_least, require_positive
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import Kademlia
 from p2pdeploy.overlay.lookup import CandidateState, Lookup
@@ -528,20 +528,16 @@ class PersistenceConfig:
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
 
     def __post_init__(self) -> None:
-        for name in ("replicas", "alpha", "reply_contacts", "window", "fetch_searches", "max_checks",
-                     "quorum_replicas", "quorum_attempts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"persistence.{name} must be >= 1 (got {getattr(self, name)})")
+        require_at_least(self, "persistence.", 1, "replicas", "alpha", "reply_contacts", "window", "fetch_searches",
+                         "max_checks", "quorum_replicas", "quorum_attempts")
         if self.replicas > MAX_REPLICAS or self.quorum_replicas > MAX_REPLICAS:
             raise ValueError(f"persistence: replicas and quorum_replicas must be <= {MAX_REPLICAS}")
         if not 1 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"persistence.chunk_bytes must be in [1, {MAX_CHUNK_BYTES}] (got {self.chunk_bytes})")
-        if self.search_margin < 0:
-            raise ValueError(f"persistence.search_margin must be >= 0 (got {self.search_margin})")
-        for name in ("repair_interval_s", "watch_interval_s", "rejoin_check_s", "scrub_interval_s", "rpc_timeout_s",
-                     "transfer_timeout_s", "handoff_timeout_s", "quorum_backoff_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"persistence.{name} must be > 0 (got {getattr(self, name)})")
+        require_at_least(self, "persistence.", 0, "search_margin")
+        require_positive(self, "persistence.", "repair_interval_s", "watch_interval_s", "rejoin_check_s",
+                         "scrub_interval_s", "rpc_timeout_s", "transfer_timeout_s", "handoff_timeout_s",
+                         "quorum_backoff_s")
 
 
 # -- operations -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from p2pdeploy.collective.aggregation import Limits
+from p2pdeploy.core import require_at_least, require_positive
 from p2pdeploy.overlay.identity import key_id
 
 
@@ -45,10 +46,8 @@ class ProspectorConfig:
     def __post_init__(self) -> None:
         if not self.tree:
             raise ValueError("prospector.tree must name the tree (got an empty string)")
-        for name in ("update_interval_s", "min_update_interval_s", "ack_timeout_s", "suspect_s", "rpc_timeout_s",
-                     "root_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"prospector.{name} must be > 0 (got {getattr(self, name)})")
+        require_positive(self, "prospector.", "update_interval_s", "min_update_interval_s", "ack_timeout_s",
+                         "suspect_s", "rpc_timeout_s", "root_timeout_s")
         if self.min_update_interval_s > self.update_interval_s:
             raise ValueError(
                 f"prospector.min_update_interval_s must be <= update_interval_s "
@@ -59,12 +58,9 @@ class ProspectorConfig:
                 f"prospector.expiry_s must be > update_interval_s, or live children expire "
                 f"(got {self.expiry_s} <= {self.update_interval_s})"
             )
-        for name in ("update_tries", "parent_choices", "max_children", "alpha", "candidate_factor", "max_subtrees",
-                     "max_visits", "max_distinct", "max_attributes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"prospector.{name} must be >= 1 (got {getattr(self, name)})")
-        if self.top_k < 0:
-            raise ValueError(f"prospector.top_k must be >= 0 (got {self.top_k})")
+        require_at_least(self, "prospector.", 1, "update_tries", "parent_choices", "max_children", "alpha",
+                         "candidate_factor", "max_subtrees", "max_visits", "max_distinct", "max_attributes")
+        require_at_least(self, "prospector.", 0, "top_k")
 
     @property
     def limits(self) -> Limits:

@@ -52,7 +52,7 @@ from typing import Any
 from p2pdeploy import wire
 from p2pdeploy.collective.events import from_attributes
 from p2pdeploy.collective.filters import Filter, event_attributes
-from p2pdeploy.core import Protocol, Rng
+from p2pdeploy.core import Protocol, Rng, require_at_least, require_positive
 from p2pdeploy.overlay.multicast import GroupDelivered, Multicast
 from p2pdeploy.wire import NodeId, message
 
@@ -84,11 +84,8 @@ class PubSubConfig:
     stream_ttl_s: float = 3600.0
 
     def __post_init__(self) -> None:
-        for name in ("hold_back_s", "stream_ttl_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"pubsub.{name} must be > 0 (got {getattr(self, name)})")
-        if self.max_held < 1:
-            raise ValueError(f"pubsub.max_held must be >= 1 (got {self.max_held})")
+        require_positive(self, "pubsub.", "hold_back_s", "stream_ttl_s")
+        require_at_least(self, "pubsub.", 1, "max_held")
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from p2pdeploy.core import require_at_least
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.fabric.units import format_bandwidth, format_cores, format_cores_number, format_size
 
@@ -30,9 +31,7 @@ class Demand:
     tags: frozenset[str] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
-        for name in ("cpu_cores", "memory_bytes", "disk_bytes", "bandwidth_bps"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"demand.{name} must be >= 0 (got {getattr(self, name)})")
+        require_at_least(self, "demand.", 0, "cpu_cores", "memory_bytes", "disk_bytes", "bandwidth_bps")
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from p2pdeploy.core import require_at_least
 from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.units import (
     GIB,
@@ -70,9 +71,8 @@ class Contribution:
     def __post_init__(self) -> None:
         if not self.cpu_cores >= 0:
             raise ContributionError(f"contribution.cpu must be >= 0 (got {self.cpu_cores})")
-        for name in ("memory_bytes", "disk_bytes", "max_services"):
-            if getattr(self, name) < 0:
-                raise ContributionError(f"contribution.{name} must be >= 0 (got {getattr(self, name)})")
+        require_at_least(self, "contribution.", 0, "memory_bytes", "disk_bytes", "max_services",
+                         error=ContributionError)
         if self.bandwidth_bps is not None and self.bandwidth_bps < 0:
             raise ContributionError(f"contribution.bandwidth must be >= 0 (got {self.bandwidth_bps})")
         if self.trusted_keys != ANY:

@@ -38,6 +38,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from p2pdeploy.core import require_at_least, require_positive
+
 REPLICA_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 SIGNALS = ("TERM", "KILL")
 
@@ -98,8 +100,7 @@ class LogPolicy:
     files: int = 3
 
     def __post_init__(self) -> None:
-        if self.max_bytes < 1024:
-            raise ValueError(f"logs.max_bytes must be >= 1024 (got {self.max_bytes})")
+        require_at_least(self, "logs.", 1024, "max_bytes")
         if not 1 <= self.files <= 100:
             raise ValueError(f"logs.files must be between 1 and 100 (got {self.files})")
 
@@ -171,11 +172,8 @@ class HealthCheck:
             raise ValueError("health.command must be a non-empty list when health.kind is command")
         if self.kind == "http" and not self.path.startswith("/"):
             raise ValueError(f"health.path must start with / (got {self.path!r})")
-        for name in ("interval_s", "timeout_s", "start_period_s", "start_interval_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"health.{name} must be > 0 (got {getattr(self, name)})")
-        if self.failures < 1:
-            raise ValueError(f"health.failures must be >= 1 (got {self.failures})")
+        require_positive(self, "health.", "interval_s", "timeout_s", "start_period_s", "start_interval_s")
+        require_at_least(self, "health.", 1, "failures")
 
 
 # -- commands -------------------------------------------------------------------------------

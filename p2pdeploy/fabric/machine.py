@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from p2pdeploy.core import require_at_least
+
 
 @dataclass(frozen=True, slots=True)
 class Machine:
@@ -27,9 +29,8 @@ class Machine:
     python: str = "3.11"
 
     def __post_init__(self) -> None:
-        for name in ("cores", "memory_total_bytes", "memory_free_bytes", "disk_total_bytes", "disk_free_bytes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"machine.{name} must be >= 0 (got {getattr(self, name)})")
+        require_at_least(self, "machine.", 0, "cores", "memory_total_bytes", "memory_free_bytes", "disk_total_bytes",
+                         "disk_free_bytes")
 
     def attributes(self) -> dict[str, object]:
         """The machine's facts as attributes of the requirements language."""

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
-from p2pdeploy.core import Address, Protocol, Rng
+from p2pdeploy.core import Address, Protocol, Rng, require_at_least, require_positive
 from p2pdeploy.fabric.executor import (
     ExecutorReport,
     HealthCheck,
@@ -101,13 +101,9 @@ class RestartPolicy:
     def __post_init__(self) -> None:
         if self.mode not in ("never", "on-failure", "always"):
             raise ValueError(f"restart.policy must be never, on-failure or always (got {self.mode!r})")
-        for name in ("backoff_initial_s", "backoff_max_s", "window_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"restart.{name} must be > 0 (got {getattr(self, name)})")
-        if not self.backoff_factor >= 1:
-            raise ValueError(f"restart.backoff_factor must be >= 1 (got {self.backoff_factor})")
-        if self.max_restarts < 0:
-            raise ValueError(f"restart.max_restarts must be >= 0 (got {self.max_restarts})")
+        require_positive(self, "restart.", "backoff_initial_s", "backoff_max_s", "window_s")
+        require_at_least(self, "restart.", 1, "backoff_factor")
+        require_at_least(self, "restart.", 0, "max_restarts")
 
     def delay_s(self, recent_restarts: int) -> float:
         """The wait before the next restart, after ``recent_restarts`` in the window."""

@@ -55,7 +55,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from p2pdeploy.core import Address, Protocol, Rng
+from p2pdeploy.core import Address, Protocol, Rng, require_at_least, require_positive
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.suspicion import Suspicions
 from p2pdeploy.wire import ID_BITS, NodeId, message
@@ -132,14 +132,10 @@ class SpreadConfig:
     max_payload_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("ack_timeout_s", "progress_interval_s", "seen_ttl_s", "suspect_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"broadcast.{name} must be > 0 (got {getattr(self, name)})")
-        for name in ("progress_misses", "max_attempts", "max_payload_bytes", "max_proxy_hops"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"broadcast.{name} must be >= 1 (got {getattr(self, name)})")
-        if not self.hole_nodes > 0:
-            raise ValueError(f"broadcast.hole_nodes must be > 0 (got {self.hole_nodes})")
+        require_positive(self, "broadcast.", "ack_timeout_s", "progress_interval_s", "seen_ttl_s", "suspect_s")
+        require_at_least(self, "broadcast.", 1, "progress_misses", "max_attempts", "max_payload_bytes",
+                         "max_proxy_hops")
+        require_positive(self, "broadcast.", "hole_nodes")
 
 
 BroadcastConfig = SpreadConfig

@@ -41,7 +41,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from p2pdeploy.core import Address, Protocol, Rng
+from p2pdeploy.core import Address, Protocol, Rng, require_at_least, require_positive
 from p2pdeploy.overlay.lookup import Lookup
 from p2pdeploy.overlay.routing import ID_SPACE, Contact, RoutingTable
 from p2pdeploy.overlay.storage import (
@@ -215,14 +215,11 @@ class KademliaConfig:
     max_stored_bytes: int = DEFAULT_MAX_STORED_BYTES
 
     def __post_init__(self) -> None:
-        for name in ("k", "alpha", "b", "disjoint_paths", "eviction_failures", "max_stored_items",
-                     "max_stored_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"kademlia.{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("rpc_timeout_s", "refresh_interval_s", "replicate_interval_s", "republish_interval_s",
-                     "default_ttl_s", "max_ttl_s", "expire_check_interval_s", "watch_sync_interval_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"kademlia.{name} must be > 0 (got {getattr(self, name)})")
+        require_at_least(self, "kademlia.", 1, "k", "alpha", "b", "disjoint_paths", "eviction_failures",
+                         "max_stored_items", "max_stored_bytes")
+        require_positive(self, "kademlia.", "rpc_timeout_s", "refresh_interval_s", "replicate_interval_s",
+                         "republish_interval_s", "default_ttl_s", "max_ttl_s", "expire_check_interval_s",
+                         "watch_sync_interval_s")
 
 
 # -- operations -----------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from p2pdeploy.core import Address, Rng
+from p2pdeploy.core import Address, Rng, require_at_least, require_positive
 from p2pdeploy.overlay import multicast_messages
 from p2pdeploy.overlay.broadcast import PrefixSpreader, SpreadConfig, SpreadState, group_by_sibling
 from p2pdeploy.overlay.identity import key_id
@@ -109,14 +109,9 @@ class MulticastConfig:
     def __post_init__(self) -> None:
         if self.tree not in TREES:
             raise ValueError(f"multicast.tree must be one of {', '.join(TREES)} (got {self.tree!r})")
-        for name in ("refresh_interval_s", "hop_timeout_s", "request_timeout_s", "suspect_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"multicast.{name} must be > 0 (got {getattr(self, name)})")
-        if not self.view_push_delay_s >= 0:
-            raise ValueError(f"multicast.view_push_delay_s must be >= 0 (got {self.view_push_delay_s})")
-        for name in ("anchors", "view_per_subtree", "entries", "route_attempts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"multicast.{name} must be >= 1 (got {getattr(self, name)})")
+        require_positive(self, "multicast.", "refresh_interval_s", "hop_timeout_s", "request_timeout_s", "suspect_s")
+        require_at_least(self, "multicast.", 0, "view_push_delay_s")
+        require_at_least(self, "multicast.", 1, "anchors", "view_per_subtree", "entries", "route_attempts")
 
     @property
     def member_ttl_s(self) -> float:

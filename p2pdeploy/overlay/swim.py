@@ -64,7 +64,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from p2pdeploy.core import Address, Protocol, Rng
+from p2pdeploy.core import Address, Protocol, Rng, require_at_least, require_positive
 from p2pdeploy.wire import Address as WireAddress
 from p2pdeploy.wire import NodeId, message, record
 
@@ -134,18 +134,13 @@ class DetectorConfig:
     max_relays: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("protocol_period_s", "probe_timeout_s", "suspicion_min_mult"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"DetectorConfig.{name} must be > 0 (got {getattr(self, name)})")
+        require_positive(self, "DetectorConfig.", "protocol_period_s", "probe_timeout_s", "suspicion_min_mult")
         if not self.probe_timeout_s < self.protocol_period_s:
             raise ValueError(
                 f"DetectorConfig.probe_timeout_s must be shorter than protocol_period_s "
                 f"(got {self.probe_timeout_s} and {self.protocol_period_s})"
             )
-        if not self.suspicion_max_mult >= 1:
-            raise ValueError(
-                f"DetectorConfig.suspicion_max_mult must be >= 1 (got {self.suspicion_max_mult})"
-            )
+        require_at_least(self, "DetectorConfig.", 1, "suspicion_max_mult")
         if not 0 < self.nack_fraction < 1:
             raise ValueError(
                 f"DetectorConfig.nack_fraction must be between 0 and 1 (got {self.nack_fraction})"
@@ -155,12 +150,9 @@ class DetectorConfig:
                 f"DetectorConfig.max_updates_per_message must be between 1 and {MAX_UPDATES_ON_WIRE} "
                 f"(got {self.max_updates_per_message})"
             )
-        for name in ("indirect_probes", "confirmations"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"DetectorConfig.{name} must be >= 0 (got {getattr(self, name)})")
-        for name in ("lha_max", "gossip_transmissions", "max_watched", "max_gossip", "max_relays"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DetectorConfig.{name} must be >= 1 (got {getattr(self, name)})")
+        require_at_least(self, "DetectorConfig.", 0, "indirect_probes", "confirmations")
+        require_at_least(self, "DetectorConfig.", 1, "lha_max", "gossip_transmissions", "max_watched", "max_gossip",
+                         "max_relays")
 
     @property
     def suspicion_min_s(self) -> float:

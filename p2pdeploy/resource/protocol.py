@@ -51,7 +51,7 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from p2pdeploy.core import Address, Protocol, Rng
+from p2pdeploy.core import Address, Protocol, Rng, require_at_least, require_positive
 from p2pdeploy.fabric.admission import Demand
 from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.replicas import ReplicaHost
@@ -279,12 +279,9 @@ class RemoteConfig:
     max_bundle_bytes: int = MAX_BUNDLE_BYTES
 
     def __post_init__(self) -> None:
-        if not self.window_s > 0:
-            raise ValueError(f"remote.window_s must be > 0 (got {self.window_s})")
-        if self.max_nonces < 1:
-            raise ValueError(f"remote.max_nonces must be >= 1 (got {self.max_nonces})")
-        if not self.logs_timeout_s > 0:
-            raise ValueError(f"remote.logs_timeout_s must be > 0 (got {self.logs_timeout_s})")
+        require_positive(self, "remote.", "window_s")
+        require_at_least(self, "remote.", 1, "max_nonces")
+        require_positive(self, "remote.", "logs_timeout_s")
 
 
 class RemoteControl(Protocol):

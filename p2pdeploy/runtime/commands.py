@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import signal
-import stat
 import sys
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -85,6 +84,7 @@ from p2pdeploy.runtime.control_views import (  # noqa: F401  (importable from he
     status_to_json,
 )
 from p2pdeploy.runtime.control_views import count as _count
+from p2pdeploy.runtime.executor import service_user_cannot_enter
 from p2pdeploy.runtime.keyfile import key_path, load_or_create_identity
 from p2pdeploy.runtime.node import PingTimeout, RemoteTimeout, RuntimeConfig, RuntimeNode, open_node
 
@@ -245,7 +245,7 @@ def print_contribution(node: RuntimeNode, console: Console) -> None:
         )
     executor = node.executor
     if executor is not None:
-        problem = _service_user_cannot_enter(executor.root, executor.uid, executor.gid)
+        problem = service_user_cannot_enter(executor.root, executor.uid, executor.gid)
         if problem is not None:
             console.print(
                 f"[yellow]services cannot run from {executor.root}[/]: {problem}; "
@@ -254,24 +254,6 @@ def print_contribution(node: RuntimeNode, console: Console) -> None:
             )
 
 
-def _service_user_cannot_enter(root: Path, uid: int | None, gid: int | None) -> str | None:
-    """Why services running as ``uid`` could not enter ``root`` (a directory on the way), or None."""
-    if uid is None:
-        return None
-    for directory in [*reversed(root.parents), root]:
-        try:
-            info = directory.stat()
-        except OSError:
-            return None
-        if info.st_uid == uid:
-            allowed = info.st_mode & stat.S_IXUSR
-        elif gid is not None and info.st_gid == gid:
-            allowed = info.st_mode & stat.S_IXGRP
-        else:
-            allowed = info.st_mode & stat.S_IXOTH
-        if not allowed:
-            return f"{directory} (mode {info.st_mode & 0o777:o}) cannot be entered by the service user (uid {uid})"
-    return None
 
 
 async def _report_events(events: trio.MemoryReceiveChannel[object], node: RuntimeNode, console: Console) -> None:

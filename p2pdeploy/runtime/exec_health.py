@@ -60,17 +60,24 @@ async def check_http(port: int, path: str, timeout_s: float, host: str = "127.0.
     return False, f"HTTP GET {path} got no answer within {timeout_s:g} s"
 
 
+async def open_in_session(argv: list[str], env: dict[str, str], output: int = subprocess.DEVNULL) -> trio.Process:
+    """Start ``argv`` (already wrapped by the launcher) in a new session with no stdin, its stdout
+    and stderr to ``output``: a replica's process and its command checks start alike, each the
+    leader of a process group that one ``killpg`` ends with all it spawned."""
+    return await trio.lowlevel.open_process(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
+        env=env,
+        start_new_session=True,
+    )
+
+
 async def check_command(argv: list[str], env: dict[str, str], timeout_s: float) -> tuple[bool, str]:
     """Run ``argv`` (already wrapped by the launcher) in a new session; kill its group on timeout."""
     try:
-        process = await trio.lowlevel.open_process(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
+        process = await open_in_session(argv, env)
     except OSError as exc:
         return False, f"cannot run the health command: {exc.strerror}"
     finished = False

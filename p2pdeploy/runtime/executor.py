@@ -79,7 +79,7 @@ from p2pdeploy.fabric.executor import (
 )
 from p2pdeploy.resource.bundle import MAX_UNPACKED_BYTES, BundleError
 from p2pdeploy.runtime import sandbox
-from p2pdeploy.runtime.exec_health import check_command, check_http, check_tcp
+from p2pdeploy.runtime.exec_health import check_command, check_http, check_tcp, open_in_session
 from p2pdeploy.runtime.exec_logs import RotatingLog, read_tail
 from p2pdeploy.runtime.exec_unpack import unpack_bundle
 from p2pdeploy.runtime.sandbox import (
@@ -181,6 +181,30 @@ def service_ids(user: str | int | None) -> tuple[int | None, int | None]:
         return user, user
     entry = pwd.getpwnam(user)
     return entry.pw_uid, entry.pw_gid
+
+
+def service_user_cannot_enter(root: Path, uid: int | None, gid: int | None) -> str | None:
+    """Why services running as ``uid`` could not enter ``root`` (a directory on the way), or None.
+
+    A directory this process cannot stat (not made yet, or out of its reach) is not held against
+    the service user: what goes wrong there is reported by whatever touches it next.
+    """
+    if uid is None:
+        return None
+    for directory in [*reversed(root.parents), root]:
+        try:
+            info = directory.stat()
+        except OSError:
+            return None
+        if info.st_uid == uid:
+            allowed = info.st_mode & stat.S_IXUSR
+        elif gid is not None and info.st_gid == gid:
+            allowed = info.st_mode & stat.S_IXGRP
+        else:
+            allowed = info.st_mode & stat.S_IXOTH
+        if not allowed:
+            return f"{directory} (mode {info.st_mode & 0o777:o}) cannot be entered by the service user (uid {uid})"
+    return None
 
 
 class RealExecutor:
@@ -325,8 +349,9 @@ class RealExecutor:
             if replica.alive:
                 self._report(Installed(replica.replica_id, False, f"replica {replica.replica_id} is running; stop it first"))
                 return
-            problem = self._unreachable(replica.root, replica.uid, replica.gid)
+            problem = service_user_cannot_enter(replica.root, replica.uid, replica.gid)
             if problem is not None:
+                problem += "; use a data directory others can traverse, or set service_user"
                 self._report(Installed(replica.replica_id, False, problem))
                 return
             try:
@@ -348,29 +373,6 @@ class RealExecutor:
             for path in (replica.data_dir, replica.data_dir / "tmp"):
                 os.chown(path, replica.uid, replica.gid if replica.gid is not None else -1)
         replica.data_dir.chmod(0o700)
-
-    @staticmethod
-    def _unreachable(root: Path, uid: int | None, gid: int | None) -> str | None:
-        """Why the service user could not enter ``root`` (an ancestor it cannot traverse), or None."""
-        if uid is None:
-            return None
-        for directory in [*reversed(root.parents), root]:
-            try:
-                st = directory.stat()
-            except FileNotFoundError:
-                break
-            if st.st_uid == uid:
-                ok = st.st_mode & stat.S_IXUSR
-            elif gid is not None and st.st_gid == gid:
-                ok = st.st_mode & stat.S_IXGRP
-            else:
-                ok = st.st_mode & stat.S_IXOTH
-            if not ok:
-                return (
-                    f"{directory} (mode {st.st_mode & 0o777:o}) cannot be entered by the service user "
-                    f"(uid {uid}); use a data directory others can traverse, or set service_user"
-                )
-        return None
 
     # -- start -----------------------------------------------------------------------------
     async def _start(self, spec: ProcessSpec) -> None:
@@ -400,14 +402,7 @@ class RealExecutor:
             replica.log = RotatingLog(replica.log_dir, spec.logs)
             replica.log_policy = spec.logs
             try:
-                process = await trio.lowlevel.open_process(
-                    self._launcher(plan),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    env=env,
-                    start_new_session=True,
-                )
+                process = await open_in_session(self._launcher(plan), env, subprocess.PIPE)
             except OSError as exc:
                 replica.log.close()
                 if cgroup is not None:

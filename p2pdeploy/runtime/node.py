@@ -74,7 +74,7 @@ from p2pdeploy.collective.prospector import (
 )
 from p2pdeploy.collective.pubsub import Delivered, PubSub
 from p2pdeploy.collective.stateapi import StateError
-from p2pdeploy.core import Stack
+from p2pdeploy.core import Stack, require_at_least, require_positive
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.fabric.executor import ExecutorReport, ProcessSpec
 from p2pdeploy.fabric.machine import Machine
@@ -214,11 +214,9 @@ class RuntimeConfig:
     persistence_leave_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("snapshot_interval_s", "remote_timeout_s", "machine_probe_interval_s", "persistence_leave_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
-        if not self.replica_stop_slack_s >= 0:
-            raise ValueError(f"replica_stop_slack_s must be >= 0 (got {self.replica_stop_slack_s})")
+        require_positive(self, "", "snapshot_interval_s", "remote_timeout_s", "machine_probe_interval_s",
+                         "persistence_leave_s")
+        require_at_least(self, "", 0, "replica_stop_slack_s")
 
 
 @dataclass(eq=False, slots=True)

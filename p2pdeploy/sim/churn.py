@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from p2pdeploy.core import require_positive
+
 if TYPE_CHECKING:
     from p2pdeploy.sim.engine import Engine, Streams
 
@@ -66,10 +68,7 @@ class LengthDistribution:
     def __post_init__(self) -> None:
         if self.kind not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {', '.join(DISTRIBUTIONS)} (got {self.kind!r})")
-        if not self.median_s > 0:
-            raise ValueError(f"median_s must be > 0 (got {self.median_s})")
-        if not self.shape > 0:
-            raise ValueError(f"shape must be > 0 (got {self.shape})")
+        require_positive(self, "", "median_s", "shape")
 
     def sample(self, rng: random.Random) -> float:
         """One length in seconds, drawn from ``rng``."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from p2pdeploy.core import require_at_least
 from p2pdeploy.fabric.executor import (
     COMMANDS,
     REASON_KILLED,
@@ -78,10 +79,8 @@ class SimExecutorConfig:
     check_bundles: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("install_delay_s", "start_delay_s", "start_jitter_s", "crash_rate_per_s", "check_delay_s",
-                     "term_exit_delay_s"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"sim executor {name} must be >= 0 (got {getattr(self, name)})")
+        require_at_least(self, "sim executor ", 0, "install_delay_s", "start_delay_s", "start_jitter_s",
+                         "crash_rate_per_s", "check_delay_s", "term_exit_delay_s")
 
 
 @dataclass(eq=False)

@@ -22,6 +22,7 @@ import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 
 class Metrics:
@@ -153,3 +154,26 @@ def _fmt(value: float | None) -> str:
     if isinstance(value, float):
         return repr(round(value, 9))
     return str(value)
+
+
+# -- summary values -------------------------------------------------------------------------
+# The runners' summaries round what they report with these, so a JSON summary shows 6 (or 3)
+# decimals, and None where there was nothing to measure.
+
+
+def rounded(value: float | None, digits: int = 6) -> float | None:
+    """``value`` rounded to ``digits`` decimals; None stays None."""
+    return None if value is None else round(value, digits)
+
+
+def ratio(part: float, whole: float) -> float | None:
+    """``part / whole`` rounded to 6 decimals; None when ``whole`` is 0."""
+    return round(part / whole, 6) if whole else None
+
+
+def percentile_of_sorted(values: list[Any], fraction: float) -> Any:
+    """The element at ``fraction`` of the way through the sorted list ``values`` (index
+    ``int(fraction * len)``, the last for 1.0); None when it is empty."""
+    if not values:
+        return None
+    return values[min(len(values) - 1, int(fraction * len(values)))]

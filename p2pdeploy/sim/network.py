@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from p2pdeploy import wire
+from p2pdeploy.core import require_at_least, require_positive
 
 if TYPE_CHECKING:
     from p2pdeploy.sim.engine import Engine, Streams
@@ -95,12 +96,8 @@ class NetworkConfig:
             raise ValueError(f"latency_model must be one of {', '.join(LATENCY_MODELS)} (got {self.latency_model!r})")
         if not 0.0 <= self.loss <= 1.0:
             raise ValueError(f"loss must be between 0 and 1 (got {self.loss})")
-        for name in ("base_latency_ms", "latency_scale_ms", "jitter_ms", "large_message_bytes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
-        for name in ("latency_sigma", "upload_bytes_per_s", "download_bytes_per_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
+        require_at_least(self, "", 0, "base_latency_ms", "latency_scale_ms", "jitter_ms", "large_message_bytes")
+        require_positive(self, "", "latency_sigma", "upload_bytes_per_s", "download_bytes_per_s")
 
 
 class WireSizer:

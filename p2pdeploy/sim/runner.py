@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -35,6 +35,7 @@ from p2pdeploy.core import Protocol
 from p2pdeploy.sim.schema import Section
 
 if TYPE_CHECKING:
+    from p2pdeploy.sim.host import SimNode
     from p2pdeploy.sim.scenario import Scenario
     from p2pdeploy.sim.simulation import Simulation
 
@@ -132,3 +133,32 @@ class Runner:
     def write(self, out_dir: Path) -> list[Path]:
         """Write runner-specific result files into ``out_dir``; return their paths."""
         return []
+
+
+class SummedCounters:
+    """One layer's counters summed over every node for the whole run: what the hosted cores
+    count now plus what the cores lost to churn had counted (a runner calls :meth:`harvest`
+    in :meth:`Runner.on_down`, before the core is discarded)."""
+
+    def __init__(self, keys: Iterable[str], counters_of: Callable[[Protocol], Mapping[str, int]]) -> None:
+        self.keys = tuple(keys)
+        self.counters_of = counters_of
+        self.harvested = dict.fromkeys(self.keys, 0)
+
+    def harvest(self, core: Protocol | None) -> None:
+        """Keep the counts of a core about to be lost."""
+        if core is not None:
+            self._add(self.harvested, core)
+
+    def totals(self, hosts: Iterable[SimNode]) -> dict[str, int]:
+        """Every count so far: the harvested ones and those of the cores ``hosts`` hold now."""
+        totals = dict(self.harvested)
+        for host in hosts:
+            if host.core is not None:
+                self._add(totals, host.core)
+        return totals
+
+    def _add(self, into: dict[str, int], core: Protocol) -> None:
+        counters = self.counters_of(core)
+        for key in self.keys:
+            into[key] += counters.get(key, 0)

@@ -16,8 +16,8 @@ import difflib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Union
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar, Union
 
 from p2pdeploy.sim.churn import DISTRIBUTIONS
 from p2pdeploy.sim.network import LATENCY_MODELS
@@ -132,6 +132,17 @@ BASE_SCHEMA: Section = {
 def defaults(schema: Section) -> dict[str, Any]:
     """The fully resolved values of a scenario that sets nothing."""
     return {key: defaults(spec) if isinstance(spec, dict) else spec.default for key, spec in schema.items()}
+
+
+C = TypeVar("C")
+
+
+def config_from(table: Mapping[str, Any], config_class: type[C], **values: Any) -> C:
+    """The dataclass ``config_class`` made from a scenario table: a key named after one of its
+    fields sets that field; ``values`` set the others (a key named otherwise, a value computed
+    from several keys); fields neither names keep their defaults."""
+    names = {field.name for field in fields(config_class)}  # type: ignore[arg-type]
+    return config_class(**{**{key: value for key, value in table.items() if key in names}, **values})
 
 
 def resolve(

@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING, Any
 from p2pdeploy.core import Protocol, Stack
 from p2pdeploy.overlay.broadcast import Broadcast, BroadcastCompleted, BroadcastDelivered, SpreadConfig
 from p2pdeploy.overlay.kademlia import Kademlia
-from p2pdeploy.sim.runner import register_runner
-from p2pdeploy.sim.runners.overlay import OverlayRunner
-from p2pdeploy.sim.schema import Field
+from p2pdeploy.sim.metrics import percentile_of_sorted, rounded
+from p2pdeploy.sim.runner import SummedCounters, register_runner
+from p2pdeploy.sim.runners.overlay import OverlayRunner, overlay_table_without_lookups
+from p2pdeploy.sim.schema import Field, config_from
 
 if TYPE_CHECKING:
     from p2pdeploy.sim.scenario import Scenario
@@ -78,8 +79,7 @@ class BroadcastRunner(OverlayRunner):
     name = "broadcast"
     schema = {
         "detector": OverlayRunner.schema["detector"],
-        "overlay": {**OverlayRunner.schema["overlay"],
-                    "lookups": Field(0, int, "FIND_NODE lookups of random targets", ge=0)},
+        "overlay": overlay_table_without_lookups(),
         "broadcast": {
             "mode": Field("both", str, "best_effort, reliable, or both alternating", choices=MODES),
             "broadcasts": Field(10, int, "broadcasts started, one every interval_s", ge=1),
@@ -109,14 +109,13 @@ class BroadcastRunner(OverlayRunner):
         super().__init__(scenario, sim)
         b = scenario.section("broadcast")
         self.broadcast_settings = b
-        self.spread_config = SpreadConfig(ack_timeout_s=b["ack_timeout_s"], progress_interval_s=b["progress_interval_s"],
-                                          progress_misses=b["progress_misses"], max_attempts=b["max_attempts"])
+        self.spread_config = config_from(b, SpreadConfig)
         self.payload = bytes(b["payload_bytes"])
         self.runs: list[_Run] = []
         self.by_id: dict[int, _Run] = {}
         self.active: _Run | None = None
         self.last_down: list[float | None] = [None] * len(sim.hosts)
-        self.harvested = dict.fromkeys(COUNTERS, 0)
+        self.layer_counters = SummedCounters(COUNTERS, lambda core: _broadcast(core).counters)
 
     # -- nodes -----------------------------------------------------------------------------
     def stack(self, address: int, overlay: Kademlia) -> Protocol:
@@ -125,22 +124,9 @@ class BroadcastRunner(OverlayRunner):
         return Stack([*self.below_overlay[address], overlay, layer])
 
     def on_down(self, address: int) -> None:
-        core = self.sim.hosts[address].core
-        if core is not None:
-            counters = _broadcast(core).counters
-            for key in COUNTERS:
-                self.harvested[key] += counters[key]
+        self.layer_counters.harvest(self.sim.hosts[address].core)
         self.last_down[address] = self.sim.now
         super().on_down(address)
-
-    def _totals(self) -> dict[str, int]:
-        totals = dict(self.harvested)
-        for host in self.sim.hosts:
-            if host.core is not None:
-                counters = _broadcast(host.core).counters
-                for key in COUNTERS:
-                    totals[key] += counters[key]
-        return totals
 
     # -- the workload ----------------------------------------------------------------------
     def start(self) -> None:
@@ -160,7 +146,7 @@ class BroadcastRunner(OverlayRunner):
         if origin is None:
             return
         run.origin = origin
-        run.counters_at_start = self._totals()
+        run.counters_at_start = self.layer_counters.totals(self.sim.hosts)
         run.nodes_at_start = sum(1 for a, h in enumerate(self.sim.hosts) if h.up and self.joined_at[a] is not None)
         self.active = run
         run.broadcast_id = self.sim.hosts[origin].call(partial(_start_broadcast, self.payload, run.mode == "reliable"))
@@ -170,7 +156,7 @@ class BroadcastRunner(OverlayRunner):
     def _end(self, run: _Run) -> None:
         if run.origin is None:
             return
-        totals = self._totals()
+        totals = self.layer_counters.totals(self.sim.hosts)
         data_key = "data_sent_reliable" if run.mode == "reliable" else "data_sent"
         run.data = totals[data_key] - run.counters_at_start[data_key]
         run.acks = totals["acks_sent"] - run.counters_at_start["acks_sent"]
@@ -210,7 +196,7 @@ class BroadcastRunner(OverlayRunner):
         out: dict[str, Any] = {
             "log2_n": round(math.log2(nodes), 3),
             "broadcasts": len(done),
-            "coverage": _round(min((_coverage(run) for run in done), default=None)),
+            "coverage": rounded(min((_coverage(run) for run in done), default=None)),
         }
         per_node: list[float] = []
         for mode in ("best_effort", "reliable"):
@@ -219,27 +205,27 @@ class BroadcastRunner(OverlayRunner):
                 continue
             audience = sum(len(run.audience) for run in runs)
             reached = sum(len(run.reached & run.audience) for run in runs)
-            out[f"coverage_{mode}"] = _round(reached / audience)
-            out[f"coverage_{mode}_min"] = _round(min(_coverage(run) for run in runs))
+            out[f"coverage_{mode}"] = rounded(reached / audience)
+            out[f"coverage_{mode}_min"] = rounded(min(_coverage(run) for run in runs))
             messages = sum(run.data / run.nodes_at_start for run in runs) / len(runs)
-            out[f"messages_per_node_{mode}"] = _round(messages)
+            out[f"messages_per_node_{mode}"] = rounded(messages)
             per_node.append(messages)
             if mode == "reliable":
                 kept = [run for run in runs if not run.origin_crashed]
                 out["origin_crashed_reliable"] = len(runs) - len(kept)
                 if kept:
-                    out["coverage_reliable_origin_up"] = _round(sum(len(run.reached & run.audience) for run in kept)
+                    out["coverage_reliable_origin_up"] = rounded(sum(len(run.reached & run.audience) for run in kept)
                                                                 / sum(len(run.audience) for run in kept))
-                out["acks_per_node_reliable"] = _round(sum(run.acks / run.nodes_at_start for run in runs) / len(runs))
+                out["acks_per_node_reliable"] = rounded(sum(run.acks / run.nodes_at_start for run in runs) / len(runs))
                 out["completed_reliable"] = sum(run.completed for run in runs)
                 out["unreached_blocks"] = sum(run.unreached for run in runs)
-        out["messages_per_node"] = _round(max(per_node)) if per_node else None
+        out["messages_per_node"] = rounded(max(per_node)) if per_node else None
         hops = [h for run in done for h in run.hops]
         out["depth_max"] = max(hops) if hops else None
-        out["depth_mean"] = _round(sum(hops) / len(hops)) if hops else None
+        out["depth_mean"] = rounded(sum(hops) / len(hops)) if hops else None
         last = sorted(max(run.times) for run in done if run.times)
-        out["delivery_time_p99_s"] = _round(_percentile(sorted(t for run in done for t in run.times), 0.99))
-        out["delivery_time_max_s"] = _round(last[-1]) if last else None
+        out["delivery_time_p99_s"] = rounded(percentile_of_sorted(sorted(t for run in done for t in run.times), 0.99))
+        out["delivery_time_max_s"] = rounded(last[-1]) if last else None
         out["audience_median"] = sorted(len(run.audience) for run in done)[len(done) // 2] if done else None
         for key in ("contacts_median", "joins", "joins_failed", "build_done_s"):
             out[key] = base[key]
@@ -255,16 +241,6 @@ def settled_at(scenario: Scenario) -> float:
 
 def _coverage(run: _Run) -> float:
     return len(run.reached & run.audience) / len(run.audience)
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 6)
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def _broadcast(core: Protocol) -> Broadcast:

@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 from p2pdeploy.core import Protocol
 from p2pdeploy.overlay.identity import node_id_of
 from p2pdeploy.overlay.swim import DetectorConfig, FailureDetector, PeerDeclaredDead, PeerSuspected
+from p2pdeploy.sim.metrics import rounded
 from p2pdeploy.sim.runner import Runner, register_runner
-from p2pdeploy.sim.schema import Field
+from p2pdeploy.sim.schema import Field, config_from
 
 if TYPE_CHECKING:
     from p2pdeploy.sim.scenario import Scenario
@@ -95,15 +96,7 @@ class DetectorRunner(Runner):
         settings = scenario.section("detector")
         self.settings = settings
         nodes = len(sim.hosts)
-        self.config = DetectorConfig(
-            protocol_period_s=settings["protocol_period_s"],
-            probe_timeout_s=settings["probe_timeout_s"],
-            indirect_probes=settings["indirect_probes"],
-            suspicion_min_mult=settings["suspicion_min_mult"],
-            suspicion_max_mult=settings["suspicion_max_mult"],
-            confirmations=settings["confirmations"],
-            lha_max=settings["lha_max"],
-        )
+        self.config = config_from(settings, DetectorConfig)
         streams = sim.streams
         self.node_ids = [node_id_of(streams.bytes("identity", i)) for i in range(nodes)]
         self.address_of = {node_id: address for address, node_id in enumerate(self.node_ids)}
@@ -218,22 +211,18 @@ class DetectorRunner(Runner):
             d.stats.refutations for d in self.detectors if d is not None
         )
         return {
-            "detection_median_s": _round(metrics.median("detection_s")),
-            "detection_p99_s": _round(metrics.percentile("detection_s", 0.99)),
-            "detection_max_s": _round(max(self.latencies, default=None)),
+            "detection_median_s": rounded(metrics.median("detection_s"), 3),
+            "detection_p99_s": rounded(metrics.percentile("detection_s", 0.99), 3),
+            "detection_max_s": rounded(max(self.latencies, default=None), 3),
             "detections": len(self.latencies),
             "undetected": len(self.pending),
             "false_deaths": self.false_deaths,
             "false_suspicions": self.false_suspicions,
             "refutations": refutations,
-            "messages_per_node_per_s": _round(self.sim.network.sent / (nodes * duration))
+            "messages_per_node_per_s": rounded(self.sim.network.sent / (nodes * duration), 3)
             if duration > 0
             else None,
             "kills": len(self.killed_at),
             "pauses": self.pauses_done,
             "health_max": self._health_max(),
         }
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)

@@ -39,10 +39,11 @@ from p2pdeploy.overlay.multicast import (
     Multicast,
     MulticastConfig,
 )
-from p2pdeploy.sim.runner import register_runner
+from p2pdeploy.sim.metrics import rounded
+from p2pdeploy.sim.runner import SummedCounters, register_runner
 from p2pdeploy.sim.runners.broadcast import settled_at
-from p2pdeploy.sim.runners.overlay import OverlayRunner
-from p2pdeploy.sim.schema import Field
+from p2pdeploy.sim.runners.overlay import OverlayRunner, overlay_table_without_lookups
+from p2pdeploy.sim.schema import Field, config_from
 
 if TYPE_CHECKING:
     from p2pdeploy.sim.scenario import Scenario
@@ -76,8 +77,7 @@ class MulticastRunner(OverlayRunner):
     name = "multicast"
     schema = {
         "detector": OverlayRunner.schema["detector"],
-        "overlay": {**OverlayRunner.schema["overlay"],
-                    "lookups": Field(0, int, "FIND_NODE lookups of random targets", ge=0)},
+        "overlay": overlay_table_without_lookups(),
         "multicast": {
             "tree": Field("members", str, "members (member-only dissemination tree) or scribe", choices=TREES),
             "group": Field("group/0", str, "the group's name; its root is the node closest to its id"),
@@ -123,18 +123,14 @@ class MulticastRunner(OverlayRunner):
         m = scenario.section("multicast")
         self.group_settings = m
         self.group = m["group"]
-        self.multicast_config = MulticastConfig(
-            tree=m["tree"], refresh_interval_s=m["refresh_interval_s"], anchors=m["anchors"],
-            view_per_subtree=m["view_per_subtree"], entries=m["entries"], hop_timeout_s=m["hop_timeout_s"],
-            spread=SpreadConfig(ack_timeout_s=m["ack_timeout_s"]),
-        )
+        self.multicast_config = config_from(m, MulticastConfig, spread=config_from(m, SpreadConfig))
         self.payload = bytes(m["payload_bytes"])
         self.members: set[int] = set()
         self.join_called: dict[int, float] = {}
         self.join_times: list[float] = []
         self.messages: list[_Message] = []
         self.by_id: dict[int, _Message] = {}
-        self.harvested = dict.fromkeys(COUNTERS, 0)
+        self.layer_counters = SummedCounters(COUNTERS, lambda core: _multicast(core).counters)
         self.failed_root: int | None = None
         self.sending: _Message | None = None
         self.failures_at: float | None = None
@@ -145,26 +141,13 @@ class MulticastRunner(OverlayRunner):
         return Stack([*self.below_overlay[address], overlay, Multicast(overlay, rng, address, self.multicast_config)])
 
     def on_down(self, address: int) -> None:
-        core = self.sim.hosts[address].core
-        if core is not None:
-            counters = _multicast(core).counters
-            for key in COUNTERS:
-                self.harvested[key] += counters.get(key, 0)
+        self.layer_counters.harvest(self.sim.hosts[address].core)
         super().on_down(address)
 
     def on_up(self, address: int) -> None:
         super().on_up(address)
         if address in self.members:  # a member that comes back joins again (its subscription is its own)
             self.sim.hosts[address].call(partial(_join, self.group))
-
-    def _totals(self) -> dict[str, int]:
-        totals = dict(self.harvested)
-        for host in self.sim.hosts:
-            if host.core is not None:
-                counters = _multicast(host.core).counters
-                for key in COUNTERS:
-                    totals[key] += counters.get(key, 0)
-        return totals
 
     # -- the workload ----------------------------------------------------------------------
     def start(self) -> None:
@@ -249,7 +232,7 @@ class MulticastRunner(OverlayRunner):
     def summary(self) -> dict[str, Any]:
         base = super().summary()
         sent = [m for m in self.messages if m.msg_id is not None and m.audience]
-        totals = self._totals()
+        totals = self.layer_counters.totals(self.sim.hosts)
         forwards = totals["forwards_member"] + totals["forwards_nonmember"]
         audience = sum(len(m.audience) for m in sent)
         hops = [h for m in sent for h in m.hops]
@@ -258,19 +241,19 @@ class MulticastRunner(OverlayRunner):
             "tree": self.group_settings["tree"],
             "members": len(self.members),
             "members_joined": len(self.join_times),
-            "join_time_median_s": _round(statistics.median(self.join_times)) if self.join_times else None,
+            "join_time_median_s": rounded(statistics.median(self.join_times)) if self.join_times else None,
             "messages": len(sent),
             "messages_from_outside": sum(m.outside for m in sent),
-            "delivery_ratio": _round(sum(len(m.reached & m.audience) for m in sent) / audience) if audience else None,
-            "all_delivered": _round(sum(m.audience <= m.reached for m in sent) / len(sent)) if sent else None,
+            "delivery_ratio": rounded(sum(len(m.reached & m.audience) for m in sent) / audience) if audience else None,
+            "all_delivered": rounded(sum(m.audience <= m.reached for m in sent) / len(sent)) if sent else None,
             "delivered_to_nonmembers": sum(len(m.reached - self.members) for m in sent),
             "forwards": forwards,
             "forwards_nonmember": totals["forwards_nonmember"],
-            "nonmember_forward_fraction": _round(totals["forwards_nonmember"] / forwards) if forwards else None,
-            "data_messages_per_message": _round((totals["data_sent"] + totals["publish_hops"]) / len(sent)) if sent
+            "nonmember_forward_fraction": rounded(totals["forwards_nonmember"] / forwards) if forwards else None,
+            "data_messages_per_message": rounded((totals["data_sent"] + totals["publish_hops"]) / len(sent)) if sent
             else None,
             "depth_max": max(hops) if hops else None,
-            "depth_mean": _round(sum(hops) / len(hops)) if hops else None,
+            "depth_mean": rounded(sum(hops) / len(hops)) if hops else None,
             "log2_members": round(math.log2(max(1, len(self.members))), 3),
             "acks_sent": totals["acks_sent"],
             "control_route_hops": totals["route_hops"] - totals["publish_hops"],
@@ -283,9 +266,9 @@ class MulticastRunner(OverlayRunner):
             reached = sum(len(m.reached & m.audience) for m in after)
             out["failures_at_s"] = self.failures_at
             out["failed_root"] = self.failed_root
-            out["delivery_ratio_after_failures"] = _round(reached / sum(len(m.audience) for m in after)) if after \
+            out["delivery_ratio_after_failures"] = rounded(reached / sum(len(m.audience) for m in after)) if after \
                 else None
-            out["all_delivered_after_failures"] = _round(sum(m.audience <= m.reached for m in after) / len(after)) \
+            out["all_delivered_after_failures"] = rounded(sum(m.audience <= m.reached for m in after) / len(after)) \
                 if after else None
         for key in ("contacts_median", "build_done_s"):
             out[key] = base[key]
@@ -295,10 +278,6 @@ class MulticastRunner(OverlayRunner):
         """Scribe: live nodes outside the group that hold children in its tree (0 for the member tree)."""
         return sum(1 for a, h in enumerate(self.sim.hosts)
                    if h.up and a not in self.members and _multicast(h.core).children(self.group))
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 6)
 
 
 def _multicast(core: Protocol | None) -> Multicast:

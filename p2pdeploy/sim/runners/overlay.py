@@ -43,12 +43,18 @@ from p2pdeploy.overlay.kademlia import (
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import LocalStore
 from p2pdeploy.overlay.swim import DetectorConfig, FailureDetector
+from p2pdeploy.sim.metrics import ratio
 from p2pdeploy.sim.runner import Runner, register_runner
-from p2pdeploy.sim.schema import Field
+from p2pdeploy.sim.schema import Field, config_from
 
 if TYPE_CHECKING:
     from p2pdeploy.sim.scenario import Scenario
     from p2pdeploy.sim.simulation import Simulation
+
+
+#: The summary keys of the lookup workload.
+LOOKUP_KEYS = ("lookups", "lookups_unfinished", "lookups_abandoned", "lookup_success", "exact_k_closest",
+               "hops_median", "hops_p99", "messages_per_lookup")
 
 
 def detector_schema(*, enabled: bool) -> dict[str, Field]:
@@ -111,12 +117,8 @@ class OverlayRunner(Runner):
         s = scenario.section("overlay")
         self.settings = s
         nodes = len(sim.hosts)
-        self.config = KademliaConfig(
-            k=s["k"], alpha=s["alpha"], disjoint_paths=s["disjoint_paths"], rpc_timeout_s=s["rpc_timeout_s"],
-            refresh_interval_s=s["refresh_interval_s"], replicate_interval_s=s["replicate_interval_s"],
-            republish_interval_s=s["republish_interval_s"], default_ttl_s=s["ttl_s"],
-            max_ttl_s=max(s["ttl_s"], KademliaConfig().max_ttl_s),
-        )
+        self.config = config_from(s, KademliaConfig, default_ttl_s=s["ttl_s"],
+                                  max_ttl_s=max(s["ttl_s"], KademliaConfig().max_ttl_s))
         streams = sim.streams
         if s["identities"] == "ed25519":
             self.node_ids = [Identity.from_seed(streams.bytes("identity", i)).node_id for i in range(nodes)]
@@ -128,8 +130,7 @@ class OverlayRunner(Runner):
         #: The layers under each node's overlay: its failure detector with ``[detector] enabled``.
         self.below_overlay: list[list[Protocol]] = [[] for _ in range(nodes)]
         d = scenario.section("detector")
-        self.detector_config = (DetectorConfig(protocol_period_s=d["protocol_period_s"],
-                                               probe_timeout_s=d["probe_timeout_s"]) if d["enabled"] else None)
+        self.detector_config = config_from(d, DetectorConfig) if d["enabled"] else None
         #: overlay.durable: each node's store, kept while the node is down (its disk).
         self.stores: list[LocalStore | None] = [None] * nodes
         self.joined_at: list[float | None] = [None] * nodes
@@ -341,6 +342,14 @@ class OverlayRunner(Runner):
         core = self.cores[address]
         return None if core is None else len(core.table)
 
+    def without_unasked_lookups(self, out: dict[str, Any]) -> dict[str, Any]:
+        """``out`` (a summary) without the lookup workload's keys when the scenario asked for no
+        lookups: a runner for a layer above reports its own workload, not an empty one."""
+        if not self.settings["lookups"]:
+            for key in LOOKUP_KEYS:
+                out.pop(key, None)
+        return out
+
     def summary(self) -> dict[str, Any]:
         nodes = len(self.sim.hosts)
         lookups = self.lookup_results
@@ -352,8 +361,8 @@ class OverlayRunner(Runner):
             "lookups": done,
             "lookups_unfinished": sum(1 for kind, _ in self.pending.values() if kind == "lookup"),
             "lookups_abandoned": self.abandoned.get("lookup", 0),
-            "lookup_success": _ratio(sum(r[0] for r in lookups), done),
-            "exact_k_closest": _ratio(sum(r[1] for r in lookups), done),
+            "lookup_success": ratio(sum(r[0] for r in lookups), done),
+            "exact_k_closest": ratio(sum(r[1] for r in lookups), done),
             "hops_median": metrics.median("lookup_hops"),
             "hops_p99": metrics.percentile("lookup_hops", 0.99),
             "messages_per_lookup": round(sum(r[3] for r in lookups) / done, 3) if done else None,
@@ -370,12 +379,14 @@ class OverlayRunner(Runner):
             out["gets"] = len(self.get_results)
             out["gets_unfinished"] = sum(1 for kind, _ in self.pending.values() if kind == "get")
             out["gets_abandoned"] = self.abandoned.get("get", 0)
-            out["get_success"] = _ratio(sum(self.get_results), len(self.get_results))
+            out["get_success"] = ratio(sum(self.get_results), len(self.get_results))
         return out
 
 
-def _ratio(part: int, whole: int) -> float | None:
-    return round(part / whole, 6) if whole else None
+def overlay_table_without_lookups(lookups_doc: str = "FIND_NODE lookups of random targets") -> dict[str, Field]:
+    """The ``[overlay]`` table of a runner for a layer above the overlay: the overlay runner's,
+    but with no lookups unless the scenario asks for them (the workload is the layer's own)."""
+    return {**OverlayRunner.schema["overlay"], "lookups": Field(0, int, lookups_doc, ge=0)}
 
 
 def overlay_of(core: Protocol) -> Kademlia:
@@ -401,4 +412,3 @@ def _lookup(target: int, core: Protocol, now: float) -> int:
 
 def _get(key: int, core: Protocol, now: float) -> int:
     return overlay_of(core).get(key, now)
-

@@ -59,22 +59,18 @@ from p2pdeploy.core import Protocol, Stack
 from p2pdeploy.overlay.identity import node_id_of
 from p2pdeploy.overlay.kademlia import Kademlia
 from p2pdeploy.sim.runner import register_runner
-from p2pdeploy.sim.runners.overlay import OverlayRunner
-from p2pdeploy.sim.schema import Field
+from p2pdeploy.sim.runners.overlay import OverlayRunner, overlay_table_without_lookups
+from p2pdeploy.sim.schema import Field, config_from
 from p2pdeploy.sim.simulation import Simulation
 
 if TYPE_CHECKING:
     from p2pdeploy.sim.scenario import Scenario
 
-_OVERLAY = dict(OverlayRunner.schema["overlay"])
-_OVERLAY["lookups"] = Field(0, int, "FIND_NODE lookups of random targets (a side workload)", ge=0)
-
-
 @register_runner
 class PersistenceRunner(OverlayRunner):
     name = "persistence"
     schema = {
-        "overlay": _OVERLAY,
+        "overlay": overlay_table_without_lookups("FIND_NODE lookups of random targets (a side workload)"),
         "detector": OverlayRunner.schema["detector"],
         "persistence": {
             "replicas": Field(3, int, "copies of each chunk (r) of the main class of blobs", ge=1, le=16),
@@ -110,10 +106,7 @@ class PersistenceRunner(OverlayRunner):
         super().__init__(scenario, sim)
         p = scenario.section("persistence")
         self.p = p
-        self.pconfig = PersistenceConfig(
-            replicas=p["replicas"], chunk_bytes=p["chunk_bytes"], repair_interval_s=p["repair_interval_s"],
-            scrub_interval_s=p["scrub_interval_s"], rpc_timeout_s=p["rpc_timeout_s"],
-        )
+        self.pconfig = config_from(p, PersistenceConfig)
         nodes = len(sim.hosts)
         #: key -> what happened to its copies: (time, address, generation, what), for blobs.csv's
         #: companion key_history.csv (written for the keys of lost blobs).
@@ -365,11 +358,7 @@ class PersistenceRunner(OverlayRunner):
         return self._sample
 
     def summary(self) -> dict[str, Any]:
-        out = super().summary()
-        for key in ("lookups", "lookups_unfinished", "lookups_abandoned", "lookup_success", "exact_k_closest",
-                    "hops_median", "hops_p99", "messages_per_lookup"):
-            if not self.settings["lookups"]:
-                out.pop(key, None)
+        out = self.without_unasked_lookups(super().summary())
         held = self._held_keys()
         lost = {r: 0 for r in self.classes}
         for r, keys in self.blobs.values():

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from p2pdeploy.core import Protocol, Stack
 from p2pdeploy.overlay.identity import Identity, node_id_of
 from p2pdeploy.overlay.ping import PingProtocol, PingTimedOut, PongReceived
+from p2pdeploy.sim.metrics import rounded
 from p2pdeploy.sim.network import pair_latency_median_s
 from p2pdeploy.sim.runner import Runner, register_runner
 from p2pdeploy.sim.schema import Field
@@ -145,10 +146,10 @@ class PingRunner(Runner):
         network = self.sim.network
         modelled = 2 * pair_latency_median_s(network, seed=self.sim.seed) + network.jitter_s
         return {
-            "rtt_median_ms": _ms(metrics.median("rtt_ms")),
-            "rtt_p90_ms": _ms(metrics.percentile("rtt_ms", 0.9)),
-            "rtt_p99_ms": _ms(metrics.percentile("rtt_ms", 0.99)),
-            "modelled_rtt_median_ms": _ms(modelled * 1000.0),
+            "rtt_median_ms": rounded(metrics.median("rtt_ms"), 3),
+            "rtt_p90_ms": rounded(metrics.percentile("rtt_ms", 0.9), 3),
+            "rtt_p99_ms": rounded(metrics.percentile("rtt_ms", 0.99), 3),
+            "modelled_rtt_median_ms": rounded(modelled * 1000.0, 3),
             "pings_sent": sent,
             "pings_answered": answered,
             "pings_timed_out": timed_out,
@@ -161,7 +162,3 @@ class PingRunner(Runner):
 def _start_pinging(ping: PingProtocol | None, core: Protocol, now: float) -> None:
     assert ping is not None
     ping.start(now)
-
-
-def _ms(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)

@@ -45,9 +45,10 @@ from p2pdeploy.fabric.units import GIB, MIB
 from p2pdeploy.overlay.kademlia import Kademlia
 from p2pdeploy.resource.description import node_attributes
 from p2pdeploy.resource.requirements import ParseError, Requirement
+from p2pdeploy.sim.metrics import percentile_of_sorted, ratio, rounded
 from p2pdeploy.sim.runner import register_runner
-from p2pdeploy.sim.runners.overlay import OverlayRunner
-from p2pdeploy.sim.schema import Field
+from p2pdeploy.sim.runners.overlay import OverlayRunner, overlay_table_without_lookups
+from p2pdeploy.sim.schema import Field, config_from
 
 if TYPE_CHECKING:
     import random
@@ -125,8 +126,7 @@ class ProspectorRunner(OverlayRunner):
     name = "prospector"
     schema = {
         "detector": OverlayRunner.schema["detector"],
-        "overlay": {**OverlayRunner.schema["overlay"], "lookups": Field(0, int, "FIND_NODE lookups of random targets",
-                                                                         ge=0)},
+        "overlay": overlay_table_without_lookups(),
         "prospector": {
             "tree": Field("p2pdeploy/resources", str, "the tree's name; its root is the node closest to its key"),
             "update_interval_s": Field(10.0, float, "heartbeat: a node refreshes its parent at least this often",
@@ -162,7 +162,7 @@ class ProspectorRunner(OverlayRunner):
         super().check(scenario)
         s = scenario.values["prospector"]
         try:
-            _config(s)
+            config_from(s, ProspectorConfig)
         except ValueError as exc:
             raise scenario.error("prospector", str(exc)) from None
         texts = [t.strip() for t in s["requirements"].split(";") if t.strip()]
@@ -178,7 +178,7 @@ class ProspectorRunner(OverlayRunner):
         super().__init__(scenario, sim)
         s = scenario.section("prospector")
         self.p = s
-        self.prospector_config = _config(s)
+        self.prospector_config = config_from(s, ProspectorConfig)
         nodes = len(sim.hosts)
         self.prospectors: list[Prospector | None] = [None] * nodes
         streams = sim.streams
@@ -317,11 +317,7 @@ class ProspectorRunner(OverlayRunner):
 
     # -- results ---------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        out = super().summary()
-        for key in ("lookups", "lookups_unfinished", "lookups_abandoned", "lookup_success", "exact_k_closest",
-                    "hops_median", "hops_p99", "messages_per_lookup"):
-            if not self.settings["lookups"]:
-                out.pop(key, None)
+        out = self.without_unasked_lookups(super().summary())
         s = self.p
         nodes = len(self.sim.hosts)
         out["log2_n"] = round(math.log2(nodes), 3)
@@ -330,9 +326,9 @@ class ProspectorRunner(OverlayRunner):
         ok = [r for r in self.aggregate_results if r[0]]
         errors = sorted(r[1] for r in ok if r[1] is not None)
         out["aggregates"] = len(self.aggregate_results)
-        out["aggregate_ok"] = _ratio(len(ok), len(self.aggregate_results))
-        out["aggregate_error_median"] = _round(_percentile(errors, 0.5))
-        out["aggregate_error_max"] = _round(errors[-1]) if errors else None
+        out["aggregate_ok"] = ratio(len(ok), len(self.aggregate_results))
+        out["aggregate_error_median"] = rounded(percentile_of_sorted(errors, 0.5))
+        out["aggregate_error_max"] = rounded(errors[-1]) if errors else None
         results = self.prospect_results
         with_enough = [r for r in results if r["matches"] >= s["prospect_n"]]
         with_some = [r for r in results if r["matches"] >= 1]
@@ -342,14 +338,14 @@ class ProspectorRunner(OverlayRunner):
         out["prospects_unfinished"] = sum(1 for w in self.pending_queries.values() if w[0] == "prospect")
         out["queries_abandoned"] = self.queries_abandoned
         out["prospects_with_n_matches"] = len(with_enough)
-        out["prospect_success"] = _ratio(sum(r["success"] for r in with_enough), len(with_enough))
-        out["prospect_success_any_match"] = _ratio(sum(r["success"] for r in with_some), len(with_some))
+        out["prospect_success"] = ratio(sum(r["success"] for r in with_enough), len(with_enough))
+        out["prospect_success_any_match"] = ratio(sum(r["success"] for r in with_some), len(with_some))
         out["prospects_fewer_than_n"] = len(fewer)
-        out["prospect_fewer_found_all"] = _ratio(sum(r["success"] for r in fewer), len(fewer))
-        out["prospect_only_matching"] = _ratio(sum(r["only_matching"] for r in results), len(results))
+        out["prospect_fewer_found_all"] = ratio(sum(r["success"] for r in fewer), len(fewer))
+        out["prospect_only_matching"] = ratio(sum(r["only_matching"] for r in results), len(results))
         out["prospect_messages"] = round(statistics.fmean(messages), 3) if messages else None
-        out["prospect_messages_median"] = _percentile(messages, 0.5)
-        out["prospect_messages_p95"] = _percentile(messages, 0.95)
+        out["prospect_messages_median"] = percentile_of_sorted(messages, 0.5)
+        out["prospect_messages_p95"] = percentile_of_sorted(messages, 0.95)
         # at least n matches: the search stops at n; fewer: it must rule out every other subtree
         out["prospect_messages_with_n_matches"] = (round(statistics.fmean(r["messages"] for r in with_enough), 3)
                                                    if with_enough else None)
@@ -357,7 +353,7 @@ class ProspectorRunner(OverlayRunner):
                                                  if fewer else None)
         out["prospect_visits_mean"] = round(statistics.fmean(r["visits"] for r in results), 3) if results else None
         latencies = sorted(r["latency_s"] for r in results)
-        out["prospect_latency_median_s"] = _round(_percentile(latencies, 0.5))
+        out["prospect_latency_median_s"] = rounded(percentile_of_sorted(latencies, 0.5))
         full = [r for r in results if r["returned"] >= 2]
         out["prospect_distinct_owners"] = (round(statistics.fmean(r["owners"] / r["returned"] for r in full), 3)
                                            if full else None)
@@ -370,7 +366,7 @@ class ProspectorRunner(OverlayRunner):
                 per_requirement[str(requirement)] = {
                     "queries": len(mine),
                     "matching_nodes": len(self.matching[index]),
-                    "success": _ratio(sum(r["success"] for r in mine), len(mine)),
+                    "success": ratio(sum(r["success"] for r in mine), len(mine)),
                     "messages": round(statistics.fmean(r["messages"] for r in mine), 2),
                 }
         out["prospect_by_requirement"] = per_requirement
@@ -392,7 +388,7 @@ class ProspectorRunner(OverlayRunner):
         root_core = self.prospectors[root] if root is not None else None
         return {
             "tree_depth_max": depths[-1] if depths else None,
-            "tree_depth_median": _percentile(depths, 0.5),
+            "tree_depth_median": percentile_of_sorted(depths, 0.5),
             "nodes_without_depth": len(live) - len(depths),
             "roots": len(roots),
             "root_children": len(root_core.children) if root_core is not None else None,
@@ -410,8 +406,8 @@ class ProspectorRunner(OverlayRunner):
             "checks": len(checks),
         }
         if self.scenario.values["churn"]["model"] == "none":
-            out["count_error"] = _round(last[3])
-            out["sum_error"] = _round(last[4])
+            out["count_error"] = rounded(last[3])
+            out["sum_error"] = rounded(last[4])
             inexact = [t for t, _, _, count_error, sum_error in checks if count_error or sum_error]
             if last[3] or last[4]:
                 out["convergence_s"] = None
@@ -423,23 +419,13 @@ class ProspectorRunner(OverlayRunner):
             return out
         measured = sorted(c[3] for c in checks if c[0] >= s["measure_from_s"])
         sums = sorted(c[4] for c in checks if c[0] >= s["measure_from_s"])
-        out["count_error"] = _round(measured[-1]) if measured else None
-        out["count_error_median"] = _round(_percentile(measured, 0.5))
-        out["count_error_p99"] = _round(_percentile(measured, 0.99))
-        out["count_within_5pct"] = _ratio(sum(1 for e in measured if e <= 0.05), len(measured))
-        out["sum_error"] = _round(sums[-1]) if sums else None
-        out["sum_error_median"] = _round(_percentile(sums, 0.5))
+        out["count_error"] = rounded(measured[-1]) if measured else None
+        out["count_error_median"] = rounded(percentile_of_sorted(measured, 0.5))
+        out["count_error_p99"] = rounded(percentile_of_sorted(measured, 0.99))
+        out["count_within_5pct"] = ratio(sum(1 for e in measured if e <= 0.05), len(measured))
+        out["sum_error"] = rounded(sums[-1]) if sums else None
+        out["sum_error_median"] = rounded(percentile_of_sorted(sums, 0.5))
         return out
-
-
-def _config(s: dict[str, Any]) -> ProspectorConfig:
-    return ProspectorConfig(
-        tree=s["tree"], update_interval_s=s["update_interval_s"], min_update_interval_s=s["min_update_interval_s"],
-        expiry_s=s["expiry_s"], ack_timeout_s=s["ack_timeout_s"], update_tries=s["update_tries"],
-        suspect_s=s["suspect_s"], rpc_timeout_s=s["rpc_timeout_s"], root_timeout_s=s["root_timeout_s"],
-        alpha=s["alpha"], max_visits=s["max_visits"], verify_candidates=s["verify_candidates"],
-        max_distinct=s["max_distinct"], top_k=s["top_k"],
-    )  # fmt: skip
 
 
 def _prospector(core: Protocol) -> Prospector:
@@ -453,17 +439,3 @@ def _aggregate_count(core: Protocol, now: float) -> int:
 
 def _prospect(requirement: Requirement, n: int, core: Protocol, now: float) -> int:
     return _prospector(core).prospect(requirement, n, now)
-
-
-def _ratio(part: int, whole: int) -> float | None:
-    return round(part / whole, 6) if whole else None
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 6)
-
-
-def _percentile(values: list[Any], q: float) -> Any:
-    if not values:
-        return None
-    return values[min(len(values) - 1, int(q * len(values)))]
