@@ -35,8 +35,17 @@ Two ways to carry group traffic (``MulticastConfig.tree``):
 Reliable sends (``send_to(..., reliable=True)``, members tree only) acknowledge every hand-off
 and re-delegate a block whose member failed, as reliable broadcast does.
 
-The messages and events live in :mod:`p2pdeploy.overlay.multicast_messages`; every one of them
-is importable from here.
+:class:`Multicast` is the protocol object a node's stack holds; it composes parts, one module each:
+
+- :mod:`p2pdeploy.overlay.group_routing`: routing requests hop by hop towards a group's root
+  (hop acks, suspicion, retries, redirects from a root that yielded), for both trees;
+- :mod:`p2pdeploy.overlay.group_root`: the root's member list (soft state, views, anchors,
+  adopting and yielding the role);
+- :mod:`p2pdeploy.overlay.scribe`: Scribe's trees.
+
+It keeps the members' side (join, refresh, the views they hold), publishers outside the group
+(locate, entries, hand-off) and dissemination. The messages and events live in
+:mod:`p2pdeploy.overlay.multicast_messages`; every one of them is importable from here.
 
 Not here: content filtering, ordering and delivery guarantees, which :mod:`p2pdeploy.collective.pubsub`
 builds on top, and any check of who may join or send (groups are open).
@@ -50,7 +59,15 @@ from typing import Any
 
 from p2pdeploy.core import Address, Rng, require_at_least, require_positive
 from p2pdeploy.overlay import multicast_messages
-from p2pdeploy.overlay.broadcast import PrefixSpreader, SpreadConfig, SpreadState, group_by_sibling
+from p2pdeploy.overlay.broadcast import PrefixSpreader, SpreadConfig, SpreadState
+from p2pdeploy.overlay.group_root import GroupRoots
+from p2pdeploy.overlay.group_routing import (
+    LINK_KINDS,
+    MAX_HOPS,
+    MAX_HOPS_IN_FLIGHT,
+    ROUTED_KINDS,
+    GroupRouting,
+)
 from p2pdeploy.overlay.identity import key_id
 from p2pdeploy.overlay.multicast_messages import (
     AnchorSync,
@@ -64,20 +81,10 @@ from p2pdeploy.overlay.multicast_messages import (
     GroupSendFinished,
     GroupView,
 )
-from p2pdeploy.overlay.requests import RequestTracker
-from p2pdeploy.overlay.routing import Contact, next_hop_towards
+from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.scribe import ScribeTrees
 
 TREES = ("members", "scribe")
-#: A routed request that has taken this many hops is looping (routing tables disagree); dropped.
-MAX_HOPS = 64
-#: Routed hops waiting for their ack at once; beyond it a request is dropped (``route_overload``).
-MAX_HOPS_IN_FLIGHT = 4096
-#: Routed request kinds: forwarded towards the root (``join``, ``leave``, ``locate``, ``publish``)
-#: or handled by the node they are sent to (``attach``, ``detach``: Scribe's tree links).
-ROUTED_KINDS = ("join", "leave", "locate", "publish")
-LINK_KINDS = ("attach", "detach")
-
 
 # -- configuration --------------------------------------------------------------------------
 
@@ -140,33 +147,12 @@ class _Membership:
 
 
 @dataclass(slots=True)
-class _RootState:
-    members: dict[int, tuple[Contact, float]]  # id -> (contact, expires at)
-    version: int
-    created_at: float
-    #: True when this root started without a copy of the member list.
-    cold: bool
-    #: Views are complete from this time (a cold root that hears from members of an earlier
-    #: root rebuilds the list for one member TTL).
-    complete_at: float
-    sent_views: dict[int, tuple[int, ...]] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
 class _Publisher:
     name: str
     entries: list[Contact] = field(default_factory=list)
     expires_at: float = 0.0
     locating: bool = False
     queued: list[_Queued] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class _Hop:
-    #: The request as sent, but for its ``hop_id`` (the tracker's id).
-    msg: GroupRoute
-    contact: Contact
-    tried: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,21 +193,18 @@ class Multicast(PrefixSpreader):
         #: Groups left recently: (view, until). Stale views and entry lists elsewhere still name us
         #: for a while, so we keep passing messages on (without delivering them) until then.
         self._departed: dict[int, tuple[list[Contact], float]] = {}
-        self._roots: dict[int, _RootState] = {}
-        self._anchored: dict[int, tuple[int, list[Contact], float]] = {}  # group -> (version, members, expires)
         self._publishers: dict[int, _Publisher] = {}
-        #: Scribe's trees (``tree = "scribe"``): this node's links in each.
-        self._scribe = ScribeTrees(self)
-        self._redirects: dict[int, tuple[Contact, float]] = {}  # group -> (the root we yielded to, until)
-        #: Hops waiting for their ``GroupRouteAck``: the hop id is the request id.
-        self._hops: RequestTracker[_Hop] = RequestTracker(
-            self, "hop", rng=rng, limit=MAX_HOPS_IN_FLIGHT, unexpected="unsolicited_ack", what="routed hops"
-        )
         self.counters: dict[str, int] = {
             "data_originated": 0, "data_sent": 0, "forwards_member": 0, "forwards_nonmember": 0, "acks_sent": 0,
             "delivered": 0, "duplicates": 0, "route_hops": 0, "publish_hops": 0, "views_sent": 0,
             "anchor_syncs": 0, "rival_roots": 0,
         }
+        #: Scribe's trees (``tree = "scribe"``): this node's links in each.
+        self.scribe = ScribeTrees(self)
+        #: Requests on their way to group roots (both trees), hop by hop.
+        self.routing = GroupRouting(self, overlay, rng, self.config, self.counters, MAX_HOPS_IN_FLIGHT)
+        #: The member lists of the groups this node is the root of (members tree).
+        self.roots = GroupRoots(self, overlay, self.routing, rng, self.config, self.counters)
 
     # -- API -------------------------------------------------------------------------------
     def join(self, name: str, now: float) -> int:
@@ -233,7 +216,7 @@ class Multicast(PrefixSpreader):
         self._groups[gid] = _Membership(name, gid)
         self._departed.pop(gid, None)
         if self.config.tree == "scribe":
-            self._scribe.join(gid, now)
+            self.scribe.join(gid, now)
         else:
             self._send_join(gid, now)
         self._arm_refresh(gid, now)
@@ -248,10 +231,10 @@ class Multicast(PrefixSpreader):
         self.cancel_timer(("join_wait", gid))
         self._departed[gid] = (membership.view, now + self.config.member_ttl_s)
         if self.config.tree == "scribe":
-            self._scribe.leave(gid, now)
+            self.scribe.leave(gid, now)
             return
         self.cancel_timer(("refresh", gid))
-        self._route(gid, "leave", self.rng.getrandbits(63), self.contact, 0, b"", now, first=membership.root)
+        self.routing.route(gid, "leave", self.rng.getrandbits(63), self.contact, 0, b"", now, first=membership.root)
 
     def send_to(self, name: str, payload: bytes, now: float, *, reliable: bool = False) -> int:
         """Send ``payload`` to every member of ``name``; the message id."""
@@ -267,7 +250,7 @@ class Multicast(PrefixSpreader):
         self.counters["data_originated"] += 1
         if self.config.tree == "scribe":
             self._remember(gid, msg_id, _Message(name, self.own_id, payload), False, now)
-            self._route(gid, "publish", msg_id, self.contact, 0, payload, now)
+            self.routing.route(gid, "publish", msg_id, self.contact, 0, payload, now)
             return msg_id
         membership = self._groups.get(gid)
         if membership is not None:
@@ -295,18 +278,17 @@ class Multicast(PrefixSpreader):
         """True once the root answered this member's JOIN (Scribe: once attached to the tree)."""
         gid = group_id(name)
         if self.config.tree == "scribe":
-            return gid in self._groups and self._scribe.is_attached(gid)
+            return gid in self._groups and self.scribe.is_attached(gid)
         membership = self._groups.get(gid)
         return membership is not None and membership.joined
 
     def is_root(self, name: str) -> bool:
         gid = group_id(name)
-        return gid in self._roots or self._scribe.is_root(gid)
+        return self.roots.holds(gid) or self.scribe.is_root(gid)
 
     def member_count(self, name: str) -> int | None:
         """Members on the root's list (None on a node that is not the root)."""
-        state = self._roots.get(group_id(name))
-        return None if state is None else len(state.members)
+        return self.roots.member_count(group_id(name))
 
     def view(self, name: str) -> list[Contact]:
         membership = self._groups.get(group_id(name))
@@ -314,7 +296,7 @@ class Multicast(PrefixSpreader):
 
     def children(self, name: str) -> list[Contact]:
         """Scribe: this node's children in the tree of ``name``."""
-        return self._scribe.children(group_id(name))
+        return self.scribe.children(group_id(name))
 
     # -- inputs ----------------------------------------------------------------------------
     def receive(self, src: Address, msg: Any, now: float) -> None:
@@ -324,23 +306,20 @@ class Multicast(PrefixSpreader):
         elif kind is GroupDataAck:
             self._spread_ack(src, msg.group, msg.msg_id, msg.low, msg.depth, msg.done, now)
         elif kind is GroupRoute:
-            self._on_route(src, msg, now)
+            self.routing.on_route(src, msg, now)
         elif kind is GroupRouteAck:
-            self._on_hop_ack(src, msg, now)
+            self.routing.on_hop_ack(src, msg, now)
         elif kind is GroupView:
             self._on_view(src, msg, now)
         elif kind is GroupEntries:
             self._on_entries(src, msg, now)
         elif kind is AnchorSync:
-            self._on_anchor_sync(src, msg, now)
+            self.roots.on_anchor_sync(src, msg, now)
         else:
             self.dropped["unexpected"] += 1
 
     def on_timer(self, name: Hashable, now: float) -> None:
-        if self._spread_timer(name, now):
-            return
-        if self._hops.owns(name):
-            self._hop_failed(name, now)
+        if self._spread_timer(name, now) or self.routing.on_timer(name, now) or self.roots.on_timer(name, now):
             return
         assert isinstance(name, tuple)
         kind, key = name
@@ -353,257 +332,31 @@ class Multicast(PrefixSpreader):
                 self._send_join(key, now)
         elif kind == "locate_wait":
             self._locate_failed(key, now)
-        elif kind == "root":
-            self._root_tick(key, now)
-        elif kind == "push":
-            self._push_views(key, now)
-        elif kind == "complete":
-            self._push_views(key, now, everyone=True)  # replaces the views members added up
 
-    # -- routing towards the root ----------------------------------------------------------
-    def _next_hop(self, gid: int, now: float, exclude: Iterable[int] = ()) -> Contact | None:
-        """The known contact closest to ``gid`` that is closer than this node and not suspected."""
-        excluded = set(exclude)
-        return next_hop_towards(self.own_id, gid, self.overlay.closest_known(gid, 2 * self.config.route_attempts + 4),
-                                lambda node_id: node_id in excluded or self._suspected(node_id, now))
-
-    def _route(self, gid: int, kind: str, request_id: int, requester: Contact, hops: int, payload: bytes,
-               now: float, *, first: Contact | None = None, tried: list[int] | None = None,
-               last_root: int | None = None) -> None:
-        """Send a request one hop on towards the root of ``gid``, or handle it here if we are the root."""
-        tried = tried or []
-        if first is not None and first.node_id != self.own_id and not self._suspected(first.node_id, now):
-            hop: Contact | None = first
-        else:
-            hop = self._next_hop(gid, now, tried) or self._redirected(gid, now, tried)
-        if hop is None:
-            self._at_root(gid, kind, request_id, requester, payload, now, last_root)
-            return
-        self._send_hop(GroupRoute(0, self.own_id, gid, kind, requester, request_id, hops, payload, last_root),
-                       hop, tried, now)
-
-    def _send_hop(self, template: GroupRoute, hop: Contact, tried: list[int], now: float) -> None:
-        if self._hops.full:
-            self.dropped["route_overload"] += 1  # as lost: the join, locate or refresh timers retry
-            if template.kind == "attach":
-                self._scribe.attach_abandoned(template.group)
-            return
-        hop_id = self._hops.issue(_Hop(template, hop, [*tried, hop.node_id]), now, self.config.hop_timeout_s,
-                                  address=hop.address, node_id=hop.node_id)
-        msg = GroupRoute(hop_id, self.own_id, template.group, template.kind, template.requester,
-                         template.request_id, template.hops, template.payload, template.last_root)
-        self.send(hop.address, msg)
-        self.counters["route_hops"] += 1
-        if msg.kind == "publish":  # Scribe carries the message itself to the root
-            self.counters["publish_hops"] += 1
-            if msg.requester.node_id != self.own_id:
-                self._count_forward(msg.group)
-
-    def _on_hop_ack(self, src: Address, msg: GroupRouteAck, now: float) -> None:
-        request = self._hops.reply(msg.hop_id, src, msg.sender)
-        if request is None:
-            return
-        hop = request.data
-        if hop.msg.kind == "attach":
-            self._scribe.attach_acked(hop.msg.group, hop.contact)
-
-    def _hop_failed(self, timer_name: Hashable, now: float) -> None:
-        request = self._hops.timed_out(timer_name)
-        if request is None:
-            return
-        hop = request.data
-        self.suspicions.suspect(hop.contact.node_id, now + self.config.suspect_s, now)
-        msg = hop.msg
-        if len(hop.tried) >= self.config.route_attempts:
-            self.dropped["route_failed"] += 1
-            if msg.kind == "attach":
-                self._scribe.attach_abandoned(msg.group)
-            return
-        if msg.kind == "attach":
-            self._scribe.attach(msg.group, now, hop.tried)
-        elif msg.kind == "detach":
-            return
-        else:
-            self._route(msg.group, msg.kind, msg.request_id, msg.requester, msg.hops, msg.payload, now,
-                        tried=hop.tried, last_root=msg.last_root)
-
-    def _on_route(self, src: Address, msg: GroupRoute, now: float) -> None:
-        self.send(src, GroupRouteAck(msg.hop_id, self.own_id))
-        if msg.kind in LINK_KINDS:
-            self._scribe.on_link(src, msg, now)
-            return
-        if msg.kind not in ROUTED_KINDS:
-            self.dropped["bad_route_kind"] += 1
-            return
-        if msg.hops >= MAX_HOPS:
-            self.dropped["route_loop"] += 1
-            return
-        self._route(msg.group, msg.kind, msg.request_id, msg.requester, msg.hops + 1, msg.payload, now,
-                    last_root=msg.last_root)
-
-    # -- the root --------------------------------------------------------------------------
+    # -- routing towards the root (group_routing) and the root's list (group_root) --------
     def _at_root(self, gid: int, kind: str, request_id: int, requester: Contact, payload: bytes, now: float,
                  last_root: int | None = None) -> None:
+        """A routed request (``ROUTED_KINDS``) reached the root of ``gid``: this node."""
         if kind == "publish":
-            self._scribe.publish(gid, request_id, requester.node_id, payload, now)
+            self.scribe.publish(gid, request_id, requester.node_id, payload, now)
             return
         if self.config.tree == "scribe":
             self.dropped["wrong_tree"] += 1
             return
         if kind == "locate":
-            state = self._roots.get(gid) or self._adopt(gid, now, create=False)
-            members = [c for c, _ in state.members.values() if c.node_id != requester.node_id] if state else []
-            entries = self.rng.sample(members, min(self.config.entries, len(members)))
-            self._reply(requester, GroupEntries(gid, self.own_id, entries), now)
-            return
-        state = self._roots.get(gid) or self._adopt(gid, now, create=kind == "join")
-        if state is None:
-            return  # a leave for a group we know nothing about
-        if kind == "leave":
-            if state.members.pop(requester.node_id, None) is not None:
-                state.sent_views.pop(requester.node_id, None)
-                self._membership_changed(gid, now)
-            return
-        rejoin = last_root is not None and last_root != self.own_id
-        if rejoin and state.cold and state.complete_at <= now < state.created_at + self.config.member_ttl_s:
-            # Members of an earlier root are coming back and we started without its list: until
-            # they all had time to refresh, views only add members, then a complete round goes out.
-            state.complete_at = state.created_at + self.config.member_ttl_s
-            self.set_timer(("complete", gid), state.complete_at)
-        old = state.members.get(requester.node_id)
-        state.members[requester.node_id] = (requester, now + self.config.member_ttl_s)
-        if old is None or old[0] != requester:
-            self._membership_changed(gid, now)
-        view = self._view_for(state, requester.node_id)
-        state.sent_views[requester.node_id] = tuple(c.node_id for c in view)
-        self._reply(requester, GroupView(gid, self.own_id, state.version, view, now >= state.complete_at), now)
-
-    def _reply(self, requester: Contact, msg: Any, now: float) -> None:
-        if requester.node_id == self.own_id:
-            self.receive(self.contact.address, msg, now)  # we asked ourselves: we are the root
+            self.roots.locate(gid, requester, now)
+        elif kind == "leave":
+            self.roots.leave(gid, requester, now)
         else:
-            self.send(requester.address, msg)
-        if type(msg) is GroupView:
-            self.counters["views_sent"] += 1
+            self.roots.join(gid, requester, now, last_root)
 
-    def _adopt(self, gid: int, now: float, *, create: bool) -> _RootState | None:
-        """Become the root of ``gid``: with the anchored member list if we hold a fresh one."""
-        anchored = self._anchored.pop(gid, None)
-        if anchored is not None and anchored[2] > now:
-            version, members, _ = anchored
-            expires = now + self.config.member_ttl_s
-            state = _RootState({c.node_id: (c, expires) for c in members}, version + 1, now, False, now)
-        elif create:
-            state = _RootState({}, 0, now, True, now)
-        else:
-            return None
-        self._roots[gid] = state
-        self._redirects.pop(gid, None)
-        self.set_timer(("root", gid), now + self.config.refresh_interval_s)
-        return state
+    def _next_hop(self, gid: int, now: float, exclude: Iterable[int] = ()) -> Contact | None:
+        """Scribe's trees link to the next hop towards the group id (see :meth:`GroupRouting.next_hop`)."""
+        return self.routing.next_hop(gid, now, exclude)
 
-    def _view_for(self, state: _RootState, member_id: int) -> list[Contact]:
-        """Up to ``view_per_subtree`` members in each sibling subtree of ``member_id``, closest first."""
-        r = self.config.view_per_subtree
-        view: list[Contact] = []
-        groups = group_by_sibling(member_id, (c for c, _ in state.members.values()))
-        for depth in sorted(groups):
-            contacts = groups[depth]
-            if len(contacts) > r:
-                contacts = sorted(contacts, key=lambda c: c.node_id ^ member_id)[:r]
-            view.extend(contacts)
-        return view
-
-    def _membership_changed(self, gid: int, now: float) -> None:
-        state = self._roots[gid]
-        state.version += 1
-        if self.timer_deadline(("push", gid)) is None:
-            self.set_timer(("push", gid), now + self.config.view_push_delay_s)
-
-    def _push_views(self, gid: int, now: float, *, everyone: bool = False) -> None:
-        """Send each member whose view changed (``everyone``: each member) its view, and the list
-        to the anchors."""
-        state = self._roots.get(gid)
-        if state is None:
-            return
-        complete = now >= state.complete_at
-        for member_id, (contact, _) in state.members.items():
-            view = self._view_for(state, member_id)
-            ids = tuple(c.node_id for c in view)
-            if everyone or state.sent_views.get(member_id) != ids:
-                state.sent_views[member_id] = ids
-                self._reply(contact, GroupView(gid, self.own_id, state.version, view, complete), now)
-        self._sync_anchors(gid, state)
-
-    def _sync_anchors(self, gid: int, state: _RootState) -> None:
-        members = [c for c, _ in state.members.values()]
-        for contact in self.overlay.closest_known(gid, self.config.anchors - 1):
-            self.send(contact.address, AnchorSync(gid, self.own_id, state.version, members))
-            self.counters["anchor_syncs"] += 1
-
-    def _on_anchor_sync(self, src: Address, msg: AnchorSync, now: float) -> None:
-        gid = msg.group
-        members = list(msg.members)
-        state = self._roots.get(gid)
-        if state is not None:
-            # Two nodes act as root (their tables disagreed, or a closer node joined): the one
-            # closer to the group id keeps the role and the union of both lists.
-            self.counters["rival_roots"] += 1
-            if msg.sender ^ gid > self.own_id ^ gid:
-                expires = now + self.config.member_ttl_s
-                for contact in members:
-                    if contact.node_id not in state.members:
-                        state.members[contact.node_id] = (contact, expires)
-                self._membership_changed(gid, now)
-                self.send(src, AnchorSync(gid, self.own_id, state.version, [c for c, _ in state.members.values()]))
-                return
-            known = {c.node_id: c for c, _ in state.members.values()}
-            known.update((c.node_id, c) for c in members)
-            members = list(known.values())
-            self._yield_root(gid, Contact(msg.sender, src), now)
-        self._anchored[gid] = (msg.version, members, now + 3 * self.config.refresh_interval_s)
-
-    def _yield_root(self, gid: int, closer: Contact, now: float) -> None:
-        """A closer node is the root of ``gid`` now: requests that reach us go on to it."""
-        self._roots.pop(gid, None)
-        self.cancel_timer(("root", gid))
-        self.cancel_timer(("push", gid))
-        self._redirects[gid] = (closer, now + 3 * self.config.refresh_interval_s)
-
-    def _redirected(self, gid: int, now: float, tried: list[int]) -> Contact | None:
-        redirect = self._redirects.get(gid)
-        if redirect is None:
-            return None
-        contact, expires = redirect
-        if expires <= now or contact.node_id in tried or self._suspected(contact.node_id, now):
-            del self._redirects[gid]
-            return None
-        return contact
-
-    def _root_tick(self, gid: int, now: float) -> None:
-        """Expire silent members; hand the list over if a closer node appeared."""
-        state = self._roots.get(gid)
-        if state is None:
-            return
-        expired = [mid for mid, (_, expires) in state.members.items() if expires <= now]
-        for member_id in expired:
-            del state.members[member_id]
-            state.sent_views.pop(member_id, None)
-        closer = self._next_hop(gid, now)
-        if closer is not None:
-            members = [c for c, _ in state.members.values()]
-            self.send(closer.address, AnchorSync(gid, self.own_id, state.version, members))
-            self._anchored[gid] = (state.version, members, now + 3 * self.config.refresh_interval_s)
-            self._yield_root(gid, closer, now)
-            return
-        if not state.members:
-            del self._roots[gid]
-            return
-        if expired:
-            self._membership_changed(gid, now)
-        else:
-            self._sync_anchors(gid, state)
-        self.set_timer(("root", gid), now + self.config.refresh_interval_s)
+    def _send_hop(self, template: GroupRoute, hop: Contact, tried: list[int], now: float) -> None:
+        """Scribe's tree links travel as routed hops (see :meth:`GroupRouting.send_hop`)."""
+        self.routing.send_hop(template, hop, tried, now)
 
     # -- members ---------------------------------------------------------------------------
     def _arm_refresh(self, gid: int, now: float) -> None:
@@ -613,14 +366,14 @@ class Multicast(PrefixSpreader):
     def _send_join(self, gid: int, now: float) -> None:
         membership = self._groups[gid]
         self.set_timer(("join_wait", gid), now + self.config.request_timeout_s)  # the answer cancels it
-        self._route(gid, "join", self.rng.getrandbits(63), self.contact, 0, b"", now, first=membership.root,
+        self.routing.route(gid, "join", self.rng.getrandbits(63), self.contact, 0, b"", now, first=membership.root,
                     last_root=membership.view_from[0] if membership.view_from[0] >= 0 else None)
 
     def _refresh(self, gid: int, now: float) -> None:
-        if gid not in self._groups and not self._scribe.holds(gid):
+        if gid not in self._groups and not self.scribe.holds(gid):
             return
         if self.config.tree == "scribe":
-            self._scribe.refresh(gid, now)
+            self.scribe.refresh(gid, now)
         else:
             self._send_join(gid, now)
         self._arm_refresh(gid, now)
@@ -656,7 +409,7 @@ class Multicast(PrefixSpreader):
             return
         publisher.locating = True
         self.set_timer(("locate_wait", gid), now + self.config.request_timeout_s)
-        self._route(gid, "locate", self.rng.getrandbits(63), self.contact, 0, b"", now)
+        self.routing.route(gid, "locate", self.rng.getrandbits(63), self.contact, 0, b"", now)
 
     def _on_entries(self, src: Address, msg: GroupEntries, now: float) -> None:
         publisher = self._publishers.get(msg.group)
@@ -694,7 +447,7 @@ class Multicast(PrefixSpreader):
     # -- dissemination (engine hooks) ------------------------------------------------------
     def _on_data(self, src: Address, msg: GroupData, now: float) -> None:
         if self.config.tree == "scribe":
-            self._scribe.data(msg, now)
+            self.scribe.data(msg, now)
             return
         membership = self._groups.get(msg.group)
         if membership is None and not self._forwards_for(msg.group, now):
@@ -770,5 +523,6 @@ class Multicast(PrefixSpreader):
 
 
 #: The layer's own names, and the messages and events it re-exports.
-__all__ = ["Multicast", "MulticastConfig", "group_id"]
+__all__ = ["Multicast", "MulticastConfig", "group_id", "TREES"]
+__all__ += ["LINK_KINDS", "MAX_HOPS", "MAX_HOPS_IN_FLIGHT", "ROUTED_KINDS"]  # the routing's, see group_routing
 __all__ += multicast_messages.__all__
