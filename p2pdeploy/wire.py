@@ -67,7 +67,7 @@ def message(tag: int):
             raise WireError(f"tag {tag} is already used by {_BY_TAG[tag].__name__}")
         _BY_TAG[tag] = cls
         _TAG_OF[cls] = tag
-        _plan(cls)  # resolve the field types now: an unsupported one fails at import
+        _converters(cls)  # resolve the field types now: an unsupported one fails at import
         return cls
 
     return register
@@ -77,7 +77,7 @@ def record(cls: type) -> type:
     """Register a frozen dataclass that travels nested inside messages (no tag of its own)."""
     if not dataclasses.is_dataclass(cls):
         raise WireError(f"{cls.__name__} must be a dataclass to be a record")
-    _plan(cls)
+    _converters(cls)
     return cls
 
 
@@ -107,10 +107,14 @@ def message_types() -> dict[int, type]:
     return dict(_BY_TAG)
 
 
-# -- compiled converters ---------------------------------------------------------------------
-# Each field type is turned once into a pair of functions: ``out`` checks a local value and
-# converts it to its CBOR form, ``in_`` checks a decoded CBOR value and converts it back. Both
-# raise _Invalid with a short reason; the message-level functions name the field.
+# -- generated converters --------------------------------------------------------------------
+# Each record or message class gets a pair of functions, written once as straight-line Python
+# (as ``dataclasses`` writes ``__init__``): ``out`` checks an instance and returns its CBOR
+# form, ``in_`` checks a decoded CBOR value and builds the instance. The checks of nested
+# field types (ids, numbers, sequences, tuples, maps, unions) are written inline; a nested
+# record is a call to its own pair. Both raise _Invalid with a short reason naming the field.
+# Field types are resolved when a class registers, so a record is complete before any class
+# that contains it.
 
 
 class _Invalid(Exception):
@@ -118,236 +122,189 @@ class _Invalid(Exception):
 
 
 Converter = Callable[[Any], Any]
-_OUT: dict[Any, Converter] = {}
-_IN: dict[Any, Converter] = {}
+_ID_LIMIT = 1 << ID_BITS
+_CONVERTERS: dict[type, tuple[Converter, Converter]] = {}
 
 
-def _converters(hint: Any) -> tuple[Converter, Converter]:
-    out = _OUT.get(hint)
-    if out is None:
-        out, in_ = _compile(hint)
-        _OUT[hint], _IN[hint] = out, in_
-    return out, _IN[hint]
+def _converters(cls: type) -> tuple[Converter, Converter]:
+    pair = _CONVERTERS.get(cls)
+    if pair is None:
+        pair = _CONVERTERS[cls] = (_record_out(cls), _record_in(cls))
+    return pair
 
 
-def _lazy(hint: Any) -> tuple[Converter, Converter]:
-    """Converters for a nested type, compiled at first use (records may refer to each other)
-    and kept from then on, so a message's nested fields cost no look-up per value."""
-    resolved: list[Converter] = []
+class _Source:
+    """The text of one generated function and the objects its code names."""
 
-    def resolve() -> list[Converter]:
-        resolved.extend(_converters(hint))
-        return resolved
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.names: dict[str, Any] = {"_Invalid": _Invalid, "_ID_LIMIT": _ID_LIMIT}
+        self._count = 0
 
-    def out(value: Any) -> Any:
-        return (resolved or resolve())[0](value)
+    def fresh(self, stem: str) -> str:
+        """A new variable name (every name ends in a number of its own, so none shadows another)."""
+        self._count += 1
+        return f"{stem}{self._count}"
 
-    def in_(raw: Any) -> Any:
-        return (resolved or resolve())[1](raw)
+    def constant(self, value: Any) -> str:
+        name = self.fresh("c")
+        self.names[name] = value
+        return name
 
-    return out, in_
+    def add(self, indent: int, line: str) -> None:
+        self.lines.append("    " * indent + line)
+
+    def reject(self, indent: int, condition: str, reason: str) -> None:
+        self.add(indent, f"if {condition}:")
+        self.add(indent + 1, f"raise _Invalid({reason!r})")
+
+    def function(self, name: str, parameter: str) -> Converter:
+        exec(f"def {name}({parameter}):\n" + "\n".join(self.lines), self.names)
+        function: Converter = self.names[name]
+        return function
 
 
-def _compile(hint: Any) -> tuple[Converter, Converter]:
+def _emit(hint: Any, value: str, outward: bool, source: _Source, indent: int) -> str:
+    """Write the lines that check the variable ``value`` against ``hint`` and convert it (to its
+    CBOR form when ``outward``, back from it otherwise); the name of the result's variable."""
     if hint is Any:
-        return _identity, _identity
+        return value
     if hint is type(None) or hint is None:
-        return _none, _none
+        source.reject(indent, f"{value} is not None", "expected null")
+        return value
     if hint is NodeId:
-        return _node_id_out, _node_id_in
+        result = source.fresh("v")
+        if outward:
+            source.reject(indent, f"type({value}) is not int or not 0 <= {value} < _ID_LIMIT",
+                          f"expected a {ID_BITS}-bit id")
+            source.add(indent, f"{result} = {value}.to_bytes({ID_BYTES}, 'big')")
+        else:
+            source.reject(indent, f"type({value}) is not bytes or len({value}) != {ID_BYTES}",
+                          f"expected a {ID_BYTES}-byte id")
+            source.add(indent, f"{result} = int.from_bytes({value}, 'big')")
+        return result
     if hint is float:
-        return _float_out, _float_in
+        source.reject(indent, f"type({value}) is not float and type({value}) is not int", "expected a number")
+        if outward:
+            return value
+        result = source.fresh("v")
+        source.add(indent, f"{result} = float({value})")
+        return result
     if hint in (int, str, bytes, bool):
-        return _exact(hint), _exact(hint)
+        source.reject(indent, f"type({value}) is not {hint.__name__}", f"expected {hint.__name__}")
+        return value
     if dataclasses.is_dataclass(hint):
-        return _record_out(hint), _record_in(hint)
+        result = source.fresh("v")
+        convert = source.constant(_converters(hint)[0 if outward else 1])
+        source.add(indent, f"{result} = {convert}({value})")
+        return result
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (list, tuple) and (origin is list or (len(args) == 2 and args[1] is Ellipsis)):
-        return _sequence(hint, args[0], origin is tuple)
+        return _emit_sequence(args[0], origin is tuple, value, outward, source, indent)
     if origin is tuple:
-        return _fixed_tuple(args)
+        return _emit_fixed_tuple(args, value, outward, source, indent)
     if origin is dict:
-        return _mapping(args[0], args[1])
+        return _emit_mapping(args[0], args[1], value, outward, source, indent)
     if origin in (Union, types.UnionType):
-        return _union(hint, args)
+        return _emit_union(hint, args, value, outward, source, indent)
     raise WireError(f"unsupported field type {hint!r}")
 
 
-def _identity(value: Any) -> Any:
-    return value
+def _reject_non_array(value: str, outward: bool, source: _Source, indent: int) -> None:
+    if outward:
+        source.reject(indent, f"type({value}) is not list and type({value}) is not tuple", "expected a sequence")
+    else:
+        source.reject(indent, f"type({value}) is not list", "expected an array")
 
 
-def _none(value: Any) -> None:
-    if value is not None:
-        raise _Invalid("expected null")
-    return None
+def _emit_sequence(item_hint: Any, as_tuple: bool, value: str, outward: bool, source: _Source, indent: int) -> str:
+    _reject_non_array(value, outward, source, indent)
+    result = source.fresh("v")
+    if dataclasses.is_dataclass(item_hint):  # the common case (contacts): one call per item
+        convert = source.constant(_converters(item_hint)[0 if outward else 1])
+        source.add(indent, f"{result} = [{convert}(item) for item in {value}]")
+    else:
+        item = source.fresh("i")
+        source.add(indent, f"{result} = []")
+        source.add(indent, f"for {item} in {value}:")
+        source.add(indent + 1, f"{result}.append({_emit(item_hint, item, outward, source, indent + 1)})")
+    if as_tuple and not outward:
+        source.add(indent, f"{result} = tuple({result})")
+    return result
 
 
-def _node_id_out(value: Any) -> bytes:
-    if type(value) is not int or not 0 <= value < _ID_LIMIT:
-        raise _Invalid(f"expected a {ID_BITS}-bit id")
-    return value.to_bytes(ID_BYTES, "big")
+def _emit_fixed_tuple(args: tuple[Any, ...], value: str, outward: bool, source: _Source, indent: int) -> str:
+    _reject_non_array(value, outward, source, indent)
+    source.reject(indent, f"len({value}) != {len(args)}", f"expected {len(args)} items")
+    converted = []
+    for index, arg in enumerate(args):
+        item = source.fresh("i")
+        source.add(indent, f"{item} = {value}[{index}]")
+        converted.append(_emit(arg, item, outward, source, indent))
+    result = source.fresh("v")
+    items = ", ".join(converted)
+    source.add(indent, f"{result} = [{items}]" if outward else f"{result} = ({items}{',' if len(args) == 1 else ''})")
+    return result
 
 
-def _node_id_in(raw: Any) -> int:
-    if type(raw) is not bytes or len(raw) != ID_BYTES:
-        raise _Invalid(f"expected a {ID_BYTES}-byte id")
-    return int.from_bytes(raw, "big")
+def _emit_mapping(key_hint: Any, value_hint: Any, value: str, outward: bool, source: _Source, indent: int) -> str:
+    if outward:
+        source.reject(indent, f"not isinstance({value}, dict)", "expected a map")
+    else:
+        source.reject(indent, f"type({value}) is not dict", "expected a map")
+    result, key, item = source.fresh("v"), source.fresh("k"), source.fresh("i")
+    source.add(indent, f"{result} = {{}}")
+    source.add(indent, f"for {key}, {item} in {value}.items():")
+    converted_key = _emit(key_hint, key, outward, source, indent + 1)
+    converted_item = _emit(value_hint, item, outward, source, indent + 1)
+    source.add(indent + 1, f"{result}[{converted_key}] = {converted_item}")
+    return result
 
 
-def _float_out(value: Any) -> Any:
-    if type(value) is not float and type(value) is not int:
-        raise _Invalid("expected a number")
-    return value
-
-
-def _float_in(raw: Any) -> float:
-    if type(raw) is not float and type(raw) is not int:
-        raise _Invalid("expected a number")
-    return float(raw)
-
-
-def _exact(kind: type) -> Converter:
-    problem = f"expected {kind.__name__}"
-
-    def convert(value: Any) -> Any:
-        if type(value) is not kind:
-            raise _Invalid(problem)
-        return value
-
-    return convert
+def _emit_union(hint: Any, args: tuple[Any, ...], value: str, outward: bool, source: _Source, indent: int) -> str:
+    """The alternatives in order, each tried when the one before it failed."""
+    result = source.fresh("v")
+    for depth, arg in enumerate(args):
+        source.add(indent + depth, "try:")
+        source.add(indent + depth + 1, f"{result} = {_emit(arg, value, outward, source, indent + depth + 1)}")
+        source.add(indent + depth, "except _Invalid:")
+    source.add(indent + len(args), f"raise _Invalid({f'matches none of {hint}'!r}) from None")
+    return result
 
 
 def _record_out(cls: type) -> Converter:
-    def out(value: Any) -> list[Any]:
-        if type(value) is not cls:
-            raise _Invalid(f"expected {cls.__name__}")
-        return _fields_out(cls, value)
-
-    return out
+    source = _Source()
+    source.reject(1, f"type(value) is not {source.constant(cls)}", f"expected {cls.__name__}")
+    converted = []
+    for name, hint in _fields_of(cls):
+        field_value = source.fresh("f")
+        source.add(1, "try:")
+        source.add(2, f"{field_value} = value.{name}")
+        converted.append(_emit(hint, field_value, True, source, 2))
+        source.add(1, "except _Invalid as exc:")
+        source.add(2, f"raise _Invalid({f'field {name}: '!r} + str(exc)) from None")
+    source.add(1, f"return [{', '.join(converted)}]")
+    return source.function(f"{cls.__name__}_out", "value")
 
 
 def _record_in(cls: type) -> Converter:
-    def in_(raw: Any) -> Any:
-        return _fields_in(cls, raw)
-
-    return in_
-
-
-def _sequence(hint: Any, item_hint: Any, as_tuple: bool) -> tuple[Converter, Converter]:
-    item_out, item_in = _lazy(item_hint)
-
-    def out(value: Any) -> list[Any]:
-        if type(value) is not list and type(value) is not tuple:
-            raise _Invalid("expected a sequence")
-        return [item_out(item) for item in value]
-
-    def in_(raw: Any) -> Any:
-        if type(raw) is not list:
-            raise _Invalid("expected an array")
-        items = [item_in(item) for item in raw]
-        return tuple(items) if as_tuple else items
-
-    return out, in_
-
-
-def _fixed_tuple(args: tuple[Any, ...]) -> tuple[Converter, Converter]:
-    pairs = [_lazy(arg) for arg in args]
-    count = len(args)
-
-    def out(value: Any) -> list[Any]:
-        if type(value) is not list and type(value) is not tuple:
-            raise _Invalid("expected a sequence")
-        if len(value) != count:
-            raise _Invalid(f"expected {count} items")
-        return [pair[0](item) for pair, item in zip(pairs, value, strict=True)]
-
-    def in_(raw: Any) -> tuple[Any, ...]:
-        if type(raw) is not list:
-            raise _Invalid("expected an array")
-        if len(raw) != count:
-            raise _Invalid(f"expected {count} items")
-        return tuple(pair[1](item) for pair, item in zip(pairs, raw, strict=True))
-
-    return out, in_
-
-
-def _mapping(key_hint: Any, value_hint: Any) -> tuple[Converter, Converter]:
-    key_out, key_in = _lazy(key_hint)
-    value_out, value_in = _lazy(value_hint)
-
-    def out(value: Any) -> dict[Any, Any]:
-        if not isinstance(value, dict):
-            raise _Invalid("expected a map")
-        return {key_out(k): value_out(v) for k, v in value.items()}
-
-    def in_(raw: Any) -> dict[Any, Any]:
-        if type(raw) is not dict:
-            raise _Invalid("expected a map")
-        return {key_in(k): value_in(v) for k, v in raw.items()}
-
-    return out, in_
-
-
-def _union(hint: Any, args: tuple[Any, ...]) -> tuple[Converter, Converter]:
-    alternatives = [_lazy(arg) for arg in args]
-    problem = f"matches none of {hint}"
-
-    def out(value: Any) -> Any:
-        for convert, _ in alternatives:
-            try:
-                return convert(value)
-            except _Invalid:
-                continue
-        raise _Invalid(problem)
-
-    def in_(raw: Any) -> Any:
-        for _, convert in alternatives:
-            try:
-                return convert(raw)
-            except _Invalid:
-                continue
-        raise _Invalid(problem)
-
-    return out, in_
-
-
-_ID_LIMIT = 1 << ID_BITS
-_PLANS: dict[type, tuple[tuple[str, Converter, Converter], ...]] = {}
-
-
-def _plan(cls: type) -> tuple[tuple[str, Converter, Converter], ...]:
-    plan = _PLANS.get(cls)
-    if plan is None:
-        plan = _PLANS[cls] = tuple((name, *_converters(hint)) for name, hint in _fields_of(cls))
-    return plan
-
-
-def _fields_out(cls: type, obj: Any) -> list[Any]:
-    out = []
-    for name, convert, _ in _plan(cls):
-        try:
-            out.append(convert(getattr(obj, name)))
-        except _Invalid as exc:
-            raise _Invalid(f"field {name}: {exc}") from None
-    return out
-
-
-def _fields_in(cls: type, raw: Any) -> Any:
-    plan = _plan(cls)
-    if type(raw) is not list or len(raw) != len(plan):
-        raise _Invalid(f"expected {len(plan)} fields")
-    values = []
-    for (name, _, convert), item in zip(plan, raw, strict=True):
-        try:
-            values.append(convert(item))
-        except _Invalid as exc:
-            raise _Invalid(f"field {name}: {exc}") from None
-    try:
-        return cls(*values)
-    except (TypeError, ValueError) as exc:  # a constructor's own validation
-        raise _Invalid(str(exc)) from None
+    fields = _fields_of(cls)
+    source = _Source()
+    source.reject(1, f"type(raw) is not list or len(raw) != {len(fields)}", f"expected {len(fields)} fields")
+    converted = []
+    for index, (name, hint) in enumerate(fields):
+        field_value = source.fresh("f")
+        source.add(1, "try:")
+        source.add(2, f"{field_value} = raw[{index}]")
+        converted.append(_emit(hint, field_value, False, source, 2))
+        source.add(1, "except _Invalid as exc:")
+        source.add(2, f"raise _Invalid({f'field {name}: '!r} + str(exc)) from None")
+    source.add(1, "try:")
+    source.add(2, f"return {source.constant(cls)}({', '.join(converted)})")
+    source.add(1, "except (TypeError, ValueError) as exc:  # a constructor's own validation")
+    source.add(2, "raise _Invalid(str(exc)) from None")
+    return source.function(f"{cls.__name__}_in", "raw")
 
 
 # -- encoding -------------------------------------------------------------------------------
@@ -360,7 +317,7 @@ def encode(msg: Any, limit_bytes: int = STREAM_LIMIT_BYTES) -> bytes:
     if tag is None:
         raise WireError(f"{cls.__name__} is not a registered message")
     try:
-        fields = _fields_out(cls, msg)
+        fields = _converters(cls)[0](msg)
     except _Invalid as exc:
         raise WireError(f"{cls.__name__}: {exc}") from None
     data = cbor2.dumps([VERSION, tag, fields])
@@ -393,7 +350,7 @@ def decode(data: bytes, limit_bytes: int = DATAGRAM_LIMIT_BYTES) -> Any:
     if cls is None:
         return DecodeError("unknown_type", f"tag {tag}")
     try:
-        return _fields_in(cls, fields)
+        return _converters(cls)[1](fields)
     except _Invalid as exc:
         return DecodeError("malformed", f"{cls.__name__}: {exc}")
     except RecursionError:

@@ -1,5 +1,6 @@
 """The wire codec: round trips, and every kind of bad input is a typed error, never an exception."""
 
+import dataclasses
 from dataclasses import dataclass
 
 import cbor2
@@ -126,3 +127,44 @@ def test_a_tag_cannot_name_two_messages():
 
     with pytest.raises(WireError, match="already used"):
         wire.message(wire.tag_of(Ping))(Other)
+
+
+def _sample_fields(**changes):
+    fields = {"key": bytes(20), "count": 1, "ratio": 0.5, "name": "n", "blob": b"", "flag": False,
+              "contacts": [[bytes(20), ["h", 1]]], "pair": [1, "a"], "maybe": None, "attrs": {"a": 1}}
+    fields.update(changes)
+    return list(fields.values())
+
+
+@pytest.mark.parametrize(
+    ("changes", "detail"),
+    [
+        ({"key": bytes(19)}, "field key: expected a 20-byte id"),
+        ({"ratio": "0.5"}, "field ratio: expected a number"),
+        ({"flag": 0}, "field flag: expected bool"),
+        ({"contacts": {}}, "field contacts: expected an array"),
+        ({"contacts": [[bytes(20)]]}, "field contacts: expected 2 fields"),
+        ({"contacts": [[bytes(20), ["h", "1"]]]},
+         "field contacts: field address: matches none of typing.Union[tuple[str, int], int]"),
+        ({"pair": [1]}, "field pair: expected 2 items"),
+        ({"pair": [1, 2]}, "field pair: expected str"),
+        ({"maybe": "x"}, "field maybe: matches none of int | None"),
+        ({"attrs": {"a": "1"}}, "field attrs: expected int"),
+        ({"attrs": []}, "field attrs: expected a map"),
+    ],
+)
+def test_a_decode_error_names_the_field_and_what_it_expected(changes, detail):
+    result = decode(cbor2.dumps([wire.VERSION, wire.tag_of(_Sample), _sample_fields(**changes)]),
+                    limit_bytes=wire.STREAM_LIMIT_BYTES)
+    assert result == DecodeError("malformed", f"_Sample: {detail}")
+
+
+def test_an_encode_error_names_the_nested_field():
+    valid = decode(cbor2.dumps([wire.VERSION, wire.tag_of(_Sample), _sample_fields()]),
+                   limit_bytes=wire.STREAM_LIMIT_BYTES)
+    assert isinstance(valid, _Sample)
+    bad = [_Contact(1, ("h", 1)), _Contact(-1, 2)]
+    with pytest.raises(WireError, match=r"^_Sample: field contacts: field node_id: expected a 160-bit id$"):
+        encode(dataclasses.replace(valid, contacts=bad))
+    with pytest.raises(WireError, match=r"^_Sample: field contacts: expected _Contact$"):
+        encode(dataclasses.replace(valid, contacts=[("h", 1)]))
