@@ -15,9 +15,11 @@ schema is local misuse and raises :class:`WireError`.
 from __future__ import annotations
 
 import dataclasses
+import struct
 import types
 import typing
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, NewType, Union
 
@@ -54,6 +56,8 @@ class DecodeError:
 
 _BY_TAG: dict[int, type] = {}
 _TAG_OF: dict[type, int] = {}
+#: The encoded start of each message class's envelope, up to its fields.
+_ENVELOPE_HEADS: dict[type, bytes] = {}
 _FIELDS: dict[type, tuple[tuple[str, Any], ...]] = {}
 
 
@@ -67,6 +71,7 @@ def message(tag: int):
             raise WireError(f"tag {tag} is already used by {_BY_TAG[tag].__name__}")
         _BY_TAG[tag] = cls
         _TAG_OF[cls] = tag
+        _ENVELOPE_HEADS[cls] = _cbor_head(_ARRAY, 3) + _cbor_int(VERSION) + _cbor_int(tag)  # [VERSION, tag, ...
         _converters(cls)  # resolve the field types now: an unsupported one fails at import
         return cls
 
@@ -110,11 +115,17 @@ def message_types() -> dict[int, type]:
 # -- generated converters --------------------------------------------------------------------
 # Each record or message class gets a pair of functions, written once as straight-line Python
 # (as ``dataclasses`` writes ``__init__``): ``out`` checks an instance and returns its CBOR
-# form, ``in_`` checks a decoded CBOR value and builds the instance. The checks of nested
+# encoding, ``in_`` checks a decoded CBOR value and builds the instance. The checks of nested
 # field types (ids, numbers, sequences, tuples, maps, unions) are written inline; a nested
 # record is a call to its own pair. Both raise _Invalid with a short reason naming the field.
 # Field types are resolved when a class registers, so a record is complete before any class
 # that contains it.
+#
+# ``out`` writes the bytes itself (ids, ints, strings, byte strings, arrays and maps, the way
+# cbor2 writes them: shortest heads, maps in insertion order) and leaves cbor2 the values it
+# has no rule for (floats, ints beyond 64 bits, untyped fields): CBOR items concatenate, so
+# the result is the bytes ``cbor2.dumps`` gives for the same fields. A message is mostly
+# small arrays, and cbor2 costs much more per array than a few concatenations.
 
 
 class _Invalid(Exception):
@@ -124,6 +135,64 @@ class _Invalid(Exception):
 Converter = Callable[[Any], Any]
 _ID_LIMIT = 1 << ID_BITS
 _CONVERTERS: dict[type, tuple[Converter, Converter]] = {}
+
+# CBOR major types, as the high bits of an item's first byte.
+_UNSIGNED, _NEGATIVE, _BYTES, _TEXT, _ARRAY, _MAP = 0x00, 0x20, 0x40, 0x60, 0x80, 0xA0
+_SHORT_HEADS = {major: [bytes((major | n,)) for n in range(24)]
+                for major in (_UNSIGNED, _NEGATIVE, _BYTES, _TEXT, _ARRAY, _MAP)}
+_UINT64_LIMIT = 1 << 64
+#: A head with a 1, 2, 4 or 8-byte argument after the first byte.
+_HEAD_1, _HEAD_2, _HEAD_4, _HEAD_8 = (struct.Struct(f">B{size}").pack for size in "BHIQ")
+
+
+def _cbor_head(major: int, n: int) -> bytes:
+    """The head of an item of ``major`` type with argument ``n`` (0 <= n < 2**64), shortest form."""
+    if n < 24:
+        return _SHORT_HEADS[major][n]
+    if n < 0x100:
+        return _HEAD_1(major | 24, n)
+    if n < 0x10000:
+        return _HEAD_2(major | 25, n)
+    if n < 0x100000000:
+        return _HEAD_4(major | 26, n)
+    return _HEAD_8(major | 27, n)
+
+
+def _cbor_int(value: int) -> bytes:
+    if value >= 0:
+        if value < _UINT64_LIMIT:
+            return _cbor_head(_UNSIGNED, value)
+    elif value >= -_UINT64_LIMIT:
+        return _cbor_head(_NEGATIVE, -1 - value)
+    return cbor2.dumps(value)  # a bignum (a tagged byte string)
+
+
+def _cbor_text(value: str) -> bytes:
+    try:
+        data = value.encode()
+    except UnicodeEncodeError:  # a lone surrogate: cbor2 refuses it the same way
+        if _checking_only.get():
+            return b""
+        raise
+    return _cbor_head(_TEXT, len(data)) + data
+
+
+def _cbor_any(value: Any) -> bytes:
+    """An untyped value or a float, as cbor2 writes it."""
+    try:
+        return cbor2.dumps(value)
+    except Exception:
+        if _checking_only.get():
+            return b""
+        raise
+
+
+#: Set while a message whose values cbor2 cannot all write is checked whole (see ``encode``).
+_checking_only: ContextVar[bool] = ContextVar("_checking_only", default=False)
+
+
+def _cbor_bytes(value: bytes) -> bytes:
+    return _cbor_head(_BYTES, len(value)) + value
 
 
 def _converters(cls: type) -> tuple[Converter, Converter]:
@@ -138,7 +207,10 @@ class _Source:
 
     def __init__(self) -> None:
         self.lines: list[str] = []
-        self.names: dict[str, Any] = {"_Invalid": _Invalid, "_ID_LIMIT": _ID_LIMIT}
+        self.names: dict[str, Any] = {
+            "_Invalid": _Invalid, "_ID_LIMIT": _ID_LIMIT, "_cbor_any": _cbor_any, "_cbor_head": _cbor_head,
+            "_cbor_int": _cbor_int, "_cbor_text": _cbor_text, "_cbor_bytes": _cbor_bytes,
+        }
         self._count = 0
 
     def fresh(self, stem: str) -> str:
@@ -154,6 +226,12 @@ class _Source:
     def add(self, indent: int, line: str) -> None:
         self.lines.append("    " * indent + line)
 
+    def assign(self, indent: int, expression: str) -> str:
+        """A new variable set to ``expression``; its name."""
+        name = self.fresh("v")
+        self.add(indent, f"{name} = {expression}")
+        return name
+
     def reject(self, indent: int, condition: str, reason: str) -> None:
         self.add(indent, f"if {condition}:")
         self.add(indent + 1, f"raise _Invalid({reason!r})")
@@ -166,38 +244,37 @@ class _Source:
 
 def _emit(hint: Any, value: str, outward: bool, source: _Source, indent: int) -> str:
     """Write the lines that check the variable ``value`` against ``hint`` and convert it (to its
-    CBOR form when ``outward``, back from it otherwise); the name of the result's variable."""
+    CBOR encoding when ``outward``, back from its decoded CBOR value otherwise); the name of
+    the result's variable."""
     if hint is Any:
-        return value
+        return source.assign(indent, f"_cbor_any({value})") if outward else value
     if hint is type(None) or hint is None:
         source.reject(indent, f"{value} is not None", "expected null")
-        return value
+        return source.constant(cbor2.dumps(None)) if outward else value
     if hint is NodeId:
-        result = source.fresh("v")
         if outward:
             source.reject(indent, f"type({value}) is not int or not 0 <= {value} < _ID_LIMIT",
                           f"expected a {ID_BITS}-bit id")
-            source.add(indent, f"{result} = {value}.to_bytes({ID_BYTES}, 'big')")
-        else:
-            source.reject(indent, f"type({value}) is not bytes or len({value}) != {ID_BYTES}",
-                          f"expected a {ID_BYTES}-byte id")
-            source.add(indent, f"{result} = int.from_bytes({value}, 'big')")
-        return result
+            head = source.constant(_cbor_head(_BYTES, ID_BYTES))
+            return source.assign(indent, f"{head} + {value}.to_bytes({ID_BYTES}, 'big')")
+        source.reject(indent, f"type({value}) is not bytes or len({value}) != {ID_BYTES}",
+                      f"expected a {ID_BYTES}-byte id")
+        return source.assign(indent, f"int.from_bytes({value}, 'big')")
     if hint is float:
         source.reject(indent, f"type({value}) is not float and type({value}) is not int", "expected a number")
-        if outward:
-            return value
-        result = source.fresh("v")
-        source.add(indent, f"{result} = float({value})")
-        return result
+        return source.assign(indent, f"_cbor_any({value})" if outward else f"float({value})")
     if hint in (int, str, bytes, bool):
         source.reject(indent, f"type({value}) is not {hint.__name__}", f"expected {hint.__name__}")
-        return value
+        if not outward:
+            return value
+        if hint is bool:
+            true, false = source.constant(cbor2.dumps(True)), source.constant(cbor2.dumps(False))
+            return source.assign(indent, f"{true} if {value} else {false}")
+        write = {int: "_cbor_int", str: "_cbor_text", bytes: "_cbor_bytes"}[hint]
+        return source.assign(indent, f"{write}({value})")
     if dataclasses.is_dataclass(hint):
-        result = source.fresh("v")
         convert = source.constant(_converters(hint)[0 if outward else 1])
-        source.add(indent, f"{result} = {convert}({value})")
-        return result
+        return source.assign(indent, f"{convert}({value})")
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (list, tuple) and (origin is list or (len(args) == 2 and args[1] is Ellipsis)):
@@ -220,18 +297,17 @@ def _reject_non_array(value: str, outward: bool, source: _Source, indent: int) -
 
 def _emit_sequence(item_hint: Any, as_tuple: bool, value: str, outward: bool, source: _Source, indent: int) -> str:
     _reject_non_array(value, outward, source, indent)
-    result = source.fresh("v")
     if dataclasses.is_dataclass(item_hint):  # the common case (contacts): one call per item
         convert = source.constant(_converters(item_hint)[0 if outward else 1])
-        source.add(indent, f"{result} = [{convert}(item) for item in {value}]")
+        items = source.assign(indent, f"[{convert}(item) for item in {value}]")
     else:
-        item = source.fresh("i")
-        source.add(indent, f"{result} = []")
+        items, item = source.fresh("v"), source.fresh("i")
+        source.add(indent, f"{items} = []")
         source.add(indent, f"for {item} in {value}:")
-        source.add(indent + 1, f"{result}.append({_emit(item_hint, item, outward, source, indent + 1)})")
-    if as_tuple and not outward:
-        source.add(indent, f"{result} = tuple({result})")
-    return result
+        source.add(indent + 1, f"{items}.append({_emit(item_hint, item, outward, source, indent + 1)})")
+    if outward:
+        return source.assign(indent, f"_cbor_head({_ARRAY}, len({items})) + b''.join({items})")
+    return source.assign(indent, f"tuple({items})") if as_tuple else items
 
 
 def _emit_fixed_tuple(args: tuple[Any, ...], value: str, outward: bool, source: _Source, indent: int) -> str:
@@ -239,13 +315,11 @@ def _emit_fixed_tuple(args: tuple[Any, ...], value: str, outward: bool, source: 
     source.reject(indent, f"len({value}) != {len(args)}", f"expected {len(args)} items")
     converted = []
     for index, arg in enumerate(args):
-        item = source.fresh("i")
-        source.add(indent, f"{item} = {value}[{index}]")
+        item = source.assign(indent, f"{value}[{index}]")
         converted.append(_emit(arg, item, outward, source, indent))
-    result = source.fresh("v")
-    items = ", ".join(converted)
-    source.add(indent, f"{result} = [{items}]" if outward else f"{result} = ({items}{',' if len(args) == 1 else ''})")
-    return result
+    if outward:
+        return source.assign(indent, " + ".join([source.constant(_cbor_head(_ARRAY, len(args))), *converted]))
+    return source.assign(indent, f"({', '.join(converted)}{',' if len(args) == 1 else ''})")
 
 
 def _emit_mapping(key_hint: Any, value_hint: Any, value: str, outward: bool, source: _Source, indent: int) -> str:
@@ -254,12 +328,15 @@ def _emit_mapping(key_hint: Any, value_hint: Any, value: str, outward: bool, sou
     else:
         source.reject(indent, f"type({value}) is not dict", "expected a map")
     result, key, item = source.fresh("v"), source.fresh("k"), source.fresh("i")
-    source.add(indent, f"{result} = {{}}")
+    source.add(indent, f"{result} = {'[]' if outward else '{}'}")
     source.add(indent, f"for {key}, {item} in {value}.items():")
     converted_key = _emit(key_hint, key, outward, source, indent + 1)
     converted_item = _emit(value_hint, item, outward, source, indent + 1)
-    source.add(indent + 1, f"{result}[{converted_key}] = {converted_item}")
-    return result
+    if not outward:
+        source.add(indent + 1, f"{result}[{converted_key}] = {converted_item}")
+        return result
+    source.add(indent + 1, f"{result}.append({converted_key} + {converted_item})")
+    return source.assign(indent, f"_cbor_head({_MAP}, len({result})) + b''.join({result})")
 
 
 def _emit_union(hint: Any, args: tuple[Any, ...], value: str, outward: bool, source: _Source, indent: int) -> str:
@@ -274,17 +351,17 @@ def _emit_union(hint: Any, args: tuple[Any, ...], value: str, outward: bool, sou
 
 
 def _record_out(cls: type) -> Converter:
+    fields = _fields_of(cls)
     source = _Source()
     source.reject(1, f"type(value) is not {source.constant(cls)}", f"expected {cls.__name__}")
-    converted = []
-    for name, hint in _fields_of(cls):
-        field_value = source.fresh("f")
+    converted = [source.constant(_cbor_head(_ARRAY, len(fields)))]
+    for name, hint in fields:
         source.add(1, "try:")
-        source.add(2, f"{field_value} = value.{name}")
+        field_value = source.assign(2, f"value.{name}")
         converted.append(_emit(hint, field_value, True, source, 2))
         source.add(1, "except _Invalid as exc:")
         source.add(2, f"raise _Invalid({f'field {name}: '!r} + str(exc)) from None")
-    source.add(1, f"return [{', '.join(converted)}]")
+    source.add(1, f"return b''.join(({', '.join(converted)},))")
     return source.function(f"{cls.__name__}_out", "value")
 
 
@@ -294,9 +371,8 @@ def _record_in(cls: type) -> Converter:
     source.reject(1, f"type(raw) is not list or len(raw) != {len(fields)}", f"expected {len(fields)} fields")
     converted = []
     for index, (name, hint) in enumerate(fields):
-        field_value = source.fresh("f")
         source.add(1, "try:")
-        source.add(2, f"{field_value} = raw[{index}]")
+        field_value = source.assign(2, f"raw[{index}]")
         converted.append(_emit(hint, field_value, False, source, 2))
         source.add(1, "except _Invalid as exc:")
         source.add(2, f"raise _Invalid({f'field {name}: '!r} + str(exc)) from None")
@@ -316,11 +392,21 @@ def encode(msg: Any, limit_bytes: int = STREAM_LIMIT_BYTES) -> bytes:
     tag = _TAG_OF.get(cls)
     if tag is None:
         raise WireError(f"{cls.__name__} is not a registered message")
+    write = _converters(cls)[0]
     try:
-        fields = _converters(cls)[0](msg)
+        fields = write(msg)
     except _Invalid as exc:
         raise WireError(f"{cls.__name__}: {exc}") from None
-    data = cbor2.dumps([VERSION, tag, fields])
+    except Exception:  # cbor2 cannot write a value; a schema error anywhere in the message comes first
+        token = _checking_only.set(True)
+        try:
+            write(msg)
+        except _Invalid as exc:
+            raise WireError(f"{cls.__name__}: {exc}") from None
+        finally:
+            _checking_only.reset(token)
+        raise
+    data = _ENVELOPE_HEADS[cls] + fields
     if len(data) > limit_bytes:
         raise WireError(f"{cls.__name__} encodes to {len(data)} bytes, over the limit of {limit_bytes}")
     return data
