@@ -141,6 +141,7 @@ _UNSIGNED, _NEGATIVE, _BYTES, _TEXT, _ARRAY, _MAP = 0x00, 0x20, 0x40, 0x60, 0x80
 _SHORT_HEADS = {major: [bytes((major | n,)) for n in range(24)]
                 for major in (_UNSIGNED, _NEGATIVE, _BYTES, _TEXT, _ARRAY, _MAP)}
 _UINT64_LIMIT = 1 << 64
+_SHORT_UNSIGNED = _SHORT_HEADS[_UNSIGNED]
 #: A head with a 1, 2, 4 or 8-byte argument after the first byte.
 _HEAD_1, _HEAD_2, _HEAD_4, _HEAD_8 = (struct.Struct(f">B{size}").pack for size in "BHIQ")
 
@@ -160,6 +161,9 @@ def _cbor_head(major: int, n: int) -> bytes:
 
 def _cbor_int(value: int) -> bytes:
     if value >= 0:
+        if value < 0x10000:  # most ints on the wire (ports, counts) without another call
+            return _SHORT_UNSIGNED[value] if value < 24 else (
+                _HEAD_1(0x18, value) if value < 0x100 else _HEAD_2(0x19, value))
         if value < _UINT64_LIMIT:
             return _cbor_head(_UNSIGNED, value)
     elif value >= -_UINT64_LIMIT:
