@@ -163,7 +163,7 @@ def _cbor_int(value: int) -> bytes:
     if value >= 0:
         if value < 0x10000:  # most ints on the wire (ports, counts) without another call
             return _SHORT_UNSIGNED[value] if value < 24 else (
-                _HEAD_1(0x18, value) if value < 0x100 else _HEAD_2(0x19, value))
+                _HEAD_1(_UNSIGNED | 24, value) if value < 0x100 else _HEAD_2(_UNSIGNED | 25, value))
         if value < _UINT64_LIMIT:
             return _cbor_head(_UNSIGNED, value)
     elif value >= -_UINT64_LIMIT:

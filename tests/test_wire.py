@@ -168,3 +168,38 @@ def test_an_encode_error_names_the_nested_field():
         encode(dataclasses.replace(valid, contacts=bad))
     with pytest.raises(WireError, match=r"^_Sample: field contacts: expected _Contact$"):
         encode(dataclasses.replace(valid, contacts=[("h", 1)]))
+
+
+def _as_cbor2_fields(msg: _Sample) -> list:
+    """The fields of ``msg`` in the plain form cbor2 would be handed (ids as bytes, tuples as arrays)."""
+    def address(value):
+        return list(value) if isinstance(value, tuple) else value
+
+    return [msg.key.to_bytes(20, "big"), msg.count, msg.ratio, msg.name, msg.blob, msg.flag,
+            [[c.node_id.to_bytes(20, "big"), address(c.address)] for c in msg.contacts],
+            list(msg.pair), msg.maybe, msg.attrs]
+
+
+@given(samples)
+def test_the_encoding_is_cbor2s_encoding_of_the_fields(msg):
+    assert encode(msg, limit_bytes=wire.STREAM_LIMIT_BYTES) == cbor2.dumps(
+        [wire.VERSION, wire.tag_of(_Sample), _as_cbor2_fields(msg)])
+
+
+@pytest.mark.parametrize("nonce", [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, 2**64, 2**200,
+                                   -1, -24, -25, -256, -257, -(2**64), -(2**64) - 1, -(2**200)])
+@pytest.mark.parametrize("payload_bytes", [0, 23, 24, 255, 256, 65535, 65536])
+def test_ints_and_lengths_are_written_in_their_shortest_form_as_cbor2_writes_them(nonce, payload_bytes):
+    msg = Ping(nonce, 1, b"x" * payload_bytes)
+    encoded = encode(msg, limit_bytes=wire.STREAM_LIMIT_BYTES)
+    assert encoded == cbor2.dumps([wire.VERSION, wire.tag_of(Ping), [nonce, (1).to_bytes(20, "big"), msg.payload]])
+    assert decode(encoded, limit_bytes=wire.STREAM_LIMIT_BYTES) == msg
+
+
+def test_a_schema_error_is_reported_before_a_value_cbor2_cannot_write():
+    valid = decode(cbor2.dumps([wire.VERSION, wire.tag_of(_Sample), _sample_fields()]),
+                   limit_bytes=wire.STREAM_LIMIT_BYTES)
+    with pytest.raises(WireError, match="field flag: expected bool"):
+        encode(dataclasses.replace(valid, name="\udc80", flag=1))
+    with pytest.raises(UnicodeEncodeError):  # not a schema error: cbor2's own, as before
+        encode(dataclasses.replace(valid, name="\udc80"))
