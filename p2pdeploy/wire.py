@@ -15,6 +15,7 @@ schema is local misuse and raises :class:`WireError`.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import struct
 import types
 import typing
@@ -302,7 +303,10 @@ def _reject_non_array(value: str, outward: bool, source: _Source, indent: int) -
 def _emit_sequence(item_hint: Any, as_tuple: bool, value: str, outward: bool, source: _Source, indent: int) -> str:
     _reject_non_array(value, outward, source, indent)
     if dataclasses.is_dataclass(item_hint):  # the common case (contacts): one call per item
-        convert = source.constant(_converters(item_hint)[0 if outward else 1])
+        write, read = _converters(item_hint)
+        if outward and item_hint.__dataclass_params__.frozen:
+            write = _memoized(write, [name for name, _ in _fields_of(item_hint)])
+        convert = source.constant(write if outward else read)
         items = source.assign(indent, f"[{convert}(item) for item in {value}]")
     else:
         items, item = source.fresh("v"), source.fresh("i")
@@ -352,6 +356,36 @@ def _emit_union(hint: Any, args: tuple[Any, ...], value: str, outward: bool, sou
         source.add(indent + depth, "except _Invalid:")
     source.add(indent + len(args), f"raise _Invalid({f'matches none of {hint}'!r}) from None")
     return result
+
+
+#: How many encoded instances a memo keeps before it starts afresh.
+MEMO_ENTRIES = 4096
+
+
+def _memoized(write: Converter, names: list[str]) -> Converter:
+    """``write`` for the items of a sequence of frozen records (fields ``names``), which recur:
+    the contacts of a routing table go out in reply after reply. The bytes of an instance whose
+    field values are all hashable (nothing in it can change) are kept with the instance, so no
+    other object can have its id while they are; an instance that breaks its schema raises
+    each time, as it is never kept."""
+    memo: dict[int, tuple[Any, bytes]] = {}
+    field_values = operator.attrgetter(*names) if names else (lambda value: ())
+
+    def write_memoized(value: Any) -> bytes:
+        kept = memo.get(id(value))
+        if kept is not None and kept[0] is value:
+            return kept[1]
+        data: bytes = write(value)
+        try:
+            hash(field_values(value))
+        except TypeError:  # a list or a map inside: it could change
+            return data
+        if len(memo) >= MEMO_ENTRIES:
+            memo.clear()
+        memo[id(value)] = (value, data)
+        return data
+
+    return write_memoized
 
 
 def _record_out(cls: type) -> Converter:

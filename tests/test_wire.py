@@ -203,3 +203,16 @@ def test_a_schema_error_is_reported_before_a_value_cbor2_cannot_write():
         encode(dataclasses.replace(valid, name="\udc80", flag=1))
     with pytest.raises(UnicodeEncodeError):  # not a schema error: cbor2's own, as before
         encode(dataclasses.replace(valid, name="\udc80"))
+
+
+def test_a_record_sent_again_is_written_as_it_is_now():
+    valid = decode(cbor2.dumps([wire.VERSION, wire.tag_of(_Sample), _sample_fields()]),
+                   limit_bytes=wire.STREAM_LIMIT_BYTES)
+    kept, changing = _Contact(7, ("h", 1)), _Contact(8, ["h", 1])  # the second holds a list
+    msg = dataclasses.replace(valid, contacts=[kept, changing])
+    assert encode(msg) == encode(msg) == cbor2.dumps([wire.VERSION, wire.tag_of(_Sample), _as_cbor2_fields(msg)])
+    changing.address[1] = 2
+    assert decode(encode(msg)).contacts == [kept, _Contact(8, ("h", 2))]
+    for _ in range(wire.MEMO_ENTRIES + 1):  # a full memo starts afresh
+        encode(dataclasses.replace(valid, contacts=[_Contact(9, ("h", 1))]))
+    assert decode(encode(msg)).contacts == [kept, _Contact(8, ("h", 2))]
