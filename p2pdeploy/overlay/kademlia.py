@@ -485,9 +485,7 @@ class Kademlia(Protocol):
         elif kind in (Nodes, Value) and op.lookup is not None:
             if kind is Value:
                 self._on_value(op, contact, msg, now)
-            own, detector = self.node_id, self.detector
-            op.lookup.answered(msg.sender, [c for c in msg.contacts
-                                            if c.node_id != own and (detector is None or not detector.dead(c.node_id))])
+            op.lookup.answered(msg.sender, [c for c in msg.contacts if c.node_id != self.node_id and self._alive(c)])
             self._advance(op, now)
 
     def _on_value(self, op: _Operation, contact: Contact, msg: Value, now: float) -> None:
