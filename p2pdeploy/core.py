@@ -154,6 +154,12 @@ class Stack(Protocol):
         self._now: float | None = None
         #: Events consumed by a layer above the one that emitted them, by event class name.
         self.consumed: Counter[str] = Counter()
+        # The driver drains the stack after every input, and most layers have nothing queued:
+        # a layer that keeps the base class's buffers is looked at directly, without a call.
+        # The order of the output is the order of the layers, as if each were asked in turn.
+        self._plain_outbox = [_inherits(layer, "messages_to_send") for layer in self.layers]
+        self._plain_events = [_inherits(layer, "next_event") for layer in self.layers]
+        self._plain_timers = [_inherits(layer, "next_deadline") for layer in self.layers]
 
     def receive(self, src: Address, msg: Any, now: float) -> None:
         self._now = now
@@ -172,17 +178,27 @@ class Stack(Protocol):
 
     def messages_to_send(self) -> list[tuple[Address, Any]]:
         out: list[tuple[Address, Any]] = []
-        for layer in self.layers:
-            out.extend(layer.messages_to_send())
+        for layer, plain in zip(self.layers, self._plain_outbox, strict=True):
+            if not plain:
+                out.extend(layer.messages_to_send())
+            elif layer._outbox:
+                out.extend(layer._outbox)
+                layer._outbox = []
         return out
 
     def next_event(self, now: float | None = None) -> Any | None:
         if now is not None:
             self._now = now
         layers = self.layers
+        plain_events = self._plain_events
         index = 0
         while index < len(layers):
-            event = layers[index].next_event()
+            layer = layers[index]
+            if plain_events[index]:
+                queued = layer._events
+                event = queued.popleft() if queued else None
+            else:
+                event = layer.next_event()
             if event is None:
                 index += 1
                 continue
@@ -211,8 +227,16 @@ class Stack(Protocol):
 
     def next_deadline(self) -> float | None:
         earliest = None
-        for layer in self.layers:
-            deadline = layer.next_deadline()
+        for layer, plain in zip(self.layers, self._plain_timers, strict=True):
+            if plain:  # Protocol.next_deadline without the call, unless the top timer was cancelled or moved
+                heap = layer._timer_heap
+                if not heap:
+                    continue
+                deadline, _, name = heap[0]
+                if layer._timers.get(name) != deadline:
+                    deadline = layer.next_deadline()
+            else:
+                deadline = layer.next_deadline()
             if deadline is not None and (earliest is None or deadline < earliest):
                 earliest = deadline
         return earliest
@@ -223,6 +247,11 @@ class Stack(Protocol):
             if isinstance(layer, cls):
                 return layer
         raise KeyError(cls.__name__)
+
+
+def _inherits(layer: Protocol, method: str) -> bool:
+    """Whether ``layer`` uses :class:`Protocol`'s own ``method`` (and so its buffers as they are)."""
+    return getattr(type(layer), method) is getattr(Protocol, method)
 
 
 class KeyedChildren(Generic[K, P]):

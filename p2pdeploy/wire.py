@@ -15,9 +15,12 @@ schema is local misuse and raises :class:`WireError`.
 from __future__ import annotations
 
 import dataclasses
+import operator
+import struct
 import types
 import typing
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, NewType, Union
 
@@ -54,6 +57,8 @@ class DecodeError:
 
 _BY_TAG: dict[int, type] = {}
 _TAG_OF: dict[type, int] = {}
+#: The encoded start of each message class's envelope, up to its fields.
+_ENVELOPE_HEADS: dict[type, bytes] = {}
 _FIELDS: dict[type, tuple[tuple[str, Any], ...]] = {}
 
 
@@ -67,7 +72,8 @@ def message(tag: int):
             raise WireError(f"tag {tag} is already used by {_BY_TAG[tag].__name__}")
         _BY_TAG[tag] = cls
         _TAG_OF[cls] = tag
-        _plan(cls)  # resolve the field types now: an unsupported one fails at import
+        _ENVELOPE_HEADS[cls] = _cbor_head(_ARRAY, 3) + _cbor_int(VERSION) + _cbor_int(tag)  # [VERSION, tag, ...
+        _converters(cls)  # resolve the field types now: an unsupported one fails at import
         return cls
 
     return register
@@ -77,7 +83,7 @@ def record(cls: type) -> type:
     """Register a frozen dataclass that travels nested inside messages (no tag of its own)."""
     if not dataclasses.is_dataclass(cls):
         raise WireError(f"{cls.__name__} must be a dataclass to be a record")
-    _plan(cls)
+    _converters(cls)
     return cls
 
 
@@ -107,10 +113,20 @@ def message_types() -> dict[int, type]:
     return dict(_BY_TAG)
 
 
-# -- compiled converters ---------------------------------------------------------------------
-# Each field type is turned once into a pair of functions: ``out`` checks a local value and
-# converts it to its CBOR form, ``in_`` checks a decoded CBOR value and converts it back. Both
-# raise _Invalid with a short reason; the message-level functions name the field.
+# -- generated converters --------------------------------------------------------------------
+# Each record or message class gets a pair of functions, written once as straight-line Python
+# (as ``dataclasses`` writes ``__init__``): ``out`` checks an instance and returns its CBOR
+# encoding, ``in_`` checks a decoded CBOR value and builds the instance. The checks of nested
+# field types (ids, numbers, sequences, tuples, maps, unions) are written inline; a nested
+# record is a call to its own pair. Both raise _Invalid with a short reason naming the field.
+# Field types are resolved when a class registers, so a record is complete before any class
+# that contains it.
+#
+# ``out`` writes the bytes itself (ids, ints, strings, byte strings, arrays and maps, the way
+# cbor2 writes them: shortest heads, maps in insertion order) and leaves cbor2 the values it
+# has no rule for (floats, ints beyond 64 bits, untyped fields): CBOR items concatenate, so
+# the result is the bytes ``cbor2.dumps`` gives for the same fields. A message is mostly
+# small arrays, and cbor2 costs much more per array than a few concatenations.
 
 
 class _Invalid(Exception):
@@ -118,233 +134,291 @@ class _Invalid(Exception):
 
 
 Converter = Callable[[Any], Any]
-_OUT: dict[Any, Converter] = {}
-_IN: dict[Any, Converter] = {}
+_ID_LIMIT = 1 << ID_BITS
+_CONVERTERS: dict[type, tuple[Converter, Converter]] = {}
+
+# CBOR major types, as the high bits of an item's first byte.
+_UNSIGNED, _NEGATIVE, _BYTES, _TEXT, _ARRAY, _MAP = 0x00, 0x20, 0x40, 0x60, 0x80, 0xA0
+_SHORT_HEADS = {major: [bytes((major | n,)) for n in range(24)]
+                for major in (_UNSIGNED, _NEGATIVE, _BYTES, _TEXT, _ARRAY, _MAP)}
+_UINT64_LIMIT = 1 << 64
+_SHORT_UNSIGNED = _SHORT_HEADS[_UNSIGNED]
+#: A head with a 1, 2, 4 or 8-byte argument after the first byte.
+_HEAD_1, _HEAD_2, _HEAD_4, _HEAD_8 = (struct.Struct(f">B{size}").pack for size in "BHIQ")
 
 
-def _converters(hint: Any) -> tuple[Converter, Converter]:
-    out = _OUT.get(hint)
-    if out is None:
-        out, in_ = _compile(hint)
-        _OUT[hint], _IN[hint] = out, in_
-    return out, _IN[hint]
+def _cbor_head(major: int, n: int) -> bytes:
+    """The head of an item of ``major`` type with argument ``n`` (0 <= n < 2**64), shortest form."""
+    if n < 24:
+        return _SHORT_HEADS[major][n]
+    if n < 0x100:
+        return _HEAD_1(major | 24, n)
+    if n < 0x10000:
+        return _HEAD_2(major | 25, n)
+    if n < 0x100000000:
+        return _HEAD_4(major | 26, n)
+    return _HEAD_8(major | 27, n)
 
 
-def _lazy(hint: Any) -> tuple[Converter, Converter]:
-    """Converters for a nested type, compiled at first use (records may refer to each other)
-    and kept from then on, so a message's nested fields cost no look-up per value."""
-    resolved: list[Converter] = []
-
-    def resolve() -> list[Converter]:
-        resolved.extend(_converters(hint))
-        return resolved
-
-    def out(value: Any) -> Any:
-        return (resolved or resolve())[0](value)
-
-    def in_(raw: Any) -> Any:
-        return (resolved or resolve())[1](raw)
-
-    return out, in_
+def _cbor_int(value: int) -> bytes:
+    if value >= 0:
+        if value < 0x10000:  # most ints on the wire (ports, counts) without another call
+            return _SHORT_UNSIGNED[value] if value < 24 else (
+                _HEAD_1(_UNSIGNED | 24, value) if value < 0x100 else _HEAD_2(_UNSIGNED | 25, value))
+        if value < _UINT64_LIMIT:
+            return _cbor_head(_UNSIGNED, value)
+    elif value >= -_UINT64_LIMIT:
+        return _cbor_head(_NEGATIVE, -1 - value)
+    return cbor2.dumps(value)  # a bignum (a tagged byte string)
 
 
-def _compile(hint: Any) -> tuple[Converter, Converter]:
+def _cbor_text(value: str) -> bytes:
+    try:
+        data = value.encode()
+    except UnicodeEncodeError:  # a lone surrogate: cbor2 refuses it the same way
+        if _checking_only.get():
+            return b""
+        raise
+    return _cbor_head(_TEXT, len(data)) + data
+
+
+def _cbor_any(value: Any) -> bytes:
+    """An untyped value or a float, as cbor2 writes it."""
+    try:
+        return cbor2.dumps(value)
+    except Exception:
+        if _checking_only.get():
+            return b""
+        raise
+
+
+#: Set while a message whose values cbor2 cannot all write is checked whole (see ``encode``).
+_checking_only: ContextVar[bool] = ContextVar("_checking_only", default=False)
+
+
+def _cbor_bytes(value: bytes) -> bytes:
+    return _cbor_head(_BYTES, len(value)) + value
+
+
+def _converters(cls: type) -> tuple[Converter, Converter]:
+    pair = _CONVERTERS.get(cls)
+    if pair is None:
+        pair = _CONVERTERS[cls] = (_record_out(cls), _record_in(cls))
+    return pair
+
+
+class _Source:
+    """The text of one generated function and the objects its code names."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.names: dict[str, Any] = {
+            "_Invalid": _Invalid, "_ID_LIMIT": _ID_LIMIT, "_cbor_any": _cbor_any, "_cbor_head": _cbor_head,
+            "_cbor_int": _cbor_int, "_cbor_text": _cbor_text, "_cbor_bytes": _cbor_bytes,
+        }
+        self._count = 0
+
+    def fresh(self, stem: str) -> str:
+        """A new variable name (every name ends in a number of its own, so none shadows another)."""
+        self._count += 1
+        return f"{stem}{self._count}"
+
+    def constant(self, value: Any) -> str:
+        name = self.fresh("c")
+        self.names[name] = value
+        return name
+
+    def add(self, indent: int, line: str) -> None:
+        self.lines.append("    " * indent + line)
+
+    def assign(self, indent: int, expression: str) -> str:
+        """A new variable set to ``expression``; its name."""
+        name = self.fresh("v")
+        self.add(indent, f"{name} = {expression}")
+        return name
+
+    def reject(self, indent: int, condition: str, reason: str) -> None:
+        self.add(indent, f"if {condition}:")
+        self.add(indent + 1, f"raise _Invalid({reason!r})")
+
+    def function(self, name: str, parameter: str) -> Converter:
+        exec(f"def {name}({parameter}):\n" + "\n".join(self.lines), self.names)
+        function: Converter = self.names[name]
+        return function
+
+
+def _emit(hint: Any, value: str, outward: bool, source: _Source, indent: int) -> str:
+    """Write the lines that check the variable ``value`` against ``hint`` and convert it (to its
+    CBOR encoding when ``outward``, back from its decoded CBOR value otherwise); the name of
+    the result's variable."""
     if hint is Any:
-        return _identity, _identity
+        return source.assign(indent, f"_cbor_any({value})") if outward else value
     if hint is type(None) or hint is None:
-        return _none, _none
+        source.reject(indent, f"{value} is not None", "expected null")
+        return source.constant(cbor2.dumps(None)) if outward else value
     if hint is NodeId:
-        return _node_id_out, _node_id_in
+        if outward:
+            source.reject(indent, f"type({value}) is not int or not 0 <= {value} < _ID_LIMIT",
+                          f"expected a {ID_BITS}-bit id")
+            head = source.constant(_cbor_head(_BYTES, ID_BYTES))
+            return source.assign(indent, f"{head} + {value}.to_bytes({ID_BYTES}, 'big')")
+        source.reject(indent, f"type({value}) is not bytes or len({value}) != {ID_BYTES}",
+                      f"expected a {ID_BYTES}-byte id")
+        return source.assign(indent, f"int.from_bytes({value}, 'big')")
     if hint is float:
-        return _float_out, _float_in
+        source.reject(indent, f"type({value}) is not float and type({value}) is not int", "expected a number")
+        return source.assign(indent, f"_cbor_any({value})" if outward else f"float({value})")
     if hint in (int, str, bytes, bool):
-        return _exact(hint), _exact(hint)
+        source.reject(indent, f"type({value}) is not {hint.__name__}", f"expected {hint.__name__}")
+        if not outward:
+            return value
+        if hint is bool:
+            true, false = source.constant(cbor2.dumps(True)), source.constant(cbor2.dumps(False))
+            return source.assign(indent, f"{true} if {value} else {false}")
+        write = {int: "_cbor_int", str: "_cbor_text", bytes: "_cbor_bytes"}[hint]
+        return source.assign(indent, f"{write}({value})")
     if dataclasses.is_dataclass(hint):
-        return _record_out(hint), _record_in(hint)
+        convert = source.constant(_converters(hint)[0 if outward else 1])
+        return source.assign(indent, f"{convert}({value})")
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (list, tuple) and (origin is list or (len(args) == 2 and args[1] is Ellipsis)):
-        return _sequence(hint, args[0], origin is tuple)
+        return _emit_sequence(args[0], origin is tuple, value, outward, source, indent)
     if origin is tuple:
-        return _fixed_tuple(args)
+        return _emit_fixed_tuple(args, value, outward, source, indent)
     if origin is dict:
-        return _mapping(args[0], args[1])
+        return _emit_mapping(args[0], args[1], value, outward, source, indent)
     if origin in (Union, types.UnionType):
-        return _union(hint, args)
+        return _emit_union(hint, args, value, outward, source, indent)
     raise WireError(f"unsupported field type {hint!r}")
 
 
-def _identity(value: Any) -> Any:
-    return value
+def _reject_non_array(value: str, outward: bool, source: _Source, indent: int) -> None:
+    if outward:
+        source.reject(indent, f"type({value}) is not list and type({value}) is not tuple", "expected a sequence")
+    else:
+        source.reject(indent, f"type({value}) is not list", "expected an array")
 
 
-def _none(value: Any) -> None:
-    if value is not None:
-        raise _Invalid("expected null")
-    return None
+def _emit_sequence(item_hint: Any, as_tuple: bool, value: str, outward: bool, source: _Source, indent: int) -> str:
+    _reject_non_array(value, outward, source, indent)
+    if dataclasses.is_dataclass(item_hint):  # the common case (contacts): one call per item
+        write, read = _converters(item_hint)
+        if outward and item_hint.__dataclass_params__.frozen:
+            write = _memoized(write, [name for name, _ in _fields_of(item_hint)])
+        convert = source.constant(write if outward else read)
+        items = source.assign(indent, f"[{convert}(item) for item in {value}]")
+    else:
+        items, item = source.fresh("v"), source.fresh("i")
+        source.add(indent, f"{items} = []")
+        source.add(indent, f"for {item} in {value}:")
+        source.add(indent + 1, f"{items}.append({_emit(item_hint, item, outward, source, indent + 1)})")
+    if outward:
+        return source.assign(indent, f"_cbor_head({_ARRAY}, len({items})) + b''.join({items})")
+    return source.assign(indent, f"tuple({items})") if as_tuple else items
 
 
-def _node_id_out(value: Any) -> bytes:
-    if type(value) is not int or not 0 <= value < _ID_LIMIT:
-        raise _Invalid(f"expected a {ID_BITS}-bit id")
-    return value.to_bytes(ID_BYTES, "big")
+def _emit_fixed_tuple(args: tuple[Any, ...], value: str, outward: bool, source: _Source, indent: int) -> str:
+    _reject_non_array(value, outward, source, indent)
+    source.reject(indent, f"len({value}) != {len(args)}", f"expected {len(args)} items")
+    converted = []
+    for index, arg in enumerate(args):
+        item = source.assign(indent, f"{value}[{index}]")
+        converted.append(_emit(arg, item, outward, source, indent))
+    if outward:
+        return source.assign(indent, " + ".join([source.constant(_cbor_head(_ARRAY, len(args))), *converted]))
+    return source.assign(indent, f"({', '.join(converted)}{',' if len(args) == 1 else ''})")
 
 
-def _node_id_in(raw: Any) -> int:
-    if type(raw) is not bytes or len(raw) != ID_BYTES:
-        raise _Invalid(f"expected a {ID_BYTES}-byte id")
-    return int.from_bytes(raw, "big")
+def _emit_mapping(key_hint: Any, value_hint: Any, value: str, outward: bool, source: _Source, indent: int) -> str:
+    if outward:
+        source.reject(indent, f"not isinstance({value}, dict)", "expected a map")
+    else:
+        source.reject(indent, f"type({value}) is not dict", "expected a map")
+    result, key, item = source.fresh("v"), source.fresh("k"), source.fresh("i")
+    source.add(indent, f"{result} = {'[]' if outward else '{}'}")
+    source.add(indent, f"for {key}, {item} in {value}.items():")
+    converted_key = _emit(key_hint, key, outward, source, indent + 1)
+    converted_item = _emit(value_hint, item, outward, source, indent + 1)
+    if not outward:
+        source.add(indent + 1, f"{result}[{converted_key}] = {converted_item}")
+        return result
+    source.add(indent + 1, f"{result}.append({converted_key} + {converted_item})")
+    return source.assign(indent, f"_cbor_head({_MAP}, len({result})) + b''.join({result})")
 
 
-def _float_out(value: Any) -> Any:
-    if type(value) is not float and type(value) is not int:
-        raise _Invalid("expected a number")
-    return value
+def _emit_union(hint: Any, args: tuple[Any, ...], value: str, outward: bool, source: _Source, indent: int) -> str:
+    """The alternatives in order, each tried when the one before it failed."""
+    result = source.fresh("v")
+    for depth, arg in enumerate(args):
+        source.add(indent + depth, "try:")
+        source.add(indent + depth + 1, f"{result} = {_emit(arg, value, outward, source, indent + depth + 1)}")
+        source.add(indent + depth, "except _Invalid:")
+    source.add(indent + len(args), f"raise _Invalid({f'matches none of {hint}'!r}) from None")
+    return result
 
 
-def _float_in(raw: Any) -> float:
-    if type(raw) is not float and type(raw) is not int:
-        raise _Invalid("expected a number")
-    return float(raw)
+#: How many encoded instances a memo keeps before it starts afresh.
+MEMO_ENTRIES = 4096
 
 
-def _exact(kind: type) -> Converter:
-    problem = f"expected {kind.__name__}"
+def _memoized(write: Converter, names: list[str]) -> Converter:
+    """``write`` for the items of a sequence of frozen records (fields ``names``), which recur:
+    the contacts of a routing table go out in reply after reply. The bytes of an instance whose
+    field values are all hashable (nothing in it can change) are kept with the instance, so no
+    other object can have its id while they are; an instance that breaks its schema raises
+    each time, as it is never kept."""
+    memo: dict[int, tuple[Any, bytes]] = {}
+    field_values = operator.attrgetter(*names) if names else (lambda value: ())
 
-    def convert(value: Any) -> Any:
-        if type(value) is not kind:
-            raise _Invalid(problem)
-        return value
+    def write_memoized(value: Any) -> bytes:
+        kept = memo.get(id(value))
+        if kept is not None and kept[0] is value:
+            return kept[1]
+        data: bytes = write(value)
+        try:
+            hash(field_values(value))
+        except TypeError:  # a list or a map inside: it could change
+            return data
+        if len(memo) >= MEMO_ENTRIES:
+            memo.clear()
+        memo[id(value)] = (value, data)
+        return data
 
-    return convert
+    return write_memoized
 
 
 def _record_out(cls: type) -> Converter:
-    def out(value: Any) -> list[Any]:
-        if type(value) is not cls:
-            raise _Invalid(f"expected {cls.__name__}")
-        return _fields_out(cls, value)
-
-    return out
+    fields = _fields_of(cls)
+    source = _Source()
+    source.reject(1, f"type(value) is not {source.constant(cls)}", f"expected {cls.__name__}")
+    converted = [source.constant(_cbor_head(_ARRAY, len(fields)))]
+    for name, hint in fields:
+        source.add(1, "try:")
+        field_value = source.assign(2, f"value.{name}")
+        converted.append(_emit(hint, field_value, True, source, 2))
+        source.add(1, "except _Invalid as exc:")
+        source.add(2, f"raise _Invalid({f'field {name}: '!r} + str(exc)) from None")
+    source.add(1, f"return b''.join(({', '.join(converted)},))")
+    return source.function(f"{cls.__name__}_out", "value")
 
 
 def _record_in(cls: type) -> Converter:
-    def in_(raw: Any) -> Any:
-        return _fields_in(cls, raw)
-
-    return in_
-
-
-def _sequence(hint: Any, item_hint: Any, as_tuple: bool) -> tuple[Converter, Converter]:
-    item_out, item_in = _lazy(item_hint)
-
-    def out(value: Any) -> list[Any]:
-        if type(value) is not list and type(value) is not tuple:
-            raise _Invalid("expected a sequence")
-        return [item_out(item) for item in value]
-
-    def in_(raw: Any) -> Any:
-        if type(raw) is not list:
-            raise _Invalid("expected an array")
-        items = [item_in(item) for item in raw]
-        return tuple(items) if as_tuple else items
-
-    return out, in_
-
-
-def _fixed_tuple(args: tuple[Any, ...]) -> tuple[Converter, Converter]:
-    pairs = [_lazy(arg) for arg in args]
-    count = len(args)
-
-    def out(value: Any) -> list[Any]:
-        if type(value) is not list and type(value) is not tuple:
-            raise _Invalid("expected a sequence")
-        if len(value) != count:
-            raise _Invalid(f"expected {count} items")
-        return [pair[0](item) for pair, item in zip(pairs, value, strict=True)]
-
-    def in_(raw: Any) -> tuple[Any, ...]:
-        if type(raw) is not list:
-            raise _Invalid("expected an array")
-        if len(raw) != count:
-            raise _Invalid(f"expected {count} items")
-        return tuple(pair[1](item) for pair, item in zip(pairs, raw, strict=True))
-
-    return out, in_
-
-
-def _mapping(key_hint: Any, value_hint: Any) -> tuple[Converter, Converter]:
-    key_out, key_in = _lazy(key_hint)
-    value_out, value_in = _lazy(value_hint)
-
-    def out(value: Any) -> dict[Any, Any]:
-        if not isinstance(value, dict):
-            raise _Invalid("expected a map")
-        return {key_out(k): value_out(v) for k, v in value.items()}
-
-    def in_(raw: Any) -> dict[Any, Any]:
-        if type(raw) is not dict:
-            raise _Invalid("expected a map")
-        return {key_in(k): value_in(v) for k, v in raw.items()}
-
-    return out, in_
-
-
-def _union(hint: Any, args: tuple[Any, ...]) -> tuple[Converter, Converter]:
-    alternatives = [_lazy(arg) for arg in args]
-    problem = f"matches none of {hint}"
-
-    def first_that_fits(direction: int) -> Converter:
-        """The converter trying each alternative's (out: 0, in: 1) converter in turn."""
-
-        def convert(value: Any) -> Any:
-            for pair in alternatives:
-                try:
-                    return pair[direction](value)
-                except _Invalid:
-                    continue
-            raise _Invalid(problem)
-
-        return convert
-
-    return first_that_fits(0), first_that_fits(1)
-
-
-_ID_LIMIT = 1 << ID_BITS
-_PLANS: dict[type, tuple[tuple[str, Converter, Converter], ...]] = {}
-
-
-def _plan(cls: type) -> tuple[tuple[str, Converter, Converter], ...]:
-    plan = _PLANS.get(cls)
-    if plan is None:
-        plan = _PLANS[cls] = tuple((name, *_converters(hint)) for name, hint in _fields_of(cls))
-    return plan
-
-
-def _fields_out(cls: type, obj: Any) -> list[Any]:
-    out = []
-    for name, convert, _ in _plan(cls):
-        try:
-            out.append(convert(getattr(obj, name)))
-        except _Invalid as exc:
-            raise _Invalid(f"field {name}: {exc}") from None
-    return out
-
-
-def _fields_in(cls: type, raw: Any) -> Any:
-    plan = _plan(cls)
-    if type(raw) is not list or len(raw) != len(plan):
-        raise _Invalid(f"expected {len(plan)} fields")
-    values = []
-    for (name, _, convert), item in zip(plan, raw, strict=True):
-        try:
-            values.append(convert(item))
-        except _Invalid as exc:
-            raise _Invalid(f"field {name}: {exc}") from None
-    try:
-        return cls(*values)
-    except (TypeError, ValueError) as exc:  # a constructor's own validation
-        raise _Invalid(str(exc)) from None
+    fields = _fields_of(cls)
+    source = _Source()
+    source.reject(1, f"type(raw) is not list or len(raw) != {len(fields)}", f"expected {len(fields)} fields")
+    converted = []
+    for index, (name, hint) in enumerate(fields):
+        source.add(1, "try:")
+        field_value = source.assign(2, f"raw[{index}]")
+        converted.append(_emit(hint, field_value, False, source, 2))
+        source.add(1, "except _Invalid as exc:")
+        source.add(2, f"raise _Invalid({f'field {name}: '!r} + str(exc)) from None")
+    source.add(1, "try:")
+    source.add(2, f"return {source.constant(cls)}({', '.join(converted)})")
+    source.add(1, "except (TypeError, ValueError) as exc:  # a constructor's own validation")
+    source.add(2, "raise _Invalid(str(exc)) from None")
+    return source.function(f"{cls.__name__}_in", "raw")
 
 
 # -- encoding -------------------------------------------------------------------------------
@@ -356,11 +430,21 @@ def encode(msg: Any, limit_bytes: int = STREAM_LIMIT_BYTES) -> bytes:
     tag = _TAG_OF.get(cls)
     if tag is None:
         raise WireError(f"{cls.__name__} is not a registered message")
+    write = _converters(cls)[0]
     try:
-        fields = _fields_out(cls, msg)
+        fields = write(msg)
     except _Invalid as exc:
         raise WireError(f"{cls.__name__}: {exc}") from None
-    data = cbor2.dumps([VERSION, tag, fields])
+    except Exception:  # cbor2 cannot write a value; a schema error anywhere in the message comes first
+        token = _checking_only.set(True)
+        try:
+            write(msg)
+        except _Invalid as exc:
+            raise WireError(f"{cls.__name__}: {exc}") from None
+        finally:
+            _checking_only.reset(token)
+        raise
+    data = _ENVELOPE_HEADS[cls] + fields
     if len(data) > limit_bytes:
         raise WireError(f"{cls.__name__} encodes to {len(data)} bytes, over the limit of {limit_bytes}")
     return data
@@ -390,7 +474,7 @@ def decode(data: bytes, limit_bytes: int = DATAGRAM_LIMIT_BYTES) -> Any:
     if cls is None:
         return DecodeError("unknown_type", f"tag {tag}")
     try:
-        return _fields_in(cls, fields)
+        return _converters(cls)[1](fields)
     except _Invalid as exc:
         return DecodeError("malformed", f"{cls.__name__}: {exc}")
     except RecursionError:

@@ -1,5 +1,6 @@
 """The wire codec: round trips, and every kind of bad input is a typed error, never an exception."""
 
+import dataclasses
 from dataclasses import dataclass
 
 import cbor2
@@ -126,3 +127,92 @@ def test_a_tag_cannot_name_two_messages():
 
     with pytest.raises(WireError, match="already used"):
         wire.message(wire.tag_of(Ping))(Other)
+
+
+def _sample_fields(**changes):
+    fields = {"key": bytes(20), "count": 1, "ratio": 0.5, "name": "n", "blob": b"", "flag": False,
+              "contacts": [[bytes(20), ["h", 1]]], "pair": [1, "a"], "maybe": None, "attrs": {"a": 1}}
+    fields.update(changes)
+    return list(fields.values())
+
+
+@pytest.mark.parametrize(
+    ("changes", "detail"),
+    [
+        ({"key": bytes(19)}, "field key: expected a 20-byte id"),
+        ({"ratio": "0.5"}, "field ratio: expected a number"),
+        ({"flag": 0}, "field flag: expected bool"),
+        ({"contacts": {}}, "field contacts: expected an array"),
+        ({"contacts": [[bytes(20)]]}, "field contacts: expected 2 fields"),
+        ({"contacts": [[bytes(20), ["h", "1"]]]},
+         "field contacts: field address: matches none of typing.Union[tuple[str, int], int]"),
+        ({"pair": [1]}, "field pair: expected 2 items"),
+        ({"pair": [1, 2]}, "field pair: expected str"),
+        ({"maybe": "x"}, "field maybe: matches none of int | None"),
+        ({"attrs": {"a": "1"}}, "field attrs: expected int"),
+        ({"attrs": []}, "field attrs: expected a map"),
+    ],
+)
+def test_a_decode_error_names_the_field_and_what_it_expected(changes, detail):
+    result = decode(cbor2.dumps([wire.VERSION, wire.tag_of(_Sample), _sample_fields(**changes)]),
+                    limit_bytes=wire.STREAM_LIMIT_BYTES)
+    assert result == DecodeError("malformed", f"_Sample: {detail}")
+
+
+def test_an_encode_error_names_the_nested_field():
+    valid = decode(cbor2.dumps([wire.VERSION, wire.tag_of(_Sample), _sample_fields()]),
+                   limit_bytes=wire.STREAM_LIMIT_BYTES)
+    assert isinstance(valid, _Sample)
+    bad = [_Contact(1, ("h", 1)), _Contact(-1, 2)]
+    with pytest.raises(WireError, match=r"^_Sample: field contacts: field node_id: expected a 160-bit id$"):
+        encode(dataclasses.replace(valid, contacts=bad))
+    with pytest.raises(WireError, match=r"^_Sample: field contacts: expected _Contact$"):
+        encode(dataclasses.replace(valid, contacts=[("h", 1)]))
+
+
+def _as_cbor2_fields(msg: _Sample) -> list:
+    """The fields of ``msg`` in the plain form cbor2 would be handed (ids as bytes, tuples as arrays)."""
+    def address(value):
+        return list(value) if isinstance(value, tuple) else value
+
+    return [msg.key.to_bytes(20, "big"), msg.count, msg.ratio, msg.name, msg.blob, msg.flag,
+            [[c.node_id.to_bytes(20, "big"), address(c.address)] for c in msg.contacts],
+            list(msg.pair), msg.maybe, msg.attrs]
+
+
+@given(samples)
+def test_the_encoding_is_cbor2s_encoding_of_the_fields(msg):
+    assert encode(msg, limit_bytes=wire.STREAM_LIMIT_BYTES) == cbor2.dumps(
+        [wire.VERSION, wire.tag_of(_Sample), _as_cbor2_fields(msg)])
+
+
+@pytest.mark.parametrize("nonce", [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, 2**64, 2**200,
+                                   -1, -24, -25, -256, -257, -(2**64), -(2**64) - 1, -(2**200)])
+@pytest.mark.parametrize("payload_bytes", [0, 23, 24, 255, 256, 65535, 65536])
+def test_ints_and_lengths_are_written_in_their_shortest_form_as_cbor2_writes_them(nonce, payload_bytes):
+    msg = Ping(nonce, 1, b"x" * payload_bytes)
+    encoded = encode(msg, limit_bytes=wire.STREAM_LIMIT_BYTES)
+    assert encoded == cbor2.dumps([wire.VERSION, wire.tag_of(Ping), [nonce, (1).to_bytes(20, "big"), msg.payload]])
+    assert decode(encoded, limit_bytes=wire.STREAM_LIMIT_BYTES) == msg
+
+
+def test_a_schema_error_is_reported_before_a_value_cbor2_cannot_write():
+    valid = decode(cbor2.dumps([wire.VERSION, wire.tag_of(_Sample), _sample_fields()]),
+                   limit_bytes=wire.STREAM_LIMIT_BYTES)
+    with pytest.raises(WireError, match="field flag: expected bool"):
+        encode(dataclasses.replace(valid, name="\udc80", flag=1))
+    with pytest.raises(UnicodeEncodeError):  # not a schema error: cbor2's own, as before
+        encode(dataclasses.replace(valid, name="\udc80"))
+
+
+def test_a_record_sent_again_is_written_as_it_is_now():
+    valid = decode(cbor2.dumps([wire.VERSION, wire.tag_of(_Sample), _sample_fields()]),
+                   limit_bytes=wire.STREAM_LIMIT_BYTES)
+    kept, changing = _Contact(7, ("h", 1)), _Contact(8, ["h", 1])  # the second holds a list
+    msg = dataclasses.replace(valid, contacts=[kept, changing])
+    assert encode(msg) == encode(msg) == cbor2.dumps([wire.VERSION, wire.tag_of(_Sample), _as_cbor2_fields(msg)])
+    changing.address[1] = 2
+    assert decode(encode(msg)).contacts == [kept, _Contact(8, ("h", 2))]
+    for _ in range(wire.MEMO_ENTRIES + 1):  # a full memo starts afresh
+        encode(dataclasses.replace(valid, contacts=[_Contact(9, ("h", 1))]))
+    assert decode(encode(msg)).contacts == [kept, _Contact(8, ("h", 2))]

@@ -17,7 +17,6 @@ Not here: sending probes (the protocol in ``kademlia.py`` asks ``add`` what to p
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -254,10 +253,12 @@ class RoutingTable:
             inside = [(node_id ^ target, entry.contact) for node_id, entry in home.entries.items()
                       if include_stale or entry.failures < limit]
             if len(inside) >= k:
-                return [contact for _, contact in heapq.nsmallest(k, inside, key=_first)]
+                return [contact for _, contact in sorted(inside, key=_first)[:k]]
         # A bucket is a prefix block, so all its members' distances to the target lie in one
         # block of the distance space; visiting buckets by that block's start is visiting them
-        # in distance order, and we can stop once k contacts are in hand.
+        # in distance order, and we can stop once k contacts are in hand. What is in hand is then
+        # fewer than k plus one bucket, so sorting it is cheaper than a heap (ids differ, so
+        # distances do: no ties).
         order = sorted(self.buckets, key=lambda bk: (bk.low ^ target) & ~(bk.size - 1))
         found: list[tuple[int, Contact]] = []
         for bucket in order:
@@ -266,7 +267,7 @@ class RoutingTable:
             for node_id, entry in bucket.entries.items():
                 if include_stale or entry.failures < limit:
                     found.append((node_id ^ target, entry.contact))
-        return [contact for _, contact in heapq.nsmallest(k, found, key=_first)]
+        return [contact for _, contact in sorted(found, key=_first)[:k]]
 
     def contacts(self) -> Iterator[Contact]:
         for bucket in self.buckets:

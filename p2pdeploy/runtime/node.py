@@ -720,8 +720,11 @@ class RuntimeNode:
             self._dispatch(event)
         for dst, msg in core.messages_to_send():
             self._send(dst, msg)
-        if self._timer_scope is not None:
-            self._timer_scope.deadline = self._core_deadline()
+        scope = self._timer_scope
+        if scope is not None:
+            deadline = self._core_deadline()
+            if deadline != scope.deadline:  # most inputs leave it where it was; moving it costs trio more
+                scope.deadline = deadline
 
     def _dispatch(self, event: Any) -> None:
         wiring = self._wiring
