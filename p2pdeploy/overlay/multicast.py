@@ -350,14 +350,6 @@ class Multicast(PrefixSpreader):
         else:
             self.roots.join(gid, requester, now, last_root)
 
-    def _next_hop(self, gid: int, now: float, exclude: Iterable[int] = ()) -> Contact | None:
-        """Scribe's trees link to the next hop towards the group id (see :meth:`GroupRouting.next_hop`)."""
-        return self.routing.next_hop(gid, now, exclude)
-
-    def _send_hop(self, template: GroupRoute, hop: Contact, tried: list[int], now: float) -> None:
-        """Scribe's tree links travel as routed hops (see :meth:`GroupRouting.send_hop`)."""
-        self.routing.send_hop(template, hop, tried, now)
-
     # -- members ---------------------------------------------------------------------------
     def _arm_refresh(self, gid: int, now: float) -> None:
         interval = self.config.refresh_interval_s

@@ -7,9 +7,9 @@ every node re-attaches each ``refresh_interval_s`` (the parent's ack confirms th
 re-attaches elsewhere) and a parent drops a child not heard for a member TTL. Nodes on the join
 paths forward group traffic without being members. Best effort only.
 
-Not here: the routing of requests towards the root (hop acks, suspicion, retries), which the
-:class:`~p2pdeploy.overlay.multicast.Multicast` layer that hosts these trees does for both trees,
-and the members tree.
+Not here: the routing of requests towards the root (hop acks, suspicion, retries), which
+:class:`~p2pdeploy.overlay.group_routing.GroupRouting` does for both trees in the
+:class:`~p2pdeploy.overlay.multicast.Multicast` layer that hosts them, and the members tree.
 """
 
 from __future__ import annotations
@@ -98,13 +98,13 @@ class ScribeTrees:
         node = self.nodes.get(gid)
         if node is None:
             return
-        parent = host._next_hop(gid, now, tried)
+        parent = host.routing.next_hop(gid, now, tried)
         if parent is None:
             node.root, node.parent, node.attaching = True, None, False
             self.joined(gid, host.own_id)
             return
         node.attaching = True
-        host._send_hop(GroupRoute(0, host.own_id, gid, "attach", host.contact, 0, 0), parent, tried, now)
+        host.routing.send_hop(GroupRoute(0, host.own_id, gid, "attach", host.contact, 0, 0), parent, tried, now)
 
     def joined(self, gid: int, parent_id: int) -> None:
         host = self.host
@@ -118,7 +118,7 @@ class ScribeTrees:
         node = self.nodes.pop(gid, None)
         host.cancel_timer(("refresh", gid))
         if node is not None and node.parent is not None:
-            host._send_hop(GroupRoute(0, host.own_id, gid, "detach", host.contact, 0, 0), node.parent, [], now)
+            host.routing.send_hop(GroupRoute(0, host.own_id, gid, "detach", host.contact, 0, 0), node.parent, [], now)
 
     def on_link(self, src: Address, msg: GroupRoute, now: float) -> None:
         host = self.host
@@ -149,12 +149,12 @@ class ScribeTrees:
             self.detach(gid, now)
             return
         if node.root:
-            if host._next_hop(gid, now) is not None:  # a closer node appeared: it is the root now
+            if host.routing.next_hop(gid, now) is not None:  # a closer node appeared: it is the root now
                 node.root = False
                 self.attach(gid, now, [])
         elif node.parent is not None:
             node.attaching = True  # the parent's ack confirms the link; silence re-attaches elsewhere
-            host._send_hop(GroupRoute(0, host.own_id, gid, "attach", host.contact, 0, 0), node.parent, [], now)
+            host.routing.send_hop(GroupRoute(0, host.own_id, gid, "attach", host.contact, 0, 0), node.parent, [], now)
         elif not node.attaching:
             self.attach(gid, now, [])
 
