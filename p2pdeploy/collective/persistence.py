@@ -116,7 +116,7 @@ from p2pdeploy.collective.persistence_store import ChunkBookkeeping, ChunkInfo, 
 from p2pdeploy.collective.records import DEFAULT_MAX_RECORD_BYTES, Change, check_group, check_record, newer
 from p2pdeploy.core import Address, Protocol, Rng
 from p2pdeploy.overlay.identity import Identity
-from p2pdeploy.overlay.kademlia import Kademlia, LookupFinished
+from p2pdeploy.overlay.kademlia import Kademlia
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import Item, record_key
 
@@ -187,8 +187,6 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Protocol):
     """Blobs, records and their repair for one node; see the module docstring."""
 
     handles = REQUESTS + REPLIES
-    #: The overlay's answers to this layer's own lookups (see ``persistence_search``).
-    consumes = (LookupFinished,)
 
     def __init__(
         self,
@@ -209,7 +207,6 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Protocol):
         self.contact = Contact(overlay.node_id, own_address)
         self.counters: Counter[str] = Counter()
         self._rpcs: dict[int, Rpc] = {}
-        self._lookups: dict[int, int] = {}
         self._ops: dict[int, Op] = {}
         self._next_op = 0
         self._checked_at: dict[int, float] = {}
@@ -354,10 +351,6 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Protocol):
         return op.op_id
 
     # -- inputs ----------------------------------------------------------------------------
-    def handle_event(self, event: Any, now: float) -> bool:
-        """The ``LookupFinished`` of a search's overlay lookup is consumed here; others pass."""
-        return isinstance(event, LookupFinished) and self._on_lookup(event, now)
-
     def receive(self, src: Address, msg: Any, now: float) -> None:
         kind = type(msg)
         if kind is HolderPong:

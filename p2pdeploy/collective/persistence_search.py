@@ -1,13 +1,12 @@
 """The holder search of replicated persistence: who are the nodes closest to a key, and which hold it.
 
-The overlay finds the nodes: a search starts an overlay lookup of the key as wide as it needs
-(``Kademlia.lookup(key, now, k=r + search_margin)``) and consumes its ``LookupFinished``; then
-it asks those closest live nodes, with a ``FindHolders`` each, whether they hold the key
-(:meth:`HolderSearch._holders` answers, for records with the record itself, for quorum keys with
-the acceptor's ballot). A fetch starts downloading from the first holder that answers; a repair
-check learns which of the r closest lack a copy. A lookup that finds fewer live nodes than the
-search wanted (the known neighbourhood of the key left) is run once more as wide as a plain
-overlay lookup (its k), and every node it finds is asked.
+An iterative search with the overlay's :class:`~p2pdeploy.overlay.lookup.Lookup` query object,
+seeded from ``closest_known`` and driven by persistence's own ``FindHolders`` request, which
+every node answers with the contacts it knows closest to the key *and whether it holds the key*
+(:meth:`HolderSearch._holders`). One round trip both routes and tells who has what, so a fetch
+can start downloading from the first holder the search meets and a repair check learns in the
+same search which of the r closest lack a copy. A search that meets fewer live nodes than it
+wanted searches once more as wide as an overlay lookup.
 
 Here too the base of every multi-step operation (:class:`Op`) and the record of a request in
 flight (:class:`Rpc`). :class:`HolderSearch` is the part of the
@@ -29,7 +28,7 @@ from p2pdeploy.collective.persistence_messages import (
     Holders,
 )
 from p2pdeploy.core import Address
-from p2pdeploy.overlay.kademlia import LookupFinished
+from p2pdeploy.overlay.lookup import CandidateState, Lookup
 from p2pdeploy.overlay.routing import Contact
 
 if TYPE_CHECKING:
@@ -48,33 +47,27 @@ class Rpc:
 
 @dataclass(slots=True)
 class Search:
-    """The nodes closest to ``key`` and who of them holds it: an overlay lookup, then ``FindHolders``."""
+    """An iterative search for the nodes closest to ``key``, recording who holds it."""
 
     key: int
     kind: int
     check: bool
     replicas: int
-    #: How many closest nodes the search wants (r plus the margin).
-    width: int
-    #: The overlay lookup under way (its query id), 0 once it finished.
-    query_id: int = 0
-    #: The nodes asked what they hold, closest first.
-    asked: list[Contact] = field(default_factory=list)
-    #: Asked nodes whose answer is still awaited.
-    waiting: set[int] = field(default_factory=set)
+    lookup: Lookup
     replies: dict[int, Holders] = field(default_factory=dict)
-    #: Nodes that did not answer, the lookup's and the asked ones.
+    #: Nodes that did not answer, over every round of the search.
     failed: dict[int, Contact] = field(default_factory=dict)
     widened: bool = False
     finished: bool = False
 
     def ranked(self) -> list[Contact]:
         """Nodes that answered, closest first."""
-        return [c for c in self.asked if c.node_id in self.replies]
+        return [c.contact for c in self.lookup.closest_answered()]
 
     def closest_seen(self, count: int, own: Contact) -> list[tuple[Contact, bool]]:
         """The ``count`` closest nodes met, with whether each answered (``own`` counts as answered)."""
-        met = {c.node_id: (c, True) for c in self.ranked()}
+        met = {c.contact.node_id: (c.contact, True) for c in self.lookup.by_id.values()
+               if c.state is CandidateState.answered}
         for node_id, contact in self.failed.items():
             met.setdefault(node_id, (contact, False))
         met[own.node_id] = (own, True)
@@ -124,81 +117,70 @@ class HolderSearch:
     contact: Contact
     counters: Counter[str]
     dropped: Counter[str]
-    _ops: dict[int, Op]
     _checked_at: dict[int, float]
-    #: The overlay lookups of this layer's searches: query id -> op id.
-    _lookups: dict[int, int]
 
     def _search(self, op: Op, kind: int, check: bool, replicas: int, now: float, *,
                 announce: bool = False) -> None:
-        """Search the nodes closest to ``op.key``, asking ``replicas`` plus a margin what they hold.
+        """Search the nodes closest to ``op.key``, asking ``replicas`` plus a margin to answer.
         ``announce``: tell them the key's replication factor (a reader does not know it)."""
         width = replicas + self.config.search_margin
-        op.search = Search(op.key, kind, check, replicas if announce else 0, width)
-        self._look_up(op, width, now)
+        seeds = self.overlay.closest_known(op.key, 2 * width)
+        lookup = Lookup(op.key, seeds, k=width, alpha=self.config.alpha, own_id=self.node_id)
+        op.search = Search(op.key, kind, check, replicas if announce else 0, lookup)
+        self._advance(op, now)
 
-    def _look_up(self, op: Op, k: int | None, now: float) -> None:
+    def _advance(self, op: Op, now: float) -> None:
         search = op.search
         assert search is not None
-        search.query_id = self.overlay.lookup(search.key, now, k=k)
-        self._lookups[search.query_id] = op.op_id
-
-    def _on_lookup(self, event: LookupFinished, now: float) -> bool:
-        """The overlay's answer to a search's lookup: ask the closest nodes what they hold.
-        True if the lookup was this layer's (the event goes no further)."""
-        op_id = self._lookups.pop(event.query_id, None)
-        if op_id is None:
-            return False
-        op = self._ops.get(op_id)
-        search = op.search if op is not None else None
-        if op is None or search is None or search.query_id != event.query_id or search.finished:
-            return True  # the op ended, or searched again
-        search.query_id = 0
-        for contact in event.unanswered:
-            search.failed.setdefault(contact.node_id, contact)
-        wide = self.overlay.config.k
-        if len(event.closest) < search.width and not search.widened and wide > search.width:
-            # the known neighbourhood of the key is mostly gone (churn): look once more as wide
-            # as an overlay lookup, so nodes that joined near the key since are found
-            search.widened = True
-            self.counters["searches_widened"] += 1
-            self._look_up(op, None, now)
-            return True
         request = FindHolders(0, self.node_id, search.key, search.kind, search.check, search.replicas)
-        for contact in event.closest:
-            if contact.node_id == self.node_id:
-                continue
-            search.asked.append(contact)
-            search.waiting.add(contact.node_id)
+        for contact in search.lookup.next_requests():
             self._request(contact, request, op, now)
-        self._search_progress(op, now)
+        if search.lookup.done and not search.lookup.waiting() and not search.finished:
+            if self._widen(search):
+                self._advance(op, now)
+                return
+            search.finished = True
+            op.on_search_done(self, now)
+
+    def _widen(self, search: Search) -> bool:
+        """Fewer nodes answered than the search wanted: the known neighbourhood of the key is
+        mostly gone (churn). Search once more as wide as an overlay lookup (its k), from farther
+        contacts too, so nodes that joined near the key since are found; True if it did."""
+        lookup = search.lookup
+        wide = self.overlay.config.k
+        answered = lookup.closest_answered()
+        if search.widened or len(answered) >= lookup.k or wide <= lookup.k:
+            return False
+        search.widened = True
+        seeds = [c for c in self.overlay.closest_known(search.key, 2 * wide + len(search.failed))
+                 if c.node_id not in search.failed]
+        known = {c.node_id for c in seeds}
+        seeds += [c.contact for c in answered if c.contact.node_id not in known]
+        search.lookup = Lookup(search.key, seeds[: 2 * wide + len(answered)], k=wide, alpha=self.config.alpha,
+                               own_id=self.node_id)
+        for node_id, reply in search.replies.items():  # no need to ask those again
+            search.lookup.answered(node_id, [c for c in reply.contacts if c.node_id != self.node_id
+                                             and c.node_id not in search.failed])
+        self.counters["searches_widened"] += 1
         return True
 
     def _on_holders(self, op: Op, rpc: Rpc, msg: Holders, now: float) -> None:
-        """A node the search asked said what it holds."""
+        """An answer to the search of ``op``: route on, and tell the op who holds the key."""
         search = op.search
-        if search is None or search.finished or msg.sender not in search.waiting:
+        if search is None or search.finished:
             return
-        search.waiting.discard(msg.sender)
         search.replies[msg.sender] = msg
-        op.on_holder(self, rpc.contact, msg, now)  # type: ignore[arg-type]
+        contact = rpc.contact
+        search.lookup.answered(msg.sender, [c for c in msg.contacts if c.node_id != self.node_id])
+        op.on_holder(self, contact, msg, now)  # type: ignore[arg-type]
         if not op.done:
-            self._search_progress(op, now)
+            self._advance(op, now)
 
     def _on_search_timeout(self, op: Op, rpc: Rpc, now: float) -> None:
-        search = op.search
-        if search is None or search.finished or rpc.contact.node_id not in search.waiting:
-            return
-        search.waiting.discard(rpc.contact.node_id)
-        search.failed[rpc.contact.node_id] = rpc.contact
-        self._search_progress(op, now)
-
-    def _search_progress(self, op: Op, now: float) -> None:
-        search = op.search
-        assert search is not None
-        if not search.waiting and not search.query_id and not search.finished:
-            search.finished = True
-            op.on_search_done(self, now)  # type: ignore[arg-type]
+        if op.search is not None and not op.search.finished:
+            op.search.lookup.failed(rpc.contact.node_id)
+            op.search.failed[rpc.contact.node_id] = rpc.contact
+            self._advance(op, now)
 
     def _holders(self, msg: FindHolders, src: Address, now: float) -> Holders:
         contacts = [c for c in self.overlay.closest_known(msg.key, self.config.reply_contacts + 1)

@@ -153,9 +153,6 @@ class LookupFinished:
     hops: int
     requests: int
     failures: int
-    #: Nodes the lookup asked that did not answer, closest first (a layer that must not pass
-    #: over an unreachable node near the target, such as a quorum's first write, looks here).
-    unanswered: list[Contact] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +241,6 @@ class _Operation:
     kind: str  # lookup | get | put | join | refresh | replicate | cache
     target: int
     lookup: Lookup | None = None
-    k: int | None = None  # the lookup's width when not the bucket size
     latest: bool = False
     found: list[tuple[Contact | None, Item, float]] = field(default_factory=list)  # None: our own copy
     item: Item | None = None
@@ -313,13 +309,9 @@ class Kademlia(Protocol):
             self._join_probed(op, now)
         return op.query_id
 
-    def lookup(self, target: int, now: float, *, k: int | None = None) -> int:
-        """Find the k nodes closest to ``target`` (``k``: that many instead of the bucket size);
-        emits ``LookupFinished``."""
-        if k is not None and k < 1:
-            raise ValueError(f"k must be >= 1 (got {k})")
+    def lookup(self, target: int, now: float) -> int:
+        """Find the k nodes closest to ``target``; emits ``LookupFinished``."""
         op = self._new_op("lookup", target)
-        op.k = k
         self._begin_lookup(op, now)
         return op.query_id
 
@@ -648,9 +640,8 @@ class Kademlia(Protocol):
     def _begin_lookup(self, op: _Operation, now: float) -> None:
         c = self.config
         self.table.touch(op.target, now)
-        k = c.k if op.k is None else op.k
-        seeds = self.table.closest(op.target, k * c.disjoint_paths)
-        op.lookup = Lookup(op.target, seeds, k=k, alpha=c.alpha, own_id=self.node_id, paths=c.disjoint_paths)
+        seeds = self.table.closest(op.target, c.k * c.disjoint_paths)
+        op.lookup = Lookup(op.target, seeds, k=c.k, alpha=c.alpha, own_id=self.node_id, paths=c.disjoint_paths)
         self._advance(op, now)
 
     def _advance(self, op: _Operation, now: float) -> None:
@@ -784,8 +775,7 @@ class Kademlia(Protocol):
         requests = lookup.requests_sent if lookup else 0
         if op.kind == "lookup":
             assert lookup is not None
-            self.emit(LookupFinished(op.query_id, op.target, lookup.result(), hops, requests, lookup.failures,
-                                     lookup.unanswered()))
+            self.emit(LookupFinished(op.query_id, op.target, lookup.result(), hops, requests, lookup.failures))
         elif op.kind == "get":
             self.emit(GetFinished(op.query_id, op.target, item, ttl_s, hops, requests))
         elif op.kind == "put":

@@ -147,12 +147,6 @@ class Lookup:
     def result(self) -> list[Contact]:
         return [c.contact for c in self.closest_answered()]
 
-    def unanswered(self) -> list[Contact]:
-        """The candidates asked that did not answer, closest first."""
-        failed = [c for c in self.by_id.values() if c.state is CandidateState.failed]
-        failed.sort(key=_distance)
-        return [c.contact for c in failed]
-
     def hops(self) -> int:
         closest = self.closest_answered()
         return closest[0].hops if closest else 0

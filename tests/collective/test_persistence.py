@@ -352,10 +352,8 @@ def test_persistence_is_a_layer_of_the_node_stack():
 
 
 def test_the_layer_reports_peers_it_hears_from_and_misses_to_an_overlay_that_listens():
-    """The layer feeds ``Kademlia.heard``/``unreachable`` with its own requests and answers; the
-    overlay's lookup, whose ``LookupFinished`` the layer consumes, finds whom to ask."""
-    from p2pdeploy.core import Stack
-    from p2pdeploy.overlay.kademlia import FindNode, Kademlia, KademliaConfig, Nodes
+    """``Kademlia.heard``/``unreachable`` do not exist yet; when they do, this layer feeds them."""
+    from p2pdeploy.overlay.kademlia import Kademlia, KademliaConfig
     from p2pdeploy.overlay.routing import Contact
 
     class ListeningOverlay(Kademlia):
@@ -372,15 +370,11 @@ def test_the_layer_reports_peers_it_hears_from_and_misses_to_an_overlay_that_lis
 
     overlay = ListeningOverlay(1 << 150, random.Random(1), KademliaConfig(k=4))
     layer = Persistence(overlay, MemoryStore(), random.Random(2), 0.0, own_address=0, config=CONFIG)
-    stack = Stack([overlay, layer])
-    stack.receive(7, FindHolders(1, 77, 5, 0), 0.0)
+    layer.receive(7, FindHolders(1, 77, 5, 0), 0.0)
     overlay.table.add(Contact(88, 8))
     layer.get_blob(5, 0.0)
-    (find,) = [msg for dst, msg in stack.messages_to_send() if isinstance(msg, FindNode)]
-    stack.receive(8, Nodes(find.rpc_id, 88, []), 0.1)  # the lookup finds 88, whom the layer asks
-    assert stack.next_event(0.1) is None  # the layer consumed its lookup's LookupFinished
-    (request,) = [msg for dst, msg in stack.messages_to_send() if isinstance(msg, FindHolders)]
-    stack.handle_timer(100.0)
+    (request,) = [msg for dst, msg in layer.messages_to_send() if isinstance(msg, FindHolders)]
+    layer.handle_timer(100.0)
     assert overlay.heard_from == [77] and overlay.missed == [88]
 
 

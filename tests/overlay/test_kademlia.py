@@ -55,25 +55,6 @@ def test_lookup_finds_true_k_closest(paths):
         assert event.hops >= 1 and event.requests >= len(event.closest)
 
 
-def test_a_narrower_lookup_finds_the_true_closest_and_names_who_did_not_answer():
-    net = SimNet(seed=4, latency_s=0.0, config=KademliaConfig(k=8, alpha=3))
-    net.join_all(48, settle_s=10.0)
-    target = random.Random(5).getrandbits(160)
-    source = 0
-    query = net.call(source, "lookup", target, k=3)
-    net.run(until=net.now)
-    event = net.finished(LookupFinished, query, source)
-    assert [c.node_id for c in event.closest] == _truth(net, target, net.overlays[source].node_id, 3)
-    assert event.unanswered == []
-    closest = next(a for a, n in net.overlays.items() if n.node_id == event.closest[0].node_id)
-    net.crash(closest)
-    query = net.call(source, "lookup", target, k=3)
-    net.run(until=net.now + 10.0)
-    event = net.finished(LookupFinished, query, source)
-    assert [c.node_id for c in event.closest] == _truth(net, target, net.overlays[source].node_id, 3)
-    assert [c.node_id for c in event.unanswered] == [net.overlays[closest].node_id]
-
-
 def test_put_stores_on_k_nodes_and_any_node_gets_it(joined_net):
     net = joined_net
     key = random.Random(2).getrandbits(160)
