@@ -34,14 +34,21 @@ MAX_REPLICAS = 16
 # -- messages -------------------------------------------------------------------------------
 
 
-@message(100)
 @dataclass(frozen=True, slots=True)
-class FindHolders:
-    """Who do you know closest to ``key``, and do you hold it? (``check``: a repair check;
-    ``replicas``: the key's replication factor when the asker knows it, else 0)."""
+class RpcMessage:
+    """The fields every message here starts with: the request's id, which its answer echoes,
+    and the sender's node id (the first two fields on the wire)."""
 
     rpc_id: int
     sender: NodeId
+
+
+@message(100)
+@dataclass(frozen=True, slots=True)
+class FindHolders(RpcMessage):
+    """Who do you know closest to ``key``, and do you hold it? (``check``: a repair check;
+    ``replicas``: the key's replication factor when the asker knows it, else 0)."""
+
     key: NodeId
     kind: int
     check: bool = False
@@ -50,13 +57,11 @@ class FindHolders:
 
 @message(101)
 @dataclass(frozen=True, slots=True)
-class Holders:
+class Holders(RpcMessage):
     """The answer: closest contacts, whether the key is held, and for records its sequence
     (and the record itself, so a read needs no second round trip). For a quorum key,
     ``sequence`` is the highest ballot counter promised and ``has`` means a value was accepted."""
 
-    rpc_id: int
-    sender: NodeId
     contacts: list[Contact]
     has: bool
     sequence: int = 0
@@ -66,17 +71,13 @@ class Holders:
 
 @message(102)
 @dataclass(frozen=True, slots=True)
-class FetchChunk:
-    rpc_id: int
-    sender: NodeId
+class FetchChunk(RpcMessage):
     key: NodeId
 
 
 @message(103)
 @dataclass(frozen=True, slots=True)
-class ChunkBody:
-    rpc_id: int
-    sender: NodeId
+class ChunkBody(RpcMessage):
     key: NodeId
     data: bytes
     found: bool
@@ -84,9 +85,7 @@ class ChunkBody:
 
 @message(104)
 @dataclass(frozen=True, slots=True)
-class StoreChunk:
-    rpc_id: int
-    sender: NodeId
+class StoreChunk(RpcMessage):
     key: NodeId
     data: bytes
     replicas: int
@@ -95,18 +94,14 @@ class StoreChunk:
 
 @message(105)
 @dataclass(frozen=True, slots=True)
-class Stored:
-    rpc_id: int
-    sender: NodeId
+class Stored(RpcMessage):
     ok: bool
     reason: str = ""
 
 
 @message(106)
 @dataclass(frozen=True, slots=True)
-class StoreRecord:
-    rpc_id: int
-    sender: NodeId
+class StoreRecord(RpcMessage):
     key: NodeId
     item: Item
     replicas: int
@@ -115,18 +110,14 @@ class StoreRecord:
 
 @message(107)
 @dataclass(frozen=True, slots=True)
-class Prepare:
-    rpc_id: int
-    sender: NodeId
+class Prepare(RpcMessage):
     key: NodeId
     ballot: Ballot
 
 
 @message(108)
 @dataclass(frozen=True, slots=True)
-class Promise:
-    rpc_id: int
-    sender: NodeId
+class Promise(RpcMessage):
     ok: bool
     promised: Ballot
     accepted: Ballot
@@ -136,9 +127,7 @@ class Promise:
 
 @message(109)
 @dataclass(frozen=True, slots=True)
-class Accept:
-    rpc_id: int
-    sender: NodeId
+class Accept(RpcMessage):
     key: NodeId
     ballot: Ballot
     item: Item
@@ -147,27 +136,21 @@ class Accept:
 
 @message(110)
 @dataclass(frozen=True, slots=True)
-class Accepted:
-    rpc_id: int
-    sender: NodeId
+class Accepted(RpcMessage):
     ok: bool
     promised: Ballot
 
 
 @message(111)
 @dataclass(frozen=True, slots=True)
-class HolderPing:
+class HolderPing(RpcMessage):
     """Are you there? (sent to the other holders of this node's keys, see ``watch_interval_s``)."""
-
-    rpc_id: int
-    sender: NodeId
 
 
 @message(112)
 @dataclass(frozen=True, slots=True)
-class HolderPong:
-    rpc_id: int
-    sender: NodeId
+class HolderPong(RpcMessage):
+    """I am here (the answer to a ``HolderPing``)."""
 
 
 REQUESTS = (FindHolders, FetchChunk, StoreChunk, StoreRecord, Prepare, Accept, HolderPing)
