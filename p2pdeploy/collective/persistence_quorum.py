@@ -1,0 +1,248 @@
+"""Quorum keys of replicated persistence: a CASPaxos round as the proposer, and the acceptor.
+
+:class:`QuorumRound` is one linearizable read, put or compare-and-set of a quorum record
+(:mod:`p2pdeploy.collective.records` holds the rules: ballots, promises, the change applied);
+it locates the key's group with the holder search, then runs prepare and accept, retrying with a
+higher ballot on conflict. :class:`QuorumAcceptor` is the part of the
+:class:`~p2pdeploy.collective.persistence.Persistence` layer that answers as an acceptor, its
+state durable in the store before any answer leaves.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from p2pdeploy.collective.persistence_messages import KIND_QUORUM, Accept, Accepted, Holders, Prepare, Promise
+from p2pdeploy.collective.persistence_search import Op, Rpc
+from p2pdeploy.collective.records import (
+    ZERO,
+    AcceptorState,
+    Ballot,
+    Change,
+    check_group,
+    check_record,
+    majority,
+    on_accept,
+    on_prepare,
+)
+from p2pdeploy.overlay.routing import Contact
+from p2pdeploy.overlay.storage import Item
+
+if TYPE_CHECKING:
+    from p2pdeploy.collective.persistence import Persistence
+    from p2pdeploy.collective.persistence_store import DurableStore
+
+
+class QuorumRound(Op):
+    """One CASPaxos round (retried with a higher ballot on conflict) for a quorum key."""
+
+    def __init__(self, op_id: int, key: int, change: Change, attempts: int) -> None:
+        super().__init__(op_id, key)
+        self.change = change
+        self.attempts_left = attempts
+        self.phase = "locate"
+        self.ballot = ZERO
+        self.highest_seen = 0
+        self.candidates: list[Contact] = []  # the N closest that answered the search (and self)
+        self.closest_silent = False  # one of the N closest met did not answer
+        self.group: list[Contact] | None = None
+        self.asked: set[int] = set()
+        self.promises: dict[int, Promise] = {}
+        self.accepted: set[int] = set()
+        self.refused: set[int] = set()
+        self.already: Item | None = None
+        self.proposal: Item | None = None
+        self.proposal_ok = False
+        #: Requests of the current attempt: answers to an earlier ballot must not count for this one.
+        self.current: set[int] = set()
+        self.ok = False
+        self.item: Item | None = None
+        self.reason = ""
+
+    def on_sent(self, rpc_id: int) -> None:
+        self.current.add(rpc_id)
+
+    # -- locate: the search found the key's closest nodes
+    def on_holder(self, p: Persistence, contact: Contact, msg: Holders, now: float) -> None:
+        self.highest_seen = max(self.highest_seen, msg.sequence)
+
+    def on_search_done(self, p: Persistence, now: float) -> None:
+        search = self.search
+        assert search is not None
+        size = p.config.quorum_replicas
+        closest = search.closest_seen(size, p.contact)
+        self.closest_silent = not all(answered for _, answered in closest)
+        holders = [c for c in search.ranked() if search.replies[c.node_id].has]
+        self.candidates = [c for c, answered in closest if answered]
+        for contact in holders:
+            if contact not in self.candidates:
+                self.candidates.append(contact)
+        self._prepare(p, now)
+
+    # -- phase 1
+    def _prepare(self, p: Persistence, now: float) -> None:
+        self.phase = "prepare"
+        self.promises.clear()
+        self.accepted.clear()
+        self.refused.clear()
+        self.asked.clear()
+        self.current.clear()
+        self.ballot = Ballot(self.highest_seen + 1, p.node_id, p.rng.getrandbits(32))
+        self.highest_seen += 1
+        targets = self.group if self.group is not None else self.candidates
+        for contact in targets:
+            self._ask_promise(p, contact, now)
+        self._evaluate(p, now)
+
+    def _ask_promise(self, p: Persistence, contact: Contact, now: float) -> None:
+        if contact.node_id in self.asked:
+            return
+        self.asked.add(contact.node_id)
+        if contact.node_id == p.node_id:
+            self.promises[p.node_id] = p._acceptor_prepare(self.key, self.ballot, 0)
+        else:
+            p._request(p._fresh(contact), Prepare(0, p.node_id, self.key, self.ballot), self, now)
+
+    def on_reply(self, p: Persistence, rpc: Rpc, msg: Any, now: float) -> None:
+        if rpc.rpc_id not in self.current:
+            return  # an answer to an earlier attempt's ballot
+        if isinstance(msg, Promise) and self.phase == "prepare":
+            if msg.item is not None and check_record(self.key, msg.item, p.config.max_record_bytes) is not None:
+                p.dropped["bad_promise"] += 1
+                return
+            if msg.item is not None and check_group(msg.group) is not None:
+                p.dropped["bad_promise"] += 1
+                return
+            self.promises[msg.sender] = msg
+            self._evaluate(p, now)
+        elif isinstance(msg, Accepted) and self.phase == "accept":
+            self.highest_seen = max(self.highest_seen, msg.promised.counter)
+            (self.accepted if msg.ok else self.refused).add(msg.sender)
+            self._evaluate(p, now)
+
+    def on_timeout(self, p: Persistence, rpc: Rpc, now: float) -> None:
+        if rpc.rpc_id not in self.current:
+            return
+        if (rpc.kind is Prepare and self.phase == "prepare") or (rpc.kind is Accept and self.phase == "accept"):
+            self.refused.add(rpc.contact.node_id)
+            self._evaluate(p, now)
+
+    def _evaluate(self, p: Persistence, now: float) -> None:
+        if self.phase == "prepare":
+            self._evaluate_promises(p, now)
+        elif self.phase == "accept":
+            assert self.group is not None
+            members = {c.node_id for c in self.group}
+            need = majority(len(self.group))
+            if len(self.accepted & members) >= need:
+                self.ok, self.item = self.proposal_ok, self.proposal
+                p._finish(self, now)
+            elif len(self.refused & members) > len(self.group) - need:
+                self._retry(p, now, "acceptors refused or did not answer")
+
+    def _evaluate_promises(self, p: Persistence, now: float) -> None:
+        for promise in self.promises.values():
+            self.highest_seen = max(self.highest_seen, promise.promised.counter)
+        with_value = [pr for pr in self.promises.values() if pr.accepted != ZERO and pr.item is not None]
+        if self.group is None and with_value:
+            self.group = list(max(with_value, key=lambda pr: pr.accepted).group)
+            for contact in self.group:  # group members the search did not reach
+                self._ask_promise(p, contact, now)
+        if self.group is None:
+            waiting = [c for c in self.candidates if c.node_id not in self.promises and c.node_id not in self.refused]
+            if waiting:
+                return
+            if self.closest_silent or any(c.node_id in self.refused for c in self.candidates):
+                self._retry(p, now, "cannot reach the nodes closest to the key")
+                return
+            if self.change.kind == "read" or (self.change.kind == "cas" and self.change.expected_version != 0):
+                self._decide_without_value(p, now)
+                return
+            self.group = self.candidates[: p.config.quorum_replicas]
+        members = {c.node_id for c in self.group}
+        granted = [pr for sender, pr in self.promises.items() if sender in members and pr.ok]
+        refused = {sender for sender, pr in self.promises.items() if sender in members and not pr.ok}
+        refused |= self.refused & members
+        need = majority(len(self.group))
+        if len(granted) >= need:
+            self._accept(p, granted, now)
+        elif len(refused) > len(self.group) - need:
+            self._retry(p, now, "no majority of the group promised")
+
+    def _decide_without_value(self, p: Persistence, now: float) -> None:
+        """Every one of the N closest answered and none holds a value: the key is empty."""
+        granted = [pr for pr in self.promises.values() if pr.ok]
+        if len(granted) < majority(max(1, len(self.candidates[: p.config.quorum_replicas]))):
+            self._retry(p, now, "no majority of the closest nodes promised")
+            return
+        self.ok, self.item = self.change.kind == "read", None
+        if not self.ok:
+            self.reason = f"version mismatch: expected {self.change.expected_version}, found 0"
+        p._finish(self, now)
+
+    # -- phase 2
+    def _accept(self, p: Persistence, granted: list[Promise], now: float) -> None:
+        assert self.group is not None
+        current_promise = max(granted, key=lambda pr: pr.accepted)
+        current = current_promise.item if current_promise.accepted != ZERO else None
+        proposal, ok, reason = self.change.apply(current, self.already)
+        self.proposal_ok, self.reason = ok, reason
+        if proposal is None:  # nothing to make durable: the key is empty
+            self.ok, self.item = ok, None
+            p._finish(self, now)
+            return
+        if self.change.kind != "read" and ok and proposal != current:
+            self.already = proposal
+        self.proposal = proposal
+        self.phase = "accept"
+        group = list(self.group)
+        for contact in group:
+            if contact.node_id == p.node_id:
+                if p._acceptor_accept(self.key, self.ballot, proposal, group).ok:
+                    self.accepted.add(p.node_id)
+                else:
+                    self.refused.add(p.node_id)
+            else:
+                p._request(p._fresh(contact), Accept(0, p.node_id, self.key, self.ballot, proposal, group), self, now)
+        self._evaluate(p, now)
+
+    def _retry(self, p: Persistence, now: float, reason: str) -> None:
+        self.attempts_left -= 1
+        if self.attempts_left <= 0:
+            self.ok, self.item, self.reason = False, None, f"unavailable: {reason}"
+            p._finish(self, now)
+            return
+        self.phase = "backoff"
+        tries = p.config.quorum_attempts - self.attempts_left
+        p.set_timer(("op", self.op_id), now + p.rng.uniform(0.5, 1.5) * p.config.quorum_backoff_s * 2 ** tries)
+
+    def on_timer(self, p: Persistence, now: float) -> None:
+        if self.phase != "backoff":
+            return
+        if self.group is None:  # search again: the closest nodes may have come back
+            self.phase = "locate"
+            p._search(self, KIND_QUORUM, False, p.config.quorum_replicas, now)
+        else:
+            self._prepare(p, now)
+
+
+class QuorumAcceptor:
+    """The acceptor of quorum keys in the :class:`~p2pdeploy.collective.persistence.Persistence` layer."""
+
+    store: DurableStore
+    node_id: int
+
+    def _acceptor_prepare(self, key: int, ballot: Ballot, rpc_id: int) -> Promise:
+        state = self.store.read_acceptor(key) or AcceptorState(key)
+        ok, new = on_prepare(state, ballot)
+        if ok and new != state:
+            self.store.write_acceptor(new)  # durable before the promise leaves
+        return Promise(rpc_id, self.node_id, ok, new.promised, new.accepted, new.item, list(new.group))
+
+    def _acceptor_accept(self, key: int, ballot: Ballot, item: Item, group: list[Contact],
+                         rpc_id: int = 0) -> Accepted:
+        state = self.store.read_acceptor(key) or AcceptorState(key)
+        ok, new = on_accept(state, ballot, item, group)
+        if ok:
+            self.store.write_acceptor(new)
+        return Accepted(rpc_id, self.node_id, ok, new.promised)

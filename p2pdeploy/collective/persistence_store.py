@@ -1,0 +1,164 @@
+"""The durable local store of replicated persistence: chunks, records and acceptor state.
+
+:class:`DurableStore` is the interface the :class:`~p2pdeploy.collective.persistence.Persistence`
+layer keeps its copies in; it outlives a crash of the core. :class:`MemoryStore` is the one in
+memory (the simulator, which keeps it across a crash as a disk, and unit tests);
+``p2pdeploy.runtime.store_sqlite.SQLiteStore`` is the one on a real node's disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol as TypingProtocol
+
+from p2pdeploy.collective.blobs import chunk_key
+from p2pdeploy.collective.records import AcceptorState
+from p2pdeploy.overlay.storage import Item
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkInfo:
+    key: int
+    size: int
+    replicas: int
+    pinned: bool = False
+
+
+class DurableStore(TypingProtocol):
+    """Where a node keeps chunks, records and acceptor state; it outlives a crash of the core.
+
+    Reads of chunks are verified: a copy that no longer hashes to its key is removed, counted
+    and listed by :meth:`take_corrupted`, and the read returns ``None``. Writes return a refusal
+    reason (``"store is full"``) or ``None``; the quota is ``capacity_bytes``.
+    """
+
+    capacity_bytes: int
+
+    def chunk_infos(self) -> list[ChunkInfo]: ...
+    def chunk_info(self, key: int) -> ChunkInfo | None: ...
+    def read_chunk(self, key: int) -> bytes | None: ...
+    def write_chunk(self, key: int, data: bytes, replicas: int, pinned: bool = False) -> str | None: ...
+    def update_chunk(self, key: int, replicas: int, pinned: bool) -> None: ...
+    def delete_chunk(self, key: int) -> None: ...
+    def verify_chunk(self, key: int) -> bool: ...
+    def take_corrupted(self) -> list[ChunkInfo]: ...
+    def used_bytes(self) -> int: ...
+    def record_keys(self) -> list[int]: ...
+    def read_record(self, key: int) -> tuple[Item, int] | None: ...
+    def write_record(self, key: int, item: Item, replicas: int) -> str | None: ...
+    def delete_record(self, key: int) -> None: ...
+    def read_acceptor(self, key: int) -> AcceptorState | None: ...
+    def write_acceptor(self, state: AcceptorState) -> None: ...
+    def close(self) -> None: ...
+
+
+class ChunkBookkeeping:
+    """What every store keeps the same way: bytes used, and chunks found corrupted since asked."""
+
+    _corrupted: list[ChunkInfo]
+    _used: int
+
+    def read_chunk(self, key: int) -> bytes | None:
+        raise NotImplementedError
+
+    def verify_chunk(self, key: int) -> bool:
+        return self.read_chunk(key) is not None
+
+    def take_corrupted(self) -> list[ChunkInfo]:
+        out, self._corrupted = self._corrupted, []
+        return out
+
+    def used_bytes(self) -> int:
+        return self._used
+
+
+class MemoryStore(ChunkBookkeeping):
+    """The in-memory :class:`DurableStore` (simulator, unit tests): the same rules, no disk.
+
+    Chunk bytes are kept by reference, so replicas of one chunk in a simulation share memory.
+    """
+
+    def __init__(self, capacity_bytes: int = 1 << 40) -> None:
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0 (got {capacity_bytes})")
+        self.capacity_bytes = capacity_bytes
+        self._chunks: dict[int, tuple[bytes, ChunkInfo]] = {}
+        self._records: dict[int, tuple[Item, int]] = {}
+        self._acceptors: dict[int, AcceptorState] = {}
+        self._corrupted: list[ChunkInfo] = []
+        self._used = 0
+        self.corruptions = 0
+
+    # chunks
+    def chunk_infos(self) -> list[ChunkInfo]:
+        return [info for _, info in self._chunks.values()]
+
+    def chunk_info(self, key: int) -> ChunkInfo | None:
+        entry = self._chunks.get(key)
+        return entry[1] if entry else None
+
+    def read_chunk(self, key: int) -> bytes | None:
+        entry = self._chunks.get(key)
+        if entry is None:
+            return None
+        if chunk_key(entry[0]) != key:
+            self._corrupt(key)
+            return None
+        return entry[0]
+
+    def write_chunk(self, key: int, data: bytes, replicas: int, pinned: bool = False) -> str | None:
+        current = self._chunks.get(key)
+        if current is not None:
+            info = current[1]
+            self._chunks[key] = (current[0], ChunkInfo(key, info.size, max(info.replicas, replicas),
+                                                       info.pinned or pinned))
+            return None
+        if self._used + len(data) > self.capacity_bytes:
+            return "store is full"
+        self._chunks[key] = (data, ChunkInfo(key, len(data), replicas, pinned))
+        self._used += len(data)
+        return None
+
+    def update_chunk(self, key: int, replicas: int, pinned: bool) -> None:
+        entry = self._chunks.get(key)
+        if entry is not None:
+            self._chunks[key] = (entry[0], ChunkInfo(key, entry[1].size, replicas, pinned))
+
+    def delete_chunk(self, key: int) -> None:
+        entry = self._chunks.pop(key, None)
+        if entry is not None:
+            self._used -= entry[1].size
+
+    def corrupt(self, key: int) -> None:
+        """Flip the bytes of a stored chunk (what a bad disk does), for tests."""
+        data, info = self._chunks[key]
+        self._chunks[key] = (bytes(b ^ 0xFF for b in data[:16]) + data[16:], info)
+
+    def _corrupt(self, key: int) -> None:
+        info = self._chunks[key][1]
+        self.delete_chunk(key)
+        self._corrupted.append(info)
+        self.corruptions += 1
+
+    # records
+    def record_keys(self) -> list[int]:
+        return list(self._records)
+
+    def read_record(self, key: int) -> tuple[Item, int] | None:
+        return self._records.get(key)
+
+    def write_record(self, key: int, item: Item, replicas: int) -> str | None:
+        self._records[key] = (item, replicas)
+        return None
+
+    def delete_record(self, key: int) -> None:
+        self._records.pop(key, None)
+
+    def read_acceptor(self, key: int) -> AcceptorState | None:
+        return self._acceptors.get(key)
+
+    def write_acceptor(self, state: AcceptorState) -> None:
+        self._acceptors[state.key] = state
+
+    def close(self) -> None:
+        pass
