@@ -23,8 +23,9 @@ what, so a fetch can start downloading from the first holder the search meets, a
 learns in the same search which of the r closest lack a copy, and the overlay needs no callback.
 An overlay lookup (``Kademlia.lookup``) followed by a ``FindHolders`` to each node it found
 gives the same nodes one round trip later, for about twice the search messages: 13% more
-messages in all on ``simulations/persistence-churn.toml`` (seed 1), one blob fewer fetched, no
-blob lost either way; so the layer keeps its own search. That run moved 17% fewer chunk bytes,
+messages in all on ``simulations/persistence-churn.toml`` (seed 1) and one blob fewer fetched,
+17% more and two fewer on its Weibull twin (where one r = 2 blob fewer was lost), no r = 3 blob
+lost either way; so the layer keeps its own search. Those runs moved 17-19% fewer chunk bytes,
 though, which is worth understanding before trying the overlay's lookup again.
 
 Repair is a level-triggered reconciler. Every ``repair_interval_s`` a node checks each key it
