@@ -119,12 +119,12 @@ from p2pdeploy.collective.persistence_quorum import QuorumAcceptor, QuorumRound
 from p2pdeploy.collective.persistence_repair import Check, Leave, Repair
 from p2pdeploy.collective.persistence_search import HolderSearch, Op, Rpc
 from p2pdeploy.collective.persistence_store import ChunkBookkeeping, ChunkInfo, DurableStore, MemoryStore
-from p2pdeploy.collective.records import DEFAULT_MAX_RECORD_BYTES, Change, check_group, check_record, newer
+from p2pdeploy.collective.records import DEFAULT_MAX_RECORD_BYTES, Change, check_group, check_record
 from p2pdeploy.core import Address, Protocol, Rng, require_at_least, require_positive
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import Kademlia
 from p2pdeploy.overlay.routing import Contact
-from p2pdeploy.overlay.storage import Item, record_key
+from p2pdeploy.overlay.storage import Item, newer, record_key
 
 # -- configuration --------------------------------------------------------------------------
 

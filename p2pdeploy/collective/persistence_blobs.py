@@ -36,9 +36,9 @@ from p2pdeploy.collective.persistence_messages import (
 )
 from p2pdeploy.collective.persistence_search import Op, Rpc
 from p2pdeploy.collective.persistence_store import ChunkInfo
-from p2pdeploy.collective.records import check_record, newer
+from p2pdeploy.collective.records import check_record
 from p2pdeploy.overlay.routing import Contact
-from p2pdeploy.overlay.storage import Item
+from p2pdeploy.overlay.storage import Item, newer
 
 if TYPE_CHECKING:
     from p2pdeploy.collective.persistence import Persistence

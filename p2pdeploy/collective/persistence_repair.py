@@ -35,9 +35,10 @@ from p2pdeploy.collective.persistence_messages import (
     StoreRecord,
 )
 from p2pdeploy.collective.persistence_search import Op, Rpc, Search
-from p2pdeploy.collective.records import check_record, newer
+from p2pdeploy.collective.records import check_record
 from p2pdeploy.core import Address, Rng
 from p2pdeploy.overlay.routing import Contact
+from p2pdeploy.overlay.storage import newer
 
 if TYPE_CHECKING:
     from p2pdeploy.collective.persistence import Persistence, PersistenceConfig

@@ -49,11 +49,6 @@ DEFAULT_MAX_RECORD_BYTES = 64 * 1024
 MAX_GROUP = 16
 
 
-def newer(a: Item, b: Item) -> bool:
-    """True when record ``a`` wins over ``b`` for an eventual key (higher sequence, then signature)."""
-    return (a.sequence, a.signature) > (b.sequence, b.signature)
-
-
 def check_record(key: int, item: Item, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> str | None:
     """Why ``item`` may not be stored as the record under ``key`` (``None`` when it may)."""
     if not item.signed:

@@ -699,7 +699,8 @@ class Kademlia(Protocol):
         if not op.found:
             self._finish(op, now)
             return
-        _, best, ttl_s = max(op.found, key=lambda f: (f[1].sequence, f[2]))
+        # the newest record (see storage.newer); among equal ones, the copy that lives longest
+        _, best, ttl_s = max(op.found, key=lambda f: (f[1].sequence, f[1].signature, f[2]))
         if op.latest:  # read repair: replicas that answered with an older record get the newest
             for contact, item, _ in op.found:
                 if contact is not None and item != best and supersedes(best, item) is None:

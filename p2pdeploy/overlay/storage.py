@@ -98,6 +98,14 @@ def check_item(key: int, item: Item, max_value_bytes: int = DEFAULT_MAX_VALUE_BY
     return None
 
 
+def newer(a: Item, b: Item) -> bool:
+    """True when ``a`` wins over ``b`` under one key: the higher sequence, then the larger
+    signature, so every node picks the same one of two records signed with one sequence. The one
+    rule for reads of signed records: the overlay's ``get(latest=True)`` and persistence's
+    eventual records both keep the newer of two answers by it."""
+    return (a.sequence, a.signature) > (b.sequence, b.signature)
+
+
 def supersedes(new: Item, old: Item) -> str | None:
     """Why ``new`` may not replace ``old`` under the same key (``None`` when it may)."""
     if old.signed and not new.signed:

@@ -18,7 +18,7 @@ from p2pdeploy.overlay.kademlia import (
     StoreReply,
 )
 from p2pdeploy.overlay.routing import Contact
-from p2pdeploy.overlay.storage import Item, sign_record
+from p2pdeploy.overlay.storage import Item, newer, sign_record
 from tests.simnet import SimNet
 
 
@@ -97,6 +97,25 @@ def test_signed_record_highest_sequence_wins_and_stale_replicas_are_repaired():
     net.run(until=net.now)
     event = net.finished(PutFinished, query, 4)
     assert event.stored == 0 and all("older" in reason for reason in event.refusals)
+
+
+def test_a_latest_get_picks_between_two_records_of_one_sequence_by_signature_as_persistence_does():
+    net = SimNet(seed=5, latency_s=0.0)
+    net.join_all(32, settle_s=10.0)
+    writer = Identity.from_seed(bytes(32))
+    key, one = sign_record(writer, b"service/wiki", b"written here", 7)
+    _, other = sign_record(writer, b"service/wiki", b"written there", 7)
+    winner, loser = (one, other) if newer(one, other) else (other, one)
+    closest = sorted(net.overlays.values(), key=lambda n: n.node_id ^ key)[:8]
+    for index, node in enumerate(closest):  # the loser lives longer: a TTL must not decide
+        if index % 2:
+            node.store.put(key, winner, 60.0, net.now)
+        else:
+            node.store.put(key, loser, 3600.0, net.now)
+    reader = next(a for a, n in net.overlays.items() if n not in closest)
+    query = net.call(reader, "get", key, latest=True)
+    net.run(until=net.now)
+    assert net.finished(GetFinished, query, reader).item == winner
 
 
 def test_forged_or_misplaced_records_are_refused():
