@@ -4,8 +4,10 @@ Every ``repair_interval_s`` a node checks each key it holds that nobody checked 
 interval (:class:`Check`): it searches for the key's r closest live nodes, pushes its copy to
 those that lack one (handoff on join), and drops its own copy when it is not among them while
 they all hold it. The holders of a key watch one another (a ``HolderPing`` every
-``watch_interval_s``, one per peer whatever the number of keys); a holder that stops answering
-has every key it held with this node checked at once (:meth:`Repair.peer_gone`). Chunks are
+``watch_interval_s``, one per peer whatever the number of keys); when a holder stops answering,
+every key it held with this node that is now more than one copy short is checked at once
+(:meth:`Repair.peer_gone`), and one copy short waits for the next round (lazy repair: the
+holder may be back with its disk). Chunks are
 scrubbed against their hash, and a corrupt copy is fetched again. :class:`Leave` hands every
 key to the next closest nodes before a graceful departure.
 
@@ -242,8 +244,9 @@ class Repair:
     # -- watching the other holders ----------------------------------------------------------
     def peer_gone(self, node_id: int, now: float) -> None:
         """Evidence that ``node_id`` is gone (it did not answer): every key this node holds with
-        it is checked now, so its copies are replaced without waiting for the next repair round.
-        (A failure detector's verdict may be fed in here too.)"""
+        it that is now more than one copy short (fewer than max(2, r - 1) live copies known) is
+        checked now, without waiting for the next repair round; one copy short is left to that
+        round. (A failure detector's verdict may be fed in here too.)"""
         self._probing.pop(node_id, None)
         for key, peers in list(self._peers.items()):
             if peers.pop(node_id, None) is None:
@@ -257,6 +260,8 @@ class Repair:
                     del self._peers[key]
                     continue
                 kind, replicas = KIND_RECORD, stored[1]
+            if len(peers) + 1 >= max(2, replicas - 1):
+                continue  # one copy short is left to the next round: the holder may be back with its disk
             if key not in self._checking:
                 self.counters["checks_triggered"] += 1
                 self._check(key, kind, replicas, now)
