@@ -7,9 +7,9 @@ they all hold it. The holders of a key watch one another (a ``HolderPing`` every
 ``watch_interval_s``, one per peer whatever the number of keys); when a holder stops answering,
 every key it held with this node that is now more than one copy short is checked at once
 (:meth:`Repair.peer_gone`), and one copy short waits for the next round (lazy repair: the
-holder may be back with its disk). Chunks are
-scrubbed against their hash, and a corrupt copy is fetched again. :class:`Leave` hands every
-key to the next closest nodes before a graceful departure.
+holder may be back with its disk). Chunks are scrubbed against their hash, and a corrupt copy
+is fetched again. :class:`Leave` hands every key to the next closest nodes before a graceful
+departure.
 
 :class:`Repair` is the part of the :class:`~p2pdeploy.collective.persistence.Persistence` layer
 that runs these rounds.

@@ -54,6 +54,7 @@ from p2pdeploy.overlay.storage import (
     OverlayStore,
     Publication,
     check_item,
+    newness,
     supersedes,
 )
 from p2pdeploy.overlay.suspicion import Suspicions
@@ -699,8 +700,8 @@ class Kademlia(Protocol):
         if not op.found:
             self._finish(op, now)
             return
-        # the newest record (see storage.newer); among equal ones, the copy that lives longest
-        _, best, ttl_s = max(op.found, key=lambda f: (f[1].sequence, f[1].signature, f[2]))
+        # the newest record; among equal ones, the copy that lives longest
+        _, best, ttl_s = max(op.found, key=lambda f: (*newness(f[1]), f[2]))
         if op.latest:  # read repair: replicas that answered with an older record get the newest
             for contact, item, _ in op.found:
                 if contact is not None and item != best and supersedes(best, item) is None:

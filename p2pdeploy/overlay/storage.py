@@ -98,12 +98,17 @@ def check_item(key: int, item: Item, max_value_bytes: int = DEFAULT_MAX_VALUE_BY
     return None
 
 
+def newness(item: Item) -> tuple[int, bytes]:
+    """How new ``item`` is under its key: its sequence, then its signature, so every node picks
+    the same one of two records signed with one sequence. The one rule for reads of signed
+    records: the overlay's ``get(latest=True)`` and persistence's eventual records both keep the
+    newest answer by it."""
+    return item.sequence, item.signature
+
+
 def newer(a: Item, b: Item) -> bool:
-    """True when ``a`` wins over ``b`` under one key: the higher sequence, then the larger
-    signature, so every node picks the same one of two records signed with one sequence. The one
-    rule for reads of signed records: the overlay's ``get(latest=True)`` and persistence's
-    eventual records both keep the newer of two answers by it."""
-    return (a.sequence, a.signature) > (b.sequence, b.signature)
+    """True when ``a`` wins over ``b`` under one key (see :func:`newness`)."""
+    return newness(a) > newness(b)
 
 
 def supersedes(new: Item, old: Item) -> str | None:
