@@ -62,14 +62,15 @@ _ENVELOPE_HEADS: dict[type, bytes] = {}
 _FIELDS: dict[type, tuple[tuple[str, Any], ...]] = {}
 
 
-def message(tag: int):
-    """Register a frozen dataclass as a wire message with a unique numeric tag."""
+@typing.dataclass_transform(frozen_default=True)
+def message(tag: int, **options: Any) -> Callable[[type], type]:
+    """Make a class a wire message: a frozen, slotted dataclass (``options`` add dataclass
+    options such as ``order=True``) registered with a unique numeric tag."""
 
     def register(cls: type) -> type:
-        if not dataclasses.is_dataclass(cls):
-            raise WireError(f"{cls.__name__} must be a dataclass to be a message")
-        if tag in _BY_TAG and _BY_TAG[tag] is not cls:
+        if tag in _BY_TAG and _name(_BY_TAG[tag]) != _name(cls):
             raise WireError(f"tag {tag} is already used by {_BY_TAG[tag].__name__}")
+        cls = _frozen(cls, options)
         _BY_TAG[tag] = cls
         _TAG_OF[cls] = tag
         _ENVELOPE_HEADS[cls] = _cbor_head(_ARRAY, 3) + _cbor_int(VERSION) + _cbor_int(tag)  # [VERSION, tag, ...
@@ -79,12 +80,27 @@ def message(tag: int):
     return register
 
 
-def record(cls: type) -> type:
-    """Register a frozen dataclass that travels nested inside messages (no tag of its own)."""
-    if not dataclasses.is_dataclass(cls):
-        raise WireError(f"{cls.__name__} must be a dataclass to be a record")
-    _converters(cls)
-    return cls
+@typing.dataclass_transform(frozen_default=True)
+def record(cls: type | None = None, /, **options: Any) -> Any:
+    """Make a class a record that travels nested inside messages (no tag of its own): a frozen,
+    slotted dataclass, as a message. ``@record`` or ``@record(order=True)``."""
+
+    def register(cls: type) -> type:
+        cls = _frozen(cls, options)
+        _converters(cls)
+        return cls
+
+    return register if cls is None else register(cls)
+
+
+def _name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _frozen(cls: type, options: dict[str, Any]) -> type:
+    if "__dataclass_fields__" in vars(cls):
+        raise WireError(f"{cls.__name__}: @message and @record make the dataclass; drop its own @dataclass")
+    return dataclass(frozen=True, slots=True, **options)(cls)
 
 
 def _fields_of(cls: type) -> tuple[tuple[str, Any], ...]:

@@ -14,14 +14,12 @@ from p2pdeploy.wire import DATAGRAM_LIMIT_BYTES, DecodeError, NodeId, WireError,
 
 
 @wire.record
-@dataclass(frozen=True, slots=True)
 class _Contact:
     node_id: NodeId
     address: wire.Address
 
 
 @wire.message(60001)
-@dataclass(frozen=True, slots=True)
 class _Sample:
     """A test message that uses every kind of field the schema checker knows."""
 
@@ -121,12 +119,31 @@ def test_encoding_an_invalid_message_is_local_misuse():
 
 
 def test_a_tag_cannot_name_two_messages():
-    @dataclass(frozen=True)
     class Other:
         x: int
 
     with pytest.raises(WireError, match="already used"):
         wire.message(wire.tag_of(Ping))(Other)
+
+
+def test_a_message_is_a_frozen_slotted_dataclass_made_once():
+    assert dataclasses.is_dataclass(_Sample) and "__slots__" in vars(_Sample)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Ping(1, 1, b"").nonce = 2  # type: ignore[misc]
+
+    @dataclass(frozen=True, slots=True)
+    class Twice:
+        x: int
+
+    with pytest.raises(WireError, match="drop its own @dataclass"):
+        wire.message(60002)(Twice)
+    assert 60002 not in wire.message_types()
+
+    @wire.record(order=True)
+    class Ranked:
+        x: int
+
+    assert Ranked(1) < Ranked(2)
 
 
 def _sample_fields(**changes):

@@ -74,14 +74,12 @@ class Limits:
 
 
 @record
-@dataclass(frozen=True, slots=True)
 class TopEntry:
     value: int | float
     contact: Contact
 
 
 @record
-@dataclass(frozen=True, slots=True)
 class NumberStats:
     """A numeric attribute over the nodes of a subtree where it is a number."""
 
@@ -98,7 +96,6 @@ class NumberStats:
 
 
 @record
-@dataclass(frozen=True, slots=True)
 class StringCounts:
     """Value -> nodes, for the most common values; ``folded`` nodes hold values not listed."""
 
@@ -111,7 +108,6 @@ class StringCounts:
 
 
 @record
-@dataclass(frozen=True, slots=True)
 class SetCounts:
     """``count`` nodes have a set; element -> nodes whose set holds it (a lower bound once
     anything was folded); ``folded`` nodes hold an element that is not listed (folded, or not a string)."""
@@ -122,7 +118,6 @@ class SetCounts:
 
 
 @record
-@dataclass(frozen=True, slots=True)
 class Summary:
     """A subtree: how many nodes, and each attribute's statistics by kind of value."""
 

@@ -65,7 +65,6 @@ from p2pdeploy.wire import NodeId, message
 
 
 @message(80)
-@dataclass(frozen=True, slots=True)
 class AggregateUpdate:
     """Child to parent: the child's own attributes and its subtree's summary."""
 
@@ -79,7 +78,6 @@ class AggregateUpdate:
 
 
 @message(81)
-@dataclass(frozen=True, slots=True)
 class AggregateAck:
     """Parent to child: update ``seq`` arrived; the parent's depth (-1: unknown), root and parent."""
 
@@ -92,7 +90,6 @@ class AggregateAck:
 
 
 @message(82)
-@dataclass(frozen=True, slots=True)
 class Detach:
     """Child to its former parent: drop my entry (I am counted elsewhere now)."""
 
@@ -103,7 +100,6 @@ class Detach:
 
 
 @message(87)
-@dataclass(frozen=True, slots=True)
 class Orphaned:
     """Child to its grandparent: my parent ``lost`` stopped answering. Its entry there still
     counts my subtree (``summary``, as the parent last acked it), which my new parent counts now."""

@@ -32,7 +32,6 @@ class BlobError(ValueError):
 
 
 @message(120)
-@dataclass(frozen=True, slots=True)
 class Manifest:
     """The chunks of one blob, in order, by SHA-256; stored as a chunk whose key is the blob id."""
 

@@ -44,7 +44,6 @@ class RpcMessage:
 
 
 @message(100)
-@dataclass(frozen=True, slots=True)
 class FindHolders(RpcMessage):
     """Who do you know closest to ``key``, and do you hold it? (``check``: a repair check;
     ``replicas``: the key's replication factor when the asker knows it, else 0)."""
@@ -56,7 +55,6 @@ class FindHolders(RpcMessage):
 
 
 @message(101)
-@dataclass(frozen=True, slots=True)
 class Holders(RpcMessage):
     """The answer: closest contacts, whether the key is held, and for records its sequence
     (and the record itself, so a read needs no second round trip). For a quorum key,
@@ -70,13 +68,11 @@ class Holders(RpcMessage):
 
 
 @message(102)
-@dataclass(frozen=True, slots=True)
 class FetchChunk(RpcMessage):
     key: NodeId
 
 
 @message(103)
-@dataclass(frozen=True, slots=True)
 class ChunkBody(RpcMessage):
     key: NodeId
     data: bytes
@@ -84,7 +80,6 @@ class ChunkBody(RpcMessage):
 
 
 @message(104)
-@dataclass(frozen=True, slots=True)
 class StoreChunk(RpcMessage):
     key: NodeId
     data: bytes
@@ -93,14 +88,12 @@ class StoreChunk(RpcMessage):
 
 
 @message(105)
-@dataclass(frozen=True, slots=True)
 class Stored(RpcMessage):
     ok: bool
     reason: str = ""
 
 
 @message(106)
-@dataclass(frozen=True, slots=True)
 class StoreRecord(RpcMessage):
     key: NodeId
     item: Item
@@ -109,14 +102,12 @@ class StoreRecord(RpcMessage):
 
 
 @message(107)
-@dataclass(frozen=True, slots=True)
 class Prepare(RpcMessage):
     key: NodeId
     ballot: Ballot
 
 
 @message(108)
-@dataclass(frozen=True, slots=True)
 class Promise(RpcMessage):
     ok: bool
     promised: Ballot
@@ -126,7 +117,6 @@ class Promise(RpcMessage):
 
 
 @message(109)
-@dataclass(frozen=True, slots=True)
 class Accept(RpcMessage):
     key: NodeId
     ballot: Ballot
@@ -135,20 +125,17 @@ class Accept(RpcMessage):
 
 
 @message(110)
-@dataclass(frozen=True, slots=True)
 class Accepted(RpcMessage):
     ok: bool
     promised: Ballot
 
 
 @message(111)
-@dataclass(frozen=True, slots=True)
 class HolderPing(RpcMessage):
     """Are you there? (sent to the other holders of this node's keys, see ``watch_interval_s``)."""
 
 
 @message(112)
-@dataclass(frozen=True, slots=True)
 class HolderPong(RpcMessage):
     """I am here (the answer to a ``HolderPing``)."""
 

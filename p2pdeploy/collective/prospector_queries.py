@@ -54,7 +54,6 @@ T = TypeVar("T")
 
 
 @record
-@dataclass(frozen=True, slots=True)
 class Candidate:
     """A node offered by its parent: its contact and its attributes from its last update."""
 
@@ -63,7 +62,6 @@ class Candidate:
 
 
 @record
-@dataclass(frozen=True, slots=True)
 class Subtree:
     """A child whose subtree may hold a match: at most ``bound`` of its ``nodes`` nodes do."""
 
@@ -73,7 +71,6 @@ class Subtree:
 
 
 @message(83)
-@dataclass(frozen=True, slots=True)
 class ProspectRequest:
     """Visit a node for a prospect; with ``to_root`` each node forwards it to its parent first."""
 
@@ -91,7 +88,6 @@ class ProspectRequest:
 
 
 @message(84)
-@dataclass(frozen=True, slots=True)
 class ProspectReply:
     rpc_id: int
     sender: NodeId
@@ -107,7 +103,6 @@ class ProspectReply:
 
 
 @message(85)
-@dataclass(frozen=True, slots=True)
 class AggregateRequest:
     """A global question for the root (``attribute`` "" is the node count)."""
 
@@ -120,7 +115,6 @@ class AggregateRequest:
 
 
 @message(86)
-@dataclass(frozen=True, slots=True)
 class AggregateReply:
     rpc_id: int
     sender: NodeId

@@ -63,7 +63,6 @@ AttributeValue = bool | int | float | str | list[str]
 
 
 @message(70)
-@dataclass(frozen=True, slots=True)
 class PublishedEvent:
     """An event as it travels inside a group message (the payload of ``GroupData``)."""
 

@@ -59,8 +59,7 @@ def check_record(key: int, item: Item, max_bytes: int = DEFAULT_MAX_RECORD_BYTES
 # -- quorum records: ballots and the acceptor ------------------------------------------------
 
 
-@record
-@dataclass(frozen=True, slots=True, order=True)
+@record(order=True)
 class Ballot:
     """A Paxos ballot: a counter, then the proposer's id and a random nonce drawn per attempt,
     so a proposer that restarted without memory of its counter still never reuses a ballot."""
@@ -78,7 +77,6 @@ ZERO = Ballot(0, 0, 0)
 
 
 @message(121)
-@dataclass(frozen=True, slots=True)
 class AcceptorState:
     """What an acceptor of a quorum key keeps durably (it is also the stored form, never sent)."""
 
@@ -152,7 +150,6 @@ class Change:
 
 
 @message(122)
-@dataclass(frozen=True, slots=True)
 class StoredRecord:
     """An eventual record as a durable store keeps it (never sent)."""
 

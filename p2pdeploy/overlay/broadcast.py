@@ -144,7 +144,6 @@ BroadcastConfig = SpreadConfig
 
 
 @message(60)
-@dataclass(frozen=True, slots=True)
 class BroadcastData:
     """The message, handed to a node with the block ``(low, depth)`` it is now responsible for."""
 
@@ -162,7 +161,6 @@ class BroadcastData:
 
 
 @message(61)
-@dataclass(frozen=True, slots=True)
 class BroadcastAck:
     """Reliable mode: the block ``(low, depth)`` was accepted (``done=False``, repeated as
     progress) or is entirely done (``done=True``)."""

@@ -65,21 +65,18 @@ from p2pdeploy.wire import DecodeError, NodeId, decode, encode, message
 
 
 @message(10)
-@dataclass(frozen=True, slots=True)
 class Probe:
     rpc_id: int
     sender: NodeId
 
 
 @message(11)
-@dataclass(frozen=True, slots=True)
 class ProbeReply:
     rpc_id: int
     sender: NodeId
 
 
 @message(12)
-@dataclass(frozen=True, slots=True)
 class FindNode:
     rpc_id: int
     sender: NodeId
@@ -87,7 +84,6 @@ class FindNode:
 
 
 @message(13)
-@dataclass(frozen=True, slots=True)
 class FindValue:
     rpc_id: int
     sender: NodeId
@@ -95,7 +91,6 @@ class FindValue:
 
 
 @message(14)
-@dataclass(frozen=True, slots=True)
 class Nodes:
     rpc_id: int
     sender: NodeId
@@ -103,7 +98,6 @@ class Nodes:
 
 
 @message(15)
-@dataclass(frozen=True, slots=True)
 class Value:
     rpc_id: int
     sender: NodeId
@@ -113,7 +107,6 @@ class Value:
 
 
 @message(16)
-@dataclass(frozen=True, slots=True)
 class Store:
     rpc_id: int
     sender: NodeId
@@ -124,7 +117,6 @@ class Store:
 
 
 @message(17)
-@dataclass(frozen=True, slots=True)
 class StoreReply:
     rpc_id: int
     sender: NodeId
@@ -133,7 +125,6 @@ class StoreReply:
 
 
 @message(18)
-@dataclass(frozen=True, slots=True)
 class RoutingSnapshot:
     """The routing table as saved in the data directory for a fast rejoin (never sent)."""
 

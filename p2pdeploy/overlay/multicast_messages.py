@@ -15,7 +15,6 @@ from p2pdeploy.wire import NodeId, message
 
 
 @message(62)
-@dataclass(frozen=True, slots=True)
 class GroupRoute:
     """A request travelling hop by hop towards the root of ``group`` (see ``ROUTED_KINDS``), or a
     Scribe tree link (``LINK_KINDS``). ``hop_id`` is this hop's nonce, echoed by the ack."""
@@ -34,14 +33,12 @@ class GroupRoute:
 
 
 @message(63)
-@dataclass(frozen=True, slots=True)
 class GroupRouteAck:
     hop_id: int
     sender: NodeId
 
 
 @message(64)
-@dataclass(frozen=True, slots=True)
 class GroupView:
     """The root tells a member whom to hand messages to. ``complete`` is false while a root
     that took over without the member list rebuilds it from the members' refreshes: the member
@@ -55,7 +52,6 @@ class GroupView:
 
 
 @message(65)
-@dataclass(frozen=True, slots=True)
 class GroupEntries:
     """The root's answer to ``locate``: members a publisher outside the group may hand messages to."""
 
@@ -65,7 +61,6 @@ class GroupEntries:
 
 
 @message(66)
-@dataclass(frozen=True, slots=True)
 class GroupData:
     """A group message handed to a member with the block ``(low, depth)`` it now covers (members
     tree), or passed down a Scribe tree (block unused)."""
@@ -84,7 +79,6 @@ class GroupData:
 
 
 @message(67)
-@dataclass(frozen=True, slots=True)
 class GroupDataAck:
     group: NodeId
     msg_id: int
@@ -95,7 +89,6 @@ class GroupDataAck:
 
 
 @message(68)
-@dataclass(frozen=True, slots=True)
 class AnchorSync:
     """The root's member list, copied to the next closest nodes so one of them can take over."""
 

@@ -36,13 +36,11 @@ class _Echo:
 
 
 @message(1)
-@dataclass(frozen=True, slots=True)
 class Ping(_Echo):
     pass
 
 
 @message(2)
-@dataclass(frozen=True, slots=True)
 class Pong(_Echo):
     pass
 

@@ -26,7 +26,6 @@ ID_SPACE = 1 << ID_BITS
 
 
 @record
-@dataclass(frozen=True, slots=True)
 class Contact:
     """How to reach a node: its id and its address (``(host, port)`` or a simulator index)."""
 

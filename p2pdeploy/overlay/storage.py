@@ -38,7 +38,6 @@ FULL = "store is full"
 
 
 @record
-@dataclass(frozen=True, slots=True)
 class Item:
     """A stored value. ``public_key`` empty means a plain value; otherwise a signed record."""
 

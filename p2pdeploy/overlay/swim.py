@@ -181,7 +181,6 @@ def _check_int(name: str, value: int) -> None:
 
 
 @record
-@dataclass(frozen=True, slots=True)
 class Update:
     """A rumor: ``node`` is alive, suspect or dead (``status``) at ``incarnation``, says ``origin``."""
 
@@ -209,7 +208,6 @@ def _check_sequenced(msg: Probe | _Answer) -> None:
 
 
 @message(130)
-@dataclass(frozen=True, slots=True)
 class Probe:
     """SWIM's ping: "are you ``target``? ack ``seq``"."""
 
@@ -238,13 +236,11 @@ class _Answer:
 
 
 @message(131)
-@dataclass(frozen=True, slots=True)
 class ProbeAck(_Answer):
     """The answer to a probe, from ``sender`` (forwarded by a relay for an indirect probe)."""
 
 
 @message(132)
-@dataclass(frozen=True, slots=True)
 class ProbeRequest:
     """SWIM's ping-req: probe ``target`` at ``target_address`` for me; nack after ``nack_after_s``."""
 
@@ -265,13 +261,11 @@ class ProbeRequest:
 
 
 @message(133)
-@dataclass(frozen=True, slots=True)
 class ProbeNack(_Answer):
     """Lifeguard's nack: a relay (``sender``) got no ack from the target of ping-req ``seq``."""
 
 
 @message(134)
-@dataclass(frozen=True, slots=True)
 class Rumors:
     """Rumors sent on their own: to a suspect (so it refutes) and a refutation to its accuser."""
 

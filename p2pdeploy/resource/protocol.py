@@ -104,7 +104,6 @@ class _SignedRequest:
 
 
 @message(30)
-@dataclass(frozen=True, slots=True)
 class StartReplica(_SignedRequest):
     bundle: bytes
     bundle_key: bytes
@@ -132,19 +131,16 @@ class StartReplica(_SignedRequest):
 
 
 @message(31)
-@dataclass(frozen=True, slots=True)
 class StopReplica(_SignedRequest):
     signature: bytes = b""
 
 
 @message(32)
-@dataclass(frozen=True, slots=True)
 class QueryReplica(_SignedRequest):
     signature: bytes = b""
 
 
 @message(33)
-@dataclass(frozen=True, slots=True)
 class FetchLogs(_SignedRequest):
     max_bytes: int
     signature: bytes = b""
@@ -159,7 +155,6 @@ class FetchLogs(_SignedRequest):
 
 
 @message(34)
-@dataclass(frozen=True, slots=True)
 class StatusReply:
     request_id: int
     replica_id: str
@@ -175,7 +170,6 @@ class StatusReply:
 
 
 @message(35)
-@dataclass(frozen=True, slots=True)
 class LogsReply:
     request_id: int
     replica_id: str
@@ -183,7 +177,6 @@ class LogsReply:
 
 
 @message(36)
-@dataclass(frozen=True, slots=True)
 class Refused:
     request_id: int
     #: The check that refused: signature, node, stale, replay, trust, authorization, bundle,

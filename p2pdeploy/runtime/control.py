@@ -85,14 +85,12 @@ UNIX_PATH_MAX_BYTES = 100
 
 
 @message(50)
-@dataclass(frozen=True, slots=True)
 class StatusRequest:
     """What the node is: id, address, routing table, store, counters, contribution, replicas and
     the failure detector's view."""
 
 
 @record
-@dataclass(frozen=True, slots=True)
 class HostedReplica:
     """One replica the node holds, as ``p2pdeploy status`` lists it."""
 
@@ -108,7 +106,6 @@ class HostedReplica:
 
 
 @record
-@dataclass(frozen=True, slots=True)
 class WatchedPeer:
     """A peer the failure detector suspects or holds dead, as ``p2pdeploy status`` lists it."""
 
@@ -123,7 +120,6 @@ class WatchedPeer:
 
 
 @record
-@dataclass(frozen=True, slots=True)
 class DetectorStatus:
     """The failure detector's view (:mod:`p2pdeploy.overlay.swim`): whom it watches, whom it
     suspects or holds dead, its local health and its counters."""
@@ -141,7 +137,6 @@ class DetectorStatus:
 
 
 @message(51)
-@dataclass(frozen=True, slots=True)
 class StatusReply:
     node_id: NodeId
     host: str
@@ -169,7 +164,6 @@ class StatusReply:
 
 
 @message(52)
-@dataclass(frozen=True, slots=True)
 class PutRequest:
     key: NodeId
     item: Item
@@ -178,7 +172,6 @@ class PutRequest:
 
 
 @message(53)
-@dataclass(frozen=True, slots=True)
 class PutReply:
     key: NodeId
     stored: int
@@ -186,14 +179,12 @@ class PutReply:
 
 
 @message(54)
-@dataclass(frozen=True, slots=True)
 class GetRequest:
     key: NodeId
     latest: bool = False
 
 
 @message(55)
-@dataclass(frozen=True, slots=True)
 class GetReply:
     key: NodeId
     item: Item | None
@@ -202,7 +193,6 @@ class GetReply:
 
 
 @message(42)
-@dataclass(frozen=True, slots=True)
 class BlobPutRequest:
     data: bytes = field(repr=False)
     #: None: the persistence layer's default (3 copies).
@@ -210,7 +200,6 @@ class BlobPutRequest:
 
 
 @message(43)
-@dataclass(frozen=True, slots=True)
 class BlobPutReply:
     blob_id: NodeId
     size: int
@@ -222,13 +211,11 @@ class BlobPutReply:
 
 
 @message(44)
-@dataclass(frozen=True, slots=True)
 class BlobGetRequest:
     blob_id: NodeId
 
 
 @message(45)
-@dataclass(frozen=True, slots=True)
 class BlobGetReply:
     blob_id: NodeId
     data: bytes | None = field(repr=False)
@@ -236,13 +223,11 @@ class BlobGetReply:
 
 
 @message(56)
-@dataclass(frozen=True, slots=True)
 class LookupRequest:
     key: NodeId
 
 
 @message(57)
-@dataclass(frozen=True, slots=True)
 class LookupReply:
     key: NodeId
     #: The k closest nodes that answered, closest first.
@@ -252,7 +237,6 @@ class LookupReply:
 
 
 @message(58)
-@dataclass(frozen=True, slots=True)
 class ControlRefusal:
     """The node could not serve the request; ``reason`` says why and what to do."""
 
@@ -264,7 +248,6 @@ REPLICA_OPERATIONS = ("start", "stop", "status", "logs")
 
 
 @message(40)
-@dataclass(frozen=True, slots=True)
 class ReplicaRequest:
     """Sign a remote-protocol request with the node's key and send it to the node at ``host:port``.
 
@@ -313,7 +296,6 @@ class ReplicaRequest:
 
 
 @message(41)
-@dataclass(frozen=True, slots=True)
 class ReplicaAnswer:
     """What the target node answered: a status, logs, or its refusal naming the check that failed."""
 
