@@ -154,9 +154,12 @@ class FetchLogs(_SignedRequest):
 # -- replies --------------------------------------------------------------------------------
 
 
-@message(34)
-class StatusReply:
-    request_id: int
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    """A replica as its users see it from another process: the supervisor's
+    :class:`~p2pdeploy.fabric.supervisor.ReplicaStatus` without what only its node can use (pid,
+    times). The fields a replica's status reply and the node's status listing share."""
+
     replica_id: str
     state: str
     reason: str
@@ -165,8 +168,19 @@ class StatusReply:
     port: int | None
     healthy: bool
 
+    @classmethod
+    def of(cls, status: ReplicaStatus, **rest: Any) -> Any:
+        """``cls`` built from ``status``, with its further fields from ``rest``."""
+        return cls(replica_id=status.replica_id, state=status.state.value, reason=status.reason, run=status.run,
+                   restarts=status.restarts, port=status.port, healthy=status.healthy, **rest)
+
     def __str__(self) -> str:
         return f"{self.state}: {self.reason}" if self.reason else self.state
+
+
+@message(34)
+class StatusReply(ReplicaView):
+    request_id: int
 
 
 @message(35)
@@ -566,10 +580,7 @@ class RemoteControl(Protocol):
 
     # -- replies ---------------------------------------------------------------------------
     def _reply_status(self, src: Address, request_id: int, status: ReplicaStatus) -> None:
-        self.send(src, StatusReply(
-            request_id, status.replica_id, status.state.value, status.reason, status.run, status.restarts,
-            status.port, status.healthy,
-        ))  # fmt: skip
+        self.send(src, StatusReply.of(status, request_id=request_id))
 
     def _refuse(self, src: Address, msg: Request, check: str, reason: str) -> None:
         self.refused[check] += 1

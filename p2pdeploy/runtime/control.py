@@ -46,7 +46,7 @@ from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import Item
 from p2pdeploy.overlay.swim import DetectorStats, Liveness
 from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, SignedBundle
-from p2pdeploy.resource.protocol import MAX_LOG_BYTES, LogsReply, Refused
+from p2pdeploy.resource.protocol import MAX_LOG_BYTES, LogsReply, Refused, ReplicaView
 from p2pdeploy.resource.protocol import StatusReply as ReplicaStatusReply
 from p2pdeploy.runtime import control_views as views
 from p2pdeploy.runtime.address import HostPort
@@ -91,16 +91,9 @@ class StatusRequest:
 
 
 @record
-class HostedReplica:
+class HostedReplica(ReplicaView):
     """One replica the node holds, as ``p2pdeploy status`` lists it."""
 
-    replica_id: str
-    state: str
-    reason: str
-    run: int
-    restarts: int
-    port: int | None
-    healthy: bool
     #: The public key that started it.
     requested_by: bytes
 
@@ -485,12 +478,8 @@ def status_of(node: RuntimeNode) -> StatusReply:
         counters=counters,
         contribution=None if contribution is None else contribution.to_table(),
         replicas=[
-            HostedReplica(
-                r.replica_id, r.state.value, r.reason, r.run, r.restarts, r.port, r.healthy,
-                requested_by.get(r.replica_id, b""),
-            )
-            for r in node.hosted_replicas()
-        ],  # fmt: skip
+            HostedReplica.of(r, requested_by=requested_by.get(r.replica_id, b"")) for r in node.hosted_replicas()
+        ],
         replicas_dir="" if node.replicas_dir is None else os.fspath(node.replicas_dir),
         persistence=persistence,
         state_url="" if node.state_server is None else node.state_server.url,
