@@ -1,8 +1,9 @@
 """The standard events of a community, as published on the publish/subscribe topics.
 
-Every event is a frozen dataclass with a ``kind`` and a ``topic``; on the wire it is a flat
-mapping of attributes (:meth:`attributes`), so subscribers filter on it with the requirements
-language (:mod:`p2pdeploy.collective.filters`)::
+Every event is a frozen dataclass with a ``topic`` and a ``kind`` (its class name in snake
+case); on the wire it is a flat mapping of attributes, its fields under the names below
+(:meth:`attributes`), so subscribers filter on it with the requirements language
+(:mod:`p2pdeploy.collective.filters`)::
 
     kind == "replica_changed" and service == "wiki" and state in {"failed", "stopped"}
     kind == "node_joined" and memory_free >= 2G
@@ -25,8 +26,9 @@ decide; this module only fixes the vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
 from p2pdeploy.collective.filters import event_attributes
@@ -51,11 +53,72 @@ def _node_id(text: Any) -> int:
     return int(text, 16)
 
 
-@dataclass(frozen=True, slots=True)
-class NodeJoined:
-    kind: ClassVar[str] = "node_joined"
-    topic: ClassVar[str] = TOPIC_NODES
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string (got {value!r})")
+    return value
 
+
+def _whole(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be a whole number (got {value!r})")
+    return value
+
+
+#: How a field travels as an attribute, by field name: (attribute name, to the attribute, back).
+#: A field not named here travels under its own name, as a string or a whole number.
+_FIELDS: dict[str, tuple[str, Callable[[Any], Any], Callable[[Any], Any]]] = {
+    "node_id": ("node", node_hex, _node_id),
+    "replica_id": ("replica", str, _text),
+    "state": ("state", lambda state: state.value, ReplicaState),
+    "previous": ("previous", lambda state: "" if state is None else state.value,
+                 lambda text: ReplicaState(text) if text else None),
+}
+_PLAIN = {"str": _text, "int": _whole}
+
+
+class _Event:
+    """What every standard event shares: its attributes are its fields, by :data:`_FIELDS`."""
+
+    __slots__ = ()
+    #: The event's name in snake case (``ServiceChanged``: ``service_changed``).
+    kind: ClassVar[str]
+    topic: ClassVar[str]
+
+    def __init_subclass__(cls, topic: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if topic:  # (@dataclass(slots=True) makes the class again, without the keyword)
+            cls.topic = topic
+            cls.kind = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
+
+    def attributes(self) -> dict[str, Any]:
+        attributes: dict[str, Any] = {"kind": self.kind}
+        for f in fields(self):  # type: ignore[arg-type]
+            name, out, _ = _FIELDS.get(f.name, (f.name, _same, _same))
+            attributes[name] = out(getattr(self, f.name))
+        return attributes
+
+    @classmethod
+    def from_attributes(cls, attributes: Mapping[str, Any]) -> Any:
+        values = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            name, _, back = _FIELDS.get(f.name) or (f.name, _same, _PLAIN[f.type])  # type: ignore[index]
+            if name in attributes:
+                try:
+                    values[f.name] = back(attributes[name])
+                except ValueError as exc:
+                    raise ValueError(f"a {cls.kind} event's {name} {exc}") from None
+            elif f.default is MISSING:
+                raise ValueError(f"a {cls.kind} event needs the attribute {name}")
+        return cls(**values)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class NodeJoined(_Event, topic=TOPIC_NODES):
     node_id: int
     address: str
     #: The node's description (``p2pdeploy.resource.description.node_attributes``).
@@ -68,65 +131,46 @@ class NodeJoined:
         return event_attributes({**self.node_attributes, "kind": self.kind, "node": node_hex(self.node_id),
                                  "address": self.address})
 
+    @classmethod
+    def from_attributes(cls, attributes: Mapping[str, Any]) -> NodeJoined:
+        if "node" not in attributes or "address" not in attributes:
+            raise ValueError("a node_joined event needs the attributes node and address")
+        rest = {k: v for k, v in attributes.items() if k not in _NODE_RESERVED}
+        return cls(_node_id(attributes["node"]), _text(attributes["address"]), rest)
+
 
 @dataclass(frozen=True, slots=True)
-class NodeLeft:
-    kind: ClassVar[str] = "node_left"
-    topic: ClassVar[str] = TOPIC_NODES
-
+class NodeLeft(_Event, topic=TOPIC_NODES):
     node_id: int
     reason: str = "left"  # or "failed"
 
-    def attributes(self) -> dict[str, Any]:
-        return {"kind": self.kind, "node": node_hex(self.node_id), "reason": self.reason}
-
 
 @dataclass(frozen=True, slots=True)
-class ServiceCreated:
-    kind: ClassVar[str] = "service_created"
-    topic: ClassVar[str] = TOPIC_SERVICES
+class ServiceCreated(_Event, topic=TOPIC_SERVICES):
+    """A service was deployed: its first ``version``, at ``replicas`` replicas."""
 
     service: str
     version: int
     replicas: int
 
-    def attributes(self) -> dict[str, Any]:
-        return {"kind": self.kind, "service": self.service, "version": self.version, "replicas": self.replicas}
-
 
 @dataclass(frozen=True, slots=True)
-class ServiceChanged:
-    kind: ClassVar[str] = "service_changed"
-    topic: ClassVar[str] = TOPIC_SERVICES
-
+class ServiceChanged(_Event, topic=TOPIC_SERVICES):
     service: str
     version: int
     replicas: int
     #: What changed, for people: ``scaled``, ``updated``, ``moved``...
     change: str = ""
 
-    def attributes(self) -> dict[str, Any]:
-        return {"kind": self.kind, "service": self.service, "version": self.version, "replicas": self.replicas,
-                "change": self.change}
-
 
 @dataclass(frozen=True, slots=True)
-class ServiceRemoved:
-    kind: ClassVar[str] = "service_removed"
-    topic: ClassVar[str] = TOPIC_SERVICES
-
+class ServiceRemoved(_Event, topic=TOPIC_SERVICES):
     service: str
 
-    def attributes(self) -> dict[str, Any]:
-        return {"kind": self.kind, "service": self.service}
-
 
 @dataclass(frozen=True, slots=True)
-class ReplicaChanged:
+class ReplicaChanged(_Event, topic=TOPIC_REPLICAS):
     """A replica of ``service`` on ``node_id`` moved to ``state`` (from ``previous``)."""
-
-    kind: ClassVar[str] = "replica_changed"
-    topic: ClassVar[str] = TOPIC_REPLICAS
 
     service: str
     replica_id: str
@@ -140,12 +184,6 @@ class ReplicaChanged:
         if not isinstance(self.state, ReplicaState):
             raise TypeError(f"state must be a ReplicaState (got {self.state!r})")
 
-    def attributes(self) -> dict[str, Any]:
-        return {"kind": self.kind, "service": self.service, "replica": self.replica_id,
-                "node": node_hex(self.node_id), "state": self.state.value,
-                "previous": self.previous.value if self.previous is not None else "",
-                "reason": self.reason, "run": self.run}
-
     @classmethod
     def from_supervisor(cls, event: Any, service: str, node_id: int) -> ReplicaChanged:
         """From the supervisor's local ``ReplicaStateChanged`` event on ``node_id``."""
@@ -153,8 +191,8 @@ class ReplicaChanged:
 
 
 StandardEvent = NodeJoined | NodeLeft | ServiceCreated | ServiceChanged | ServiceRemoved | ReplicaChanged
-EVENT_TYPES: dict[str, type] = {cls.kind: cls for cls in (NodeJoined, NodeLeft, ServiceCreated, ServiceChanged,
-                                                           ServiceRemoved, ReplicaChanged)}
+EVENT_TYPES: dict[str, type[_Event]] = {cls.kind: cls for cls in (NodeJoined, NodeLeft, ServiceCreated, ServiceChanged,
+                                                                   ServiceRemoved, ReplicaChanged)}
 
 
 def from_attributes(attributes: Mapping[str, Any]) -> StandardEvent | None:
@@ -163,27 +201,8 @@ def from_attributes(attributes: Mapping[str, Any]) -> StandardEvent | None:
     Raise ``ValueError`` when it claims a standard kind but lacks or garbles an attribute.
     """
     kind = attributes.get("kind")
-    try:
-        if kind == "node_joined":
-            rest = {k: v for k, v in attributes.items() if k not in _NODE_RESERVED}
-            return NodeJoined(_node_id(attributes["node"]), str(attributes["address"]), rest)
-        if kind == "node_left":
-            return NodeLeft(_node_id(attributes["node"]), str(attributes.get("reason", "left")))
-        if kind == "service_created":
-            return ServiceCreated(str(attributes["service"]), int(attributes["version"]), int(attributes["replicas"]))
-        if kind == "service_changed":
-            return ServiceChanged(str(attributes["service"]), int(attributes["version"]), int(attributes["replicas"]),
-                                  str(attributes.get("change", "")))
-        if kind == "service_removed":
-            return ServiceRemoved(str(attributes["service"]))
-        if kind == "replica_changed":
-            previous = attributes.get("previous") or None
-            return ReplicaChanged(str(attributes["service"]), str(attributes["replica"]), _node_id(attributes["node"]),
-                                  ReplicaState(attributes["state"]), ReplicaState(previous) if previous else None,
-                                  str(attributes.get("reason", "")), int(attributes.get("run", 0)))
-    except KeyError as exc:
-        raise ValueError(f"a {kind} event needs the attribute {exc.args[0]}") from None
-    return None
+    cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
+    return None if cls is None else cls.from_attributes(attributes)
 
 
 __all__ = [

@@ -79,3 +79,18 @@ def test_garbled_standard_events_are_errors_and_other_kinds_are_none():
         NodeJoined(1, "a:1", {"kind": "x"}).attributes()
     with pytest.raises(TypeError, match="state must be a ReplicaState"):
         ReplicaChanged("wiki", "wiki-1", 1, "running")
+
+
+@pytest.mark.parametrize(("attributes", "message"), [
+    ({"kind": "service_created", "service": "wiki", "version": None, "replicas": 3}, "version must be a whole number"),
+    ({"kind": "service_created", "service": "wiki", "version": "2", "replicas": 3}, "version must be a whole number"),
+    ({"kind": "service_removed", "service": ["wiki"]}, "service must be a string"),
+    ({"kind": "replica_changed", "service": "wiki", "replica": "wiki-1", "node": "0" * 40, "state": "asleep"},
+     "state 'asleep' is not a valid ReplicaState"),
+    ({"kind": "node_joined", "node": "0" * 40}, "needs the attributes node and address"),
+])
+def test_a_published_event_of_the_wrong_types_is_a_value_error(attributes, message):
+    """Attributes come from any publisher: a wrong type is refused as garbled (ValueError, which
+    subscribers handle), never another exception and never coerced (``"2"`` is not version 2)."""
+    with pytest.raises(ValueError, match=message):
+        from_attributes(attributes)
