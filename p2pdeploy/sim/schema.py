@@ -16,11 +16,11 @@ import difflib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, TypeVar, Union
 
 from p2pdeploy.sim.churn import DISTRIBUTIONS
-from p2pdeploy.sim.network import LATENCY_MODELS
+from p2pdeploy.sim.network import LATENCY_MODELS, NetworkConfig
 
 
 class ScenarioError(Exception):
@@ -74,6 +74,35 @@ class Field:
 Section = dict[str, Union[Field, "Section"]]  # noqa: UP007 - a runtime alias
 
 
+@dataclass(frozen=True)
+class Tunable:
+    """A key that sets the field of the same name of a layer's config dataclass: only its doc and
+    range are written here; its default and type are the config's (see :func:`config_keys`)."""
+
+    doc: str
+    choices: tuple[str, ...] = ()
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+
+_KINDS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def config_keys(config_class: type, **keys: Tunable) -> Section:
+    """Keys for fields of ``config_class``, in the order given, with the config's defaults and
+    types, so a default is written once, where the layer declares it."""
+    by_name = {f.name: f for f in fields(config_class)}  # type: ignore[arg-type]
+    section: Section = {}
+    for name, key in keys.items():
+        f = by_name.get(name)
+        kind = None if f is None else _KINDS.get(f.type if isinstance(f.type, str) else f.type.__name__)
+        if f is None or f.default is MISSING or kind is None:
+            raise TypeError(f"{config_class.__name__}.{name} is not a field with a default of type int, float, bool or str")
+        section[name] = Field(f.default, kind, key.doc, key.choices, key.ge, key.gt, key.le)
+    return section
+
+
 def _length_table(distribution: str, median_s: float, shape: float, what: str) -> Section:
     return {
         "distribution": Field(distribution, str, f"distribution of {what} lengths", choices=DISTRIBUTIONS),
@@ -90,31 +119,26 @@ BASE_SCHEMA: Section = {
     "duration_s": Field(60.0, float, "simulated time to run, seconds", gt=0),
     "seed": Field(1, int, "the seed every random stream derives from (--seed overrides it)"),
     "trace": Field(True, bool, "hash the event trace (trace_hash); false runs a little faster"),
-    "network": {
-        "latency_model": Field("euclidean", str, "pairwise latency model", choices=LATENCY_MODELS),
-        "base_latency_ms": Field(10.0, float, "one-way latency every pair has at least, ms", ge=0),
-        "latency_scale_ms": Field(
-            100.0,
-            float,
+    "network": config_keys(
+        NetworkConfig,
+        latency_model=Tunable("pairwise latency model", choices=LATENCY_MODELS),
+        base_latency_ms=Tunable("one-way latency every pair has at least, ms", ge=0),
+        latency_scale_ms=Tunable(
             "euclidean: ms per unit of distance in the unit square; uniform: width of U(0, scale); "
             "lognormal: median of the pairwise part; constant: unused",
             ge=0,
         ),
-        "latency_sigma": Field(0.5, float, "lognormal shape (sigma of the log)", gt=0),
-        "jitter_ms": Field(0.0, float, "each message adds U(0, jitter_ms), ms", ge=0),
-        "loss": Field(0.0, float, "probability that a datagram is lost", ge=0, le=1),
-        "upload_bytes_per_s": Field(1_250_000.0, float, "per-node uplink for large messages", gt=0),
-        "download_bytes_per_s": Field(1_250_000.0, float, "per-node downlink for large messages", gt=0),
-        "large_message_bytes": Field(
-            1200, int, "messages larger than this go by stream: no loss, bandwidth applies", ge=0
-        ),
-        "encode": Field(
-            True,
-            bool,
+        latency_sigma=Tunable("lognormal shape (sigma of the log)", gt=0),
+        jitter_ms=Tunable("each message adds U(0, jitter_ms), ms", ge=0),
+        loss=Tunable("probability that a datagram is lost", ge=0, le=1),
+        upload_bytes_per_s=Tunable("per-node uplink for large messages", gt=0),
+        download_bytes_per_s=Tunable("per-node downlink for large messages", gt=0),
+        large_message_bytes=Tunable("messages larger than this go by stream: no loss, bandwidth applies", ge=0),
+        encode=Tunable(
             "messages travel as wire bytes (encoded, decoded, bad ones dropped and counted), as on a "
-            "socket; false passes objects, faster, and the trace hash no longer covers message content",
+            "socket; false passes objects, faster, and the trace hash no longer covers message content"
         ),
-    },
+    ),
     "churn": {
         "model": Field("none", str, "none, sessions (alternating renewal) or trace", choices=("none", "sessions", "trace")),
         "start_s": Field(0.0, float, "churn begins at this time (a warm-up before it); a trace's time 0", ge=0),

@@ -224,3 +224,25 @@ def test_registering_a_second_runner_under_a_taken_name_is_refused(churn_counter
 
     with pytest.raises(ValueError, match="already registered"):
         register_runner(Impostor)
+
+
+def test_a_config_key_takes_its_default_and_type_from_the_layer_config():
+    from dataclasses import dataclass
+
+    from p2pdeploy.overlay.kademlia import KademliaConfig
+    from p2pdeploy.sim.runners.overlay import OverlayRunner
+    from p2pdeploy.sim.schema import Tunable, config_keys
+
+    @dataclass(frozen=True)
+    class Knobs:
+        period_s: float = 2.5
+        tries: int = 4
+        name: str = "x"
+
+    keys = config_keys(Knobs, tries=Tunable("sends", ge=1), period_s=Tunable("how often", gt=0))
+    assert list(keys) == ["tries", "period_s"]
+    assert keys["tries"] == Field(4, int, "sends", ge=1) and keys["period_s"] == Field(2.5, float, "how often", gt=0)
+    with pytest.raises(TypeError, match="Knobs.speed is not a field"):
+        config_keys(Knobs, speed=Tunable("no such field"))
+    # the overlay scenario's k is KademliaConfig's, not a second copy of 20
+    assert OverlayRunner.schema["overlay"]["k"].default == KademliaConfig().k

@@ -37,7 +37,7 @@ from p2pdeploy.overlay.kademlia import Kademlia
 from p2pdeploy.sim.metrics import percentile_of_sorted, rounded
 from p2pdeploy.sim.runner import SummedCounters, register_runner
 from p2pdeploy.sim.runners.overlay import OverlayRunner, overlay_table_without_lookups
-from p2pdeploy.sim.schema import Field, config_from
+from p2pdeploy.sim.schema import Field, Tunable, config_from, config_keys
 
 if TYPE_CHECKING:
     from p2pdeploy.sim.scenario import Scenario
@@ -87,10 +87,13 @@ class BroadcastRunner(OverlayRunner):
             "interval_s": Field(30.0, float, "time between broadcasts (>= window_s)", gt=0),
             "window_s": Field(30.0, float, "each broadcast is measured over this window", gt=0),
             "payload_bytes": Field(64, int, "size of each broadcast's payload", ge=0),
-            "ack_timeout_s": Field(1.0, float, "reliable: a delegate must accept within this", gt=0),
-            "progress_interval_s": Field(1.0, float, "reliable: a busy delegate reports progress this often", gt=0),
-            "progress_misses": Field(3, int, "reliable: silent intervals before a delegate is replaced", ge=1),
-            "max_attempts": Field(16, int, "reliable: contacts tried per block before it is given up", ge=1),
+            **config_keys(
+                SpreadConfig,
+                ack_timeout_s=Tunable("reliable: a delegate must accept within this", gt=0),
+                progress_interval_s=Tunable("reliable: a busy delegate reports progress this often", gt=0),
+                progress_misses=Tunable("reliable: silent intervals before a delegate is replaced", ge=1),
+                max_attempts=Tunable("reliable: contacts tried per block before it is given up", ge=1),
+            ),
         },
     }
 

@@ -33,13 +33,11 @@ from p2pdeploy.overlay.identity import node_id_of
 from p2pdeploy.overlay.swim import DetectorConfig, FailureDetector, PeerDeclaredDead, PeerSuspected
 from p2pdeploy.sim.metrics import rounded
 from p2pdeploy.sim.runner import Runner, register_runner
-from p2pdeploy.sim.schema import Field, config_from
+from p2pdeploy.sim.schema import Field, Tunable, config_from, config_keys
 
 if TYPE_CHECKING:
     from p2pdeploy.sim.scenario import Scenario
     from p2pdeploy.sim.simulation import Simulation
-
-_DEFAULTS = DetectorConfig()
 
 
 @register_runner
@@ -49,19 +47,16 @@ class DetectorRunner(Runner):
         "detector": {
             "watch_min": Field(10, int, "each node watches at least this many random others", ge=1),
             "watch_max": Field(20, int, "and at most this many", ge=1),
-            "protocol_period_s": Field(
-                _DEFAULTS.protocol_period_s, float, "SWIM protocol period, seconds", gt=0
+            **config_keys(
+                DetectorConfig,
+                protocol_period_s=Tunable("SWIM protocol period, seconds", gt=0),
+                probe_timeout_s=Tunable("direct probe timeout, seconds", gt=0),
+                indirect_probes=Tunable("ping-req fan-out k", ge=0),
+                suspicion_min_mult=Tunable("shortest suspicion, in protocol periods", gt=0),
+                suspicion_max_mult=Tunable("longest suspicion, as a multiple of the shortest", ge=1),
+                confirmations=Tunable("Lifeguard's K", ge=0),
+                lha_max=Tunable("local health: timeouts scale up to this factor", ge=1),
             ),
-            "probe_timeout_s": Field(_DEFAULTS.probe_timeout_s, float, "direct probe timeout, seconds", gt=0),
-            "indirect_probes": Field(_DEFAULTS.indirect_probes, int, "ping-req fan-out k", ge=0),
-            "suspicion_min_mult": Field(
-                _DEFAULTS.suspicion_min_mult, float, "shortest suspicion, in protocol periods", gt=0
-            ),
-            "suspicion_max_mult": Field(
-                _DEFAULTS.suspicion_max_mult, float, "longest suspicion, as a multiple of the shortest", ge=1
-            ),
-            "confirmations": Field(_DEFAULTS.confirmations, int, "Lifeguard's K", ge=0),
-            "lha_max": Field(_DEFAULTS.lha_max, int, "local health: timeouts scale up to this factor", ge=1),
             "kills": Field(5, int, "how many nodes are killed (crash, never come back)", ge=0),
             "kill_start_s": Field(10.0, float, "first kill, seconds", ge=0),
             "kill_interval_s": Field(5.0, float, "seconds between kills", gt=0),

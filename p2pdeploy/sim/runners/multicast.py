@@ -43,7 +43,7 @@ from p2pdeploy.sim.metrics import rounded
 from p2pdeploy.sim.runner import SummedCounters, register_runner
 from p2pdeploy.sim.runners.broadcast import settled_at
 from p2pdeploy.sim.runners.overlay import OverlayRunner, overlay_table_without_lookups
-from p2pdeploy.sim.schema import Field, config_from
+from p2pdeploy.sim.schema import Field, Tunable, config_from, config_keys
 
 if TYPE_CHECKING:
     from p2pdeploy.sim.scenario import Scenario
@@ -79,7 +79,7 @@ class MulticastRunner(OverlayRunner):
         "detector": OverlayRunner.schema["detector"],
         "overlay": overlay_table_without_lookups(),
         "multicast": {
-            "tree": Field("members", str, "members (member-only dissemination tree) or scribe", choices=TREES),
+            **config_keys(MulticastConfig, tree=Tunable("members (member-only dissemination tree) or scribe", choices=TREES)),
             "group": Field("group/0", str, "the group's name; its root is the node closest to its id"),
             "members": Field(100, int, "nodes that join the group", ge=1),
             "join_delay_s": Field(5.0, float, "joins start this long after the build settled", ge=0),
@@ -90,13 +90,15 @@ class MulticastRunner(OverlayRunner):
             "outside_publishers": Field(0.2, float, "probability that a message comes from a non-member", ge=0, le=1),
             "reliable": Field(False, bool, "acknowledged hand-offs with re-delegation (members tree only)"),
             "payload_bytes": Field(64, int, "size of each message", ge=0),
-            "refresh_interval_s": Field(30.0, float, "members refresh their join this often", gt=0),
-            "anchors": Field(3, int, "nodes holding the member list: the root and the next closest", ge=1),
-            "view_per_subtree": Field(3, int, "members per sibling subtree in a member's view", ge=1),
-            "entries": Field(3, int, "entry members handed to a publisher outside the group", ge=1),
-            "hop_timeout_s": Field(1.0, float, "a routing hop that does not acknowledge within this is suspected",
-                                   gt=0),
-            "ack_timeout_s": Field(1.0, float, "reliable: a member must accept its block within this", gt=0),
+            **config_keys(
+                MulticastConfig,
+                refresh_interval_s=Tunable("members refresh their join this often", gt=0),
+                anchors=Tunable("nodes holding the member list: the root and the next closest", ge=1),
+                view_per_subtree=Tunable("members per sibling subtree in a member's view", ge=1),
+                entries=Tunable("entry members handed to a publisher outside the group", ge=1),
+                hop_timeout_s=Tunable("a routing hop that does not acknowledge within this is suspected", gt=0),
+            ),
+            **config_keys(SpreadConfig, ack_timeout_s=Tunable("reliable: a member must accept its block within this", gt=0)),
             "fail_at_s": Field(0.0, float, "crash the root and fail_members members at this time (0: never)", ge=0),
             "fail_members": Field(0, int, "members crashed at fail_at_s", ge=0),
         },

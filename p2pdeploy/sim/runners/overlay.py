@@ -45,7 +45,7 @@ from p2pdeploy.overlay.storage import LocalStore
 from p2pdeploy.overlay.swim import DetectorConfig, FailureDetector
 from p2pdeploy.sim.metrics import ratio
 from p2pdeploy.sim.runner import Runner, register_runner
-from p2pdeploy.sim.schema import Field, config_from
+from p2pdeploy.sim.schema import Field, Tunable, config_from, config_keys
 
 if TYPE_CHECKING:
     from p2pdeploy.sim.scenario import Scenario
@@ -72,13 +72,16 @@ class OverlayRunner(Runner):
     name = "overlay"
     schema = {
         "overlay": {
-            "k": Field(20, int, "bucket size and replication factor", ge=1),
-            "alpha": Field(3, int, "lookup parallelism", ge=1),
-            "disjoint_paths": Field(1, int, "S/Kademlia disjoint lookup paths", ge=1),
-            "rpc_timeout_s": Field(2.0, float, "per-request timeout, seconds", gt=0),
-            "refresh_interval_s": Field(3600.0, float, "bucket refresh period", gt=0),
-            "replicate_interval_s": Field(3600.0, float, "replica republish period", gt=0),
-            "republish_interval_s": Field(86400.0, float, "original publisher republish period", gt=0),
+            **config_keys(
+                KademliaConfig,
+                k=Tunable("bucket size and replication factor", ge=1),
+                alpha=Tunable("lookup parallelism", ge=1),
+                disjoint_paths=Tunable("S/Kademlia disjoint lookup paths", ge=1),
+                rpc_timeout_s=Tunable("per-request timeout, seconds", gt=0),
+                refresh_interval_s=Tunable("bucket refresh period", gt=0),
+                replicate_interval_s=Tunable("replica republish period", gt=0),
+                republish_interval_s=Tunable("original publisher republish period", gt=0),
+            ),
             "ttl_s": Field(86400.0, float, "TTL of stored values", gt=0),
             "build": Field("join", str, "how the network forms: join (real bootstrap) or oracle (prefilled tables)",
                            choices=("join", "oracle")),

@@ -60,7 +60,7 @@ from p2pdeploy.overlay.identity import node_id_of
 from p2pdeploy.overlay.kademlia import Kademlia
 from p2pdeploy.sim.runner import register_runner
 from p2pdeploy.sim.runners.overlay import OverlayRunner, overlay_table_without_lookups
-from p2pdeploy.sim.schema import Field, config_from
+from p2pdeploy.sim.schema import Field, Tunable, config_from, config_keys
 from p2pdeploy.sim.simulation import Simulation
 
 if TYPE_CHECKING:
@@ -73,17 +73,18 @@ class PersistenceRunner(OverlayRunner):
         "overlay": overlay_table_without_lookups("FIND_NODE lookups of random targets (a side workload)"),
         "detector": OverlayRunner.schema["detector"],
         "persistence": {
-            "replicas": Field(3, int, "copies of each chunk (r) of the main class of blobs", ge=1, le=16),
+            **config_keys(
+                PersistenceConfig,
+                replicas=Tunable("copies of each chunk (r) of the main class of blobs", ge=1, le=16),
+                chunk_bytes=Tunable("chunk size", ge=1, le=4 * 1024 * 1024),
+                repair_interval_s=Tunable("how often each held key is checked", gt=0),
+                scrub_interval_s=Tunable("how often local chunks are re-hashed", gt=0),
+                rpc_timeout_s=Tunable("timeout of small requests", gt=0),
+            ),
             "compare_replicas": Field(True, bool, "also store as many blobs with r = 1 and r = 2"),
             "blobs": Field(50, int, "blobs stored per replication class", ge=0),
             "blob_bytes": Field(600_000, int, "size of each blob", ge=0),
-            "chunk_bytes": Field(262_144, int, "chunk size", ge=1, le=4 * 1024 * 1024),
             "store_window_s": Field(60.0, float, "the puts are spread over this window", ge=0),
-            "repair_interval_s": Field(PersistenceConfig().repair_interval_s, float,
-                                       "how often each held key is checked", gt=0),
-            "scrub_interval_s": Field(PersistenceConfig().scrub_interval_s, float,
-                                      "how often local chunks are re-hashed", gt=0),
-            "rpc_timeout_s": Field(PersistenceConfig().rpc_timeout_s, float, "timeout of small requests", gt=0),
             "permanent_departures": Field(0.5, float, "share of departures that lose the disk for good",
                                           ge=0, le=1),
             "graceful_leaves": Field(0.0, float, "share of departures that hand their keys off first",

@@ -48,7 +48,7 @@ from p2pdeploy.resource.requirements import ParseError, Requirement
 from p2pdeploy.sim.metrics import percentile_of_sorted, ratio, rounded
 from p2pdeploy.sim.runner import register_runner
 from p2pdeploy.sim.runners.overlay import OverlayRunner, overlay_table_without_lookups
-from p2pdeploy.sim.schema import Field, config_from
+from p2pdeploy.sim.schema import Field, Tunable, config_from, config_keys
 
 if TYPE_CHECKING:
     import random
@@ -128,21 +128,23 @@ class ProspectorRunner(OverlayRunner):
         "detector": OverlayRunner.schema["detector"],
         "overlay": overlay_table_without_lookups(),
         "prospector": {
-            "tree": Field("p2pdeploy/resources", str, "the tree's name; its root is the node closest to its key"),
-            "update_interval_s": Field(10.0, float, "heartbeat: a node refreshes its parent at least this often",
-                                       gt=0),
-            "min_update_interval_s": Field(1.0, float, "rate bound: at most one update per this interval", gt=0),
-            "expiry_s": Field(25.0, float, "a child's contribution expires when not refreshed this long", gt=0),
-            "ack_timeout_s": Field(2.0, float, "an update not acked in this time is sent again", gt=0),
-            "update_tries": Field(2, int, "sends of an update before its parent is suspected", ge=1),
-            "suspect_s": Field(300.0, float, "how long a parent that did not ack is avoided", gt=0),
-            "rpc_timeout_s": Field(2.0, float, "a prospect visit's timeout", gt=0),
-            "root_timeout_s": Field(5.0, float, "timeout of a request routed to the root", gt=0),
-            "alpha": Field(3, int, "prospect visits in flight at once", ge=1),
-            "max_visits": Field(64, int, "a prospect's budget of visits", ge=1),
-            "verify_candidates": Field(True, bool, "visit candidates offered by their parents before returning them"),
-            "max_distinct": Field(16, int, "distinct strings listed per attribute in a summary", ge=1),
-            "top_k": Field(3, int, "TOP-K entries per top attribute", ge=0),
+            **config_keys(
+                ProspectorConfig,
+                tree=Tunable("the tree's name; its root is the node closest to its key"),
+                update_interval_s=Tunable("heartbeat: a node refreshes its parent at least this often", gt=0),
+                min_update_interval_s=Tunable("rate bound: at most one update per this interval", gt=0),
+                expiry_s=Tunable("a child's contribution expires when not refreshed this long", gt=0),
+                ack_timeout_s=Tunable("an update not acked in this time is sent again", gt=0),
+                update_tries=Tunable("sends of an update before its parent is suspected", ge=1),
+                suspect_s=Tunable("how long a parent that did not ack is avoided", gt=0),
+                rpc_timeout_s=Tunable("a prospect visit's timeout", gt=0),
+                root_timeout_s=Tunable("timeout of a request routed to the root", gt=0),
+                alpha=Tunable("prospect visits in flight at once", ge=1),
+                max_visits=Tunable("a prospect's budget of visits", ge=1),
+                verify_candidates=Tunable("visit candidates offered by their parents before returning them"),
+                max_distinct=Tunable("distinct strings listed per attribute in a summary", ge=1),
+                top_k=Tunable("TOP-K entries per top attribute", ge=0),
+            ),
             "owners": Field(40, int, "owners of the machines (Zipf-distributed)", ge=1),
             "check_interval_s": Field(1.0, float, "how often the root's COUNT and SUM are checked", gt=0),
             "sum_attribute": Field("memory_free", str, "the attribute whose SUM is checked"),
