@@ -186,6 +186,7 @@ def replica_layers(context: CoreContext) -> list[Protocol]:
         owner_keys=frozenset({context.identity.public_key}),
         config=context.remote,
         wall_clock_offset_s=context.wall_clock_offset_s,
+        started_s=context.now,
     )
     return [host, remote]
 

@@ -5,8 +5,10 @@ Ed25519 by the key that sends them, over the canonical wire encoding of the requ
 empty signature (``b"p2pdeploy remote v1\\n" + encode(request)``). Each carries the target
 node's id, a random 16-byte nonce and the sender's wall-clock timestamp, so a request cannot be
 replayed: not to another node (the node id is signed), not later (the timestamp must be within
-``window_s`` of the node's clock), and not within the window (the node keeps every nonce it
-accepted until its timestamp leaves the window).
+``window_s`` of the node's clock), not within the window (the node keeps every nonce it
+accepted until its timestamp leaves the window), and not after the node restarted, when that
+memory is gone (a request signed before the node started is refused: it may have been accepted
+by the node's previous run).
 
 A node answers every request with a reply (``StatusReply``, ``LogsReply``) or a ``Refused``
 naming the check that failed and why. :class:`RemoteControl` checks, in this order:
@@ -14,8 +16,9 @@ naming the check that failed and why. :class:`RemoteControl` checks, in this ord
 1. ``signature``: the request is signed by the key it names;
 2. ``node``: it is addressed to this node;
 3. ``stale``: its timestamp is within ``window_s`` of this node's wall clock;
-4. ``replay``: its nonce was not seen in the window (nonces are remembered only for keys the
-   node knows, so that strangers, refused next anyway, cannot fill the cache);
+4. ``replay``: it was signed after this node started, and its nonce was not seen in the window
+   (nonces are remembered only for keys the node knows, so that strangers, refused next anyway,
+   cannot fill the cache);
 5. ``trust`` (start, status): the owner trusts the key (``Contribution.trusted_keys``);
    ``authorization`` (stop, logs): the key started the replica, or is an owner key;
 6. ``bundle`` (start): the bundle's signature is valid, by a key the owner trusts, and the
@@ -306,7 +309,11 @@ class RemoteControl(Protocol):
         config: RemoteConfig | None = None,
         wall_clock_offset_s: float = 0.0,
         node_attributes_extra: Mapping[str, Any] | None = None,
+        started_s: float | None = None,
     ) -> None:
+        """``started_s``: when this node started, on the driver's clock; requests signed before it
+        are refused as replays (``None``: the node remembers every nonce it ever accepted, as in a
+        test that never restarts it)."""
         super().__init__()
         self.node_id = node_id
         self.host = host
@@ -315,6 +322,7 @@ class RemoteControl(Protocol):
         self.owner_keys = frozenset(owner_keys)
         self.config = config or RemoteConfig()
         self.wall_clock_offset_s = wall_clock_offset_s
+        self.started_s = started_s
         self.extra_attributes = dict(node_attributes_extra or {})
         #: Refusals by check (``signature``, ``replay``...), for the node's counters.
         self.refused: Counter[str] = Counter()
@@ -368,6 +376,10 @@ class RemoteControl(Protocol):
         if abs(skew) > window:
             direction = "ahead of" if skew > 0 else "behind"
             return "stale", f"stale: the request's timestamp is {abs(skew):.0f} s {direction} this node's clock (allowed ±{window:g} s)"
+        if self.started_s is not None and msg.timestamp < self.started_s + self.wall_clock_offset_s:
+            before = self.started_s + self.wall_clock_offset_s - msg.timestamp
+            return "replay", (f"replay: the request was signed {before:.1f} s before this node started, so it may "
+                              f"have been received already; sign it again")
         if msg.nonce in self._nonces:
             return "replay", "replay: this request (its nonce) was already received"
         if not self._known_key(msg.signer):

@@ -57,13 +57,14 @@ def signed_bundle(signer=DEPLOYER, **kwargs):
 class Link:
     """A node and a deployer's client; every message crosses the wire codec, as on a network."""
 
-    def __init__(self, contribution=None, config=None, client_identity=DEPLOYER, client_clock_offset_s=0.0):
+    def __init__(self, contribution=None, config=None, client_identity=DEPLOYER, client_clock_offset_s=0.0,
+                 started_s=None):
         contribution = contribution or Contribution(
             cpu_cores=2, memory_bytes=4 * GIB, max_services=8, trusted_keys=frozenset({DEPLOYER.public_key, COLLEAGUE.public_key})
         )
         self.host = ReplicaHost(contribution)
         self.node = RemoteControl(NODE.node_id, self.host, machine=MACHINE, owner_keys=frozenset({NODE.public_key}),
-                                  config=config)  # fmt: skip
+                                  config=config, started_s=started_s)  # fmt: skip
         self.client = RemoteClient(client_identity, random.Random(1), wall_clock_offset_s=client_clock_offset_s)
         self.node_events = []
         self.host_events = []
@@ -156,6 +157,25 @@ def test_a_replayed_start_request_is_refused():
     _, reply = replies[0]
     assert (reply.check, reply.reason) == ("replay", "replay: this request (its nonce) was already received")
     assert len(link.host.statuses()) == 1
+
+
+def test_a_request_signed_before_the_node_started_is_refused_as_a_replay():
+    """The nonces of the node's previous run are gone: a request of that run, still inside the
+    time window, would act twice (a stop captured on the wire, replayed after a restart)."""
+    first_run = Link()
+    assert isinstance(first_run.ask(lambda c, t: c.stop("node", NODE.node_id, "web-1", t)), Refused)
+    captured = first_run.sent[-1]
+    restarted = Link(started_s=NOW + 10)
+    assert isinstance(restarted.start(now=NOW + 11), StatusReply)
+    restarted.deliver(captured, NOW + 11)
+    (_, reply), = restarted.node.messages_to_send()
+    assert (reply.check, reply.reason) == (
+        "replay", "replay: the request was signed 10.0 s before this node started, so it may have been "
+        "received already; sign it again")
+    assert restarted.node.refused["replay"] == 1
+    assert restarted.host.status("web-1").state.value != "stopping"
+    # a request signed after the start is taken
+    assert isinstance(restarted.ask(lambda c, t: c.query("node", NODE.node_id, "web-1", t), NOW + 12), StatusReply)
 
 
 def test_a_request_from_outside_the_time_window_is_refused_as_stale():
