@@ -158,7 +158,7 @@ def kademlia_layer(context: CoreContext, detector: FailureDetector | None = None
     holding its values in ``context.overlay_store`` (memory when there is none); with a
     ``detector`` below it, dead contacts cost its lookups nothing."""
     return Kademlia(context.identity.node_id, split(context.rng), context.kademlia, store=context.overlay_store,
-                    detector=detector)
+                    detector=detector, identity=context.identity)
 
 
 def group_layers(context: CoreContext, overlay: Kademlia) -> list[Protocol]:

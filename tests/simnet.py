@@ -118,8 +118,9 @@ class SimNet:
     def _start(self, address: int, overlay_store: OverlayStore | None = None) -> None:
         host = self.sim.hosts[address]
         incarnation = host.incarnation + 1
+        identity = self.identity_of(address)  # a node given another id has no key to answer challenges with
         overlay = Kademlia(self.node_ids[address], self.sim.streams.fresh("node", address, incarnation), self.config,
-                           store=overlay_store)
+                           store=overlay_store, identity=identity if identity.node_id == self.node_ids[address] else None)
         self.prepare(address, overlay)
         stack = _NodeStack([overlay, *self.build_layers(address, overlay, incarnation)], self.sent, address)
         self.nodes[address] = stack

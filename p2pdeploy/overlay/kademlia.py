@@ -42,6 +42,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p2pdeploy.core import Address, Protocol, Rng, require_at_least, require_positive
+from p2pdeploy.overlay.admission import (
+    DEFAULT_PREFIX_EXEMPT,
+    NONCE_BYTES,
+    AddressPrefixes,
+    Challenge,
+    ChallengeAnswer,
+    answer,
+    proves,
+)
+from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.lookup import Lookup
 from p2pdeploy.overlay.routing import ID_SPACE, Contact, RoutingTable
 from p2pdeploy.overlay.storage import (
@@ -132,8 +142,8 @@ class RoutingSnapshot:
     contacts: list[Contact]
 
 
-REQUESTS = (Probe, FindNode, FindValue, Store)
-REPLIES = (ProbeReply, Nodes, Value, StoreReply)
+REQUESTS = (Probe, FindNode, FindValue, Store, Challenge)
+REPLIES = (ProbeReply, Nodes, Value, StoreReply, ChallengeAnswer)
 
 # -- events ---------------------------------------------------------------------------------
 
@@ -205,10 +215,23 @@ class KademliaConfig:
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     max_stored_items: int = DEFAULT_MAX_STORED_ITEMS
     max_stored_bytes: int = DEFAULT_MAX_STORED_BYTES
+    #: A contact joins the routing table only after it signed a challenge sent to its address
+    #: with the key its id is derived from (see ``admission.py``); needs the node's identity.
+    verify_contacts: bool = True
+    #: Challenges in flight at once; contacts heard beyond it wait until they are heard again.
+    max_challenges: int = 64
+    #: Contacts proved remembered (those outside the table too: a full bucket's newcomers).
+    max_verified: int = 4096
+    #: At most this many contacts of one address prefix (IPv4 /24, IPv6 /64) per bucket and
+    #: per table (0: no limit); addresses in ``prefix_exempt`` count under none.
+    prefix_per_bucket: int = 2
+    prefix_per_table: int = 10
+    prefix_exempt: tuple[str, ...] = DEFAULT_PREFIX_EXEMPT
 
     def __post_init__(self) -> None:
         require_at_least(self, "kademlia.", 1, "k", "alpha", "b", "disjoint_paths", "eviction_failures",
-                         "max_stored_items", "max_stored_bytes")
+                         "max_stored_items", "max_stored_bytes", "max_challenges", "max_verified")
+        require_at_least(self, "kademlia.", 0, "prefix_per_bucket", "prefix_per_table")
         require_positive(self, "kademlia.", "rpc_timeout_s", "refresh_interval_s", "replicate_interval_s",
                          "republish_interval_s", "default_ttl_s", "max_ttl_s", "expire_check_interval_s",
                          "watch_sync_interval_s")
@@ -223,6 +246,7 @@ class _Rpc:
     address: Address
     query_id: int | None
     sent_at: float
+    nonce: bytes = b""  # a challenge's
 
 
 @dataclass(slots=True)
@@ -240,6 +264,10 @@ class _Operation:
     stored: int = 0
     refusals: list[str] = field(default_factory=list)
     probes_waiting: int = 0
+    #: A join's self-lookup: challenges of the contacts it met, still in flight (the buckets it
+    #: refreshes next are those of the table they enter).
+    challenges_waiting: int = 0
+    looked_up: bool = False
     visible: bool = True  # emits an event when it ends (maintenance work does not)
 
 
@@ -248,13 +276,25 @@ class Kademlia(Protocol):
     consumes = (PeerDeclaredDead, PeerRecovered)
 
     def __init__(self, node_id: int, rng: Rng, config: KademliaConfig | None = None,
-                 store: OverlayStore | None = None, detector: FailureDetector | None = None) -> None:
+                 store: OverlayStore | None = None, detector: FailureDetector | None = None,
+                 identity: Identity | None = None) -> None:
+        """``identity``: the node's key pair, to answer other nodes' challenges (``node_id`` is its id)."""
         super().__init__()
         self.node_id = node_id
         self.rng = rng
         self.config = config or KademliaConfig()
         c = self.config
-        self.table = RoutingTable(node_id, c.k, c.b, eviction_failures=c.eviction_failures)
+        if identity is not None and identity.node_id != node_id:
+            raise ValueError("the identity's node id is not this node's")
+        self.identity = identity
+        prefixes = AddressPrefixes(c.prefix_exempt)
+        self.table = RoutingTable(node_id, c.k, c.b, eviction_failures=c.eviction_failures,
+                                  prefix_of=prefixes.prefix_of, prefix_per_bucket=c.prefix_per_bucket,
+                                  prefix_per_table=c.prefix_per_table)
+        #: Contacts that proved their key at their address: node id -> address (bounded, oldest out).
+        self._verified: dict[int, Address] = {}
+        #: Challenges in flight: the challenged node id -> the challenge's rpc id.
+        self._challenging: dict[int, int] = {}
         #: The items held and the republish list (``store=``: e.g. a durable one the driver opened).
         self.store: OverlayStore = store if store is not None else LocalStore(c.max_stored_items, c.max_stored_bytes)
         self._rpcs: dict[int, _Rpc] = {}
@@ -414,7 +454,12 @@ class Kademlia(Protocol):
             return
         self.counters["requests_received"] += 1
         self._heard(Contact(msg.sender, src), now)
-        if kind is Probe:
+        if kind is Challenge:
+            if self.identity is None or len(msg.nonce) != NONCE_BYTES:
+                self.dropped["challenge_unanswered"] += 1
+            else:
+                self.send(src, answer(self.identity, msg))
+        elif kind is Probe:
             self.send(src, ProbeReply(msg.rpc_id, self.node_id))
         elif kind is FindNode:
             self.send(src, Nodes(msg.rpc_id, self.node_id, self._closest_for(msg.target, msg.sender)))
@@ -453,16 +498,26 @@ class Kademlia(Protocol):
         del self._rpcs[msg.rpc_id]
         self.cancel_timer(("rpc", msg.rpc_id))
         contact = Contact(msg.sender, src)
-        self._probing.discard(msg.sender)
-        self._heard(contact, now)
         op = self._ops.get(rpc.query_id) if rpc.query_id is not None else None
+        kind = type(msg)
+        if kind is ChallengeAnswer:
+            self._answered(contact, msg, rpc.nonce, now)
+            if op is not None and op.kind == "join":
+                self._join_challenge_done(op, now)
+            return
+        self._probing.discard(msg.sender)
+        # a join waits for the challenges of the contacts it meets: a bootstrap contact counts
+        # as answered once it is in the table, and buckets are refreshed once those met are in
+        proving = (op is not None and op.kind == "join" and self.config.verify_contacts
+                   and not self._proved(contact) and self._challenge(contact, now, op))
+        if proving and op is not None and op.lookup is not None:
+            op.challenges_waiting += 1
+        self._heard(contact, now)
         if op is None:
             return
-        kind = type(msg)
         if kind is ProbeReply and op.kind == "join":
-            op.probes_waiting -= 1
-            if op.probes_waiting == 0:
-                self._join_probed(op, now)
+            if not proving or op.lookup is not None:
+                self._join_probe_done(op, now)
         elif kind is StoreReply:
             op.stores_waiting -= 1
             if msg.ok:
@@ -551,6 +606,13 @@ class Kademlia(Protocol):
         if rpc is None:
             return
         self.counters["timeouts"] += 1
+        if rpc.nonce:
+            self._challenging.pop(rpc.contact.node_id if rpc.contact is not None else -1, None)
+            self.dropped["challenge_timeout"] += 1
+            op = self._ops.get(rpc.query_id) if rpc.query_id is not None else None
+            if op is not None and op.kind == "join":
+                self._join_challenge_done(op, now)
+            return
         if rpc.contact is not None:
             node_id = rpc.contact.node_id
             self.table.failed(node_id)
@@ -576,15 +638,62 @@ class Kademlia(Protocol):
 
     # -- routing-table upkeep --------------------------------------------------------------
     def _heard(self, contact: Contact, now: float) -> None:
+        if self.config.verify_contacts and not self._proved(contact):
+            self._challenge(contact, now)
+            return
         if self.detector is not None:
             self.detector.heard(contact.node_id, contact.address, now)  # evidence of life
         result = self.table.add(contact)
-        if result.outcome == "added":
+        if result.outcome == "crowded":
+            self.dropped["prefix_crowded"] += 1
+        elif result.outcome == "added":
             self._watch(contact, now)
         if result.probe is not None and result.probe.node_id not in self._probing:
             self._probe_lrs(result.probe, now)
         elif result.outcome == "added" and len(self.store):
             self._hand_off(contact, now)
+
+    # -- admission (see admission.py) ------------------------------------------------------
+    def _proved(self, contact: Contact) -> bool:
+        known = self.table.get(contact.node_id)
+        if known is not None and known.address == contact.address:
+            return True
+        return self._verified.get(contact.node_id) == contact.address
+
+    def _challenge(self, contact: Contact, now: float, op: _Operation | None = None) -> bool:
+        """Challenge ``contact`` unless too many challenges are in flight; True when one of it is
+        in flight now, whose answer or timeout is ``op``'s (if given, and the challenge had none)."""
+        if contact.node_id == self.node_id:
+            return False
+        in_flight = self._challenging.get(contact.node_id)
+        if in_flight is not None:
+            rpc = self._rpcs[in_flight]
+            if op is None or rpc.query_id is not None:
+                return False
+            rpc.query_id = op.query_id
+            return True
+        if len(self._challenging) >= self.config.max_challenges:
+            self.dropped["challenge_busy"] += 1
+            return False
+        self.counters["challenges_sent"] = self.counters.get("challenges_sent", 0) + 1
+        nonce = self.rng.getrandbits(8 * NONCE_BYTES).to_bytes(NONCE_BYTES, "big")
+        rpc_id = self._rpc_id()
+        self._challenging[contact.node_id] = rpc_id
+        self._rpcs[rpc_id] = _Rpc(contact, contact.address, op.query_id if op else None, now, nonce)
+        self._send_request(contact.address, Challenge(rpc_id, self.node_id, nonce), rpc_id, now)
+        return True
+
+    def _answered(self, contact: Contact, msg: ChallengeAnswer, nonce: bytes, now: float) -> None:
+        self._challenging.pop(contact.node_id, None)
+        if not proves(msg, contact.node_id, nonce, self.node_id):
+            self.dropped["challenge_failed"] += 1
+            return
+        verified = self._verified
+        verified.pop(contact.node_id, None)
+        verified[contact.node_id] = contact.address
+        while len(verified) > self.config.max_verified:
+            del verified[next(iter(verified))]
+        self._heard(contact, now)
 
     def _hand_off(self, newcomer: Contact, now: float) -> None:
         """A node we did not know may be one of the k closest to keys we hold: give it those.
@@ -675,7 +784,9 @@ class Kademlia(Protocol):
                 self._request(contact, Store(0, self.node_id, op.target, op.item, op.ttl_s), op, now)
             op.stores_waiting = len(targets)
         elif op.kind == "join":
-            self._join_looked_up(op, now)
+            op.looked_up = True
+            if op.challenges_waiting == 0:
+                self._join_looked_up(op, now)
         else:
             self._finish(op, now)
 
@@ -705,6 +816,20 @@ class Kademlia(Protocol):
                     self._request(candidate.contact, Store(0, self.node_id, op.target, best, cache_ttl, True), None, now)
                     break
         self._finish(op, now, item=best, ttl_s=ttl_s)
+
+    def _join_challenge_done(self, op: _Operation, now: float) -> None:
+        if op.lookup is None:
+            self._join_probe_done(op, now)
+            return
+        op.challenges_waiting -= 1
+        if op.challenges_waiting == 0 and op.looked_up:
+            self._join_looked_up(op, now)
+
+    def _join_probe_done(self, op: _Operation, now: float) -> None:
+        if op.probes_waiting > 0 and op.lookup is None:
+            op.probes_waiting -= 1
+            if op.probes_waiting == 0:
+                self._join_probed(op, now)
 
     def _join_probed(self, op: _Operation, now: float) -> None:
         """Bootstrap contacts answered (or not): look ourselves up."""

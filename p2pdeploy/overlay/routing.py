@@ -17,7 +17,7 @@ Not here: sending probes (the protocol in ``kademlia.py`` asks ``add`` what to p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 
 from p2pdeploy.wire import ID_BITS, Address, NodeId, record
@@ -94,8 +94,8 @@ class KBucket:
 
 @dataclass(frozen=True, slots=True)
 class AddResult:
-    """What ``RoutingTable.add`` did: ``added``/``updated``/``pending`` (in the replacement cache)
-    or ``ignored`` (our own id). ``probe`` is the least-recently-seen contact of a full bucket that
+    """What ``RoutingTable.add`` did: ``added``/``updated``/``pending`` (in the replacement cache),
+    ``ignored`` (our own id) or ``crowded`` (its address prefix is at its limit). ``probe`` is the least-recently-seen contact of a full bucket that
     the protocol should check before the newcomer can take its place."""
 
     outcome: str
@@ -110,7 +110,15 @@ class RoutingTable:
         b: int = 5,
         replacement_cache_size: int | None = None,
         eviction_failures: int = 3,
+        *,
+        prefix_of: Callable[[Address], Hashable | None] | None = None,
+        prefix_per_bucket: int = 0,
+        prefix_per_table: int = 0,
     ) -> None:
+        """``prefix_of`` names the address prefix a contact counts under (``None``: none); a new
+        contact is refused (``crowded``) when its bucket (one that does not split: entries and
+        replacements together) holds ``prefix_per_bucket`` of its prefix, or the table
+        ``prefix_per_table`` (0: no limit)."""
         if k < 1:
             raise ValueError(f"k must be >= 1 (got {k})")
         if b < 1:
@@ -120,6 +128,9 @@ class RoutingTable:
         self.b = b
         self.replacement_cache_size = replacement_cache_size if replacement_cache_size is not None else 5 * k
         self.eviction_failures = eviction_failures
+        self.prefix_of = prefix_of
+        self.prefix_per_bucket = prefix_per_bucket
+        self.prefix_per_table = prefix_per_table
         self.buckets: list[KBucket] = [KBucket(0, 0)]
 
     # -- lookup of buckets --------------------------------------------------------------------
@@ -151,6 +162,8 @@ class RoutingTable:
             if entry is not None:  # seen again: most recently seen goes to the tail
                 bucket.entries[node_id] = _Entry(contact, 0)
                 return AddResult("updated")
+            if self.prefix_of is not None and node_id not in bucket.replacements and self._crowded(bucket, contact):
+                return AddResult("crowded")
             if len(bucket.entries) < self.k:
                 bucket.entries[node_id] = _Entry(contact)
                 bucket.replacements.pop(node_id, None)
@@ -164,6 +177,26 @@ class RoutingTable:
             while len(cache) > self.replacement_cache_size:
                 del cache[next(iter(cache))]
             return AddResult("pending", bucket.least_recently_seen().contact)
+
+    def _crowded(self, bucket: KBucket, contact: Contact) -> bool:
+        prefix_of = self.prefix_of
+        assert prefix_of is not None
+        prefix = prefix_of(contact.address)
+        if prefix is None:
+            return False
+
+        def same(contacts: Iterable[Contact]) -> int:
+            return sum(1 for c in contacts if prefix_of(c.address) == prefix)
+
+        def held(b: KBucket) -> Iterable[Contact]:
+            yield from (e.contact for e in b.entries.values())
+            yield from b.replacements.values()
+
+        # a bucket that splits when full (ours) is a neighbourhood still to be divided: the limit
+        # per bucket applies to the buckets it divides into, so that a small network fills it
+        if self.prefix_per_bucket and not self._may_split(bucket) and same(held(bucket)) >= self.prefix_per_bucket:
+            return True
+        return bool(self.prefix_per_table) and same(c for b in self.buckets for c in held(b)) >= self.prefix_per_table
 
     def _may_split(self, bucket: KBucket) -> bool:
         if bucket.depth >= ID_BITS:
@@ -184,7 +217,28 @@ class RoutingTable:
                 half.entries[node_id] = _Entry(contact)
             else:
                 half.replacements[node_id] = contact
+        if self.prefix_of is not None and self.prefix_per_bucket:
+            for half in (low_half, high_half):
+                if not self._may_split(half):
+                    self._trim(half)
         self.buckets[index : index + 1] = [low_half, high_half]
+
+    def _trim(self, bucket: KBucket) -> None:
+        """A bucket that no longer splits keeps the oldest ``prefix_per_bucket`` contacts of a
+        prefix (entries first, then replacements); the others leave the table."""
+        prefix_of = self.prefix_of
+        assert prefix_of is not None
+        seen: dict[Hashable, int] = {}
+
+        def keep(contact: Contact) -> bool:
+            prefix = prefix_of(contact.address)
+            if prefix is None:
+                return True
+            seen[prefix] = seen.get(prefix, 0) + 1
+            return seen[prefix] <= self.prefix_per_bucket
+
+        bucket.entries = {node_id: e for node_id, e in bucket.entries.items() if keep(e.contact)}
+        bucket.replacements = {node_id: c for node_id, c in bucket.replacements.items() if keep(c)}
 
     def failed(self, node_id: int) -> bool:
         """Count a failed request to ``node_id``; returns True when it was evicted.

@@ -124,6 +124,8 @@ def kademlia_config(overrides: Sequence[tuple[str, str]]) -> KademliaConfig:
                 if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
                     raise ValueError
                 values[name] = lowered in ("true", "1", "yes", "on")
+            elif typing.get_origin(kind) is tuple:  # a list, comma-separated: prefix_exempt=10.0.0.0/8,::1/128
+                values[name] = tuple(part.strip() for part in text.split(",") if part.strip())
             else:
                 values[name] = kind(text)
         except ValueError:

@@ -56,6 +56,11 @@ class NodeRunner(PersistenceRunner):
     name = "node"
     schema = {
         **PersistenceRunner.schema,
+        "overlay": {
+            **PersistenceRunner.schema["overlay"],
+            "verify_contacts": Field(True, bool, "a contact joins a routing table only after it signed a challenge at "
+                                     "its address with its key, as on a real node"),
+        },
         "node": {
             "prospects": Field(200, int, "prospects asked from random live nodes over the workload window", ge=0),
             "prospect_n": Field(3, int, "nodes each prospect asks for", ge=1),

@@ -100,6 +100,8 @@ class OverlayRunner(Runner):
                              "restarts, as a machine keeps its disk"),
             "identities": Field("hash", str, "node ids: ed25519 (seeded key pairs) or hash (same distribution)",
                                 choices=("ed25519", "hash")),
+            "verify_contacts": Field(False, bool, "a contact joins a routing table only after it signed a challenge "
+                                     "at its address with its key (a real node's default; needs ed25519 identities)"),
         },
         "detector": detector_schema(enabled=False),
     }
@@ -114,6 +116,8 @@ class OverlayRunner(Runner):
         settings = scenario.values["overlay"]
         if settings["gets"] and not settings["values"]:
             raise scenario.error("overlay.gets", "needs overlay.values >= 1 to have something to get")
+        if settings["verify_contacts"] and settings["identities"] != "ed25519":
+            raise scenario.error("overlay.verify_contacts", 'needs overlay.identities = "ed25519" (keys to sign with)')
 
     def __init__(self, scenario: Scenario, sim: Simulation) -> None:
         super().__init__(scenario, sim)
@@ -123,8 +127,10 @@ class OverlayRunner(Runner):
         self.config = config_from(s, KademliaConfig, default_ttl_s=s["ttl_s"],
                                   max_ttl_s=max(s["ttl_s"], KademliaConfig().max_ttl_s))
         streams = sim.streams
+        self.identities: list[Identity] | None = None
         if s["identities"] == "ed25519":
-            self.node_ids = [Identity.from_seed(streams.bytes("identity", i)).node_id for i in range(nodes)]
+            self.identities = [Identity.from_seed(streams.bytes("identity", i)) for i in range(nodes)]
+            self.node_ids = [identity.node_id for identity in self.identities]
         else:
             self.node_ids = [node_id_of(streams.bytes("identity", i)) for i in range(nodes)]
         self.address_of = {node_id: address for address, node_id in enumerate(self.node_ids)}
@@ -169,7 +175,8 @@ class OverlayRunner(Runner):
                                        self.detector_config)
         self.below_overlay[address] = [] if detector is None else [detector]
         core = Kademlia(self.node_ids[address], self.sim.streams.fresh("node", address, host.incarnation + 1),
-                        self.config, store=store, detector=detector)
+                        self.config, store=store, detector=detector,
+                        identity=None if self.identities is None else self.identities[address])
         self.cores[address] = core
         return self.stack(address, core)
 
