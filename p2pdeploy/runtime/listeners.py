@@ -13,7 +13,8 @@ Every accept loop of a node (the TCP transport, the state API, the control socke
   ``message_timeout_s``. The handler reads through :meth:`Connection.receive_some`, which applies them.
 - a bound on bytes buffered for partial frames, per connection and over the listener: the length
   a frame announces is reserved (:meth:`Connection.reserve`) before its bytes are read, so a frame
-  larger than what is left is refused at its length prefix.
+  larger than a connection may buffer is refused at its length prefix; when the listener's total
+  is short, the partial frame begun longest ago is dropped with its connection to make room.
 - an accept loop that survives running out of descriptors: EMFILE/ENFILE back off (up to a
   second) instead of spinning, and are logged through :class:`RefusalLog`.
 
@@ -222,10 +223,17 @@ class ConnectionGuard:
         self.count("evicted")
 
     def _reserve(self, connection: Connection, nbytes: int) -> bool:
-        if (connection.buffered_bytes + nbytes > self.limits.max_buffered_bytes_per_connection
-                or self.buffered_bytes + nbytes > self.limits.max_buffered_bytes_total):
+        if connection.buffered_bytes + nbytes > self.limits.max_buffered_bytes_per_connection:
             self.count("buffer_refused")
             return False
+        while self.buffered_bytes + nbytes > self.limits.max_buffered_bytes_total:
+            # The partial frame begun longest ago yields: on a healthy link a frame takes moments,
+            # so the oldest is the likeliest to be held open on purpose.
+            holders = [c for c in self.connections if c.buffered_bytes and c is not connection and not c.busy]
+            if not holders:
+                self.count("buffer_refused")
+                return False
+            self._evict(min(holders, key=lambda c: c.message_deadline))
         connection.buffered_bytes += nbytes
         self.buffered_bytes += nbytes
         return True
