@@ -6,10 +6,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import resource
 from collections import Counter
 
-import pytest
 import trio
 
 from p2pdeploy.cli import AbsolutePath
@@ -21,17 +19,9 @@ from p2pdeploy.runtime.listeners import ConnectionGuard, ListenerLimits, Refusal
 from p2pdeploy.runtime.node import RuntimeConfig, RuntimeNode, open_node
 from p2pdeploy.runtime.transport import TransportConfig
 
+from .test_listener_processes import raise_descriptor_limit
+
 BOUND_S = 30.0
-
-
-def raise_descriptor_limit(needed: int) -> None:
-    """Let this process hold ``needed`` descriptors (up to its hard limit), or skip."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= needed:
-        return
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        pytest.skip(f"needs {needed} descriptors; the hard limit is {hard}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 def limits(**changes: object) -> ListenerLimits:

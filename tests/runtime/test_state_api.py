@@ -148,16 +148,19 @@ async def test_a_header_holding_a_non_ascii_digit_gets_a_400_and_no_traceback(ca
         server = node.state_server
         token = server.register("wiki").token
         port = port_of(server.url)
-        answers = [
-            await raw_exchange(port, "PUT /v1/state/k HTTP/1.1\r\nHost: x\r\nContent-Length: ²\r\n\r\n".encode()),
-            await raw_exchange(port, (f"PUT /v1/state/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-                                      "If-Match: ²\r\nContent-Length: 1\r\n\r\nx").encode()),
-            await raw_exchange(port, b"GET /v1/state/k HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000
-                               + b"\r\n\r\n"),
-        ]
+        answers = []
+        for encoding in ("latin-1", "utf-8"):  # one byte 0xb2, or two
+            answers += [
+                await raw_exchange(port, "PUT /v1/state/k HTTP/1.1\r\nHost: x\r\nContent-Length: ²\r\n\r\n"
+                                   .encode(encoding)),
+                await raw_exchange(port, (f"PUT /v1/state/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}"
+                                          "\r\nIf-Match: ²\r\nContent-Length: 1\r\n\r\nx").encode(encoding)),
+            ]
+        answers.append(await raw_exchange(port, b"GET /v1/state/k HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                                          + b"9" * 5000 + b"\r\n\r\n"))
         for answer in answers:
             assert answer.startswith(b"HTTP/1.1 400 "), answer
-        assert node.counters["state_api_bad_request"] == 3
+        assert node.counters["state_api_bad_request"] == 5
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
