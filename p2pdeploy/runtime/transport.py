@@ -61,7 +61,7 @@ class TransportConfig:
     #: quiet connection is closed by the peer first); a partial frame may buffer up to
     #: ``stream_limit_bytes`` (one frame) per connection.
     inbound: ListenerLimits = field(default_factory=lambda: ListenerLimits(
-        max_connections=256, max_connections_per_source=64, header_timeout_s=10.0, idle_timeout_s=60.0,
+        max_connections=256, max_connections_per_source=128, header_timeout_s=10.0, idle_timeout_s=60.0,
         message_timeout_s=60.0, max_buffered_bytes_per_connection=STREAM_LIMIT_BYTES,
         max_buffered_bytes_total=64 * 1024 * 1024))
 
