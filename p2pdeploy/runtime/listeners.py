@@ -40,6 +40,7 @@ from typing import Any
 import trio
 
 from p2pdeploy.core import require_positive
+from p2pdeploy.wire import STREAM_LIMIT_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +52,24 @@ ACCEPT_BACKOFF_MAX_S = 1.0
 
 @dataclass(frozen=True, slots=True)
 class ListenerLimits:
-    """What one listener lets its clients hold (see the module docstring for how each applies)."""
+    """What one listener lets its clients hold (see the module docstring for how each applies);
+    the defaults are the TCP transport's.
 
-    #: Connections served at once; a new one over the cap replaces the quietest.
+    ``max_connections`` are served at once, ``max_connections_per_source`` of them from one
+    address (on loopback every client shares one); a new connection over either cap replaces the
+    quietest. The first frame or request head must arrive within ``header_timeout_s`` of the
+    accept; a connection silent for ``idle_timeout_s`` is closed; a frame or body, once begun, must
+    be complete within ``message_timeout_s``. One connection may buffer
+    ``max_buffered_bytes_per_connection`` for its partial frame or body (the transport's default
+    is one frame of ``wire.STREAM_LIMIT_BYTES``), all of them ``max_buffered_bytes_total``.
+    """
+
     max_connections: int = 256
-    #: Connections served at once from one source address (on loopback every client shares one).
-    max_connections_per_source: int = 64
-    #: The first frame (hello) or request head must arrive within this of the accept.
+    max_connections_per_source: int = 128
     header_timeout_s: float = 10.0
-    #: A connection silent this long is closed.
     idle_timeout_s: float = 60.0
-    #: A frame or request body, once begun, must be complete within this.
     message_timeout_s: float = 60.0
-    #: Bytes one connection may have buffered for its partial frame or body.
-    max_buffered_bytes_per_connection: int = 8 * 1024 * 1024
-    #: Bytes all the listener's connections may have buffered together.
+    max_buffered_bytes_per_connection: int = STREAM_LIMIT_BYTES
     max_buffered_bytes_total: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
@@ -265,8 +269,9 @@ async def serve_bounded(
     """Accept on ``listener`` until cancelled and serve each admitted connection with
     ``handler(stream, connection)`` in a nursery of its own; the listener is closed on the way out.
 
-    The handler's I/O errors (a client that hung up, reset, ...) end its connection only; the
-    stream is closed, and the connection's slot freed, however the handler ends.
+    The handler's I/O errors (a client that hung up, reset, ...) end its connection only, and so
+    does any other exception (counted as ``<name>_failed`` and logged); the stream is closed,
+    and the connection's slot freed, however the handler ends.
     """
     async with listener, trio.open_nursery() as nursery:
         task_status.started()
@@ -299,6 +304,10 @@ async def _serve_one(stream: trio.SocketStream, connection: Connection, handler:
             await handler(stream, connection)
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         refusals.debug(f"{guard.name} broken", "%s: connection from %s failed: %r", guard.name, connection.source, exc)
+    except Exception:  # a defect the client's input reached: it ends this connection, never the node
+        guard.count("failed")
+        refusals.log(logging.ERROR, f"{guard.name} failed", "%s: serving a connection from %s failed",
+                     guard.name, connection.source, exc_info=True)
     finally:
         guard.release(connection)
         await trio.aclose_forcefully(stream)

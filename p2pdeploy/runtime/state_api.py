@@ -351,6 +351,8 @@ async def _read_request(http: h11.Connection, stream: trio.SocketStream, connect
                 too_large = True
             elif length is not None and not connection.reserve(length):
                 raise _BadRequest(503, "too many requests in progress; try again")
+            elif http.they_are_waiting_for_100_continue:  # curl asks before sending a larger body
+                await stream.send_all(http.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
         elif isinstance(event, h11.Data):
             received += len(event.data)
             too_large = too_large or received > max_body

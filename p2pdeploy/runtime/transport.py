@@ -58,12 +58,9 @@ class TransportConfig:
     #: An outgoing connection without traffic this long is closed (a new message opens another).
     tcp_idle_s: float = 30.0
     #: Bounds on accepted connections. Their idle timeout must exceed ``tcp_idle_s`` (a peer's
-    #: quiet connection is closed by the peer first); a partial frame may buffer up to
-    #: ``stream_limit_bytes`` (one frame) per connection.
-    inbound: ListenerLimits = field(default_factory=lambda: ListenerLimits(
-        max_connections=256, max_connections_per_source=128, header_timeout_s=10.0, idle_timeout_s=60.0,
-        message_timeout_s=60.0, max_buffered_bytes_per_connection=STREAM_LIMIT_BYTES,
-        max_buffered_bytes_total=64 * 1024 * 1024))
+    #: quiet connection is closed by the peer first), and a connection must be allowed to buffer
+    #: one frame (raise ``max_buffered_bytes_per_connection`` with ``stream_limit_bytes``).
+    inbound: ListenerLimits = field(default_factory=ListenerLimits)
 
 
 def path_for(size_bytes: int) -> str:

@@ -197,3 +197,26 @@ def test_paths_given_on_the_command_line_are_made_absolute(tmp_path, monkeypatch
     assert AbsolutePath(file_okay=False).convert("data", None, None) == str(tmp_path / "data")
     node = RuntimeNode(Identity.generate(), data_dir="data")
     assert node.data_dir == tmp_path / "data"
+
+
+async def test_a_handler_that_breaks_ends_its_connection_only(caplog):
+    counters: Counter[str] = Counter()
+    guard = ConnectionGuard("test", limits(), counters)
+    served = []
+
+    async def handler(stream, connection):
+        served.append(connection.source)
+        if len(served) == 1:
+            raise ValueError("a defect some input reached")
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_bounded, listeners[0], handler, guard, RefusalLog(logging.getLogger("test")))
+        for _ in range(2):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            with trio.fail_after(BOUND_S):
+                assert await closed_by_peer(stream)
+        nursery.cancel_scope.cancel()
+    assert served == ["127.0.0.1", "127.0.0.1"] and counters["test_failed"] == 1
+    assert not guard.connections

@@ -187,3 +187,19 @@ async def test_state_api_connections_held_open_do_not_lock_services_out():
         finally:
             for stream in held:
                 await trio.aclose_forcefully(stream)
+
+
+async def test_a_client_that_expects_100_continue_is_told_to_send_its_body():
+    async with open_node(("127.0.0.1", 0)) as node:
+        stream = await trio.open_tcp_stream("127.0.0.1", port_of(node.state_server.url))
+        async with stream:
+            await stream.send_all(b"PUT /v1/state/k HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                                  b"Content-Length: 5\r\n\r\n")
+            with trio.fail_after(30):
+                interim = await stream.receive_some(65536)
+                assert interim.startswith(b"HTTP/1.1 100 "), interim
+                await stream.send_all(b"hello")
+                answer = b""
+                while chunk := await stream.receive_some(65536):
+                    answer += chunk
+        assert answer.startswith(b"HTTP/1.1 401 "), answer
