@@ -28,6 +28,8 @@ NODE_DESCRIPTORS = 1024
 HALF_FRAMES = 60
 #: What the node may grow by under the attack: the listeners' buffer totals and some slack.
 MEMORY_GROWTH_BOUND_BYTES = 256 * 1024 * 1024
+#: A connection the node's backlog has no room for is given up (the SYN would be retried for long).
+CONNECT_TIMEOUT_S = 1.0
 
 
 def raise_descriptor_limit(needed: int) -> None:
@@ -42,10 +44,11 @@ def raise_descriptor_limit(needed: int) -> None:
 
 async def hold(connect, first_bytes: bytes, held: list) -> None:
     """Open a connection with ``connect`` and keep it, whatever the node does with it."""
-    try:
+    stream = None
+    with suppress(OSError), trio.move_on_after(CONNECT_TIMEOUT_S):
         stream = await connect()
-    except OSError:
-        return  # a full backlog: one fewer held
+    if stream is None:
+        return  # refused, or a full backlog: one fewer held
     held.append(stream)
     if first_bytes:
         with suppress(trio.BrokenResourceError, OSError):  # the node closed it already
@@ -127,5 +130,49 @@ async def test_a_node_with_1024_descriptors_stays_up_and_serves_while_1100_conne
         finally:
             for stream in held:
                 await trio.aclose_forcefully(stream)
+        target.terminate()
+        assert await target.wait_exit() == 0, target.transcript()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit(1) to limit the node's descriptors")
+async def test_a_node_out_of_descriptors_backs_off_quietly_and_serves_again_when_they_are_freed(tmp_path):
+    """With 200 descriptors the caps cannot save it: accepts fail with EMFILE. The node neither
+    exits nor floods its log, and serves as soon as the connections are gone."""
+    raise_descriptor_limit(2 * 400 + 1024)
+    data = tmp_path / "data.bin"
+    data.write_bytes(bytes(range(256)) * 2000)
+    limited = ("prlimit", "--nofile=200:200", "--")
+    held: list[trio.SocketStream] = []
+    async with open_local_processes() as local:
+        target = await local.start_join(tmp_path / "target", name="target", command_prefix=limited)
+        seed = await target.wait_listening()
+        peer = await local.start_join(tmp_path / "peer", bootstrap=[seed], name="peer")
+        await peer.wait_listening()
+        for node in (target, peer):
+            await node.wait_for_line(lambda line: line.startswith("overlay joined"))
+        status = await run_p2pdeploy("status", "--json", "--data-dir", str(tmp_path / "target"))
+        state_port = int(json.loads(status.stdout)["state_url"].removeprefix("http://127.0.0.1:").split("/")[0])
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(400):
+                    nursery.start_soon(hold, lambda: trio.open_tcp_stream(*target.address), hello(9), held)
+                    nursery.start_soon(hold, lambda: trio.open_tcp_stream("127.0.0.1", state_port),
+                                       b"GET / HTTP/1.1\r\n", held)
+            # Out of descriptors for a while (the listen backlogs hold what it cannot accept).
+            with trio.fail_after(30):
+                while not any("cannot accept" in line for line in target.stderr_lines):
+                    await trio.sleep(0.05)
+        finally:
+            for stream in held:
+                await trio.aclose_forcefully(stream)
+        stored = await run_p2pdeploy("blob", "put", str(data), "--data-dir", str(tmp_path / "peer"), timeout_s=120)
+        assert stored.returncode == 0, stored.stdout + stored.stderr
+        assert b"2 copies of each" in stored.stdout, stored.stdout
+        status = await run_p2pdeploy("status", "--json", "--data-dir", str(tmp_path / "target"))
+        counters = json.loads(status.stdout)["counters"]
+        assert counters["tcp_inbound_accept_errors"] + counters.get("state_api_accept_errors", 0) > 0
+        assert target.returncode is None, target.transcript()
+        assert len(target.stderr_lines) < 30, target.transcript()
         target.terminate()
         assert await target.wait_exit() == 0, target.transcript()
