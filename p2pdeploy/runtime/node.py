@@ -216,7 +216,8 @@ class RuntimeConfig:
     persistence_leave_s: float = 30.0
     #: Bounds on the state API's connections (services on this machine, and anyone else on it).
     state_api: ListenerLimits = field(default_factory=default_state_api_limits)
-    #: Bounds on the control socket's connections (its file is the owner's alone, mode 0600).
+    #: Bounds on the control socket's connections. Its file is the owner's alone (mode 0600), so
+    #: its buffers are not reserved: a request may carry a 64 MiB blob.
     control: ListenerLimits = field(default_factory=lambda: ListenerLimits(
         max_connections=32, max_connections_per_source=32, header_timeout_s=60.0, idle_timeout_s=600.0,
         message_timeout_s=60.0))

@@ -318,6 +318,8 @@ class Transport:
     async def _read_frames(self, stream: trio.SocketStream, connection: Connection) -> None:
         """Frames from one accepted connection, hello first; any refusal closes the connection."""
         peer_host = connection.source
+        if peer_host == "?":
+            return  # reset before its address could be read: nothing to answer to
         limit = self.config.stream_limit_bytes
         decoder = FrameDecoder(limit, first_limit_bytes=HELLO.size)
         src: HostPort | None = None
