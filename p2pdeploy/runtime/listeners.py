@@ -303,6 +303,7 @@ async def _serve_one(stream: trio.SocketStream, connection: Connection, handler:
         with connection.scope:
             await handler(stream, connection)
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        guard.count("broken")
         refusals.debug(f"{guard.name} broken", "%s: connection from %s failed: %r", guard.name, connection.source, exc)
     except Exception:  # a defect the client's input reached: it ends this connection, never the node
         guard.count("failed")
