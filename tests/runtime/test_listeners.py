@@ -102,14 +102,43 @@ async def test_half_sent_frames_never_hold_more_than_the_listeners_total():
             await stream.send_all(bytes(1 << 19))
             held.append(stream)
         try:
-            transport = target._running_transport()
             await wait_for(lambda: target.counters["tcp_inbound_evicted"] >= 8)
-            assert transport.inbound.buffered_bytes <= 4 << 20
             pong = await peer.ping_pong(target.address, bytes(200_000), timeout_s=10)
             assert pong.node_id == target.node_id
         finally:
             for stream in held:
                 await trio.aclose_forcefully(stream)
+
+
+def test_the_oldest_partial_frame_yields_when_the_listeners_total_is_short():
+    counters: Counter[str] = Counter()
+    guard = ConnectionGuard("test", limits(max_connections=64, max_connections_per_source=64), counters)
+    connections = []
+    for now in range(12):
+        connection = guard.admit("10.0.0.1", float(now))
+        assert connection is not None
+        connection.message_deadline = float(now)  # begun in this order
+        assert connection.reserve(1 << 20)
+        connections.append(connection)
+        assert guard.buffered_bytes <= 4 << 20
+    assert [c.evicted for c in connections] == [True] * 8 + [False] * 4
+    assert counters["test_evicted"] == 8 and guard.buffered_bytes == 4 << 20
+    assert not connections[-1].reserve((1 << 20) + 1)  # over what one connection may buffer
+    assert counters["test_buffer_refused"] == 1
+
+
+def test_a_connection_over_a_cap_replaces_the_quietest_unless_all_are_busy():
+    counters: Counter[str] = Counter()
+    guard = ConnectionGuard("test", limits(max_connections=4, max_connections_per_source=2), counters)
+    first, second = guard.admit("a", 0.0), guard.admit("a", 1.0)
+    third = guard.admit("a", 2.0)  # over the per-source cap: the quietest of "a" goes
+    assert first is not None and first.evicted and second is not None and third is not None
+    second.busy = third.busy = True
+    assert guard.admit("a", 3.0) is None and counters["test_refused"] == 1
+    others = [guard.admit("b", 4.0), guard.admit("c", 5.0)]
+    assert all(c is not None for c in others) and len(guard.connections) == 4
+    newcomer = guard.admit("d", 6.0)  # over the listener's cap: the quietest idle one goes
+    assert newcomer is not None and others[0] is not None and others[0].evicted
 
 
 async def test_a_flood_of_bad_hellos_is_counted_and_logged_once_per_interval(caplog):
