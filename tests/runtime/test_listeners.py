@@ -4,6 +4,7 @@ and the rate limit on refusal lines. Real sockets on 127.0.0.1 against in-proces
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 from collections import Counter
@@ -249,3 +250,22 @@ async def test_a_handler_that_breaks_ends_its_connection_only(caplog):
         nursery.cancel_scope.cancel()
     assert served == ["127.0.0.1", "127.0.0.1"] and counters["test_failed"] == 1
     assert not guard.connections
+
+
+async def test_joins_refusal_lines_are_summarized_per_request_and_check():
+    from rich.console import Console
+
+    from p2pdeploy.resource.protocol import RequestRefused
+    from p2pdeploy.runtime.commands import _report_events
+
+    output = io.StringIO()
+    send, receive = trio.open_memory_channel[object](1000)
+    for i in range(500):
+        send.send_nowait(RequestRefused(("127.0.0.1", 9000 + i), "StartReplica", "trust", "untrusted key"))
+        send.send_nowait(RequestRefused(("127.0.0.1", 9000 + i), "StopReplica", "signature", "bad signature"))
+    send.close()
+    await _report_events(receive, None, Console(file=output, soft_wrap=True))  # type: ignore[arg-type]
+    assert output.getvalue().splitlines() == [
+        "refused StartReplica from 127.0.0.1:9000: untrusted key",
+        "refused StopReplica from 127.0.0.1:9000: bad signature",
+    ]
