@@ -11,6 +11,7 @@ directory when there is one, else from an ephemeral node.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,15 @@ from typing import Any
 import click
 
 from p2pdeploy import __version__
+
+
+class AbsolutePath(click.Path):
+    """A path option or argument, made absolute where it is given: the node and its services
+    work from other directories than the shell that started it (a relative ``--data-dir`` gave
+    services relative HOME, TMPDIR and data paths)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return os.path.abspath(super().convert(value, param, ctx))
 
 
 class HostPortType(click.ParamType):
@@ -69,7 +79,7 @@ def _data_dir_option(what: str) -> Callable[[Any], Any]:
     """The --data-dir option (or $P2PDEPLOY_DATA_DIR) of every command; ``what`` the directory is to it."""
     return click.option(
         "--data-dir",
-        type=click.Path(file_okay=False),
+        type=AbsolutePath(file_okay=False),
         default=None,
         envvar="P2PDEPLOY_DATA_DIR",
         help=f"{what} [default: $P2PDEPLOY_DATA_DIR, else $XDG_DATA_HOME/p2pdeploy, else ~/.local/share/p2pdeploy].",
@@ -139,7 +149,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("scenario", type=click.Path(exists=True, dir_okay=False))
+@click.argument("scenario", type=AbsolutePath(exists=True, dir_okay=False))
 @click.option("--seed", type=int, default=None, help="Override the scenario's seed.")
 @click.option(
     "--set",
@@ -148,7 +158,7 @@ def main() -> None:
     metavar="KEY=VALUE",
     help="Override a scenario field, e.g. --set nodes=200 or --set network.loss=0.01 (repeatable).",
 )
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Write results (CSV, JSON lines, resolved scenario) here.")
+@click.option("--out", type=AbsolutePath(file_okay=False), default=None, help="Write results (CSV, JSON lines, resolved scenario) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object of summary metrics as the last line.")
 def simulate(scenario: str, seed: int | None, overrides: tuple[str, ...], out: str | None, as_json: bool) -> None:
     """Run a TOML churn scenario in the deterministic simulator."""
@@ -186,7 +196,7 @@ def simulate(scenario: str, seed: int | None, overrides: tuple[str, ...], out: s
 @click.option(
     "--config",
     "config_file",
-    type=click.Path(exists=True, dir_okay=False),
+    type=AbsolutePath(exists=True, dir_okay=False),
     default=None,
     help="A TOML file whose [contribution] section sets the same (cpu, memory, disk, bandwidth, "
     "max_services, trusted_keys, allowed_tags, tags, owner); options given here win "
@@ -194,7 +204,7 @@ def simulate(scenario: str, seed: int | None, overrides: tuple[str, ...], out: s
 )
 @click.option(
     "--replicas-dir",
-    type=click.Path(file_okay=False),
+    type=AbsolutePath(file_okay=False),
     default=None,
     help="Where replicas' files and logs go [default: DATA_DIR/replicas]. A node run as root runs "
     "services as nobody, who must be able to enter every directory on the way: one under /root cannot be.",
@@ -387,7 +397,7 @@ def blob() -> None:
 
 
 @_node_command(blob, "put")
-@click.argument("path", metavar="FILE", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path", metavar="FILE", type=AbsolutePath(exists=True, dir_okay=False))
 @click.option("--replicas", type=click.IntRange(min=1, max=20), default=None,
               help="Copies of each chunk [default: 3].")
 def blob_put() -> None:
@@ -407,7 +417,7 @@ def _blob_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 @_node_command(blob, "get")
 @click.argument("blob_id", metavar="ID", callback=_blob_id)
-@click.option("-o", "--out", type=click.Path(dir_okay=False, writable=True), default=None,
+@click.option("-o", "--out", type=AbsolutePath(dir_okay=False, writable=True), default=None,
               help="Write the blob to this file [default: standard output].")
 def blob_get() -> None:
     """Fetch the blob ID, every chunk checked against its hash; exit status 1 when not found."""
@@ -480,10 +490,10 @@ def key(data_dir: str | None) -> None:
 
 
 @main.command()
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("directory", type=AbsolutePath(exists=True, file_okay=False))
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False),
+    type=AbsolutePath(dir_okay=False),
     default=None,
     help="Where to write the bundle; its signature goes to OUT.sig [default: NAME-VERSION.tar.gz here].",
 )
@@ -568,7 +578,7 @@ _timeout_option = _seconds_option("--timeout", "timeout_s", 60.0, "Seconds to wa
 
 
 @_replica_command("start", "run_replica_start")
-@click.argument("source", metavar="DIR|BUNDLE", type=click.Path(exists=True))
+@click.argument("source", metavar="DIR|BUNDLE", type=AbsolutePath(exists=True))
 @click.option("--id", "replica_id", default=None, help="The replica's id on the node [default: NAME-1].")
 @click.option("--bind", "bindings", type=BindingType(), multiple=True, callback=lambda ctx, param, pairs: dict(pairs),
               help="An environment variable for the service, NAME=VALUE (repeatable).")

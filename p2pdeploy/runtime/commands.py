@@ -86,6 +86,7 @@ from p2pdeploy.runtime.control_views import (  # noqa: F401  (importable from he
 from p2pdeploy.runtime.control_views import count as _count
 from p2pdeploy.runtime.executor import service_user_cannot_enter
 from p2pdeploy.runtime.keyfile import key_path, load_or_create_identity
+from p2pdeploy.runtime.listeners import RefusalLog
 from p2pdeploy.runtime.node import PingTimeout, RemoteTimeout, RuntimeConfig, RuntimeNode, open_node
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ CONTROL_TIMEOUT_S = 120.0
 def default_data_dir() -> Path:
     """``$XDG_DATA_HOME/p2pdeploy``, by default ``~/.local/share/p2pdeploy``."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "p2pdeploy"
+    return Path(base).absolute() / "p2pdeploy"
 
 
 def make_console() -> Console:
@@ -259,6 +260,7 @@ def print_contribution(node: RuntimeNode, console: Console) -> None:
 
 
 async def _report_events(events: trio.MemoryReceiveChannel[object], node: RuntimeNode, console: Console) -> None:
+    refusals = RefusalLog(log)
     async for event in events:
         if isinstance(event, PeerSeen):
             console.print(f"peer [bold]{event.node_id:040x}[/] at {format_host_port(event.address)}")
@@ -275,8 +277,12 @@ async def _report_events(events: trio.MemoryReceiveChannel[object], node: Runtim
                 f"from key {event.signer.hex()[:16]}…[/]"
             )
         elif isinstance(event, RequestRefused):
-            where = format_host_port(event.src) if isinstance(event.src, tuple) else str(event.src)
-            console.print(f"refused {event.request} from {where}: {event.reason}", markup=False)
+            # One line per request kind and check per interval: a flood of refusals is summarized.
+            suppressed = refusals.allow(f"{event.request} {event.check}")
+            if suppressed is not None:
+                where = format_host_port(event.src) if isinstance(event.src, tuple) else str(event.src)
+                more = f" (and {suppressed} more like it suppressed)" if suppressed else ""
+                console.print(f"refused {event.request} from {where}: {event.reason}{more}", markup=False)
 
 
 async def _report_join(node: RuntimeNode, console: Console) -> None:

@@ -36,6 +36,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,7 @@ from p2pdeploy.resource.protocol import StatusReply as ReplicaStatusReply
 from p2pdeploy.runtime import control_views as views
 from p2pdeploy.runtime.address import HostPort
 from p2pdeploy.runtime.framing import FrameDecoder, FrameTooLarge, frame
+from p2pdeploy.runtime.listeners import Connection, ConnectionGuard, RefusalLog, serve_bounded
 from p2pdeploy.runtime.state_api import NoPersistence
 from p2pdeploy.wire import NodeId, message, record
 
@@ -72,8 +74,6 @@ MAX_CONTROL_BLOB_BYTES = 64 * 1024 * 1024
 #: Largest request or reply frame: a bundle of up to 4 MiB (``p2pdeploy replica start``) or a
 #: blob of up to 64 MiB (``p2pdeploy blob``), and its envelope.
 CONTROL_LIMIT_BYTES = max(MAX_BUNDLE_BYTES, MAX_CONTROL_BLOB_BYTES) + 1024 * 1024
-#: Connections served at once; more are closed at once (a local client needs one).
-MAX_CONTROL_CONNECTIONS = 32
 RECEIVE_BYTES = 65536
 #: The failure detector's counters that ``status`` reports (:class:`~p2pdeploy.overlay.swim.DetectorStats`).
 DETECTOR_STATS = tuple(f.name for f in fields(DetectorStats))
@@ -612,26 +612,12 @@ class ControlSocket:
             raise
 
     async def serve(self, node: RuntimeNode, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve requests for ``node`` until cancelled; the socket file is removed on the way out."""
-        connections = 0
-
-        async def serve_one(stream: trio.SocketStream) -> None:
-            nonlocal connections
-            if connections >= MAX_CONTROL_CONNECTIONS:
-                node.counters["control_connections_rejected"] += 1
-                await trio.aclose_forcefully(stream)
-                return
-            connections += 1
-            try:
-                await _serve_connection(node, stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                log.debug("control connection failed: %r", exc)
-            finally:
-                connections -= 1
-                await trio.aclose_forcefully(stream)
-
+        """Serve requests for ``node`` until cancelled; the socket file is removed on the way out.
+        Connections are bounded by ``RuntimeConfig.control`` (counted as ``control_*``)."""
+        guard = ConnectionGuard("control_connections", node.config.control, node.counters)
         try:
-            await trio.serve_listeners(serve_one, [trio.SocketListener(self._socket)], task_status=task_status)
+            await serve_bounded(trio.SocketListener(self._socket), partial(_serve_connection, node), guard,
+                                RefusalLog(log), task_status=task_status)
         finally:
             self.close()
 
@@ -662,10 +648,10 @@ async def _remove_stale_socket(path: Path, data_dir: Path) -> None:
     raise NodeAlreadyRunning(data_dir)
 
 
-async def _serve_connection(node: RuntimeNode, stream: trio.SocketStream) -> None:
+async def _serve_connection(node: RuntimeNode, stream: trio.SocketStream, connection: Connection) -> None:
     decoder = FrameDecoder(CONTROL_LIMIT_BYTES)
     while True:
-        data = await stream.receive_some(RECEIVE_BYTES)
+        data = await connection.receive_some(stream, RECEIVE_BYTES)
         if not data:
             return
         decoder.feed(data)
@@ -677,7 +663,11 @@ async def _serve_connection(node: RuntimeNode, stream: trio.SocketStream) -> Non
                 await _reply(stream, ControlRefusal(f"request refused: {exc}"))
                 return
             if payload is None:
+                if decoder.expected_bytes is not None:
+                    connection.begin_message()
                 break
+            connection.completed_message()
+            connection.busy = True
             request = wire.decode(payload, CONTROL_LIMIT_BYTES)
             if isinstance(request, wire.DecodeError):
                 node.counters["control_malformed"] += 1
@@ -690,6 +680,7 @@ async def _serve_connection(node: RuntimeNode, stream: trio.SocketStream) -> Non
                 return
             node.counters["control_requests"] += 1
             await _reply(stream, await answer(node, request))
+            connection.busy = False
 
 
 async def _reply(stream: trio.SocketStream, reply: Any) -> None:

@@ -98,6 +98,11 @@ class FrameDecoder:
         return payload
 
     @property
+    def expected_bytes(self) -> int | None:
+        """The length the frame in progress announced, once its prefix is in (None before)."""
+        return self._expected
+
+    @property
     def pending_bytes(self) -> int:
         """Bytes received that do not yet make a whole frame."""
         return len(self._buffer) + (LENGTH_PREFIX.size if self._expected is not None else 0)

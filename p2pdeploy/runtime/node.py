@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
 import trio
 
 from p2pdeploy import wire
@@ -111,10 +112,11 @@ from p2pdeploy.runtime.address import HostPort, format_host_port
 from p2pdeploy.runtime.exec_local import ReplicaWiring
 from p2pdeploy.runtime.executor import RealExecutor, RealExecutorConfig
 from p2pdeploy.runtime.keyfile import load_or_create_identity
+from p2pdeploy.runtime.listeners import ListenerLimits, RefusalLog
 from p2pdeploy.runtime.overlay_store import open_overlay_store
 from p2pdeploy.runtime.probe import probe_machine
 from p2pdeploy.runtime.snapshot import ROUTING_SNAPSHOT_FILE, read_bounded, write_file_atomically
-from p2pdeploy.runtime.state_api import PersistenceClient, StateServer, open_store
+from p2pdeploy.runtime.state_api import PersistenceClient, StateServer, default_state_api_limits, open_store
 from p2pdeploy.runtime.transport import Transport, TransportConfig, path_for
 
 log = logging.getLogger(__name__)
@@ -212,6 +214,13 @@ class RuntimeConfig:
     #: When the node stops, how long it may spend handing the keys it holds to the nodes now
     #: responsible for them (repair on the others covers what is not handed off in time).
     persistence_leave_s: float = 30.0
+    #: Bounds on the state API's connections (services on this machine, and anyone else on it).
+    state_api: ListenerLimits = field(default_factory=default_state_api_limits)
+    #: Bounds on the control socket's connections. Its file is the owner's alone (mode 0600), so
+    #: its buffers are not reserved: a request may carry a 64 MiB blob.
+    control: ListenerLimits = field(default_factory=lambda: ListenerLimits(
+        max_connections=32, max_connections_per_source=32, header_timeout_s=60.0, idle_timeout_s=600.0,
+        message_timeout_s=60.0))
 
     def __post_init__(self) -> None:
         require_positive(self, "", "snapshot_interval_s", "remote_timeout_s", "machine_probe_interval_s",
@@ -243,7 +252,7 @@ class RuntimeNode:
         self.identity_created = identity_created
         self.config = config or RuntimeConfig()
         #: Where durable state lives (the routing snapshot); None keeps everything in memory.
-        self.data_dir = None if data_dir is None else Path(data_dir)
+        self.data_dir = None if data_dir is None else Path(data_dir).absolute()
         #: Seeded once here; every layer draws from it (``random.Random(None)`` seeds from the OS).
         self.rng = random.Random(seed)
         #: What the runtime counted: traffic by path, and inputs dropped by kind
@@ -280,6 +289,8 @@ class RuntimeNode:
         self._timer_scope: trio.CancelScope | None = None
         self._waiters: set[_Waiter] = set()
         self._subscribers: list[trio.MemorySendChannel[Any]] = []
+        #: Rate-limited lines about refused input and failures a flood could repeat.
+        self._refusals = RefusalLog(log)
 
     # -- identity and state ------------------------------------------------------------------
     @property
@@ -610,21 +621,32 @@ class RuntimeNode:
             await trio.sleep(self.config.machine_probe_interval_s)
             remote = self._layer_or_none(RemoteControl)
             if remote is not None and self.executor is not None:
-                machine = await trio.to_thread.run_sync(probe_machine, self.executor.root)
+                machine = await self._probe_again(self.executor.root)
                 remote = self._layer_or_none(RemoteControl)  # the node may have stopped meanwhile
                 if remote is None:
                     return
-                self.machine = machine
-                remote.update_machine(machine)
-                description = self._layer_or_none(NodeDescription)
-                if description is not None:  # the prospector publishes the machine as it is now
-                    description.set_machine(machine, self._now())
-                    self._after_input()
+                if machine is not None:
+                    self.machine = machine
+                    remote.update_machine(machine)
+                    description = self._layer_or_none(NodeDescription)
+                    if description is not None:  # the prospector publishes the machine as it is now
+                        description.set_machine(machine, self._now())
+                        self._after_input()
             offset_s = time.time() - trio.current_time()
             for cls in (RemoteControl, RemoteClient):
                 layer = self._layer_or_none(cls)
                 if layer is not None:
                     layer.set_wall_clock_offset(offset_s)
+
+    async def _probe_again(self, directory: Path) -> Machine | None:
+        """The machine as it is now, or None when probing failed (out of descriptors, say): the
+        last probe stands, and the failure is counted and logged, never fatal."""
+        try:
+            return await trio.to_thread.run_sync(probe_machine, directory)
+        except (OSError, psutil.Error) as exc:
+            self.counters["probe_errors"] += 1
+            self._refusals.warning("probe", "probing the machine failed; keeping the last probe: %s", exc)
+            return None
 
     # -- the routing snapshot ----------------------------------------------------------------
     def _restore_snapshot(self, overlay: Kademlia) -> int:
@@ -706,8 +728,9 @@ class RuntimeNode:
         msg = wire.decode(data, limit_bytes)
         if isinstance(msg, wire.DecodeError):
             self.counters[msg.kind] += 1
-            log.debug(
-                "dropped %d bytes from %s: %s (%s)", len(data), format_host_port(src), msg.kind, msg.detail
+            self._refusals.debug(
+                f"dropped {msg.kind}", "dropped %d bytes from %s: %s (%s)", len(data), format_host_port(src), msg.kind,
+                msg.detail
             )
             return
         self.core.receive(src, msg, trio.current_time())

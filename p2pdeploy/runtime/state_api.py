@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+import h11
 import trio
 
 from p2pdeploy.collective.persistence import (
@@ -52,6 +53,7 @@ from p2pdeploy.collective.persistence import (
 from p2pdeploy.collective.stateapi import StateError, StateRequest, StateResult, check_namespace
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.storage import Item
+from p2pdeploy.runtime.listeners import Connection, ConnectionGuard, ListenerLimits, RefusalLog, serve_bounded
 from p2pdeploy.runtime.store_sqlite import DEFAULT_CAPACITY_BYTES, SQLiteStore, capacity_from
 
 if TYPE_CHECKING:
@@ -169,18 +171,36 @@ class _BadRequest(Exception):
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
             409: "Conflict", 413: "Payload Too Large", 503: "Service Unavailable", 504: "Gateway Timeout"}
+#: The longest ``If-Match`` version accepted (a version is a 64-bit count).
+MAX_VERSION_DIGITS = 20
+
+
+def default_state_api_limits() -> ListenerLimits:
+    """The state API's bounds: one short request per connection, every client on 127.0.0.1."""
+    return ListenerLimits(max_connections=128, max_connections_per_source=128, header_timeout_s=10.0,
+                          idle_timeout_s=10.0, message_timeout_s=30.0,
+                          max_buffered_bytes_per_connection=MAX_HEADER_BYTES + MAX_DRAINED_BYTES,
+                          max_buffered_bytes_total=32 * 1024 * 1024)
 
 
 class StateServer:
-    """HTTP/1.1 on 127.0.0.1 in front of a node's persistence layer (see the module docstring)."""
+    """HTTP/1.1 on 127.0.0.1 in front of a node's persistence layer (see the module docstring).
+
+    Requests are parsed by h11; a malformed one gets a 400 (a refusal, counted as
+    ``state_api_bad_request``), and connections are bounded by ``limits``
+    (:class:`~p2pdeploy.runtime.listeners.ListenerLimits`, default the node's
+    ``RuntimeConfig.state_api``)."""
 
     def __init__(self, node: RuntimeNode, *, port: int = 0, timeout_s: float = 30.0,
-                 max_value_bytes: int | None = None) -> None:
+                 max_value_bytes: int | None = None, limits: ListenerLimits | None = None) -> None:
         self.client = PersistenceClient(node)
         self.node = node
         self.port = port
         self.timeout_s = timeout_s
         self.max_value_bytes = max_value_bytes
+        self.limits = limits or node.config.state_api
+        self.connections = ConnectionGuard("state_api", self.limits, node.counters)
+        self._refusals = RefusalLog(log)
         self._grants: dict[str, tuple[str, Identity]] = {}
         self._tokens: dict[tuple[str, bytes], str] = {}
         self._listener_port: int | None = None
@@ -218,33 +238,42 @@ class StateServer:
         listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
         self._listener_port = listeners[0].socket.getsockname()[1]
         try:
-            async with trio.open_nursery() as nursery:
-                task_status.started()
-                await trio.serve_listeners(self._serve, listeners, handler_nursery=nursery)
+            await serve_bounded(listeners[0], self._serve, self.connections, self._refusals, task_status=task_status)
         finally:
             self._listener_port = None
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
-        """One connection. Nothing a client does may take the node down: a client that hangs up
-        early, or a request that breaks the handler, ends this connection only."""
-        async with stream:
-            try:
-                with trio.move_on_after(self.timeout_s * 2):
-                    try:
-                        status, headers, body = await self._handle(stream)
-                    except _BadRequest as exc:
-                        status, headers, body = exc.status, {}, (str(exc) + "\n").encode()
-                    await _respond(stream, status, headers, body)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass  # the client went away
-            except Exception:
-                log.exception("the state API failed on a request")
+    async def _serve(self, stream: trio.SocketStream, connection: Connection) -> None:
+        """One connection, one request. Nothing a client does may take the node down: a client
+        that hangs up early, or a request that breaks the handler, ends this connection only."""
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        try:
+            request = await _read_request(http, stream, connection, self._value_limit())
+            if request is None:
+                return  # timed out, or closed before a request: nothing to answer
+            connection.busy = True
+            status, headers, body = await self._handle(*request)
+        except _BadRequest as exc:
+            self.node.counters["state_api_bad_request" if exc.status == 400 else f"state_api_{exc.status}"] += 1
+            self._refusals.debug(f"state api {exc.status}", "state API request from %s refused: %s %s",
+                                 connection.source, exc.status, exc)
+            status, headers, body = exc.status, {}, (str(exc) + "\n").encode()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return  # the client went away
+        except Exception:
+            self.node.counters["state_api_failed"] += 1
+            self._refusals.log(logging.ERROR, "state api failure", "the state API failed on a request",
+                               exc_info=True)
+            status, headers, body = 500, {}, b"internal error\n"
+        if http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        with trio.move_on_after(self.limits.idle_timeout_s):  # a client that does not read is not waited for
+            await stream.send_all(_response(http, status, headers, body))
 
-    async def _handle(self, stream: trio.SocketStream) -> tuple[int, dict[str, str], bytes]:
-        method, target, headers, body = await _read_request(stream, self._value_limit())
+    async def _handle(self, method: str, target: str, headers: dict[str, bytes],
+                      body: bytes) -> tuple[int, dict[str, str], bytes]:
         self.requests += 1
-        token = headers.get("authorization", "")
-        grant = self._grants.get(token[7:]) if token.startswith("Bearer ") else None
+        token = headers.get("authorization", b"")
+        grant = self._grants.get(token[7:].decode("latin-1")) if token.startswith(b"Bearer ") else None
         if grant is None:
             raise _BadRequest(401, "missing or unknown bearer token (P2PDEPLOY_STATE_TOKEN)")
         namespace, writer = grant
@@ -259,9 +288,7 @@ class StateServer:
                 if match is None:
                     request = StateRequest("put", namespace, key, body)
                 else:
-                    if not match.strip().isdigit():
-                        raise _BadRequest(400, f"If-Match must be a version number (got {match!r})")
-                    request = StateRequest("cas", namespace, key, body, int(match))
+                    request = StateRequest("cas", namespace, key, body, _version(match))
             else:
                 raise _BadRequest(405, "use GET or PUT")
         except StateError as exc:
@@ -289,54 +316,75 @@ class StateServer:
             return 0
 
 
-async def _read_request(stream: trio.SocketStream, max_body: int) -> tuple[str, str, dict[str, str], bytes]:
-    buffer = bytearray()
-    while b"\r\n\r\n" not in buffer:
-        if len(buffer) > MAX_HEADER_BYTES:
-            raise _BadRequest(400, "request headers too large")
-        data = await stream.receive_some(65536)
-        if not data:
+def _version(match: bytes) -> int:
+    """The version an ``If-Match`` header names: ASCII digits only (``²`` is a digit to Python)."""
+    text = match.strip()
+    if not (text.isdigit() and text.isascii() and len(text) <= MAX_VERSION_DIGITS):
+        raise _BadRequest(400, f"If-Match must be a version number (got {match.decode('latin-1')!r})")
+    return int(text)
+
+
+async def _read_request(http: h11.Connection, stream: trio.SocketStream, connection: Connection,
+                        max_body: int) -> tuple[str, str, dict[str, bytes], bytes] | None:
+    """The request on ``stream`` as (method, target, headers, body), or None when the client
+    went quiet or away before sending one; raises :class:`_BadRequest` for a malformed one."""
+    request: h11.Request | None = None
+    body = bytearray()
+    received = 0
+    too_large = False
+    while True:
+        try:
+            event = http.next_event()
+        except (h11.RemoteProtocolError, ValueError) as exc:  # ValueError: a number too long for int()
+            raise _BadRequest(400, f"malformed request: {exc}") from None
+        if event is h11.NEED_DATA:
+            data = await connection.receive_some(stream, 65536)
+            if data is None:
+                return None
+            http.receive_data(data)
+        elif isinstance(event, h11.Request):
+            request = event
+            connection.introduced = True
+            connection.begin_message()
+            length = _content_length(event)
+            if length is not None and length > max_body:
+                too_large = True
+            elif length is not None and not connection.reserve(length):
+                raise _BadRequest(503, "too many requests in progress; try again")
+            elif http.they_are_waiting_for_100_continue:  # curl asks before sending a larger body
+                await stream.send_all(http.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+        elif isinstance(event, h11.Data):
+            received += len(event.data)
+            too_large = too_large or received > max_body
+            if not too_large:
+                body += event.data
+            elif received > MAX_DRAINED_BYTES:
+                break  # the client sees the 413 or a reset; either way the node stops reading
+        elif isinstance(event, h11.EndOfMessage):
+            break
+        else:  # ConnectionClosed or PAUSED (the client closed before the request was complete)
+            if request is None:
+                return None
             raise _BadRequest(400, "connection closed before the request was complete")
-        buffer += data
-    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise _BadRequest(400, "malformed request line")
-    method, target, _ = parts
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise _BadRequest(400, f"malformed header line {line!r}")
-        headers[name.strip().lower()] = value.strip()
-    length_text = headers.get("content-length", "0")
-    if not length_text.isdigit():
-        raise _BadRequest(400, "Content-Length must be a number")
-    length = int(length_text)
-    if length > max_body:
-        # read what the client sends before answering: closing on unread bytes resets the connection
-        unread = length - len(rest)
-        while 0 < unread <= MAX_DRAINED_BYTES:
-            data = await stream.receive_some(65536)
-            if not data:
-                break
-            unread -= len(data)
-        raise _BadRequest(413, f"a value is at most {max_body} bytes (got {length})")
-    body = bytearray(rest)
-    while len(body) < length:
-        data = await stream.receive_some(65536)
-        if not data:
-            raise _BadRequest(400, "connection closed before the body was complete")
-        body += data
-    return method, target, headers, bytes(body[:length])
+    assert request is not None
+    if too_large:
+        raise _BadRequest(413, f"a value is at most {max_body} bytes (got {_content_length(request) or 'more'})")
+    headers = {name.decode("latin-1"): value for name, value in request.headers}
+    return request.method.decode("latin-1"), request.target.decode("latin-1"), headers, bytes(body)
 
 
-async def _respond(stream: trio.SocketStream, status: int, headers: dict[str, str], body: bytes) -> None:
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"Content-Length: {len(body)}",
-             "Connection: close", "Content-Type: application/octet-stream"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+def _content_length(request: h11.Request) -> int | None:
+    for name, value in request.headers:
+        if name == b"content-length":
+            return int(value)
+    return None
+
+
+def _response(http: h11.Connection, status: int, headers: dict[str, str], body: bytes) -> bytes:
+    fields = [("Content-Length", str(len(body))), ("Connection", "close"),
+              ("Content-Type", "application/octet-stream"), *headers.items()]
+    head = http.send(h11.Response(status_code=status, headers=fields, reason=_REASONS.get(status, "Error")))
+    return (head or b"") + (http.send(h11.Data(data=body)) or b"") + (http.send(h11.EndOfMessage()) or b"")
 
 
 __all__ = [

@@ -9,7 +9,10 @@ reused for the ones after it and closed after ``tcp_idle_s`` without traffic. Ea
 connection has a bounded queue drained by its own task, so a slow peer delays only itself;
 when the queue is full or the connection fails, the messages are dropped and counted, as a
 lost datagram would be (the protocols above already cope with loss). Accepted connections are
-read-only; the first frame must be a hello within ``handshake_timeout_s``.
+read-only; the first frame must be a hello, and they are bounded by ``TransportConfig.inbound``
+(:class:`~p2pdeploy.runtime.listeners.ListenerLimits`: connections in all and per source,
+hello, idle and frame deadlines, bytes buffered for partial frames), so peers that hold
+connections or half-send large frames cannot lock others out or pin memory.
 
 Every task runs in the nursery of :meth:`Transport.run`; cancelling it stops them all and
 closes the sockets.
@@ -18,16 +21,16 @@ closes the sockets.
 from __future__ import annotations
 
 import logging
-import math
 import socket as stdlib_socket
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from p2pdeploy.runtime.address import HostPort, format_host_port
 from p2pdeploy.runtime.framing import HELLO, BadHello, FrameDecoder, FrameTooLarge, frame, hello, parse_hello
+from p2pdeploy.runtime.listeners import Connection, ConnectionGuard, ListenerLimits, RefusalLog, serve_bounded
 from p2pdeploy.wire import DATAGRAM_LIMIT_BYTES, STREAM_LIMIT_BYTES
 
 log = logging.getLogger(__name__)
@@ -52,9 +55,12 @@ class TransportConfig:
     udp_send_queue: int = 4096
     tcp_send_queue: int = 64
     tcp_connect_timeout_s: float = 5.0
+    #: An outgoing connection without traffic this long is closed (a new message opens another).
     tcp_idle_s: float = 30.0
-    handshake_timeout_s: float = 10.0
-    max_inbound_connections: int = 256
+    #: Bounds on accepted connections. Their idle timeout must exceed ``tcp_idle_s`` (a peer's
+    #: quiet connection is closed by the peer first), and a connection must be allowed to buffer
+    #: one frame (raise ``max_buffered_bytes_per_connection`` with ``stream_limit_bytes``).
+    inbound: ListenerLimits = field(default_factory=ListenerLimits)
 
 
 def path_for(size_bytes: int) -> str:
@@ -130,7 +136,8 @@ class Transport:
         #: host -> True when it is a numeric address of our family (a name would need resolving).
         self._numeric: dict[str, bool] = {}
         self._stream_queues: dict[HostPort, trio.MemorySendChannel[bytes]] = {}
-        self._inbound_connections = 0
+        self.inbound = ConnectionGuard("tcp_inbound", self.config.inbound, counters)
+        self._refusals = RefusalLog(log)
         self._nursery: trio.Nursery | None = None
 
     @classmethod
@@ -148,7 +155,7 @@ class Transport:
                 self._nursery = nursery
                 await nursery.start(self._receive_datagrams)
                 nursery.start_soon(self._send_datagrams)
-                await nursery.start(trio.serve_listeners, self._serve_inbound, [self._listener])
+                await nursery.start(serve_bounded, self._listener, self._read_frames, self.inbound, self._refusals)
                 task_status.started()
         finally:
             self._nursery = None
@@ -308,33 +315,18 @@ class Transport:
                 self.counters["udp_received"] += 1
                 self._deliver((src[0], src[1]), data, DATAGRAM_LIMIT_BYTES)
 
-    async def _serve_inbound(self, stream: trio.SocketStream) -> None:
-        if self._inbound_connections >= self.config.max_inbound_connections:
-            self.counters["tcp_connections_rejected"] += 1
-            await trio.aclose_forcefully(stream)
-            return
-        self._inbound_connections += 1
-        self.counters["tcp_connections_accepted"] += 1
-        try:
-            await self._read_frames(stream)
-        except (OSError, trio.BrokenResourceError) as exc:
-            self.counters["tcp_receive_error"] += 1
-            log.debug("inbound stream failed: %r", exc)
-        finally:
-            self._inbound_connections -= 1
-            await trio.aclose_forcefully(stream)
-
-    async def _read_frames(self, stream: trio.SocketStream) -> None:
-        peer_host = stream.socket.getpeername()[0]
+    async def _read_frames(self, stream: trio.SocketStream, connection: Connection) -> None:
+        """Frames from one accepted connection, hello first; any refusal closes the connection."""
+        peer_host = connection.source
+        if peer_host == "?":
+            return  # reset before its address could be read: nothing to answer to
         limit = self.config.stream_limit_bytes
         decoder = FrameDecoder(limit, first_limit_bytes=HELLO.size)
         src: HostPort | None = None
-        hello_deadline = trio.current_time() + self.config.handshake_timeout_s
         while True:
-            with trio.move_on_at(hello_deadline if src is None else math.inf) as scope:
-                data = await stream.receive_some(STREAM_RECEIVE_BYTES)
-            if scope.cancelled_caught:
-                self.counters["bad_hello"] += 1
+            data = await connection.receive_some(stream, STREAM_RECEIVE_BYTES)
+            if data is None:
+                self.counters["tcp_timeout" if src is not None else "bad_hello"] += 1
                 return
             if not data:
                 return  # the peer closed its side
@@ -344,16 +336,27 @@ class Transport:
                     payload = decoder.next_frame()
                 except FrameTooLarge as exc:
                     self.counters["oversized" if src is not None else "bad_hello"] += 1
-                    log.debug("closing stream from %s: %s", peer_host, exc)
+                    self._refusals.debug("tcp oversized", "closing stream from %s: %s", peer_host, exc)
                     return
                 if payload is None:
+                    expected = decoder.expected_bytes
+                    if expected is not None and connection.buffered_bytes == 0 and expected > 0:
+                        # Reserved at the length prefix: a frame larger than what is left is refused
+                        # before its bytes are buffered.
+                        if not connection.reserve(expected):
+                            self._refusals.debug("tcp buffer", "closing stream from %s: no room for a frame "
+                                                 "of %d bytes", peer_host, expected)
+                            return
+                        connection.begin_message()
                     break
+                connection.release_buffer()
+                connection.completed_message()
                 if src is None:
                     try:
                         src = (peer_host, parse_hello(payload))
                     except BadHello as exc:
                         self.counters["bad_hello"] += 1
-                        log.debug("closing stream from %s: %s", peer_host, exc)
+                        self._refusals.debug("tcp bad hello", "closing stream from %s: %s", peer_host, exc)
                         return
                     continue
                 self.counters["tcp_received"] += 1

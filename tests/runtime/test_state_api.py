@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 from contextlib import AsyncExitStack
@@ -11,7 +12,8 @@ import trio
 
 from p2pdeploy.collective.stateapi import StateError, StateRequest, record_name
 from p2pdeploy.overlay.identity import Identity
-from p2pdeploy.runtime.node import open_node
+from p2pdeploy.runtime.listeners import ListenerLimits
+from p2pdeploy.runtime.node import RuntimeConfig, open_node
 from p2pdeploy.runtime.state_api import STATE_TOKEN_VARIABLE, STATE_URL_VARIABLE, StateServer
 
 from .test_persistence_runtime import start_network
@@ -122,3 +124,82 @@ async def test_a_client_that_hangs_up_at_once_does_not_take_the_node_down():
                 await trio.sleep(0.01)
             status, _, _ = await http(url + "x", "GET", "not-a-token")
         assert status == 401 and server.requests == 2
+
+
+async def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` as is and read until the server closes."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(request)
+        data = b""
+        with trio.fail_after(30):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    return data
+
+
+def port_of(url: str) -> int:
+    return int(url.removeprefix("http://127.0.0.1:").split("/", 1)[0])
+
+
+async def test_a_header_holding_a_non_ascii_digit_gets_a_400_and_no_traceback(caplog):
+    """``"²".isdigit()`` is True in Python: Content-Length (no token needed) and If-Match."""
+    async with open_node(("127.0.0.1", 0)) as node:
+        server = node.state_server
+        token = server.register("wiki").token
+        port = port_of(server.url)
+        answers = []
+        for encoding in ("latin-1", "utf-8"):  # one byte 0xb2, or two
+            answers += [
+                await raw_exchange(port, "PUT /v1/state/k HTTP/1.1\r\nHost: x\r\nContent-Length: ²\r\n\r\n"
+                                   .encode(encoding)),
+                await raw_exchange(port, (f"PUT /v1/state/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}"
+                                          "\r\nIf-Match: ²\r\nContent-Length: 1\r\n\r\nx").encode(encoding)),
+            ]
+        answers.append(await raw_exchange(port, b"GET /v1/state/k HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                                          + b"9" * 5000 + b"\r\n\r\n"))
+        for answer in answers:
+            assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert node.counters["state_api_bad_request"] == 5
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_state_api_connections_held_open_do_not_lock_services_out():
+    """Connections that send half a request head and wait: past the cap each new one replaces
+    the quietest, silent ones are closed at the header deadline, and a request is still answered."""
+    limits = ListenerLimits(max_connections=16, max_connections_per_source=16, header_timeout_s=0.5,
+                            idle_timeout_s=10.0, message_timeout_s=10.0,
+                            max_buffered_bytes_per_connection=1 << 20, max_buffered_bytes_total=4 << 20)
+    async with open_node(("127.0.0.1", 0), config=RuntimeConfig(state_api=limits)) as node:
+        port = port_of(node.state_server.url)
+        held = []
+        for _ in range(100):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET /v1/state/k HTTP/1.1\r\nHost: x\r\n")
+            held.append(stream)
+        try:
+            answer = await raw_exchange(port, b"GET /v1/state/k HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 401 "), answer
+            assert node.counters["state_api_evicted"] >= 100 - 16
+            with trio.fail_after(30):
+                while node.counters["state_api_timeouts"] < 1:
+                    await trio.sleep(0.01)
+        finally:
+            for stream in held:
+                await trio.aclose_forcefully(stream)
+
+
+async def test_a_client_that_expects_100_continue_is_told_to_send_its_body():
+    async with open_node(("127.0.0.1", 0)) as node:
+        stream = await trio.open_tcp_stream("127.0.0.1", port_of(node.state_server.url))
+        async with stream:
+            await stream.send_all(b"PUT /v1/state/k HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                                  b"Content-Length: 5\r\n\r\n")
+            with trio.fail_after(30):
+                interim = await stream.receive_some(65536)
+                assert interim.startswith(b"HTTP/1.1 100 "), interim
+                await stream.send_all(b"hello")
+                answer = b""
+                while chunk := await stream.receive_some(65536):
+                    answer += chunk
+        assert answer.startswith(b"HTTP/1.1 401 "), answer
