@@ -11,6 +11,7 @@
     python3 behave.py escape             start a child that leaves the process group, then serve
     python3 behave.py spin SECONDS       burn cpu for SECONDS of wall time, print the cpu time used
     python3 behave.py fill BYTES         write a file of BYTES into $P2PDEPLOY_DATA_DIR
+    python3 behave.py env NAME...        print NAME=value for each variable set, then exit
 
 Every mode that serves also stops on its own after 120 s, so nothing lingers if a test breaks.
 Standard library only.
@@ -122,6 +123,10 @@ def main() -> None:
             for _ in range(int(sys.argv[2]) // 65536):
                 file.write(b"\0" * 65536)
         print(f"wrote {os.path.getsize(path)} bytes", flush=True)
+    elif mode == "env":
+        for name in sys.argv[2:]:
+            if name in os.environ:
+                print(f"{name}={os.environ[name]}", flush=True)
     else:
         sys.exit(f"unknown mode {mode!r}")
 

@@ -96,7 +96,6 @@ SANDBOX_SCRIPT = str(Path(sandbox.__file__).resolve())
 MEMORY_MARKERS = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc", b"out of memory")
 FILE_SIZE_MARKERS = (b"File too large",)
 STDERR_TAIL_BYTES = 8192
-SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +145,6 @@ class _Replica:
     cgroup: ReplicaCgroup | None = None
     log: RotatingLog | None = None
     plan: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
     enforced: dict[str, str] = field(default_factory=dict)
     rlimit_as: bool = False
     uid: int | None = None
@@ -392,6 +390,7 @@ class RealExecutor:
             rlimits, rlimit_as = self._rlimits(spec, enforced, replica.uid)
             plan = {
                 "argv": list(spec.argv),
+                "env": env,
                 "cwd": str(replica.app_dir),
                 "cgroup_procs": cgroup.procs_files if cgroup is not None else [],
                 "rlimits": rlimits,
@@ -402,7 +401,9 @@ class RealExecutor:
             replica.log = RotatingLog(replica.log_dir, spec.logs)
             replica.log_policy = spec.logs
             try:
-                process = await open_in_session(self._launcher(plan), env, subprocess.PIPE)
+                process = await open_in_session(
+                    self._launcher(), sandbox.LAUNCHER_ENVIRONMENT, json.dumps(plan).encode(), subprocess.PIPE
+                )
             except OSError as exc:
                 replica.log.close()
                 if cgroup is not None:
@@ -417,7 +418,6 @@ class RealExecutor:
             replica.process = process
             replica.cgroup = cgroup
             replica.plan = plan
-            replica.env = env
             replica.enforced = enforced
             replica.rlimit_as = rlimit_as
             replica.signals_sent = set()
@@ -426,13 +426,14 @@ class RealExecutor:
             self._nursery.start_soon(self._watch, replica, process, pidfd, spec.run)
         self._report(ProcessStarted(spec.replica_id, spec.run, process.pid, port))
 
-    def _launcher(self, plan: dict[str, Any]) -> list[str]:
-        return [self.config.launcher_python, "-I", "-S", SANDBOX_SCRIPT, json.dumps(plan)]
+    def _launcher(self) -> list[str]:
+        """The launcher's command line; its plan goes to its standard input (see ``sandbox``)."""
+        return [self.config.launcher_python, "-I", "-S", SANDBOX_SCRIPT]
 
     def _environment(self, replica: _Replica, spec: ProcessSpec, port: int) -> dict[str, str]:
         path = self.config.service_path
         if path is None:
-            path = SAFE_PATH if os.geteuid() == 0 else os.environ.get("PATH", SAFE_PATH)
+            path = sandbox.SAFE_PATH if os.geteuid() == 0 else os.environ.get("PATH", sandbox.SAFE_PATH)
         env = {
             "PATH": path,
             "HOME": str(replica.data_dir),
@@ -639,7 +640,9 @@ class RealExecutor:
             ok, detail = True, "no health check"
         elif check.kind == "command":
             plan = dict(replica.plan, argv=list(check.argv))
-            ok, detail = await check_command(self._launcher(plan), replica.env, check.timeout_s)
+            ok, detail = await check_command(
+                self._launcher(), sandbox.LAUNCHER_ENVIRONMENT, json.dumps(plan).encode(), check.timeout_s
+            )
         elif port is None:
             ok, detail = False, "the replica has no port to check"
         elif check.kind == "tcp":
