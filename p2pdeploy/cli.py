@@ -197,7 +197,7 @@ def simulate(scenario: str, seed: int | None, overrides: tuple[str, ...], out: s
     type=click.Path(file_okay=False),
     default=None,
     help="Where replicas' files and logs go [default: DATA_DIR/replicas]. A node run as root runs "
-    "services as nobody, who must be able to enter every directory on the way: one under /root cannot be.",
+    "each service as a uid of its own, which must be able to enter every directory on the way: one under /root cannot be.",
 )
 @click.option(
     "--kademlia",
@@ -247,8 +247,8 @@ def join(
       services with any tags, and it trusts NO deployer: only bundles and requests signed
       by this node's own key run here until you add --trust KEY (or --trust any).
 
-    Services run as confined processes (rlimits, cgroups where writable; as `nobody` when the
-    node runs as root) and each reserves what its manifest asks; a request that does not fit
+    Services run as confined processes (rlimits, cgroups where writable; each as a uid of its own
+    when the node runs as root) and each reserves what its manifest asks; a request that does not fit
     is refused with the reason. On SIGINT or SIGTERM the node first stops its replicas (TERM,
     then KILL after their grace period; a second signal kills them at once).
     """

@@ -245,6 +245,8 @@ def print_contribution(node: RuntimeNode, console: Console) -> None:
         )
     executor = node.executor
     if executor is not None:
+        isolation = executor.isolation()
+        console.print(isolation if executor.uid_per_replica else f"[yellow]{isolation}[/]")
         problem = service_user_cannot_enter(executor.root, executor.uid, executor.gid)
         if problem is not None:
             console.print(

@@ -358,6 +358,8 @@ class RuntimeNode:
             if executor_config is not None:
                 self.machine = await trio.to_thread.run_sync(probe_machine, self._probe_dir(executor_config))
                 contribution = contribution.clamp_to(self.machine)
+            if self.data_dir is not None:
+                close_data_dir(self.data_dir, executor_config)
             now = trio.current_time()
             store = self._store = open_store(self.data_dir, contribution)
             overlay_store = self._overlay_store = open_overlay_store(
@@ -498,9 +500,9 @@ class RuntimeNode:
         if self.data_dir is not None:
             return RealExecutorConfig(self.data_dir)
         if self._temporary_dir is None:
-            # Services may run as another user (nobody, for a root node): it must be able to enter.
+            # Services may run as other users (on a root node): they must be able to pass through.
             self._temporary_dir = Path(tempfile.mkdtemp(prefix="p2pdeploy-node-"))
-            self._temporary_dir.chmod(0o755)
+            self._temporary_dir.chmod(0o711)
         return RealExecutorConfig(self._temporary_dir)
 
     @staticmethod
@@ -1153,6 +1155,16 @@ class RuntimeNode:
             raise ValueError(
                 f"{exc}; raise RuntimeConfig.transport.stream_limit_bytes or send less"
             ) from None
+
+
+def close_data_dir(data_dir: Path, executor: RealExecutorConfig | None) -> None:
+    """Keep other users out of the node's data directory (its store, keys and control socket):
+    mode 0700, or 0711 when replica directories live below it, which services (other users on a
+    root node) must pass through to reach their own; they still cannot list it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    replicas = None if executor is None else Path(executor.replicas_dir or Path(executor.data_dir) / "replicas")
+    replicas_below = replicas is not None and replicas.resolve().is_relative_to(data_dir.resolve())
+    data_dir.chmod(0o711 if replicas_below else 0o700)
 
 
 def load_identity(data_dir: str | os.PathLike[str] | None) -> tuple[Identity, bool]:

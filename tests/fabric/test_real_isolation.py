@@ -1,23 +1,36 @@
 """Services cannot reach root, nor each other: the launcher's environment and a uid per replica.
 
 Attacks tried on real processes: a service's environment that would load a library into the
-launcher while it is still root (``LD_PRELOAD``).
+launcher while it is still root (``LD_PRELOAD``), and a service that reads another's
+``/proc/PID/environ`` (its state token), lists its directory, or opens the node's store and key.
 Tests that need root (switching users) skip elsewhere, saying why; every process is killed when
 its executor or node closes.
 """
 
+import grp
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import trio
 
 from p2pdeploy.fabric.admission import Demand
 from p2pdeploy.fabric.contribution import ANY, Contribution
-from p2pdeploy.fabric.executor import HealthCheck, Limits, ProcessSpec
+from p2pdeploy.fabric.executor import (
+    HealthCheck,
+    InstallBundle,
+    Installed,
+    Limits,
+    ProcessSpec,
+    Removed,
+    RemoveReplica,
+)
 from p2pdeploy.fabric.supervisor import ReplicaSpec, ReplicaState, RestartPolicy
 from p2pdeploy.node import client_layers
 from p2pdeploy.overlay.identity import Identity
@@ -25,7 +38,7 @@ from p2pdeploy.resource.bundle import SignedBundle, sign_bundle
 from p2pdeploy.resource.protocol import Refused, StatusReply
 from p2pdeploy.runtime.bundlefile import pack_directory
 from p2pdeploy.runtime.exec_local import open_local_replicas
-from p2pdeploy.runtime.executor import RealExecutorConfig
+from p2pdeploy.runtime.executor import DEFAULT_SERVICE_UIDS, RealExecutor, RealExecutorConfig, open_executor
 from p2pdeploy.runtime.node import open_node
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -136,7 +149,8 @@ async def test_ld_preload_in_a_services_environment_never_runs_as_root(service_r
     assert "exiting with code 0" in output
     uids = {int(name.removeprefix("ran-as-uid-")) for name in os.listdir(records)}
     assert 0 not in uids, "the bundled library ran as root"
-    assert len(uids) == 1  # it did load, into the service, as the service's own uid
+    (uid,) = uids  # it did load, into the service, as the service's own uid
+    assert DEFAULT_SERVICE_UIDS[0] <= uid <= DEFAULT_SERVICE_UIDS[1]
 
 
 async def wait_until_running(client, address, replica_id) -> StatusReply:
@@ -163,3 +177,173 @@ async def test_a_manifest_that_sets_ld_preload_is_refused_by_a_node_naming_the_v
         assert reply.check == "bundle"
         assert "env.LD_PRELOAD changes how the dynamic loader" in reply.reason
         assert node.hosted_replicas() == []
+
+
+# -- a uid per replica ---------------------------------------------------------------------
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+@needs_root
+async def test_a_service_cannot_read_another_services_environment_files_or_the_nodes_store(service_root):
+    """Two services on one root node: the second tries to read the first's /proc/PID/environ
+    (which holds its state token), to list its directory and data, and to open the node's store
+    and key. Every attempt fails with a permission error; what is its own it reads."""
+    contribution = Contribution(trusted_keys=frozenset({DEPLOYER.public_key}))
+    data_dir = service_root / "node"
+    async with (
+        open_node(data_dir=data_dir, contribution=contribution) as node,
+        open_node(identity=DEPLOYER, layers=client_layers) as deployer,
+    ):
+        victim = service_dir(service_root, "victim", ["python3", "behave.py", "serve"])
+        assert isinstance(await deployer.remote_start(node.address, "victim-1", signed(victim)), StatusReply)
+        await wait_until_running(deployer, node.address, "victim-1")
+        victim_pid = node.executor.usage("victim-1").pid
+        assert b"P2PDEPLOY_STATE_TOKEN=" in Path(f"/proc/{victim_pid}/environ").read_bytes()
+        victim_dir = node.executor.replica_dir("victim-1")
+        spy_dir = node.executor.replica_dir("spy-1")
+        theirs = [f"/proc/{victim_pid}/environ", str(victim_dir), str(victim_dir / "data"),
+                  str(data_dir / "persistence" / "store.sqlite3"), str(data_dir / "identity.key"), str(data_dir)]
+        own = ["/proc/self/environ", str(spy_dir / "data"), str(spy_dir / "app" / "behave.py")]
+        spy = service_dir(service_root, "spy", ["python3", "behave.py", "peek", *theirs, *own])  # fmt: skip
+        assert isinstance(await deployer.remote_start(node.address, "spy-1", signed(spy)), StatusReply)
+        await wait_until_running(deployer, node.address, "spy-1")
+        output = node.executor.read_logs("spy-1", 100_000).decode()
+        spy_pid = node.executor.usage("spy-1").pid
+        uids = {psutil.Process(pid).uids().real for pid in (victim_pid, spy_pid)}
+
+        for path in theirs:
+            assert f"peek {path}: PermissionError" in output, output
+        for path in own:
+            assert f"peek {path}: ok" in output, output
+        assert len(uids) == 2 and all(DEFAULT_SERVICE_UIDS[0] <= uid <= DEFAULT_SERVICE_UIDS[1] for uid in uids)
+        # what keeps them apart, as modes
+        assert mode_of(data_dir) == 0o711 and mode_of(data_dir / "persistence") == 0o700
+        assert mode_of(data_dir / "persistence" / "store.sqlite3") == 0o600 and mode_of(data_dir / "identity.key") == 0o600
+        assert mode_of(node.executor.root) == 0o711
+        assert mode_of(victim_dir) == 0o710 and victim_dir.stat().st_uid == 0
+        assert mode_of(victim_dir / "data") == 0o700 and (victim_dir / "data").stat().st_uid in uids
+
+
+def unused_uids(count: int) -> tuple[int, int]:
+    """A range of ``count`` uids no process, user or group of this machine has."""
+    used = {p.info["uids"].real for p in psutil.process_iter(["uids"]) if p.info["uids"]}
+    for first in range(993_000, 1_093_000, 1000):
+        uids = range(first, first + count)
+        if not any(uid in used or known_id(uid) for uid in uids):
+            return first, first + count - 1
+    pytest.fail("no free uids here")
+
+
+def known_id(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        try:
+            grp.getgrgid(uid)
+        except KeyError:
+            return False
+    return True
+
+
+async def installed(executor, reports: list, replica_id: str, bundle: bytes) -> Installed:
+    since = len(reports)
+    executor.execute(InstallBundle(replica_id, bundle))
+    with trio.fail_after(BOUND_S):
+        while True:
+            found = [r for r in reports[since:] if isinstance(r, Installed) and r.replica_id == replica_id]
+            if found:
+                return found[0]
+            await trio.sleep(0.02)
+
+
+def owner(path: Path) -> int:
+    return path.lstat().st_uid
+
+
+@needs_root
+async def test_each_replica_gets_a_uid_of_its_own_which_it_keeps_across_restarts_and_frees_when_removed(
+    service_root, behave_bundle
+):
+    first, last = unused_uids(2)
+    config = RealExecutorConfig(service_root, service_uid_range=(first, last))
+    reports: list = []
+    async with open_executor(config, reports.append) as executor:
+        for replica_id in ("a", "b"):
+            assert (await installed(executor, reports, replica_id, behave_bundle)).ok
+        uids = {r: owner(executor.replica_dir(r) / "data") for r in ("a", "b")}
+        assert sorted(uids.values()) == [first, last]
+        for replica_id, uid in uids.items():
+            directory = executor.replica_dir(replica_id)
+            assert (owner(directory), directory.stat().st_gid, mode_of(directory)) == (0, uid, 0o710)
+            assert (owner(directory / "data"), mode_of(directory / "data")) == (uid, 0o700)
+            assert owner(directory / "data" / "tmp") == uid and owner(directory / "app" / "behave.py") == 0
+        refused = await installed(executor, reports, "c", behave_bundle)
+        assert not refused.ok and refused.reason == f"every uid of service_uid_range {first}-{last} is in use"
+
+    async with open_executor(config, reports.append) as executor:  # the node restarted
+        assert (await installed(executor, reports, "b", behave_bundle)).ok
+        assert owner(executor.replica_dir("b") / "data") == uids["b"]  # its files are its own still
+        refused = await installed(executor, reports, "c", behave_bundle)
+        assert not refused.ok, "a's directory still holds its uid"
+        since = len(reports)
+        executor.execute(RemoveReplica("a"))
+        with trio.fail_after(BOUND_S):
+            while not any(isinstance(r, Removed) for r in reports[since:]):
+                await trio.sleep(0.02)
+        assert not executor.replica_dir("a").exists()
+        assert (await installed(executor, reports, "c", behave_bundle)).ok
+        assert owner(executor.replica_dir("c") / "data") == uids["a"]
+
+
+@needs_root
+async def test_a_link_a_service_leaves_in_its_data_directory_is_not_followed_when_the_node_reinstalls_it(
+    service_root, behave_bundle
+):
+    """A service owns its data directory and may put a link to a directory of root's where its
+    ``tmp`` was; installing the replica again must not hand that directory to the service."""
+    roots = service_root / "roots"
+    roots.mkdir()
+    reports: list = []
+    async with open_executor(RealExecutorConfig(service_root), reports.append) as executor:
+        assert (await installed(executor, reports, "r1", behave_bundle)).ok
+        tmp = executor.replica_dir("r1") / "data" / "tmp"
+        tmp.rmdir()
+        tmp.symlink_to(roots)  # as the service could
+        assert (await installed(executor, reports, "r1", behave_bundle)).ok
+    assert owner(roots) == 0 and mode_of(roots) == 0o755
+
+
+def test_a_node_that_cannot_switch_users_says_so(service_root, monkeypatch):
+    executor = RealExecutor(RealExecutorConfig(service_root), lambda report: None)
+    assert executor.isolation().startswith("isolation: each replica runs as a uid of its own") == (os.geteuid() == 0)
+    shared = RealExecutor(RealExecutorConfig(service_root, service_uid_range=None), lambda report: None)
+    if os.geteuid() == 0:
+        assert "can read each other's environment (state tokens) and files" in shared.isolation()
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    unprivileged = RealExecutor(RealExecutorConfig(service_root), lambda report: None)
+    assert unprivileged.isolation() == (
+        "isolation: none between services: they run as this node's user (uid 1000), so they can read each "
+        "other's environment (state tokens) and files, and the node's; run the node as root for a uid per replica"
+    )
+
+
+@needs_root
+async def test_a_replica_that_gets_another_uid_gets_its_files_handed_over(service_root, behave_bundle):
+    before, after = unused_uids(2)
+    reports: list = []
+    async with open_executor(RealExecutorConfig(service_root, service_uid_range=(before, before)), reports.append) as executor:
+        assert (await installed(executor, reports, "r1", behave_bundle)).ok
+        data = executor.replica_dir("r1") / "data"
+        (data / "kept").mkdir()
+        (data / "kept" / "state").write_text("1")
+        (data / "link").symlink_to("/etc/hostname")
+        for path in (data / "kept", data / "kept" / "state", data / "link"):
+            os.chown(path, before, before, follow_symlinks=False)  # as the service made them
+    async with open_executor(RealExecutorConfig(service_root, service_uid_range=(after, after)), reports.append) as executor:
+        again = await installed(executor, reports, "r1", behave_bundle)
+        assert again.ok, again
+    assert {owner(path) for path in (data, data / "tmp", data / "kept", data / "kept" / "state", data / "link")} == {after}
+    assert owner(Path("/etc/hostname")) == 0

@@ -148,7 +148,7 @@ def unused_uid(start):
 async def test_a_fork_bomb_is_contained_by_rlimit_nproc_under_a_uid_of_its_own(service_root, behave_bundle):
     # No cgroups: RLIMIT_NPROC alone, which counts per real uid, so the replica gets its own uid
     uid = unused_uid(991_000)
-    config = RealExecutorConfig(service_root, use_cgroups=False, service_uid_range=(uid, uid + 99))
+    config = RealExecutorConfig(service_root, use_cgroups=False, service_uid_range=(uid, uid))
     before = set(live_processes_of(uid))
 
     def processes_of_the_service_uid():

@@ -261,6 +261,8 @@ async def test_a_join_process_hosts_what_fits_refuses_the_rest_and_stops_its_rep
         await node.wait_for_line(lambda line: line.startswith("control socket"))
         assert re.search(r"│ cpu +│ 2 cores", "\n".join(node.stdout_lines))
         assert f"trusted key {deployer_key}" in node.stdout_lines
+        isolation = "isolation: each replica runs as a uid of its own" if os.geteuid() == 0 else "isolation: none"
+        assert any(line.startswith(isolation) for line in node.stdout_lines), node.transcript()
 
         deploy = ["--node", address, "--data-dir", str(deployer_dir)]
         first, second, packed = await run_all(
