@@ -32,12 +32,13 @@ from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.node import client_layers
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import KademliaConfig
-from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES
+from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, SignedBundle, sign_bundle
 from p2pdeploy.resource.protocol import LogsReply, Refused, StatusReply
 from p2pdeploy.runtime.address import format_host_port
 from p2pdeploy.runtime.bundlefile import (
     BundleFileError,
     bundle_from_directory,
+    pack_directory,
     read_signed_bundle,
     signature_path,
     write_signed_bundle,
@@ -169,6 +170,29 @@ async def test_a_two_core_node_runs_two_one_core_replicas_refuses_a_third_and_un
     assert {(s.state.value, s.reason) for s in host.statuses()} == {("stopped", "stopped by TERM (exited with code 0)")}
     assert not any(psutil.pid_exists(pid) for pid in replica_pids)
     assert processes_under(service_root) == set()
+
+
+async def test_a_bundle_larger_than_its_disk_reservation_is_refused_before_it_is_unpacked(service_root):
+    """The attack of the hardening issue: `disk = "1M"` and a bundle that unpacks to much more
+    (zeros, small on the wire). Refused with both sizes; nothing lands in the replicas directory."""
+    service = service_root / "hello-big"
+    shutil.copytree(EXAMPLES / "hello", service)
+    manifest = service / "manifest.toml"
+    manifest.write_text(re.sub(r'disk = "[^"]*"', 'disk = "1M"', manifest.read_text()))
+    assert 'disk = "1M"' in manifest.read_text()
+    (service / "zeros.bin").write_bytes(bytes(32 * 1024 * 1024))
+    data = pack_directory(service)
+    signed = SignedBundle(data, DEPLOYER.public_key, sign_bundle(data, DEPLOYER))  # as an attacker's tool would
+    contribution = Contribution(trusted_keys=frozenset({DEPLOYER.public_key}))
+    async with (
+        open_node(data_dir=service_root / "node", contribution=contribution) as node,
+        open_node(identity=DEPLOYER, layers=client_layers) as deployer,
+    ):
+        reply = await deployer.remote_start(node.address, "hello-1", signed)
+        assert isinstance(reply, Refused) and reply.check == "bundle", reply
+        assert re.fullmatch(r"bundle: unpacks to 32\.0 MiB \(\d+ bytes\), more than the 1 MiB \(1048576 bytes\) "
+                            r"its manifest reserves \(resources\.disk\)", reply.reason), reply.reason
+        assert list(node.executor.root.iterdir()) == []
 
 
 async def test_the_control_socket_sends_signed_replica_requests_and_status_lists_the_contribution(service_root):
