@@ -183,13 +183,15 @@ def simulate(scenario: str, seed: int | None, overrides: tuple[str, ...], out: s
 @click.option("--allow-tag", "allow_tags", multiple=True, metavar="TAG|any", help="Accept only services tagged TAG (repeatable) [default: any].")
 @click.option("--tag", "tags", multiple=True, metavar="TAG", help="A tag this machine advertises to services' requirements, e.g. ssd or gpu (repeatable).")
 @click.option("--owner", default=None, help="The owner's name, for requirements such as `owner != \"alice\"`.")
+@click.option("--retention", metavar="DURATION", help="How long a stopped replica's files (its data and logs) stay, "
+              "their disk still reserved, e.g. 24h, 30m or 7d [default: 24h].")
 @click.option(
     "--config",
     "config_file",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
     help="A TOML file whose [contribution] section sets the same (cpu, memory, disk, bandwidth, "
-    "max_services, trusted_keys, allowed_tags, tags, owner); options given here win "
+    "max_services, trusted_keys, allowed_tags, tags, owner, retention); options given here win "
     "[default: DATA_DIR/config.toml when it exists].",
 )
 @click.option(
@@ -227,6 +229,7 @@ def join(
     allow_tags: tuple[str, ...],
     tags: tuple[str, ...],
     owner: str | None,
+    retention: str | None,
     config_file: str | None,
     replicas_dir: str | None,
     kademlia_settings: tuple[tuple[str, str], ...],
@@ -272,7 +275,7 @@ def join(
     directory = Path(data_dir) if data_dir else default_data_dir()
     options = contribution_options(
         cpu=cpu, memory=memory, disk=disk, bandwidth=bandwidth, max_services=max_services,
-        trust=trust, allow_tags=allow_tags, tags=tags, owner=owner,
+        trust=trust, allow_tags=allow_tags, tags=tags, owner=owner, retention=retention,
     )  # fmt: skip
     config_path = Path(config_file) if config_file else None
     if config_path is None and (directory / CONFIG_FILE).is_file():
