@@ -95,7 +95,7 @@ from p2pdeploy.overlay.ping import PeerSeen, Ping, PingProtocol, PingTimedOut, P
 from p2pdeploy.overlay.routing import ID_SPACE, Contact
 from p2pdeploy.overlay.storage import Item, OverlayStore
 from p2pdeploy.overlay.swim import DetectorConfig, PeerDeclaredDead, PeerRecovered
-from p2pdeploy.resource.bundle import SignedBundle
+from p2pdeploy.resource.bundle import Bundle, BundleError, SignedBundle
 from p2pdeploy.resource.description import NodeDescription
 from p2pdeploy.resource.manifest import SERVICE_VARIABLE
 from p2pdeploy.resource.protocol import (
@@ -163,6 +163,8 @@ class RemoteTimeout(TimeoutError):
 
 #: The events that finish an overlay query (they carry the ``query_id`` the call returned).
 OVERLAY_RESULTS = (LookupFinished, GetFinished, PutFinished, Joined)
+#: Starts with an inline bundle waiting for the worker that parses bundles; more are dropped.
+MAX_BUNDLES_PARSING = 4
 
 
 def check_key(key: object) -> int:
@@ -280,6 +282,10 @@ class RuntimeNode:
         self._timer_scope: trio.CancelScope | None = None
         self._waiters: set[_Waiter] = set()
         self._subscribers: list[trio.MemorySendChannel[Any]] = []
+        self._nursery: trio.Nursery | None = None
+        #: Starts whose inline bundle a worker thread is parsing (or waits to), one at a time.
+        self._bundles_parsing = 0
+        self._bundle_parser = trio.CapacityLimiter(1)
 
     # -- identity and state ------------------------------------------------------------------
     @property
@@ -404,6 +410,7 @@ class RuntimeNode:
         self.started_at = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 await nursery.start(transport.run)
                 if state_server is not None:
                     # Before the executor: a service's environment names the server's port.
@@ -421,6 +428,7 @@ class RuntimeNode:
                 self._after_input()  # layers may have queued work while being built
                 task_status.started()
         finally:
+            self._nursery = None
             if overlay is not None:
                 self._save_snapshot_logged()
             self._close_persistence()
@@ -712,6 +720,35 @@ class RuntimeNode:
                 "dropped %d bytes from %s: %s (%s)", len(data), format_host_port(src), msg.kind, msg.detail
             )
             return
+        if self._parse_bundle_ahead(src, msg):
+            return
+        self.core.receive(src, msg, trio.current_time())
+        self._after_input()
+
+    def _parse_bundle_ahead(self, src: HostPort, msg: Any) -> bool:
+        """Take a trusted start's inline bundle to a worker thread to be parsed (decompressing it
+        takes seconds, which the event loop must spend answering peers) and deliver the start
+        after; True when the start is taken (or dropped: too many wait, counted)."""
+        remote = self._layer_or_none(RemoteControl)
+        nursery = self._nursery
+        if remote is None or nursery is None or not remote.worth_parsing_ahead(msg):
+            return False
+        if self._bundles_parsing >= MAX_BUNDLES_PARSING:
+            self.counters["bundle_parses_busy"] += 1  # the deployer's retry finds a free place
+            return True
+        self._bundles_parsing += 1
+        nursery.start_soon(self._deliver_parsed, src, msg, remote.config.max_bundle_bytes)
+        return True
+
+    async def _deliver_parsed(self, src: HostPort, msg: Any, max_bytes: int) -> None:
+        try:
+            result = await trio.to_thread.run_sync(_parse_bundle, msg.bundle, max_bytes, limiter=self._bundle_parser)
+        finally:
+            self._bundles_parsing -= 1
+        remote = self._layer_or_none(RemoteControl)
+        if remote is None:  # the node stopped meanwhile
+            return
+        remote.bundle_parsed(msg.bundle, result)
         self.core.receive(src, msg, trio.current_time())
         self._after_input()
 
@@ -1155,6 +1192,13 @@ class RuntimeNode:
             raise ValueError(
                 f"{exc}; raise RuntimeConfig.transport.stream_limit_bytes or send less"
             ) from None
+
+
+def _parse_bundle(data: bytes, max_bytes: int) -> Bundle | BundleError:
+    try:
+        return Bundle.parse(data, max_bytes=max_bytes)
+    except BundleError as exc:
+        return exc
 
 
 def close_data_dir(data_dir: Path, executor: RealExecutorConfig | None) -> None:

@@ -32,7 +32,7 @@ from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.node import client_layers
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import KademliaConfig
-from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, SignedBundle, sign_bundle
+from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, MAX_UNPACKED_BYTES, SignedBundle, sign_bundle
 from p2pdeploy.resource.protocol import LogsReply, Refused, StatusReply
 from p2pdeploy.runtime.address import format_host_port
 from p2pdeploy.runtime.bundlefile import (
@@ -53,7 +53,7 @@ from p2pdeploy.runtime.control import (
 )
 from p2pdeploy.runtime.keyfile import load_or_create_identity
 from p2pdeploy.runtime.localnet import open_local_processes
-from p2pdeploy.runtime.node import open_node
+from p2pdeploy.runtime.node import PingTimeout, open_node
 from p2pdeploy.runtime.probe import probe_machine
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -327,6 +327,47 @@ async def test_a_join_process_hosts_what_fits_refuses_the_rest_and_stops_its_rep
         assert node.stdout_lines[-1] == "stopped"
         assert not any(psutil.pid_exists(pid) for pid in replica_pids)
         assert processes_under(service_root) == set()
+
+
+@pytest.mark.slow
+async def test_a_join_process_answers_pings_while_it_checks_and_unpacks_the_largest_allowed_bundle(service_root):
+    """Checking a bundle reads all of it (256 MiB of zeros from a 4 MiB cap: about a second and
+    more) and unpacking writes it; both run in worker threads, so every ping sent meanwhile is
+    answered (within 1 s; the node means to answer within 100 ms)."""
+    deployer_dir = service_root / "deployer"
+    deployer_key = load_or_create_identity(deployer_dir)[0].public_key.hex()
+    service = service_root / "hello-huge"
+    shutil.copytree(EXAMPLES / "hello", service)
+    manifest = service / "manifest.toml"
+    manifest.write_text(re.sub(r'disk = "[^"]*"', 'disk = "300M"', manifest.read_text()))
+    zeros = MAX_UNPACKED_BYTES - 1024 * 1024
+    with open(service / "zeros.bin", "wb") as file:
+        file.truncate(zeros)  # sparse here; every byte of it on the node
+    async with open_local_processes() as local, open_node() as pinger:
+        node = await local.start_join(service_root / "node", extra_args=["--trust", deployer_key, "--disk", "1G"])
+        address = await node.wait_listening()
+        answered, unanswered = [], []
+        async with trio.open_nursery() as nursery:
+
+            async def ping_until_cancelled() -> None:
+                while True:
+                    try:
+                        answered.append(await pinger.ping(address, timeout_s=1.0))
+                    except PingTimeout:
+                        unanswered.append(trio.current_time())
+                    await trio.sleep(0.01)
+
+            nursery.start_soon(ping_until_cancelled)
+            started = await run_cli("replica", "start", str(service), "--id", "huge-1",
+                                    "--node", format_host_port(address), "--data-dir", str(deployer_dir))  # fmt: skip
+            nursery.cancel_scope.cancel()
+        assert started.returncode == 0, started.stdout.decode() + started.stderr.decode()
+        installed = service_root / "node" / "replicas" / "huge-1" / "app" / "zeros.bin"
+        assert installed.stat().st_size == zeros
+        assert unanswered == [], f"{len(unanswered)} pings unanswered, {len(answered)} answered"
+        assert len(answered) >= 10
+        node.terminate()
+        assert await node.wait_exit() == 0, node.transcript()
 
 
 def test_key_prints_the_data_dirs_public_key_alone(tmp_path):
