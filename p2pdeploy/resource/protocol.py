@@ -32,9 +32,10 @@ the bytes arrive (:meth:`RemoteControl.bundle_fetched`, the same code as for an 
 one that fails fails the replica with its reason, which a status request reports.
 
 Reading a bundle's members means decompressing all of it (up to 256 MiB from 4 MiB), which takes
-seconds: a driver that must keep answering meanwhile parses an inline bundle ahead, in a worker
-(:meth:`RemoteControl.worth_parsing_ahead`, :meth:`RemoteControl.bundle_parsed`), before it
-delivers the start; check 6 then uses that result. The simulator parses in place.
+seconds: a driver that must keep answering meanwhile (``RemoteConfig.parse_bundles_ahead``)
+parses an inline bundle ahead, in a worker (:meth:`RemoteControl.worth_parsing_ahead`,
+:meth:`RemoteControl.bundle_parsed`), before it delivers the start, and a fetched one when the
+fetcher asks (``BundleToCheck``); check 6 then uses that result. The simulator parses in place.
 
 Only then does it act, through the :class:`~p2pdeploy.fabric.replicas.ReplicaHost` layer it
 wraps. Logs are I/O: the node emits ``LogsRequested`` and the driver answers with
@@ -298,6 +299,9 @@ class RemoteConfig:
     max_log_bytes: int = MAX_LOG_BYTES
     logs_timeout_s: float = 10.0
     max_bundle_bytes: int = MAX_BUNDLE_BYTES
+    #: The driver parses bundles ahead, off its event loop (see the module docstring): the
+    #: runtime does; the simulator parses in place.
+    parse_bundles_ahead: bool = False
 
     def __post_init__(self) -> None:
         require_positive(self, "remote.", "window_s")
@@ -416,7 +420,8 @@ class RemoteControl(Protocol):
         a start by a key this node trusts, with a bundle signed by a trusted key. Anything else is
         refused without reading the bundle, so a stranger cannot make the driver decompress."""
         return (
-            isinstance(msg, StartReplica)
+            self.config.parse_bundles_ahead
+            and isinstance(msg, StartReplica)
             and bool(msg.bundle)
             and self._trusts(msg.signer)
             and self._trusts(msg.bundle_key)
@@ -425,7 +430,8 @@ class RemoteControl(Protocol):
 
     def bundle_parsed(self, data: bytes, result: Bundle | BundleError) -> None:
         """What ``Bundle.parse(data, max_bytes=config.max_bundle_bytes)`` gave, run by the driver
-        off its event loop; the start that carries ``data``, delivered next, uses it."""
+        off its event loop; the start that carries ``data`` (or the replicas a fetched bundle is
+        for), delivered next, use it."""
         self._parsed_ahead[bundle_digest(data)] = result
         while len(self._parsed_ahead) > MAX_PARSED_AHEAD:
             del self._parsed_ahead[next(iter(self._parsed_ahead))]
@@ -488,7 +494,7 @@ class RemoteControl(Protocol):
             raise StartRefusal("bundle", "bundle: its signature does not match the bundle and the key it names")
         if not self._trusts(key):
             raise StartRefusal("bundle", f"bundle: signed by {_key(key)}, a key this node's owner does not trust")
-        result = self._parsed_ahead.pop(bundle_digest(data), None) if self._parsed_ahead else None
+        result = self._parsed_ahead.get(bundle_digest(data)) if self._parsed_ahead else None
         try:
             if result is None:
                 return Bundle.parse(data, max_bytes=self.config.max_bundle_bytes)

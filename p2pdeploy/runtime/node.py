@@ -64,6 +64,7 @@ from typing import Any, TypeVar
 import trio
 
 from p2pdeploy import wire
+from p2pdeploy.collective.bundles import BundleFetcher, BundleToCheck
 from p2pdeploy.collective.persistence import DurableStore, HandedOff, Persistence, PersistenceConfig
 from p2pdeploy.collective.prospector import (
     AggregateFinished,
@@ -378,7 +379,7 @@ class RuntimeNode:
                 self.config.kademlia,
                 contribution=contribution,
                 machine=self.machine,
-                remote=self.config.remote,
+                remote=dataclasses.replace(self.config.remote, parse_bundles_ahead=True),
                 remote_timeout_s=self.config.remote_timeout_s,
                 wall_clock_offset_s=time.time() - now,
                 prospector=self.config.prospector,
@@ -752,6 +753,15 @@ class RuntimeNode:
         self.core.receive(src, msg, trio.current_time())
         self._after_input()
 
+    async def _check_fetched_bundle(self, event: BundleToCheck, max_bytes: int) -> None:
+        """Parse a bundle fetched by blob id in a worker thread, then let its replicas go on."""
+        result = await trio.to_thread.run_sync(_parse_bundle, event.data, max_bytes, limiter=self._bundle_parser)
+        fetcher = self._layer_or_none(BundleFetcher)
+        if fetcher is None:  # the node stopped meanwhile
+            return
+        fetcher.bundle_checked(event.blob_id, result, trio.current_time())
+        self._after_input()
+
     def _after_input(self) -> None:
         core = self.core
         now = trio.current_time()
@@ -773,6 +783,8 @@ class RuntimeNode:
             except RuntimeError as exc:  # the executor has stopped: the node is stopping
                 self.counters["executor_stopped"] += 1
                 log.debug("%s not executed: %s", type(event).__name__, exc)
+        if isinstance(event, BundleToCheck) and self._nursery is not None:
+            self._nursery.start_soon(self._check_fetched_bundle, event, self.config.remote.max_bundle_bytes)
         if isinstance(event, PeerSeen):
             log.info("peer %040x seen at %s", event.node_id, format_host_port(event.address))
         elif isinstance(event, PeerDeclaredDead):

@@ -359,11 +359,12 @@ def test_requests_of_unknown_keys_do_not_fill_the_nonce_cache():
 
 
 def test_a_driver_parses_a_trusted_starts_bundle_ahead_and_the_start_uses_what_it_found():
-    link = Link()
+    link = Link(config=RemoteConfig(parse_bundles_ahead=True))
     trusted, strangers = signed_bundle(), signed_bundle(signer=STRANGER)
     link.client.start("node", NODE.node_id, "web-1", trusted, NOW)
     link.client.start("node", NODE.node_id, "web-2", strangers, NOW)
     (_, start), (_, stranger_start) = link.client.messages_to_send()
+    assert not Link().node.worth_parsing_ahead(crossed(start))  # a driver that parses in place (the simulator)
     assert link.node.worth_parsing_ahead(crossed(start))
     assert not link.node.worth_parsing_ahead(crossed(stranger_start))  # refused without reading it
     forged = dataclasses.replace(crossed(start), bundle_signature=bytes(64))
