@@ -1218,6 +1218,9 @@ def close_data_dir(data_dir: Path, executor: RealExecutorConfig | None) -> None:
     mode 0700, or 0711 when replica directories live below it, which services (other users on a
     root node) must pass through to reach their own; they still cannot list it."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    if data_dir.stat().st_mode & 0o002:  # a shared directory such as /tmp: not the node's to close
+        log.warning("the data directory %s is writable by every user; give the node a directory of its own", data_dir)
+        return
     replicas = None if executor is None else Path(executor.replicas_dir or Path(executor.data_dir) / "replicas")
     replicas_below = replicas is not None and replicas.resolve().is_relative_to(data_dir.resolve())
     data_dir.chmod(0o711 if replicas_below else 0o700)
