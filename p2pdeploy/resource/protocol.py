@@ -84,7 +84,7 @@ BLOB_ID_BYTES = 20
 MAX_LOG_BYTES = 64 * 1024
 #: Log reads waiting for the driver at once; beyond it a ``FetchLogs`` is refused as ``busy``.
 MAX_LOGS_WAITING = 1024
-#: Bundles parsed ahead by the driver and not yet claimed by their start (oldest dropped first).
+#: Bundles the driver parsed ahead, kept for the starts that carry them (the oldest dropped first).
 MAX_PARSED_AHEAD = 8
 #: Requests a client waits for at once; beyond it its API raises ``RequestsFull``.
 MAX_CLIENT_REQUESTS = 4096
