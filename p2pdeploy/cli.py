@@ -193,13 +193,15 @@ def simulate(scenario: str, seed: int | None, overrides: tuple[str, ...], out: s
 @click.option("--allow-tag", "allow_tags", multiple=True, metavar="TAG|any", help="Accept only services tagged TAG (repeatable) [default: any].")
 @click.option("--tag", "tags", multiple=True, metavar="TAG", help="A tag this machine advertises to services' requirements, e.g. ssd or gpu (repeatable).")
 @click.option("--owner", default=None, help="The owner's name, for requirements such as `owner != \"alice\"`.")
+@click.option("--retention", metavar="DURATION", help="How long a stopped replica's files (its data and logs) stay, "
+              "their disk still reserved, e.g. 24h, 30m or 7d [default: 24h].")
 @click.option(
     "--config",
     "config_file",
     type=AbsolutePath(exists=True, dir_okay=False),
     default=None,
     help="A TOML file whose [contribution] section sets the same (cpu, memory, disk, bandwidth, "
-    "max_services, trusted_keys, allowed_tags, tags, owner); options given here win "
+    "max_services, trusted_keys, allowed_tags, tags, owner, retention); options given here win "
     "[default: DATA_DIR/config.toml when it exists].",
 )
 @click.option(
@@ -207,7 +209,7 @@ def simulate(scenario: str, seed: int | None, overrides: tuple[str, ...], out: s
     type=AbsolutePath(file_okay=False),
     default=None,
     help="Where replicas' files and logs go [default: DATA_DIR/replicas]. A node run as root runs "
-    "services as nobody, who must be able to enter every directory on the way: one under /root cannot be.",
+    "each service as a uid of its own, which must be able to enter every directory on the way: one under /root cannot be.",
 )
 @click.option(
     "--kademlia",
@@ -237,6 +239,7 @@ def join(
     allow_tags: tuple[str, ...],
     tags: tuple[str, ...],
     owner: str | None,
+    retention: str | None,
     config_file: str | None,
     replicas_dir: str | None,
     kademlia_settings: tuple[tuple[str, str], ...],
@@ -257,8 +260,8 @@ def join(
       services with any tags, and it trusts NO deployer: only bundles and requests signed
       by this node's own key run here until you add --trust KEY (or --trust any).
 
-    Services run as confined processes (rlimits, cgroups where writable; as `nobody` when the
-    node runs as root) and each reserves what its manifest asks; a request that does not fit
+    Services run as confined processes (rlimits, cgroups where writable; each as a uid of its own
+    when the node runs as root) and each reserves what its manifest asks; a request that does not fit
     is refused with the reason. On SIGINT or SIGTERM the node first stops its replicas (TERM,
     then KILL after their grace period; a second signal kills them at once).
     """
@@ -282,7 +285,7 @@ def join(
     directory = Path(data_dir) if data_dir else default_data_dir()
     options = contribution_options(
         cpu=cpu, memory=memory, disk=disk, bandwidth=bandwidth, max_services=max_services,
-        trust=trust, allow_tags=allow_tags, tags=tags, owner=owner,
+        trust=trust, allow_tags=allow_tags, tags=tags, owner=owner, retention=retention,
     )  # fmt: skip
     config_path = Path(config_file) if config_file else None
     if config_path is None and (directory / CONFIG_FILE).is_file():

@@ -11,6 +11,9 @@
     python3 behave.py escape             start a child that leaves the process group, then serve
     python3 behave.py spin SECONDS       burn cpu for SECONDS of wall time, print the cpu time used
     python3 behave.py fill BYTES         write a file of BYTES into $P2PDEPLOY_DATA_DIR
+    python3 behave.py env NAME...        print NAME=value for each variable set, then exit
+    python3 behave.py peek PATH...       try to read each file (or list each directory) and
+                                         print "peek PATH: ok" or the error's name, then serve
 
 Every mode that serves also stops on its own after 120 s, so nothing lingers if a test breaks.
 Standard library only.
@@ -81,6 +84,18 @@ def bomb(seconds: float) -> None:
     os._exit(0)
 
 
+def peek(path: str) -> str:
+    try:
+        if os.path.isdir(path):
+            os.listdir(path)
+        else:
+            with open(path, "rb") as file:
+                file.read(1)
+    except OSError as exc:
+        return type(exc).__name__
+    return "ok"
+
+
 def main() -> None:
     mode = sys.argv[1] if len(sys.argv) > 1 else "serve"
     if mode == "serve":
@@ -122,6 +137,14 @@ def main() -> None:
             for _ in range(int(sys.argv[2]) // 65536):
                 file.write(b"\0" * 65536)
         print(f"wrote {os.path.getsize(path)} bytes", flush=True)
+    elif mode == "env":
+        for name in sys.argv[2:]:
+            if name in os.environ:
+                print(f"{name}={os.environ[name]}", flush=True)
+    elif mode == "peek":
+        for path in sys.argv[2:]:
+            print(f"peek {path}: {peek(path)}", flush=True)
+        serve()
     else:
         sys.exit(f"unknown mode {mode!r}")
 

@@ -10,7 +10,9 @@ consumes that ``FetchBundle`` (only for a start by blob id that the remote proto
 on; any other goes on to the driver), asks persistence for the blob with ``keep=True`` and
 consumes the ``BlobFetched`` of its own queries, no other. Then:
 
-- the bytes go to ``RemoteControl.bundle_fetched``, which checks them exactly as it checks an
+- the bytes go to ``RemoteControl.bundle_fetched`` (where the driver parses bundles off its event
+  loop, ``RemoteConfig.parse_bundles_ahead``, after the driver parsed them: the fetcher emits
+  ``BundleToCheck`` and the driver answers with :meth:`BundleFetcher.bundle_checked`), which checks them exactly as it checks an
   inline bundle (the signature, by a key the owner trusts; a safe archive and a valid manifest;
   the requirements; admission) and installs the replica, or fails it with the reason
   (``bundle: signed by ..., a key this node's owner does not trust``);
@@ -33,12 +35,23 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import Any
 
 from p2pdeploy.collective.persistence import BlobFetched, Persistence
 from p2pdeploy.core import Address, Protocol
 from p2pdeploy.fabric.supervisor import FetchBundle
+from p2pdeploy.resource.bundle import Bundle, BundleError
 from p2pdeploy.resource.protocol import BLOB_ID_BYTES, RemoteControl
+
+
+@dataclass(frozen=True, slots=True)
+class BundleToCheck:
+    """A fetched bundle for the driver to parse off its event loop; it answers with
+    :meth:`BundleFetcher.bundle_checked` (only where ``RemoteConfig.parse_bundles_ahead``)."""
+
+    blob_id: int
+    data: bytes = field(repr=False)
 
 
 class BundleFetcher(Protocol):
@@ -55,6 +68,7 @@ class BundleFetcher(Protocol):
         self.counters: Counter[str] = Counter()
         self._queries: dict[int, int] = {}  # persistence query id -> blob id
         self._waiting: dict[int, list[str]] = {}  # blob id -> replica ids waiting for it, in order
+        self._checking: dict[int, tuple[list[str], bytes]] = {}  # blob id -> its replicas and bytes, at the driver
 
     def fetching(self) -> dict[int, list[str]]:
         """The blobs being fetched and the replicas waiting for each."""
@@ -94,15 +108,31 @@ class BundleFetcher(Protocol):
             for replica_id in replicas:
                 self.remote.bundle_unavailable(replica_id, f"bundle fetch failed: {event.reason}", now)
             return True
+        if self.remote.config.parse_bundles_ahead:
+            self._checking[blob_id] = (replicas, event.data)
+            self.emit(BundleToCheck(blob_id, event.data))
+            return True
+        self._install(blob_id, replicas, event.data, now)
+        return True
+
+    def bundle_checked(self, blob_id: int, result: Bundle | BundleError, now: float) -> None:
+        """What parsing the bundle of ``BundleToCheck(blob_id)`` gave; its replicas go on."""
+        entry = self._checking.pop(blob_id, None)
+        if entry is None:
+            return
+        replicas, data = entry
+        self.remote.bundle_parsed(data, result)
+        self._install(blob_id, replicas, data, now)
+
+    def _install(self, blob_id: int, replicas: list[str], data: bytes, now: float) -> None:
         accepted = False
         for replica_id in replicas:
-            if self.remote.bundle_fetched(replica_id, event.data, now):
+            if self.remote.bundle_fetched(replica_id, data, now):
                 accepted = True
             else:
                 self.counters["refused"] += 1
         if not accepted and not self._in_use(blob_id):
             self.persistence.unpin(blob_id)  # nothing here runs it: do not keep it
-        return True
 
     def _in_use(self, blob_id: int) -> bool:
         """Whether a replica on this node that has not finished was started from this blob."""

@@ -4,7 +4,8 @@ Every replica a node runs holds a reservation (cores, memory, disk, bandwidth, o
 slot) from the moment it is admitted until it ends. :meth:`Admission.admit` answers whether a
 new demand fits, and when it does not, which resource refused it and by how much
 (``cpu: 1 core asked, 0 of 2 free``), so a deployer knows what to change. Reservations are
-what the owner promised, not measured use: a replica that idles still holds its share.
+what the owner promised, not measured use: a replica that idles still holds its share. A
+replica that ended keeps only its disk (:meth:`Admission.retain`) while its files stay.
 """
 
 from __future__ import annotations
@@ -62,11 +63,18 @@ class Admission:
     def __init__(self, contribution: Contribution) -> None:
         self.contribution = contribution
         self._reservations: dict[str, Demand] = {}
+        #: Disk still held by replicas that ended, until their files are removed.
+        self._retained: dict[str, int] = {}
 
     # -- queries ---------------------------------------------------------------------------
     @property
     def reservations(self) -> dict[str, Demand]:
         return dict(self._reservations)
+
+    @property
+    def retained(self) -> dict[str, int]:
+        """Disk bytes held by replicas that ended, whose files are still on disk."""
+        return dict(self._retained)
 
     def free(self) -> Free:
         c = self.contribution
@@ -74,7 +82,7 @@ class Admission:
         return Free(
             cpu_cores=max(0.0, c.cpu_cores - sum(d.cpu_cores for d in held)),
             memory_bytes=max(0, c.memory_bytes - sum(d.memory_bytes for d in held)),
-            disk_bytes=max(0, c.disk_bytes - sum(d.disk_bytes for d in held)),
+            disk_bytes=max(0, c.disk_bytes - sum(d.disk_bytes for d in held) - sum(self._retained.values())),
             bandwidth_bps=None if c.bandwidth_bps is None else max(0, c.bandwidth_bps - sum(d.bandwidth_bps for d in held)),
             services=max(0, c.max_services - len(held)),
         )
@@ -119,14 +127,24 @@ class Admission:
         """Admit ``demand`` and hold it for ``replica_id``; the refusal when it does not fit."""
         if replica_id in self._reservations:
             return Refusal("replica", f"replica: {replica_id} already holds a reservation on this node")
+        retained = self._retained.pop(replica_id, None)  # the same id starts again in its files
         refusal = self.admit(demand)
         if refusal is None:
             self._reservations[replica_id] = demand
+        elif retained is not None:
+            self._retained[replica_id] = retained
         return refusal
 
     def release(self, replica_id: str) -> Demand | None:
-        """Give back what ``replica_id`` held (``None`` when it held nothing)."""
+        """Give back what ``replica_id`` held, its retained disk too (``None`` when it held no reservation)."""
+        self._retained.pop(replica_id, None)
         return self._reservations.pop(replica_id, None)
+
+    def retain(self, replica_id: str) -> None:
+        """``replica_id`` ended: give back all it held but its disk, which its files still take."""
+        demand = self._reservations.pop(replica_id, None)
+        if demand is not None:
+            self._retained[replica_id] = demand.disk_bytes
 
     def holders(self) -> Iterable[str]:
         return tuple(self._reservations)

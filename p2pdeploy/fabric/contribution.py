@@ -12,6 +12,8 @@ An owner sets the contribution when a node joins (flags) or in the node's config
     allowed_tags = ["web"]  # or "any"
     tags = ["ssd"]          # what this machine advertises ("gpu" in tags)
     owner = "alice"         # optional, for requirements such as not owner == "alice"
+    retention = "24h"       # how long a stopped replica's files stay (for its logs and data);
+                            # they count against disk until removed
 
 Errors name the file and the key (``config.toml: contribution.memory: expected a size such
 as 512M or 2G (got 'lots')``). :meth:`Contribution.clamp_to` caps every amount at what the
@@ -34,6 +36,7 @@ from p2pdeploy.fabric.units import (
     UnitError,
     parse_bandwidth,
     parse_cores,
+    parse_duration,
     parse_percent,
     parse_size,
 )
@@ -44,7 +47,10 @@ PUBLIC_KEY_BYTES = 32
 #: Keys of the ``[contribution]`` section, in the order the docs list them.
 KNOWN_KEYS = (
     "cpu", "memory", "disk", "bandwidth", "max_services", "trusted_keys", "allowed_tags", "tags", "owner",
+    "retention",
 )  # fmt: skip
+#: How long a stopped replica's files stay by default: a day.
+DEFAULT_RETENTION_S = 24 * 3600
 
 
 class ContributionError(ValueError):
@@ -67,11 +73,14 @@ class Contribution:
     #: Tags this machine advertises to requirements (``"gpu" in tags``).
     tags: frozenset[str] = field(default_factory=frozenset)
     owner: str = ""
+    #: Seconds a finished replica's files (its data and logs) stay on disk, counted against
+    #: ``disk_bytes`` with the disk it reserved, before the node removes them.
+    retention_s: float = DEFAULT_RETENTION_S
 
     def __post_init__(self) -> None:
         if not self.cpu_cores >= 0:
             raise ContributionError(f"contribution.cpu must be >= 0 (got {self.cpu_cores})")
-        require_at_least(self, "contribution.", 0, "memory_bytes", "disk_bytes", "max_services",
+        require_at_least(self, "contribution.", 0, "memory_bytes", "disk_bytes", "max_services", "retention_s",
                          error=ContributionError)
         if self.bandwidth_bps is not None and self.bandwidth_bps < 0:
             raise ContributionError(f"contribution.bandwidth must be >= 0 (got {self.bandwidth_bps})")
@@ -167,6 +176,11 @@ class Contribution:
             values["allowed_tags"] = ANY if value == ANY else _strings(value, where("allowed_tags"))
         if "tags" in table:
             values["tags"] = _strings(table["tags"], where("tags"))
+        if "retention" in table:
+            try:
+                values["retention_s"] = float(parse_duration(table["retention"]))
+            except UnitError as exc:
+                raise ContributionError(f"{where('retention')}: {exc}") from None
         if "owner" in table:
             if not isinstance(table["owner"], str):
                 raise ContributionError(f"{where('owner')} must be a string (got {table['owner']!r})")
@@ -184,6 +198,7 @@ class Contribution:
             "trusted_keys": ANY if self.trusted_keys == ANY else sorted(k.hex() for k in self.trusted_keys),
             "allowed_tags": ANY if self.allowed_tags == ANY else sorted(self.allowed_tags),
             "tags": sorted(self.tags),
+            "retention": self.retention_s,
         }
         if self.bandwidth_bps is not None:
             table["bandwidth"] = self.bandwidth_bps

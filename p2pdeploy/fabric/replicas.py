@@ -4,7 +4,9 @@
 later, the deployer) calls :meth:`ReplicaHost.start_replica` and :meth:`stop_replica`; the
 driver passes the executor commands it emits to its executor and feeds the executor's reports
 back through :meth:`report`. A replica holds its reservation until it is finished (stopped, or
-failed with no restart coming); its files stay, for its logs, until :meth:`forget`.
+failed with no restart coming); then its files stay, for its logs and data, for the owner's
+``retention_s`` and hold the disk it reserved until :meth:`forget` removes them (at the end of
+that period, unless the same id starts again in them first).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from p2pdeploy.fabric.admission import Admission, Demand, Refusal
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.fabric.executor import ExecutorReport, Removed, RemoveReplica
 from p2pdeploy.fabric.supervisor import ReplicaSpec, ReplicaState, ReplicaStatus, Supervisor
+
+#: The timer that removes a finished replica's files: ``(REMOVE, replica_id)``.
+REMOVE = "remove"
 
 
 class ReplicaHost(Protocol):
@@ -54,14 +59,15 @@ class ReplicaHost(Protocol):
         existing = self._supervisors.get(replica_id)
         if existing is not None and not existing.finished:
             return Refusal("replica", f"replica: {replica_id} already exists on this node ({existing.status()})")
-        refusal = self.admission.reserve(replica_id, demand)  # a finished replica holds nothing
+        refusal = self.admission.reserve(replica_id, demand)  # a finished replica holds only its disk
         if refusal is not None:
             return refusal
+        self.cancel_timer((REMOVE, replica_id))
         supervisor = Supervisor(spec, self.rng, digest=digest)
         self._supervisors[replica_id] = supervisor
         self.requested_by[replica_id] = requested_by
         supervisor.start(now, bundle)
-        self._collect()
+        self._collect(now)
         return None
 
     def stop_replica(self, replica_id: str, now: float, reason: str = "stop requested") -> bool:
@@ -69,7 +75,7 @@ class ReplicaHost(Protocol):
         if supervisor is None:
             return False
         supervisor.stop(now, reason)
-        self._collect()
+        self._collect(now)
         return True
 
     def fetch_replica(self, replica_id: str, digest: bytes, now: float, *, requested_by: bytes = b"") -> Refusal | None:
@@ -79,12 +85,12 @@ class ReplicaHost(Protocol):
         existing = self._supervisors.get(replica_id)
         if existing is not None and not existing.finished:
             return Refusal("replica", f"replica: {replica_id} already exists on this node ({existing.status()})")
-        self.admission.release(replica_id)
+        self.cancel_timer((REMOVE, replica_id))  # its files (and their disk) wait for the new bundle
         supervisor = Supervisor(ReplicaSpec.awaiting_bundle(replica_id), self.rng, digest=digest)
         self._supervisors[replica_id] = supervisor
         self.requested_by[replica_id] = requested_by
         supervisor.start(now)
-        self._collect()
+        self._collect(now)
         return None
 
     def bundle_fetched(
@@ -106,10 +112,10 @@ class ReplicaHost(Protocol):
             refusal = self.admission.reserve(replica_id, demand)
             if refusal is not None:
                 supervisor.fetch_failed(f"admission: {refusal.reason}", now)
-                self._collect()
+                self._collect(now)
                 return refusal
         supervisor.bundle_fetched(bundle, now, spec)
-        self._collect()
+        self._collect(now)
         return None
 
     def fetch_failed(self, replica_id: str, reason: str, now: float) -> None:
@@ -117,7 +123,7 @@ class ReplicaHost(Protocol):
         supervisor = self._supervisors.get(replica_id)
         if supervisor is not None:
             supervisor.fetch_failed(reason, now)
-            self._collect()
+            self._collect(now)
 
     def forget(self, replica_id: str, now: float) -> bool:
         """Remove a finished replica's files (``RemoveReplica``); False while it still runs."""
@@ -127,6 +133,7 @@ class ReplicaHost(Protocol):
         del self._supervisors[replica_id]
         self.requested_by.pop(replica_id, None)
         self.admission.release(replica_id)
+        self.cancel_timer((REMOVE, replica_id))
         self.emit(RemoveReplica(replica_id))
         return True
 
@@ -139,7 +146,7 @@ class ReplicaHost(Protocol):
             self.dropped["unknown_replica"] += 1
             return
         supervisor.report(report, now)
-        self._collect()
+        self._collect(now)
 
     # -- queries ---------------------------------------------------------------------------
     def status(self, replica_id: str) -> ReplicaStatus | None:
@@ -159,18 +166,21 @@ class ReplicaHost(Protocol):
     def handle_timer(self, now: float) -> None:
         super().handle_timer(now)
         self._supervisors.handle_timer(now)
-        self._collect()
+        self._collect(now)
 
     def on_timer(self, name: Hashable, now: float) -> None:
-        pass  # the host arms no timers of its own
+        if isinstance(name, tuple) and name[0] == REMOVE:
+            self.forget(name[1], now)  # its retention period is over
 
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (self._supervisors.next_deadline(), super().next_deadline()) if d is not None]
         return min(deadlines) if deadlines else None
 
-    def _collect(self) -> None:
-        """Move the supervisors' output into this layer's; release finished reservations."""
+    def _collect(self, now: float) -> None:
+        """Move the supervisors' output into this layer's; a replica that just finished gives
+        back its reservation but its disk, and its files are removed after the retention period."""
         self._supervisors.drain(self)
         for replica_id, supervisor in self._supervisors.items():
-            if supervisor.finished:
-                self.admission.release(replica_id)
+            if supervisor.finished and self.timer_deadline((REMOVE, replica_id)) is None:
+                self.admission.retain(replica_id)
+                self.set_timer((REMOVE, replica_id), now + self.contribution.retention_s)

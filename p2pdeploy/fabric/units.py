@@ -72,6 +72,14 @@ def parse_bandwidth(text: str | int | float) -> int:
     return _parse_quantity(text, "bandwidth", "100Mbit", "bit", BANDWIDTH_UNITS, "bit, kbit, Mbit, Gbit")
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | int | float) -> int:
+    """Whole seconds in ``text`` (``"24h"``, ``"30m"``, ``"7d"``, ``90``); raise :class:`UnitError`."""
+    return _parse_quantity(text, "duration", "24h or 30m", "s", DURATION_UNITS, "s, m, h, d")
+
+
 def _parse_quantity(
     text: str | int | float, noun: str, example: str, default_unit: str, units: Mapping[str, int], known: str
 ) -> int:

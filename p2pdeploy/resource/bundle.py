@@ -10,7 +10,7 @@ be passed off as a signature of anything else.
 Unpacking is the runtime executor's job; the checks it makes are pure functions here over
 member names and kinds (:func:`check_member`, :func:`check_members`): no absolute paths, no
 ``..``, no links that leave the bundle, no hard links or device files, and caps on the count
-and the unpacked size. Reading a bundle in memory (its member list and manifest) never raises
+and the unpacked size; and a bundle never unpacks to more than the disk its manifest reserves. Reading a bundle in memory (its member list and manifest) never raises
 anything but :class:`BundleError`. This module touches no file: packing a service directory
 (:func:`p2pdeploy.runtime.bundlefile.pack_directory`) reads the files and hands them to :func:`pack_files`.
 """
@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from p2pdeploy.fabric.units import format_size
 from p2pdeploy.overlay.identity import Identity, verify
 from p2pdeploy.resource.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ManifestError
 
@@ -292,6 +293,13 @@ class Bundle:
             manifest = Manifest.parse(manifest_bytes, MANIFEST_NAME)
         except ManifestError as exc:
             raise BundleError(f"bundle: {exc}") from None
+        unpacked = sum(member.size for member in members)
+        reserved = manifest.resources.disk_bytes
+        if unpacked > reserved:
+            raise BundleError(
+                f"bundle: unpacks to {format_size(unpacked)} ({unpacked} bytes), more than the {format_size(reserved)} "
+                f"({reserved} bytes) its manifest reserves (resources.disk)"
+            )
         return cls(data, manifest, tuple(members))
 
     def sign(self, identity: Identity) -> SignedBundle:

@@ -74,6 +74,13 @@ ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SERVICE_VARIABLE = "P2PDEPLOY_SERVICE"
 RESERVED_ENV = frozenset({"PORT", "P2PDEPLOY_DATA_DIR", "P2PDEPLOY_REPLICA_ID", SERVICE_VARIABLE,
                           "P2PDEPLOY_STATE_URL", "P2PDEPLOY_STATE_TOKEN"})
+#: Variables that change how the dynamic loader or the C library starts a program: glibc's list of
+#: those it drops for setuid programs (``unsecure-envvars.h``), every ``LD_*`` and ``MALLOC_*``. The
+#: node starts a service as root and drops to the service's user on the way, so a manifest may not
+#: set them. (``TMPDIR``, on glibc's list too, only says where the service keeps its own files.)
+LOADER_ENV = frozenset({"GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH",
+                        "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TZDIR"})
+LOADER_ENV_PREFIXES = ("LD_", "MALLOC_")
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "": ("name", "version", "command", "tags", "description", "env", "resources", "health", "restart",
@@ -93,6 +100,18 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 
 class ManifestError(ValueError):
     """A manifest is not valid; the message names the file and the field."""
+
+
+def env_name_problem(name: str) -> str | None:
+    """Why a service may not set the environment variable ``name``, or None when it may."""
+    if ENV_NAME_RE.fullmatch(name) is None:
+        return "is not a valid environment variable name"
+    if name in RESERVED_ENV:
+        return "is set by the node and cannot be overridden"
+    if name in LOADER_ENV or name.startswith(LOADER_ENV_PREFIXES):
+        return ("changes how the dynamic loader or the C library starts a program, "
+                "which a service may not do on a volunteer's node")  # fmt: skip
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +190,9 @@ class Manifest:
         """How to run one replica: the manifest's command and limits, its env plus ``bindings``."""
         env = dict(self.env)
         for key, value in (bindings or {}).items():
-            if ENV_NAME_RE.fullmatch(key) is None or key in RESERVED_ENV:
-                raise ManifestError(f"binding {key!r} is not a usable environment variable name")
+            problem = env_name_problem(key)
+            if problem is not None:
+                raise ManifestError(f"binding {key!r} {problem}")
             env[key] = value
         env[SERVICE_VARIABLE] = self.name
         process = ProcessSpec(
@@ -266,10 +286,9 @@ class _Reader:
             raise self.fail("env", f"must be a table of strings (got {env_table!r})")
         env: dict[str, str] = {}
         for key, value in env_table.items():
-            if ENV_NAME_RE.fullmatch(key) is None:
-                raise self.fail(f"env.{key}", "is not a valid environment variable name")
-            if key in RESERVED_ENV:
-                raise self.fail(f"env.{key}", "is set by the node and cannot be overridden")
+            problem = env_name_problem(key)
+            if problem is not None:
+                raise self.fail(f"env.{key}", problem)
             if not isinstance(value, str):
                 raise self.fail(f"env.{key}", f"must be a string (got {value!r})")
             env[key] = value

@@ -34,6 +34,12 @@ its bundle (``FetchBundle``, the blob id as its digest; the
 the bytes arrive (:meth:`RemoteControl.bundle_fetched`, the same code as for an inline bundle);
 one that fails fails the replica with its reason, which a status request reports.
 
+Reading a bundle's members means decompressing all of it (up to 256 MiB from 4 MiB), which takes
+seconds: a driver that must keep answering meanwhile (``RemoteConfig.parse_bundles_ahead``)
+parses an inline bundle ahead, in a worker (:meth:`RemoteControl.worth_parsing_ahead`,
+:meth:`RemoteControl.bundle_parsed`), before it delivers the start, and a fetched one when the
+fetcher asks (``BundleToCheck``); check 6 then uses that result. The simulator parses in place.
+
 Only then does it act, through the :class:`~p2pdeploy.fabric.replicas.ReplicaHost` layer it
 wraps. Logs are I/O: the node emits ``LogsRequested`` and the driver answers with
 :meth:`RemoteControl.answer_logs`.
@@ -61,7 +67,14 @@ from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.fabric.supervisor import ReplicaSpec, ReplicaStatus
 from p2pdeploy.overlay.identity import Identity, verify
 from p2pdeploy.overlay.requests import RequestTracker
-from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, Bundle, BundleError, SignedBundle, verify_bundle
+from p2pdeploy.resource.bundle import (
+    MAX_BUNDLE_BYTES,
+    Bundle,
+    BundleError,
+    SignedBundle,
+    bundle_digest,
+    verify_bundle,
+)
 from p2pdeploy.resource.description import node_attributes
 from p2pdeploy.resource.manifest import ManifestError
 from p2pdeploy.wire import STREAM_LIMIT_BYTES, NodeId, encode, message
@@ -74,6 +87,8 @@ BLOB_ID_BYTES = 20
 MAX_LOG_BYTES = 64 * 1024
 #: Log reads waiting for the driver at once; beyond it a ``FetchLogs`` is refused as ``busy``.
 MAX_LOGS_WAITING = 1024
+#: Bundles the driver parsed ahead, kept for the starts that carry them (the oldest dropped first).
+MAX_PARSED_AHEAD = 8
 #: Requests a client waits for at once; beyond it its API raises ``RequestsFull``.
 MAX_CLIENT_REQUESTS = 4096
 
@@ -287,6 +302,9 @@ class RemoteConfig:
     max_log_bytes: int = MAX_LOG_BYTES
     logs_timeout_s: float = 10.0
     max_bundle_bytes: int = MAX_BUNDLE_BYTES
+    #: The driver parses bundles ahead, off its event loop (see the module docstring): the
+    #: runtime does; the simulator parses in place.
+    parse_bundles_ahead: bool = False
 
     def __post_init__(self) -> None:
         require_positive(self, "remote.", "window_s")
@@ -333,6 +351,8 @@ class RemoteControl(Protocol):
         )
         #: Starts by blob id whose replica is fetching its bundle, by replica id.
         self._awaiting: dict[str, StartReplica] = {}
+        #: What the driver found parsing inline bundles ahead: digest -> the bundle, or why not.
+        self._parsed_ahead: dict[bytes, Bundle | BundleError] = {}
 
     # -- configuration from the driver -----------------------------------------------------
     def set_wall_clock_offset(self, offset_s: float) -> None:
@@ -404,9 +424,32 @@ class RemoteControl(Protocol):
     def _authorized(self, signer: bytes, replica_id: str) -> bool:
         return signer in self.owner_keys or self.host.requested_by.get(replica_id) == signer
 
+    def _trusts(self, key: bytes) -> bool:
+        return self.host.contribution.trusts(key) or key in self.owner_keys
+
+    def worth_parsing_ahead(self, msg: Any) -> bool:
+        """Whether the driver should parse ``msg``'s inline bundle ahead (:meth:`bundle_parsed`):
+        a start by a key this node trusts, with a bundle signed by a trusted key. Anything else is
+        refused without reading the bundle, so a stranger cannot make the driver decompress."""
+        return (
+            self.config.parse_bundles_ahead
+            and isinstance(msg, StartReplica)
+            and bool(msg.bundle)
+            and self._trusts(msg.signer)
+            and self._trusts(msg.bundle_key)
+            and verify_bundle(msg.bundle, msg.bundle_signature, msg.bundle_key)
+        )
+
+    def bundle_parsed(self, data: bytes, result: Bundle | BundleError) -> None:
+        """What ``Bundle.parse(data, max_bytes=config.max_bundle_bytes)`` gave, run by the driver
+        off its event loop; the start that carries ``data`` (or the replicas a fetched bundle is
+        for), delivered next, use it."""
+        self._parsed_ahead[bundle_digest(data)] = result
+        while len(self._parsed_ahead) > MAX_PARSED_AHEAD:
+            del self._parsed_ahead[next(iter(self._parsed_ahead))]
+
     def _start(self, src: Address, msg: StartReplica, now: float) -> None:
-        contribution = self.host.contribution
-        if not (contribution.trusts(msg.signer) or msg.signer in self.owner_keys):
+        if not self._trusts(msg.signer):
             self._refuse(src, msg, "trust", f"trust: key {_key(msg.signer)} is not trusted by this node's owner")
             return
         if msg.bundle_blob:
@@ -461,10 +504,15 @@ class RemoteControl(Protocol):
         """
         if not verify_bundle(data, signature, key):
             raise StartRefusal("bundle", "bundle: its signature does not match the bundle and the key it names")
-        if not (self.host.contribution.trusts(key) or key in self.owner_keys):
+        if not self._trusts(key):
             raise StartRefusal("bundle", f"bundle: signed by {_key(key)}, a key this node's owner does not trust")
+        result = self._parsed_ahead.get(bundle_digest(data)) if self._parsed_ahead else None
         try:
-            return Bundle.parse(data, max_bytes=self.config.max_bundle_bytes)
+            if result is None:
+                return Bundle.parse(data, max_bytes=self.config.max_bundle_bytes)
+            if isinstance(result, BundleError):
+                raise result
+            return result
         except BundleError as exc:
             raise StartRefusal("bundle", str(exc)) from None
 

@@ -248,6 +248,8 @@ def print_contribution(node: RuntimeNode, console: Console) -> None:
         )
     executor = node.executor
     if executor is not None:
+        isolation = executor.isolation()
+        console.print(isolation if executor.uid_per_replica else f"[yellow]{isolation}[/]")
         problem = service_user_cannot_enter(executor.root, executor.uid, executor.gid)
         if problem is not None:
             console.print(
@@ -411,7 +413,7 @@ async def run_status(data_dir: str | os.PathLike[str], console: Console, *, as_j
 CONTRIBUTION_OPTIONS = {
     "cpu": "--cpu", "memory": "--memory", "disk": "--disk", "bandwidth": "--bandwidth",
     "max_services": "--max-services", "trusted_keys": "--trust", "allowed_tags": "--allow-tag",
-    "tags": "--tag", "owner": "--owner",
+    "tags": "--tag", "owner": "--owner", "retention": "--retention",
 }  # fmt: skip
 CONFIG_FILE = "config.toml"
 _FLAGS_SOURCE = "command line"
@@ -436,6 +438,7 @@ def contribution_options(
     allow_tags: Sequence[str] = (),
     tags: Sequence[str] = (),
     owner: str | None = None,
+    retention: str | None = None,
 ) -> dict[str, Any]:
     """The ``[contribution]`` keys the ``join`` options set (only those given).
 
@@ -455,6 +458,8 @@ def contribution_options(
         table["tags"] = list(tags)
     if owner is not None:
         table["owner"] = owner
+    if retention is not None:
+        table["retention"] = retention
     return table
 
 

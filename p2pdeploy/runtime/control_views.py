@@ -259,6 +259,7 @@ def contribution_table(contribution: Contribution, machine: Machine | None, repl
     row("tags", ", ".join(sorted(c.tags)) or "none")
     if c.owner:
         row("owner", c.owner)
+    row("files of stopped replicas", f"kept {c.retention_s / 3600:g} h (their disk stays reserved)")
     if replicas_dir is not None:
         row("replicas in", str(replicas_dir))
     return table

@@ -13,6 +13,7 @@ import errno
 import os
 import signal
 import subprocess
+from collections.abc import Mapping
 
 import trio
 
@@ -60,24 +61,42 @@ async def check_http(port: int, path: str, timeout_s: float, host: str = "127.0.
     return False, f"HTTP GET {path} got no answer within {timeout_s:g} s"
 
 
-async def open_in_session(argv: list[str], env: dict[str, str], output: int = subprocess.DEVNULL) -> trio.Process:
-    """Start ``argv`` (already wrapped by the launcher) in a new session with no stdin, its stdout
-    and stderr to ``output``: a replica's process and its command checks start alike, each the
-    leader of a process group that one ``killpg`` ends with all it spawned."""
-    return await trio.lowlevel.open_process(
+async def open_in_session(
+    argv: list[str], env: Mapping[str, str], stdin_data: bytes, output: int = subprocess.DEVNULL
+) -> trio.Process:
+    """Start ``argv`` (the launcher) in a new session with ``env``, ``stdin_data`` (its plan) on its
+    standard input, and its stdout and stderr to ``output``: a replica's process and its command
+    checks start alike, each the leader of a process group that one ``killpg`` ends with all it
+    spawned."""
+    process = await trio.lowlevel.open_process(
         argv,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
         stdout=output,
         stderr=output,
         env=env,
         start_new_session=True,
     )
-
-
-async def check_command(argv: list[str], env: dict[str, str], timeout_s: float) -> tuple[bool, str]:
-    """Run ``argv`` (already wrapped by the launcher) in a new session; kill its group on timeout."""
+    assert process.stdin is not None
     try:
-        process = await open_in_session(argv, env)
+        # A launcher that dies before reading its plan says why on stderr and exits: not ours to raise.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async with process.stdin:
+                await process.stdin.send_all(stdin_data)
+    except BaseException:  # cancelled meanwhile: the caller never gets the process, so end it here
+        with trio.CancelScope(shield=True):
+            with contextlib.suppress(OSError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+        raise
+    return process
+
+
+async def check_command(
+    argv: list[str], env: Mapping[str, str], plan: bytes, timeout_s: float
+) -> tuple[bool, str]:
+    """Run ``argv`` (the launcher, given ``plan``) in a new session; kill its group on timeout."""
+    try:
+        process = await open_in_session(argv, env, plan)
     except OSError as exc:
         return False, f"cannot run the health command: {exc.strerror}"
     finished = False

@@ -5,12 +5,15 @@ a sink) on trio:
 
 - ``InstallBundle`` unpacks the bundle (checked, see ``exec_unpack``) into
   ``<data_dir>/replicas/<id>/app``; the replica's writable ``data`` directory and its ``logs``
-  sit next to it.
+  sit next to it. On a root node each replica has a uid (and gid) of its own, kept across
+  restarts by its data directory's owner; ``replicas`` is 0711, the replica's directory the
+  node's with mode 0710 for the replica's group, ``data`` the replica's with mode 0700, so no
+  service reads another's files, nor (per uid) its ``/proc/PID/environ``.
 - ``StartProcess`` runs the service's command through the launcher (``sandbox.py``) in a new
   session, so the whole process group can be signalled: cgroups per run where this node may
   write them (memory, pids, cpu), rlimits for the rest (RLIMIT_AS for memory when no cgroup
-  limits it, RLIMIT_CPU when asked, RLIMIT_NOFILE, RLIMIT_FSIZE, RLIMIT_NPROC), as an
-  unprivileged user when the node runs as root (``nobody`` by default), with the environment
+  limits it, RLIMIT_CPU when asked, RLIMIT_NOFILE, RLIMIT_FSIZE, RLIMIT_NPROC), as the
+  replica's unprivileged uid when the node runs as root, with the environment
   ``PORT``, ``P2PDEPLOY_DATA_DIR``, ``P2PDEPLOY_REPLICA_ID``, ``HOME``, the service's own
   variables and bindings, and what the node adds (``P2PDEPLOY_STATE_URL`` and
   ``P2PDEPLOY_STATE_TOKEN``, see ``p2pdeploy.runtime.state_api``). stdout and stderr go to size-capped rotating logs.
@@ -32,6 +35,8 @@ decision about restarts or health thresholds: that is the supervisor's.
 
 from __future__ import annotations
 
+import grp
+import hashlib
 import json
 import logging
 import os
@@ -93,10 +98,10 @@ from p2pdeploy.runtime.sandbox import (
 log = logging.getLogger(__name__)
 
 SANDBOX_SCRIPT = str(Path(sandbox.__file__).resolve())
+DEFAULT_SERVICE_UIDS = (0x7000_0000, 0x7000_FFFF)
 MEMORY_MARKERS = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc", b"out of memory")
 FILE_SIZE_MARKERS = (b"File too large",)
 STDERR_TAIL_BYTES = 8192
-SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,13 +113,16 @@ class RealExecutorConfig:
     replicas_dir: Path | None = None
     #: Create a cgroup per replica run where this node may (never fails when it may not).
     use_cgroups: bool = True
-    #: Who services run as: ``"auto"`` (``nobody`` when the node is root, else the node's
-    #: user), a user name, a uid, or ``None`` (the node's user, even root).
+    #: Who services run as: ``"auto"`` (on a root node, a uid per replica from
+    #: ``service_uid_range``; else the node's user), a user name or a uid every replica shares,
+    #: or ``None`` (the node's user, even root).
     service_user: str | int | None = "auto"
-    #: A root node may instead give each replica a uid of its own from ``[first, last]`` (no
-    #: passwd entry needed). RLIMIT_NPROC counts per uid, so this makes it a per-replica limit
-    #: where no pids cgroup is writable; with the shared ``nobody`` it is shared by all replicas.
-    service_uid_range: tuple[int, int] | None = None
+    #: Where a root node takes each replica's uid (and gid, the same number) from: ``[first, last]``,
+    #: no passwd entry needed; ``None``: every replica runs as ``nobody``. A uid of its own keeps a
+    #: service out of the others' ``/proc/PID/environ`` (their state tokens), processes and files,
+    #: and makes RLIMIT_NPROC a per-replica limit. The default is 65,536 uids from 0x70000000, a
+    #: band systemd's table of uid ranges leaves unused (above container ranges, below 2**31).
+    service_uid_range: tuple[int, int] | None = DEFAULT_SERVICE_UIDS
     #: RLIMIT_AS for memory: ``auto`` (only when no cgroup limits memory), ``always``, ``never``.
     memory_rlimit: Literal["auto", "always", "never"] = "auto"
     #: PATH for services; ``None``: a safe default when root, the node's PATH otherwise.
@@ -146,7 +154,6 @@ class _Replica:
     cgroup: ReplicaCgroup | None = None
     log: RotatingLog | None = None
     plan: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
     enforced: dict[str, str] = field(default_factory=dict)
     rlimit_as: bool = False
     uid: int | None = None
@@ -231,7 +238,7 @@ class RealExecutor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve commands until cancelled; then kill every replica's processes."""
         self.root.mkdir(parents=True, exist_ok=True)
-        self.root.chmod(0o755)
+        self.root.chmod(0o711)  # services pass through to their own directory; none lists the others
         if self.support.available:  # a node that died without cleaning up left these running
             for directory in sweep_stale_cgroups(self.support, self.config.cgroup_prefix):
                 log.warning("killed the processes of a dead node's replica and removed %s", directory)
@@ -324,19 +331,61 @@ class RealExecutor:
         replica = self._replicas.get(replica_id)
         if replica is None:
             replica = _Replica(replica_id, self.replica_dir(replica_id))
-            replica.uid, replica.gid = self._ids_for_new_replica()
+            replica.uid, replica.gid = self._ids_for_new_replica(replica)
             self._replicas[replica_id] = replica
         return replica
 
-    def _ids_for_new_replica(self) -> tuple[int | None, int | None]:
-        uid_range = self.config.service_uid_range
-        if uid_range is None or os.geteuid() != 0:
+    @property
+    def uid_per_replica(self) -> bool:
+        """Whether each replica runs as a uid of its own (a root node, ``service_user="auto"``)."""
+        return self.config.service_uid_range is not None and self.config.service_user == "auto" and os.geteuid() == 0
+
+    def _ids_for_new_replica(self, replica: _Replica) -> tuple[int | None, int | None]:
+        """The replica's uid and gid (equal). The owner of its data directory when it has one from
+        an earlier run in the range and no other replica holds it, so a restarted node gives a
+        replica back its files; else the first free uid from a point of the range that the hash of
+        the replica's directory picks (two nodes on one machine rarely meet), free meaning that no
+        replica here, no replica directory left on disk, no user or group of the system and no
+        process holds it. A removed replica's uid is free again."""
+        if not self.uid_per_replica:
             return self.uid, self.gid
+        assert self.config.service_uid_range is not None
+        first, last = self.config.service_uid_range
         taken = {r.uid for r in self._replicas.values()}
-        for uid in range(uid_range[0], uid_range[1] + 1):
-            if uid not in taken:
+        previous = _owner(replica.data_dir)
+        if previous is not None and first <= previous <= last and previous not in taken:
+            return previous, previous
+        taken |= self._uids_on_disk() | {p.info["uids"].real for p in psutil.process_iter(["uids"]) if p.info["uids"]}
+        size = last - first + 1
+        start = int.from_bytes(hashlib.sha256(os.fsencode(replica.root)).digest()[:8], "big") % size
+        for offset in range(size):
+            uid = first + (start + offset) % size
+            if uid not in taken and not _known_id(uid):
                 return uid, uid
-        raise ValueError(f"every uid of service_uid_range {uid_range[0]}-{uid_range[1]} is in use")
+        raise ValueError(f"every uid of service_uid_range {first}-{last} is in use")
+
+    def _uids_on_disk(self) -> set[int]:
+        """The uids of the replica directories under the executor's root (stopped replicas' too)."""
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return set()
+        owners = (_owner(self.root / name / "data") for name in names)
+        return {uid for uid in owners if uid is not None}
+
+    def isolation(self) -> str:
+        """What this node can and cannot keep services from doing to each other, in one line."""
+        if self.uid_per_replica:
+            assert self.config.service_uid_range is not None
+            first, last = self.config.service_uid_range
+            return (f"isolation: each replica runs as a uid of its own ({first}-{last}); "
+                    "a service cannot read another's environment, processes or files, nor the node's")
+        if self.uid is not None:
+            return (f"isolation: every replica runs as uid {self.uid}: services cannot read the node's files, "
+                    "but can read each other's environment (state tokens) and files")
+        advice = "" if os.geteuid() == 0 else "; run the node as root for a uid per replica"
+        return (f"isolation: none between services: they run as this node's user (uid {os.geteuid()}), so they "
+                f"can read each other's environment (state tokens) and files, and the node's{advice}")
 
     # -- install ---------------------------------------------------------------------------
     async def _install(self, command: InstallBundle) -> None:
@@ -349,7 +398,7 @@ class RealExecutor:
             if replica.alive:
                 self._report(Installed(replica.replica_id, False, f"replica {replica.replica_id} is running; stop it first"))
                 return
-            problem = service_user_cannot_enter(replica.root, replica.uid, replica.gid)
+            problem = service_user_cannot_enter(self.root, replica.uid, replica.gid)  # its own is made below
             if problem is not None:
                 problem += "; use a data directory others can traverse, or set service_user"
                 self._report(Installed(replica.replica_id, False, problem))
@@ -363,16 +412,26 @@ class RealExecutor:
         self._report(Installed(replica.replica_id, True))
 
     def _install_files(self, replica: _Replica, bundle: bytes) -> None:
+        """The replica's directory: ``app`` (the bundle) and ``logs`` are the node's, ``data`` (with
+        ``tmp``) the service's, mode 0700. The directory itself stays the node's (mode 0710, group
+        the service's): a service that owned it could swap ``logs`` for a link to a directory of
+        root's, where the node would then write the service's output."""
         replica.root.mkdir(parents=True, exist_ok=True)
-        replica.root.chmod(0o755)
+        if replica.uid is not None:
+            os.chown(replica.root, os.geteuid(), replica.gid if replica.gid is not None else -1)
+        replica.root.chmod(0o710 if replica.uid is not None else 0o700)
         unpack_bundle(bundle, replica.app_dir, max_unpacked_bytes=self.config.max_unpacked_bytes)
-        (replica.data_dir / "tmp").mkdir(parents=True, exist_ok=True)
         replica.log_dir.mkdir(exist_ok=True)
         replica.log_dir.chmod(0o750)  # the service cannot rewrite its own logs
+        replica.data_dir.mkdir(mode=0o700, exist_ok=True)
         if replica.uid is not None:
-            for path in (replica.data_dir, replica.data_dir / "tmp"):
-                os.chown(path, replica.uid, replica.gid if replica.gid is not None else -1)
+            _hand_over(replica.data_dir, replica.uid, replica.gid if replica.gid is not None else -1)
         replica.data_dir.chmod(0o700)
+        tmp = replica.data_dir / "tmp"
+        if not tmp.is_symlink() and not tmp.exists():  # the service's own directory: what it made there stays
+            tmp.mkdir(mode=0o700)
+            if replica.uid is not None:
+                os.chown(tmp, replica.uid, replica.gid if replica.gid is not None else -1, follow_symlinks=False)
 
     # -- start -----------------------------------------------------------------------------
     async def _start(self, spec: ProcessSpec) -> None:
@@ -392,6 +451,7 @@ class RealExecutor:
             rlimits, rlimit_as = self._rlimits(spec, enforced, replica.uid)
             plan = {
                 "argv": list(spec.argv),
+                "env": env,
                 "cwd": str(replica.app_dir),
                 "cgroup_procs": cgroup.procs_files if cgroup is not None else [],
                 "rlimits": rlimits,
@@ -402,7 +462,9 @@ class RealExecutor:
             replica.log = RotatingLog(replica.log_dir, spec.logs)
             replica.log_policy = spec.logs
             try:
-                process = await open_in_session(self._launcher(plan), env, subprocess.PIPE)
+                process = await open_in_session(
+                    self._launcher(), sandbox.LAUNCHER_ENVIRONMENT, json.dumps(plan).encode(), subprocess.PIPE
+                )
             except OSError as exc:
                 replica.log.close()
                 if cgroup is not None:
@@ -417,7 +479,6 @@ class RealExecutor:
             replica.process = process
             replica.cgroup = cgroup
             replica.plan = plan
-            replica.env = env
             replica.enforced = enforced
             replica.rlimit_as = rlimit_as
             replica.signals_sent = set()
@@ -426,13 +487,14 @@ class RealExecutor:
             self._nursery.start_soon(self._watch, replica, process, pidfd, spec.run)
         self._report(ProcessStarted(spec.replica_id, spec.run, process.pid, port))
 
-    def _launcher(self, plan: dict[str, Any]) -> list[str]:
-        return [self.config.launcher_python, "-I", "-S", SANDBOX_SCRIPT, json.dumps(plan)]
+    def _launcher(self) -> list[str]:
+        """The launcher's command line; its plan goes to its standard input (see ``sandbox``)."""
+        return [self.config.launcher_python, "-I", "-S", SANDBOX_SCRIPT]
 
     def _environment(self, replica: _Replica, spec: ProcessSpec, port: int) -> dict[str, str]:
         path = self.config.service_path
         if path is None:
-            path = SAFE_PATH if os.geteuid() == 0 else os.environ.get("PATH", SAFE_PATH)
+            path = sandbox.SAFE_PATH if os.geteuid() == 0 else os.environ.get("PATH", sandbox.SAFE_PATH)
         env = {
             "PATH": path,
             "HOME": str(replica.data_dir),
@@ -639,7 +701,9 @@ class RealExecutor:
             ok, detail = True, "no health check"
         elif check.kind == "command":
             plan = dict(replica.plan, argv=list(check.argv))
-            ok, detail = await check_command(self._launcher(plan), replica.env, check.timeout_s)
+            ok, detail = await check_command(
+                self._launcher(), sandbox.LAUNCHER_ENVIRONMENT, json.dumps(plan).encode(), check.timeout_s
+            )
         elif port is None:
             ok, detail = False, "the replica has no port to check"
         elif check.kind == "tcp":
@@ -650,7 +714,8 @@ class RealExecutor:
 
     async def _remove(self, replica_id: str) -> None:
         replica = self._replicas.get(replica_id)
-        if replica is None:
+        if replica is None:  # files an earlier run of the node left go too
+            await trio.to_thread.run_sync(shutil.rmtree, self.replica_dir(replica_id), True)
             self._report(Removed(replica_id))
             return
         async with replica.lock:
@@ -672,6 +737,38 @@ def _processes_of(uid: int) -> int:
         if uids is not None and uids.real == uid:
             count += 1
     return count
+
+
+def _hand_over(directory: Path, uid: int, gid: int) -> None:
+    """Make ``directory`` ``uid``'s, and everything in it when it was another's (a replica that
+    ran as another uid before). Links are changed, never followed: the service made them."""
+    info = directory.lstat()
+    if info.st_uid == uid and (gid == -1 or info.st_gid == gid):
+        return
+    os.chown(directory, uid, gid, follow_symlinks=False)
+    # fwalk holds each directory open: a directory swapped for a link meanwhile is not entered
+    for _, names, files, dir_fd in os.fwalk(directory):
+        for name in names + files:
+            with suppress(OSError):
+                os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _owner(path: Path) -> int | None:
+    try:
+        return path.lstat().st_uid
+    except OSError:
+        return None
+
+
+def _known_id(uid: int) -> bool:
+    """Whether the system has a user or a group with this number."""
+    for lookup in (pwd.getpwuid, grp.getgrgid):
+        try:
+            lookup(uid)
+        except KeyError:
+            continue
+        return True
+    return False
 
 
 def _tree_size(root: Path) -> int:

@@ -65,6 +65,7 @@ import psutil
 import trio
 
 from p2pdeploy import wire
+from p2pdeploy.collective.bundles import BundleFetcher, BundleToCheck
 from p2pdeploy.collective.persistence import DurableStore, HandedOff, Persistence, PersistenceConfig
 from p2pdeploy.collective.prospector import (
     AggregateFinished,
@@ -96,7 +97,7 @@ from p2pdeploy.overlay.ping import PeerSeen, Ping, PingProtocol, PingTimedOut, P
 from p2pdeploy.overlay.routing import ID_SPACE, Contact
 from p2pdeploy.overlay.storage import Item, OverlayStore
 from p2pdeploy.overlay.swim import DetectorConfig, PeerDeclaredDead, PeerRecovered
-from p2pdeploy.resource.bundle import SignedBundle
+from p2pdeploy.resource.bundle import Bundle, BundleError, SignedBundle
 from p2pdeploy.resource.description import NodeDescription
 from p2pdeploy.resource.manifest import SERVICE_VARIABLE
 from p2pdeploy.resource.protocol import (
@@ -165,6 +166,8 @@ class RemoteTimeout(TimeoutError):
 
 #: The events that finish an overlay query (they carry the ``query_id`` the call returned).
 OVERLAY_RESULTS = (LookupFinished, GetFinished, PutFinished, Joined)
+#: Starts with an inline bundle waiting for the worker that parses bundles; more are dropped.
+MAX_BUNDLES_PARSING = 4
 
 
 def check_key(key: object) -> int:
@@ -291,6 +294,10 @@ class RuntimeNode:
         self._subscribers: list[trio.MemorySendChannel[Any]] = []
         #: Rate-limited lines about refused input and failures a flood could repeat.
         self._refusals = RefusalLog(log)
+        self._nursery: trio.Nursery | None = None
+        #: Starts whose inline bundle a worker thread is parsing (or waits to), one at a time.
+        self._bundles_parsing = 0
+        self._bundle_parser = trio.CapacityLimiter(1)
 
     # -- identity and state ------------------------------------------------------------------
     @property
@@ -369,6 +376,8 @@ class RuntimeNode:
             if executor_config is not None:
                 self.machine = await trio.to_thread.run_sync(probe_machine, self._probe_dir(executor_config))
                 contribution = contribution.clamp_to(self.machine)
+            if self.data_dir is not None:
+                close_data_dir(self.data_dir, executor_config)
             now = trio.current_time()
             store = self._store = open_store(self.data_dir, contribution)
             overlay_store = self._overlay_store = open_overlay_store(
@@ -381,7 +390,7 @@ class RuntimeNode:
                 self.config.kademlia,
                 contribution=contribution,
                 machine=self.machine,
-                remote=self.config.remote,
+                remote=dataclasses.replace(self.config.remote, parse_bundles_ahead=True),
                 remote_timeout_s=self.config.remote_timeout_s,
                 wall_clock_offset_s=time.time() - now,
                 prospector=self.config.prospector,
@@ -413,6 +422,7 @@ class RuntimeNode:
         self.started_at = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 await nursery.start(transport.run)
                 if state_server is not None:
                     # Before the executor: a service's environment names the server's port.
@@ -430,6 +440,7 @@ class RuntimeNode:
                 self._after_input()  # layers may have queued work while being built
                 task_status.started()
         finally:
+            self._nursery = None
             if overlay is not None:
                 self._save_snapshot_logged()
             self._close_persistence()
@@ -509,9 +520,9 @@ class RuntimeNode:
         if self.data_dir is not None:
             return RealExecutorConfig(self.data_dir)
         if self._temporary_dir is None:
-            # Services may run as another user (nobody, for a root node): it must be able to enter.
+            # Services may run as other users (on a root node): they must be able to pass through.
             self._temporary_dir = Path(tempfile.mkdtemp(prefix="p2pdeploy-node-"))
-            self._temporary_dir.chmod(0o755)
+            self._temporary_dir.chmod(0o711)
         return RealExecutorConfig(self._temporary_dir)
 
     @staticmethod
@@ -733,7 +744,45 @@ class RuntimeNode:
                 msg.detail
             )
             return
+        if self._parse_bundle_ahead(src, msg):
+            return
         self.core.receive(src, msg, trio.current_time())
+        self._after_input()
+
+    def _parse_bundle_ahead(self, src: HostPort, msg: Any) -> bool:
+        """Take a trusted start's inline bundle to a worker thread to be parsed (decompressing it
+        takes seconds, which the event loop must spend answering peers) and deliver the start
+        after; True when the start is taken (or dropped: too many wait, counted)."""
+        remote = self._layer_or_none(RemoteControl)
+        nursery = self._nursery
+        if remote is None or nursery is None or not remote.worth_parsing_ahead(msg):
+            return False
+        if self._bundles_parsing >= MAX_BUNDLES_PARSING:
+            self.counters["bundle_parses_busy"] += 1  # the deployer's retry finds a free place
+            return True
+        self._bundles_parsing += 1
+        nursery.start_soon(self._deliver_parsed, src, msg, remote.config.max_bundle_bytes)
+        return True
+
+    async def _deliver_parsed(self, src: HostPort, msg: Any, max_bytes: int) -> None:
+        try:
+            result = await trio.to_thread.run_sync(_parse_bundle, msg.bundle, max_bytes, limiter=self._bundle_parser)
+        finally:
+            self._bundles_parsing -= 1
+        remote = self._layer_or_none(RemoteControl)
+        if remote is None:  # the node stopped meanwhile
+            return
+        remote.bundle_parsed(msg.bundle, result)
+        self.core.receive(src, msg, trio.current_time())
+        self._after_input()
+
+    async def _check_fetched_bundle(self, event: BundleToCheck, max_bytes: int) -> None:
+        """Parse a bundle fetched by blob id in a worker thread, then let its replicas go on."""
+        result = await trio.to_thread.run_sync(_parse_bundle, event.data, max_bytes, limiter=self._bundle_parser)
+        fetcher = self._layer_or_none(BundleFetcher)
+        if fetcher is None:  # the node stopped meanwhile
+            return
+        fetcher.bundle_checked(event.blob_id, result, trio.current_time())
         self._after_input()
 
     def _after_input(self) -> None:
@@ -757,6 +806,8 @@ class RuntimeNode:
             except RuntimeError as exc:  # the executor has stopped: the node is stopping
                 self.counters["executor_stopped"] += 1
                 log.debug("%s not executed: %s", type(event).__name__, exc)
+        if isinstance(event, BundleToCheck) and self._nursery is not None:
+            self._nursery.start_soon(self._check_fetched_bundle, event, self.config.remote.max_bundle_bytes)
         if isinstance(event, PeerSeen):
             log.info("peer %040x seen at %s", event.node_id, format_host_port(event.address))
         elif isinstance(event, PeerDeclaredDead):
@@ -1176,6 +1227,26 @@ class RuntimeNode:
             raise ValueError(
                 f"{exc}; raise RuntimeConfig.transport.stream_limit_bytes or send less"
             ) from None
+
+
+def _parse_bundle(data: bytes, max_bytes: int) -> Bundle | BundleError:
+    try:
+        return Bundle.parse(data, max_bytes=max_bytes)
+    except BundleError as exc:
+        return exc
+
+
+def close_data_dir(data_dir: Path, executor: RealExecutorConfig | None) -> None:
+    """Keep other users out of the node's data directory (its store, keys and control socket):
+    mode 0700, or 0711 when replica directories live below it, which services (other users on a
+    root node) must pass through to reach their own; they still cannot list it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if data_dir.stat().st_mode & 0o002:  # a shared directory such as /tmp: not the node's to close
+        log.warning("the data directory %s is writable by every user; give the node a directory of its own", data_dir)
+        return
+    replicas = None if executor is None else Path(executor.replicas_dir or Path(executor.data_dir) / "replicas")
+    replicas_below = replicas is not None and replicas.resolve().is_relative_to(data_dir.resolve())
+    data_dir.chmod(0o711 if replicas_below else 0o700)
 
 
 def load_identity(data_dir: str | os.PathLike[str] | None) -> tuple[Identity, bool]:

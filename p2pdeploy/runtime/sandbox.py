@@ -14,11 +14,18 @@ Two mechanisms, used together where both work:
   (processes, when no pids cgroup counts them; it counts per real uid and is not enforced for
   root, which is why a root node runs services as an unprivileged user).
 
-The launcher is this file run as a script (``python -I -S sandbox.py PLAN``): it joins the
-cgroups, sets the rlimits, drops to the service's uid/gid, changes directory and execs the
-service's command. Doing this in a separate program rather than in a ``preexec_fn`` keeps the
-node's (threaded) process from running Python between fork and exec. The script imports only
-the standard library.
+The launcher is this file run as a script (``python -I -S sandbox.py``, the plan as JSON on its
+standard input): it joins the cgroups, sets the rlimits, drops to the service's uid/gid, changes
+directory and execs the service's command with the service's environment. Doing this in a
+separate program rather than in a ``preexec_fn`` keeps the node's (threaded) process from running
+Python between fork and exec. The script imports only the standard library.
+
+The launcher runs as the node's user (root, on a root node) until the drop, so nothing of the
+service's reaches it before then: its own environment is the node's minimal one (the service's
+``[env]`` would let ``LD_PRELOAD`` load a bundled library into a root process), and the service's
+environment travels inside the plan and is handed to ``execve`` only after the drop. The plan
+comes on a pipe rather than the command line because ``/proc/PID/cmdline`` is readable by every
+user, and the plan holds the service's secrets (its state token).
 """
 
 from __future__ import annotations
@@ -34,6 +41,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: PATH for the launcher, and for services on a root node unless the owner sets another.
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+#: The launcher's own environment: nothing of the service's (see the module docstring).
+LAUNCHER_ENVIRONMENT = {"PATH": SAFE_PATH, "LANG": "C.UTF-8"}
+#: A plan larger than this is refused (a manifest is at most 64 KiB; bindings add little).
+MAX_PLAN_BYTES = 1024 * 1024
 #: A line the launcher writes to stderr before it gives up; the executor turns it into the reason.
 LAUNCHER_MARK = "p2pdeploy-sandbox:"
 LAUNCHER_FAILED = 127
@@ -86,8 +99,9 @@ def launch(plan: dict) -> None:
     # their default, so that RLIMIT_FSIZE ends a service with SIGXFSZ as it would anywhere else
     for name in ("SIGPIPE", "SIGXFSZ"):
         signal.signal(getattr(signal, name), signal.SIG_DFL)
+    env = plan.get("env", {})
     try:
-        os.execvpe(argv[0], argv, os.environ)
+        os.execvpe(argv[0], argv, env)
     except OSError as exc:
         reason = "command not found" if exc.errno == errno.ENOENT else exc.strerror
         _fail(f"cannot run {argv[0]!r}: {reason}")
@@ -97,15 +111,33 @@ def _rlim(value: int | None) -> int:
     return resource.RLIM_INFINITY if value is None else int(value)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        _fail("usage: sandbox.py PLAN-JSON")
+def read_plan(fd: int = 0) -> dict:
+    """The plan, read from ``fd`` to its end; then ``fd`` is ``/dev/null`` (the service gets no input)."""
+    chunks = []
+    size = 0
+    while chunk := os.read(fd, 65536):
+        size += len(chunk)
+        if size > MAX_PLAN_BYTES:
+            _fail(f"the plan is over {MAX_PLAN_BYTES} bytes")
+        chunks.append(chunk)
+    null = os.open(os.devnull, os.O_RDONLY)
+    if null != fd:
+        os.dup2(null, fd)
+        os.close(null)
     try:
-        plan = json.loads(args[0])
+        plan = json.loads(b"".join(chunks))
     except ValueError as exc:
         _fail(f"the plan is not JSON: {exc}")
-    launch(plan)
+    if not isinstance(plan, dict):
+        _fail("the plan is not a JSON object")
+    return plan
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args:
+        _fail("usage: sandbox.py < PLAN-JSON (the plan comes on standard input)")
+    launch(read_plan())
 
 
 # -- cgroups (used by the executor, in the node's process) ----------------------------------

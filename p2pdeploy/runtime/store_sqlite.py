@@ -103,7 +103,9 @@ class SQLiteStore(ChunkBookkeeping):
         self.durable = durable
         self.root = Path(data_dir) / STORE_DIR
         self.chunks_dir = self.root / CHUNKS_DIR
-        self.chunks_dir.mkdir(parents=True, exist_ok=True)
+        self.chunks_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for directory in (self.root, self.chunks_dir):  # services share the machine: the store is the node's
+            directory.chmod(0o700)
         self.db = open_database(self.root / DATABASE_FILE, durable=durable)
         self.db.executescript(_SCHEMA)
         self._corrupted: list[ChunkInfo] = []

@@ -14,7 +14,7 @@ import random
 import pytest
 
 from p2pdeploy.collective.blobs import split
-from p2pdeploy.collective.bundles import BundleFetcher
+from p2pdeploy.collective.bundles import BundleFetcher, BundleToCheck
 from p2pdeploy.collective.persistence import (
     BlobStored,
     FetchChunk,
@@ -34,6 +34,7 @@ from p2pdeploy.resource.bundle import Bundle, pack_files
 from p2pdeploy.resource.protocol import (
     Refused,
     RemoteClient,
+    RemoteConfig,
     RemoteControl,
     RequestAnswered,
     StartReplica,
@@ -56,21 +57,21 @@ def signed_bundle(signer: Identity = DEPLOYER, cpu: int = 1, payload: int = 12_0
     return Bundle.parse(pack_files({"manifest.toml": manifest, "app.py": b"print(1)\n", "data.bin": filler})).sign(signer)
 
 
-def layers(overlay, rng):
+def layers(overlay, rng, remote_config=None):
     contribution = Contribution(cpu_cores=2, memory_bytes=4 * GIB, max_services=8,
                                 trusted_keys=frozenset({DEPLOYER.public_key}))
     persistence = Persistence(overlay, MemoryStore(), random.Random(rng.getrandbits(64)), 0.0,
                               own_address=None, config=CONFIG)
     host = ReplicaHost(contribution, random.Random(rng.getrandbits(64)))
-    remote = RemoteControl(overlay.node_id, host)
+    remote = RemoteControl(overlay.node_id, host, config=remote_config)
     fetcher = BundleFetcher(persistence, remote)
     client = RemoteClient(DEPLOYER, random.Random(rng.getrandbits(128)))
     return [persistence, host, remote, fetcher, client]
 
 
 class Net(SimNet):
-    def __init__(self, seed: int = 1) -> None:
-        super().__init__(layers, seed=seed)
+    def __init__(self, seed: int = 1, remote_config: RemoteConfig | None = None) -> None:
+        super().__init__(lambda overlay, rng: layers(overlay, rng, remote_config), seed=seed)
         self.fill_tables(NODES)
         for index, stack in self.nodes.items():
             persistence = stack.layer(Persistence)
@@ -129,6 +130,19 @@ def test_a_start_by_blob_id_fetches_the_bundle_verifies_it_and_installs_it():
     supervisor = net.layer(target, ReplicaHost).supervisor("web-1")
     assert supervisor.spec.process.argv == ("python3", "app.py")
     assert "web-1" in net.layer(target, ReplicaHost).admission.holders()
+
+
+def test_where_the_driver_parses_bundles_a_fetched_one_waits_for_its_check_then_installs():
+    net = Net(seed=4, remote_config=RemoteConfig(parse_bundles_ahead=True))
+    bundle = signed_bundle()
+    blob_id = net.store_blob(0, bundle.data)
+    net.answer(0, net.start(0, 3, "web-1", bundle, blob_id))
+    net.run_until(lambda: net.events_of(BundleToCheck, 3))
+    (to_check,) = net.events_of(BundleToCheck, 3)
+    assert (to_check.blob_id, to_check.data) == (blob_id, bundle.data)
+    assert net.installs(3) == [] and net.state(3, "web-1") is ReplicaState.FETCHING  # until the driver answers
+    net.call(3, lambda s, now: s.layer(BundleFetcher).bundle_checked(blob_id, Bundle.parse(bundle.data), now))
+    assert [i.bundle for i in net.installs(3)] == [bundle.data]
 
 
 def test_a_second_replica_of_a_bundle_held_on_the_node_fetches_nothing():

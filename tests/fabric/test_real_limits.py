@@ -148,7 +148,7 @@ def unused_uid(start):
 async def test_a_fork_bomb_is_contained_by_rlimit_nproc_under_a_uid_of_its_own(service_root, behave_bundle):
     # No cgroups: RLIMIT_NPROC alone, which counts per real uid, so the replica gets its own uid
     uid = unused_uid(991_000)
-    config = RealExecutorConfig(service_root, use_cgroups=False, service_uid_range=(uid, uid + 99))
+    config = RealExecutorConfig(service_root, use_cgroups=False, service_uid_range=(uid, uid))
     before = set(live_processes_of(uid))
 
     def processes_of_the_service_uid():
@@ -168,6 +168,21 @@ async def test_a_fork_bomb_is_contained_by_rlimit_nproc_under_a_uid_of_its_own(s
     assert largest <= 20
     assert any(e.startswith("processes: rlimit-nproc") for e in usage.enforced)
     assert processes_of_the_service_uid() == 0
+
+
+async def test_a_stopped_replicas_files_are_removed_when_the_owners_retention_period_ends(service_root, behave_bundle):
+    contribution = Contribution(cpu_cores=2, memory_bytes=4096 * MIB, trusted_keys=ANY, retention_s=3)
+    async with open_local_replicas(service_root, contribution) as local:
+        start(local, behave("job", "fill", str(4 * MIB)), behave_bundle)
+        directory = local.executor.replica_dir("job")
+        with trio.fail_after(60):
+            while (status := local.host.status("job")) is not None and status.state is not ReplicaState.STOPPED:
+                await trio.sleep(0.05)
+            assert status is not None, "removed before the test saw it stop (a machine too loaded for 3 s)"
+            assert (directory / "data" / "fill").stat().st_size == 4 * MIB
+            while directory.exists() or local.host.status("job") is not None:
+                await trio.sleep(0.05)
+        assert local.host.admission.retained == {}
 
 
 async def test_a_service_that_ignores_term_is_killed_after_the_grace_period(service_root, behave_bundle):

@@ -111,6 +111,20 @@ def test_an_oversized_bundle_is_refused_before_it_is_read():
         Bundle.parse(pack_files({"manifest.toml": MANIFEST}), max_bytes=10)
 
 
+def test_a_bundle_that_unpacks_to_more_than_the_disk_its_manifest_reserves_is_refused_with_both_sizes():
+    manifest = MANIFEST + b'[resources]\ndisk = "1M"\n'
+    data = pack_files({"manifest.toml": manifest, "zeros.bin": bytes(3 * 1024 * 1024)})
+    assert len(data) < 64 * 1024  # small on the wire: only the member sizes tell
+    with pytest.raises(BundleError) as error:
+        Bundle.parse(data)
+    unpacked = 3 * 1024 * 1024 + len(manifest)
+    assert str(error.value) == (
+        f"bundle: unpacks to 3.0 MiB ({unpacked} bytes), more than the 1 MiB (1048576 bytes) "
+        "its manifest reserves (resources.disk)"
+    )
+    assert Bundle.parse(pack_files({"manifest.toml": manifest, "zeros.bin": bytes(1000)})).manifest.name == "web"
+
+
 @given(st.binary(max_size=2000))
 def test_random_bytes_raise_nothing_but_bundle_error(data):
     with contextlib.suppress(BundleError):

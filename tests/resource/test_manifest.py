@@ -43,6 +43,24 @@ def test_a_replica_spec_carries_the_env_the_bindings_and_the_limits():
         manifest.replica_spec("web-1", bindings={"PORT": "1"})
 
 
+LOADER = "changes how the dynamic loader or the C library starts a program"
+
+
+@pytest.mark.parametrize("name", ["LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "GCONV_PATH", "MALLOC_CHECK_",
+                                  "GLIBC_TUNABLES", "HOSTALIASES", "LOCALDOMAIN", "RES_OPTIONS"])  # fmt: skip
+def test_variables_that_change_how_a_program_starts_are_refused_in_the_env_and_the_bindings(name):
+    with pytest.raises(ManifestError) as error:
+        Manifest.parse(MINIMAL + f'[env]\n{name} = "/app/evil.so"\n')
+    assert str(error.value) == f"manifest.toml: env.{name} {LOADER}, which a service may not do on a volunteer's node"
+    with pytest.raises(ManifestError, match=f"binding '{name}' {LOADER}"):
+        Manifest.parse(MINIMAL).replica_spec("web-1", bindings={name: "x"})
+
+
+def test_an_interpreters_own_variables_stay_the_services_business():
+    manifest = Manifest.parse(MINIMAL + '[env]\nPYTHONPATH = "lib"\nLDFLAGS = "-O2"\nTMPDIR = "/tmp"\n')
+    assert {"PYTHONPATH", "LDFLAGS", "TMPDIR"} <= set(manifest.env)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

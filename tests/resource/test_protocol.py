@@ -15,7 +15,7 @@ from p2pdeploy.fabric.units import GIB
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.requests import RequestsFull
 from p2pdeploy.resource import protocol as protocol_module
-from p2pdeploy.resource.bundle import Bundle, pack_files
+from p2pdeploy.resource.bundle import Bundle, BundleError, pack_files
 from p2pdeploy.resource.protocol import (
     FetchLogs,
     LogsReply,
@@ -376,3 +376,21 @@ def test_requests_of_unknown_keys_do_not_fill_the_nonce_cache():
     trusted.node = link.node  # the same node, now asked by a trusted key
     trusted.host = link.host
     assert isinstance(trusted.start("web-1"), StatusReply)
+
+
+def test_a_driver_parses_a_trusted_starts_bundle_ahead_and_the_start_uses_what_it_found():
+    link = Link(config=RemoteConfig(parse_bundles_ahead=True))
+    trusted, strangers = signed_bundle(), signed_bundle(signer=STRANGER)
+    link.client.start("node", NODE.node_id, "web-1", trusted, NOW)
+    link.client.start("node", NODE.node_id, "web-2", strangers, NOW)
+    (_, start), (_, stranger_start) = link.client.messages_to_send()
+    assert not Link().node.worth_parsing_ahead(crossed(start))  # a driver that parses in place (the simulator)
+    assert link.node.worth_parsing_ahead(crossed(start))
+    assert not link.node.worth_parsing_ahead(crossed(stranger_start))  # refused without reading it
+    forged = dataclasses.replace(crossed(start), bundle_signature=bytes(64))
+    assert not link.node.worth_parsing_ahead(forged)
+    # what the driver found is what the start goes by (here a refusal, to show it is used)
+    link.node.bundle_parsed(trusted.data, BundleError("bundle: found wanting ahead"))
+    link.deliver(start)
+    ((_, reply),) = link.node.messages_to_send()
+    assert isinstance(reply, Refused) and (reply.check, reply.reason) == ("bundle", "bundle: found wanting ahead")

@@ -32,12 +32,13 @@ from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.node import client_layers
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import KademliaConfig
-from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES
+from p2pdeploy.resource.bundle import MAX_BUNDLE_BYTES, MAX_UNPACKED_BYTES, SignedBundle, sign_bundle
 from p2pdeploy.resource.protocol import LogsReply, Refused, StatusReply
 from p2pdeploy.runtime.address import format_host_port
 from p2pdeploy.runtime.bundlefile import (
     BundleFileError,
     bundle_from_directory,
+    pack_directory,
     read_signed_bundle,
     signature_path,
     write_signed_bundle,
@@ -52,7 +53,7 @@ from p2pdeploy.runtime.control import (
 )
 from p2pdeploy.runtime.keyfile import load_or_create_identity
 from p2pdeploy.runtime.localnet import open_local_processes
-from p2pdeploy.runtime.node import open_node
+from p2pdeploy.runtime.node import PingTimeout, open_node
 from p2pdeploy.runtime.probe import probe_machine
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -171,6 +172,29 @@ async def test_a_two_core_node_runs_two_one_core_replicas_refuses_a_third_and_un
     assert processes_under(service_root) == set()
 
 
+async def test_a_bundle_larger_than_its_disk_reservation_is_refused_before_it_is_unpacked(service_root):
+    """The attack of the hardening issue: `disk = "1M"` and a bundle that unpacks to much more
+    (zeros, small on the wire). Refused with both sizes; nothing lands in the replicas directory."""
+    service = service_root / "hello-big"
+    shutil.copytree(EXAMPLES / "hello", service)
+    manifest = service / "manifest.toml"
+    manifest.write_text(re.sub(r'disk = "[^"]*"', 'disk = "1M"', manifest.read_text()))
+    assert 'disk = "1M"' in manifest.read_text()
+    (service / "zeros.bin").write_bytes(bytes(32 * 1024 * 1024))
+    data = pack_directory(service)
+    signed = SignedBundle(data, DEPLOYER.public_key, sign_bundle(data, DEPLOYER))  # as an attacker's tool would
+    contribution = Contribution(trusted_keys=frozenset({DEPLOYER.public_key}))
+    async with (
+        open_node(data_dir=service_root / "node", contribution=contribution) as node,
+        open_node(identity=DEPLOYER, layers=client_layers) as deployer,
+    ):
+        reply = await deployer.remote_start(node.address, "hello-1", signed)
+        assert isinstance(reply, Refused) and reply.check == "bundle", reply
+        assert re.fullmatch(r"bundle: unpacks to 32\.0 MiB \(\d+ bytes\), more than the 1 MiB \(1048576 bytes\) "
+                            r"its manifest reserves \(resources\.disk\)", reply.reason), reply.reason
+        assert list(node.executor.root.iterdir()) == []
+
+
 async def test_the_control_socket_sends_signed_replica_requests_and_status_lists_the_contribution(service_root):
     """What `p2pdeploy replica` does through a running node: its key signs, the target answers.
 
@@ -261,6 +285,8 @@ async def test_a_join_process_hosts_what_fits_refuses_the_rest_and_stops_its_rep
         await node.wait_for_line(lambda line: line.startswith("control socket"))
         assert re.search(r"│ cpu +│ 2 cores", "\n".join(node.stdout_lines))
         assert f"trusted key {deployer_key}" in node.stdout_lines
+        isolation = "isolation: each replica runs as a uid of its own" if os.geteuid() == 0 else "isolation: none"
+        assert any(line.startswith(isolation) for line in node.stdout_lines), node.transcript()
 
         deploy = ["--node", address, "--data-dir", str(deployer_dir)]
         first, second, packed = await run_all(
@@ -301,6 +327,47 @@ async def test_a_join_process_hosts_what_fits_refuses_the_rest_and_stops_its_rep
         assert node.stdout_lines[-1] == "stopped"
         assert not any(psutil.pid_exists(pid) for pid in replica_pids)
         assert processes_under(service_root) == set()
+
+
+@pytest.mark.slow
+async def test_a_join_process_answers_pings_while_it_checks_and_unpacks_the_largest_allowed_bundle(service_root):
+    """Checking a bundle reads all of it (256 MiB of zeros from a 4 MiB cap: about a second and
+    more) and unpacking writes it; both run in worker threads, so every ping sent meanwhile is
+    answered (within 1 s; the node means to answer within 100 ms)."""
+    deployer_dir = service_root / "deployer"
+    deployer_key = load_or_create_identity(deployer_dir)[0].public_key.hex()
+    service = service_root / "hello-huge"
+    shutil.copytree(EXAMPLES / "hello", service)
+    manifest = service / "manifest.toml"
+    manifest.write_text(re.sub(r'disk = "[^"]*"', 'disk = "300M"', manifest.read_text()))
+    zeros = MAX_UNPACKED_BYTES - 1024 * 1024
+    with open(service / "zeros.bin", "wb") as file:
+        file.truncate(zeros)  # sparse here; every byte of it on the node
+    async with open_local_processes() as local, open_node() as pinger:
+        node = await local.start_join(service_root / "node", extra_args=["--trust", deployer_key, "--disk", "1G"])
+        address = await node.wait_listening()
+        answered, unanswered = [], []
+        async with trio.open_nursery() as nursery:
+
+            async def ping_until_cancelled() -> None:
+                while True:
+                    try:
+                        answered.append(await pinger.ping(address, timeout_s=1.0))
+                    except PingTimeout:
+                        unanswered.append(trio.current_time())
+                    await trio.sleep(0.01)
+
+            nursery.start_soon(ping_until_cancelled)
+            started = await run_cli("replica", "start", str(service), "--id", "huge-1",
+                                    "--node", format_host_port(address), "--data-dir", str(deployer_dir))  # fmt: skip
+            nursery.cancel_scope.cancel()
+        assert started.returncode == 0, started.stdout.decode() + started.stderr.decode()
+        installed = service_root / "node" / "replicas" / "huge-1" / "app" / "zeros.bin"
+        assert installed.stat().st_size == zeros
+        assert unanswered == [], f"{len(unanswered)} pings unanswered, {len(answered)} answered"
+        assert len(answered) >= 10
+        node.terminate()
+        assert await node.wait_exit() == 0, node.transcript()
 
 
 def test_key_prints_the_data_dirs_public_key_alone(tmp_path):
