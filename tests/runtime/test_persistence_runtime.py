@@ -17,6 +17,7 @@ import trio
 
 from p2pdeploy.collective.blobs import split
 from p2pdeploy.collective.persistence import ChunkCorrupted, PersistenceConfig
+from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.node import kademlia_layer, persistence_layer
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import KademliaConfig
@@ -32,10 +33,14 @@ FAST = KademliaConfig(k=8, rpc_timeout_s=2.0)
 PERSISTENCE = PersistenceConfig(rpc_timeout_s=3.0, transfer_timeout_s=30.0)
 
 
-def layers_with(store, config=PERSISTENCE):
+#: The nodes of these tests form an open community: each keeps and repairs what any key signed.
+OPEN = Contribution(trusted_keys="any")
+
+
+def layers_with(store, config=PERSISTENCE, trusting=OPEN):
     def layers(context):
         overlay = kademlia_layer(context)
-        with_store = dataclasses.replace(context, store=store, persistence=config)
+        with_store = dataclasses.replace(context, store=store, persistence=config, contribution=trusting)
         return [PingProtocol(context.identity.node_id, context.rng, own_address=context.address),
                 overlay, persistence_layer(with_store, overlay)]
 
