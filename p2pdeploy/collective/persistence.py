@@ -3,7 +3,7 @@
 A :class:`Persistence` layer sits in a node's :class:`~p2pdeploy.core.Stack` next to the
 Kademlia overlay and wraps it the way HTTP/3 wraps QUIC: it reads the overlay's views
 (``closest_known``, ``node_id``) and sends its own messages to contacts' addresses (wire tags
-100-112; 120-122 are the manifest and the stored forms of records and acceptor state).
+100-113; 120-122 are the manifest and the stored forms of records and acceptor state).
 
 What it stores, and where (CFS/PAST over Kademlia):
 
@@ -60,7 +60,9 @@ The layer is split by job into modules beside this one, and every public name st
 from here: ``persistence_messages`` (wire messages and events), ``persistence_store`` (the
 durable store), ``persistence_search`` (the holder search), ``persistence_blobs`` (placing and
 fetching chunks and eventual records), ``persistence_repair`` (repair checks, the holders' watch,
-scrub, hand-off on leave) and ``persistence_quorum`` (CASPaxos rounds and the acceptor). This
+scrub, hand-off on leave), ``persistence_quorum`` (CASPaxos rounds and the acceptor) and
+``persistence_admission`` (who may fill the store: pins signed by trusted keys, quotas for
+strangers, the replication cap, the collection of unpinned chunks). This
 module holds the configuration and the :class:`Persistence` layer that ties them together: its
 API, its inputs, its requests in flight.
 
