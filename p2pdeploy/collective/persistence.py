@@ -130,6 +130,7 @@ from p2pdeploy.collective.persistence_repair import Check, Leave, Repair
 from p2pdeploy.collective.persistence_search import HolderSearch, Op, Rpc
 from p2pdeploy.collective.persistence_store import ChunkBookkeeping, ChunkInfo, DurableStore, MemoryStore
 from p2pdeploy.collective.records import DEFAULT_MAX_RECORD_BYTES, Change, check_group, check_record
+from p2pdeploy.collective.records import ZERO as ZERO_BALLOT
 from p2pdeploy.core import Address, Protocol, Rng, require_at_least, require_positive
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import Kademlia
@@ -257,6 +258,7 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Admission, Protocol):
         self.trusted_keys = trusted_keys
         self.wall_clock_offset_s = wall_clock_offset_s
         self._verified: dict[Pin, bool] = {}
+        self._usage: Counter[int] | None = None
         self._started_wall = self.wall(now)
         self._pin_news: set[int] = set()
         self.node_id: int = overlay.node_id
@@ -445,6 +447,9 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Admission, Protocol):
                 self._drain_corrupted(now)
             else:
                 self.counters["chunks_served"] += 1
+        elif kind in (StoreChunk, StoreRecord, StorePin) and msg.sender == self.node_id:
+            self.dropped["bad_store"] += 1  # a copy "from this node" that came over the network
+            self.send(src, Stored(msg.rpc_id, self.node_id, False, "the sender claims this node's id"))
         elif kind is StorePin:
             reason = self.admit_pin(msg, now)
             self.send(src, Stored(msg.rpc_id, self.node_id, reason is None, reason or ""))
@@ -459,6 +464,10 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Admission, Protocol):
             if check_record(msg.key, msg.item, self.config.max_record_bytes) is not None or \
                     check_group(msg.group) is not None:
                 self.dropped["bad_accept"] += 1
+                return
+            state = self.store.read_acceptor(msg.key)
+            if self.admit_record(msg.item, state is not None and state.item is not None) is not None:
+                self.send(src, Accepted(msg.rpc_id, self.node_id, False, state.promised if state else ZERO_BALLOT))
                 return
             self.send(src, self._acceptor_accept(msg.key, msg.ballot, msg.item, msg.group, msg.rpc_id))
         else:
@@ -486,7 +495,7 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Admission, Protocol):
         if reason is not None:
             self.dropped["bad_record"] += 1
             return False, reason
-        reason = self.admit_record(msg.key, msg.item, msg.sender)
+        reason = self.admit_record(msg.item, self.store.read_record(msg.key) is not None)
         if reason is not None:
             return False, reason
         reason = self._store_locally(msg.key, KIND_RECORD, self.capped(msg.replicas), item=msg.item)

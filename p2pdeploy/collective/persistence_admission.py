@@ -9,10 +9,13 @@ signature by a key the node trusts (the security model). What decides, here:
   and hand-off between holders keep the publisher's authority without its key (a member storing
   on a deployer's behalf). An eventual record carries its own authority: its writer signs it.
 - **quotas**: a chunk or record without that authority (a stranger's, or a member's whose key
-  this node does not trust) is kept only within ``stranger_quota_bytes`` per sender (per writer,
-  for records) and ``stranger_share`` of the store in all. Beyond them the ``Stored`` reply says
-  why, the refusal is counted (``store_unauthorized``) and nothing changes. Such data is never
-  repaired or handed off by this node, and trusted data evicts it when the store is full.
+  this node does not trust; a quorum record's accepted value too) is kept only within
+  ``stranger_quota_bytes`` per sender (per writer, for records) and ``stranger_share`` of the
+  store in all, each item weighing at least ``MIN_CHARGE_BYTES``. Beyond them the ``Stored``
+  reply says why (a refused ``Accept`` is an ``Accepted`` that is not ok), the refusal is
+  counted (``store_unauthorized``) and nothing changes. Such data is never repaired or handed
+  off by this node, and trusted data evicts it when the store is full. What it weighs is
+  tallied as it arrives and counted afresh with every repair round.
 - **replication cap**: a copy that asks for more than ``max_replicas`` copies is kept with
   ``max_replicas`` (counted, ``replicas_clamped``), so no repair spreads a key wider; a stranger's
   copy of a key held already changes nothing.
@@ -45,6 +48,9 @@ if TYPE_CHECKING:
     from p2pdeploy.collective.persistence_store import ChunkInfo, DurableStore
     from p2pdeploy.overlay.routing import Contact
 
+#: What the smallest chunk or record weighs in the quotas (a row and a file cost about that
+#: much), so a flood of tiny items meets the quota as soon as one of large ones.
+MIN_CHARGE_BYTES = 1024
 #: Verified pins remembered (a repair round re-reads the same ones); the memory is dropped past it.
 MAX_VERIFIED_PINS = 4096
 
@@ -63,6 +69,8 @@ class Admission:
     trusted_keys: TrustedKeys
     wall_clock_offset_s: float
     _verified: dict[Pin, bool]
+    #: Bytes each sender or writer holds here without trusted authority; None: count afresh.
+    _usage: Counter[int] | None
     _started_wall: float
     #: Keys whose pin this node renewed: their next check brings the pin to the other holders.
     _pin_news: set[int]
@@ -140,7 +148,10 @@ class Admission:
             if refusal is not None:
                 self.counters["store_unauthorized"] += 1
                 return refusal + why_not_pinned
-            return self.store.write_chunk(key, data, replicas, owner=sender, since=wall)
+            reason = self.store.write_chunk(key, data, replicas, owner=sender, since=wall)
+            if reason is None:
+                self._charge(sender, len(data))
+            return reason
         reason = self.store.write_chunk(key, data, replicas, pin=pin, owner=sender, since=wall)
         if reason is not None and self._evict_strangers(len(data)):
             reason = self.store.write_chunk(key, data, replicas, pin=pin, owner=sender, since=wall)
@@ -156,19 +167,24 @@ class Admission:
             return refusal
         return self.admit_chunk(msg.key, b"", 1, msg.pin, msg.sender, now)
 
-    def admit_record(self, key: int, item: Item, sender: int) -> str | None:
-        """``None`` when a (checked, signed) record may be kept; its writer's key is its authority."""
-        if self.trusts(item.public_key) or sender == self.node_id or self.store.read_record(key) is not None:
+    def admit_record(self, item: Item, held: bool) -> str | None:
+        """``None`` when a (checked, signed) record, or a quorum record's value, may be kept here
+        (``held``: this node holds a version of it already); its writer's key is its authority."""
+        if held or self.trusts(item.public_key):
             return None  # a record's key names its writer: a held one may be replaced by a newer one
-        refusal = self.stranger_refusal(node_id_of(item.public_key), item_bytes(item))
+        writer = node_id_of(item.public_key)
+        refusal = self.stranger_refusal(writer, item_bytes(item))
         if refusal is not None:
             self.counters["store_unauthorized"] += 1
+        else:
+            self._charge(writer, item_bytes(item))
         return refusal
 
     def stranger_refusal(self, owner: int, size: int) -> str | None:
         """Why ``size`` more bytes from ``owner`` without trusted authority do not fit its quota
         or the share of the store such data may take (``None``: they fit)."""
         usage = self._stranger_usage()
+        size = max(size, MIN_CHARGE_BYTES)
         quota = self.config.stranger_quota_bytes
         if usage[owner] + size > quota:
             return (f"not authorized: this node keeps at most {quota} bytes per sender that no key it trusts "
@@ -179,15 +195,24 @@ class Admission:
                     f"({limit} bytes in all); sign with a trusted key")
         return None
 
+    def _charge(self, owner: int, size: int) -> None:
+        if self._usage is not None:
+            self._usage[owner] += max(size, MIN_CHARGE_BYTES)
+
     def _stranger_usage(self) -> Counter[int]:
+        if self._usage is not None:
+            return self._usage
         usage: Counter[int] = Counter()
         for info in self.store.chunk_infos():
             if self._stranger_chunk(info):
-                usage[info.owner] += info.size
-        for key in self.store.record_keys():
-            stored = self.store.read_record(key)
-            if stored is not None and not self.trusts(stored[0].public_key):
-                usage[node_id_of(stored[0].public_key)] += item_bytes(stored[0])
+                usage[info.owner] += max(info.size, MIN_CHARGE_BYTES)
+        items = [stored[0] for stored in map(self.store.read_record, self.store.record_keys()) if stored is not None]
+        items += [state.item for state in map(self.store.read_acceptor, self.store.acceptor_keys())
+                  if state is not None and state.item is not None]
+        for item in items:
+            if not self.trusts(item.public_key):
+                usage[node_id_of(item.public_key)] += max(item_bytes(item), MIN_CHARGE_BYTES)
+        self._usage = usage
         return usage
 
     def _evict_strangers(self, size: int) -> bool:
@@ -203,11 +228,14 @@ class Admission:
             self._peers.pop(info.key, None)
             free += info.size
             self.counters["strangers_evicted"] += 1
+            self._usage = None
         return free >= size
 
     # -- collection and refresh (with every repair round) -----------------------------------
     def collect(self, now: float) -> None:
-        """Delete the chunks unpinned for longer than ``unpinned_grace_s``."""
+        """Delete the chunks unpinned for longer than ``unpinned_grace_s`` (and count afresh
+        what strangers hold: copies can also go by other ways, such as a failed hash check)."""
+        self._usage = None
         wall = self.wall(now)
         for info in self.store.chunk_infos():
             if info.pinned or self.live(info, now):

@@ -269,6 +269,9 @@ class SQLiteStore(ChunkBookkeeping):
     def delete_record(self, key: int) -> None:
         self.db.execute("DELETE FROM records WHERE key = ?", (_key_bytes(key),))
 
+    def acceptor_keys(self) -> list[int]:
+        return [_key_int(row[0]) for row in self.db.execute("SELECT key FROM acceptors")]
+
     def read_acceptor(self, key: int) -> AcceptorState | None:
         row = self.db.execute("SELECT data FROM acceptors WHERE key = ?", (_key_bytes(key),)).fetchone()
         if row is None:

@@ -14,6 +14,8 @@ import random
 
 from p2pdeploy.collective.blobs import split
 from p2pdeploy.collective.persistence import (
+    Accept,
+    Accepted,
     BlobFetched,
     BlobStored,
     FindHolders,
@@ -25,7 +27,10 @@ from p2pdeploy.collective.persistence import (
     StoreRecord,
     sign_pin,
 )
+from p2pdeploy.collective.persistence_admission import MIN_CHARGE_BYTES
+from p2pdeploy.collective.records import Ballot
 from p2pdeploy.overlay.identity import Identity
+from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import sign_record
 from tests.simnet import StorageNet
 
@@ -219,14 +224,42 @@ def test_trusted_data_evicts_a_strangers_when_the_store_is_full():
 
 
 def test_a_strangers_record_counts_against_its_writers_quota():
-    config = dataclasses.replace(CONFIG, stranger_quota_bytes=200)
+    config = dataclasses.replace(CONFIG, stranger_quota_bytes=2 * MIN_CHARGE_BYTES + 100)
     net = StorageNet(3, seed=16, config=config)
     layer, writer = net.persistence(0), Identity.from_seed(bytes(range(5, 37)))
-    for n in range(3):
+    for n in range(3):  # small records weigh MIN_CHARGE_BYTES each
         key, item = sign_record(writer, b"r%d" % n, bytes(40), 1)
         layer.receive(1, StoreRecord(n + 1, net.node_id(1), key, item, 3), net.now)
-    assert [msg.ok for _, msg in layer.messages_to_send() if isinstance(msg, Stored)] == [True, False, False]
-    assert len(net.stores[0].record_keys()) == 1
+    assert [msg.ok for _, msg in layer.messages_to_send() if isinstance(msg, Stored)] == [True, True, False]
+    assert len(net.stores[0].record_keys()) == 2
+    # a quorum record's value is weighed the same way: the writer's quota is used up
+    key, item = sign_record(writer, b"q", bytes(40), 1)
+    layer.receive(1, Accept(7, net.node_id(1), key, Ballot(1, net.node_id(1)), item,
+                            [Contact(net.node_id(0), 0)]), net.now)
+    (answer,) = [msg for _, msg in layer.messages_to_send() if isinstance(msg, Accepted)]
+    assert not answer.ok and net.stores[0].read_acceptor(key) is None
+    assert layer.counters["store_unauthorized"] == 2
+
+
+def test_a_copy_that_claims_to_come_from_the_receiver_itself_is_refused():
+    net = StorageNet(3, seed=19, config=CONFIG)
+    layer = net.persistence(0)
+    key, data = chunk(19)
+    layer.receive(2, StoreChunk(1, net.node_id(0), key, data, 3), net.now)
+    (reply,) = [msg for _, msg in layer.messages_to_send() if isinstance(msg, Stored)]
+    assert not reply.ok and "claims this node's id" in reply.reason
+    assert net.stores[0].chunk_info(key) is None
+
+
+def test_a_flood_of_tiny_chunks_meets_the_quota_by_their_number():
+    config = dataclasses.replace(CONFIG, stranger_quota_bytes=64 * MIN_CHARGE_BYTES)
+    net = StorageNet(3, seed=20, config=config, strangers=frozenset({2}))
+    layer, stranger = net.persistence(0), net.node_id(2)
+    for n in range(64 + 10):
+        data = n.to_bytes(4, "big")
+        layer.receive(2, StoreChunk(n + 1, stranger, split(data, 16).chunks[0][0], data, 3), net.now)
+    ok = [msg.ok for _, msg in layer.messages_to_send() if isinstance(msg, Stored)]
+    assert ok.count(True) == 64 and ok.count(False) == 10
 
 
 def test_pins_expire_unless_their_publisher_keeps_the_blob_and_renews_them():
