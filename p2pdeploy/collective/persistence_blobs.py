@@ -58,11 +58,11 @@ class Place(Op):
         self.purpose = purpose
         self.data = data
         self.item = item
-        self.pin = pin
         self.holding = 0
         self.waiting = 0
         self.spares: list[Contact] = []
         self.refusals: list[str] = []
+        self.pin = pin
 
     def on_search_done(self, p: Persistence, now: float) -> None:
         search = self.search
