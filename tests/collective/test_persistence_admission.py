@@ -301,3 +301,20 @@ def test_memory_store_keeps_a_chunks_pin_owner_and_time():
     assert store_.chunk_info(key).pin == pin and store_.chunk_info(key).replicas == 4
     store_.set_pin(key, None)
     assert store_.chunk_info(key).pin is None
+
+
+def test_holders_that_trust_only_the_deployer_repair_its_blob_for_it():
+    """No node trusts another's key, all trust the deployer's: the pins that travel with the
+    copies let holders repair the deployer's blob between themselves."""
+    deployer = Identity.from_seed(bytes(range(9, 41)))
+    net = StorageNet(20, seed=21, config=CONFIG, strangers=frozenset(range(20)), trusting=frozenset({deployer.public_key}))
+    data = blob(21)
+    assert store(net, 0, data, signer=deployer).ok
+    keys = keys_of(data)
+    victims = {a for key in keys for a in net.holders(key)[:2]} - {0}
+    for address in victims:
+        net.crash(address)
+    net.run_for(2.5 * CONFIG.repair_interval_s)
+    for key in keys:
+        assert {a for a in net.holders(key) if net.up(a)} == set(net.closest(key, 3)), key
+    assert fetch(net, 0, keys[0]).data == data
