@@ -395,14 +395,17 @@ def blob() -> None:
 
     A blob is split into chunks (256 KiB), each named by its SHA-256 and kept on the nodes
     closest to that name (3 by default), which repair it when holders leave or a copy on disk
-    is damaged; every read is checked against the hashes.
+    is damaged; every read is checked against the hashes. Each chunk carries a pin signed by
+    the node's key for 7 days: nodes whose owners trust that key keep and repair it; the others
+    keep it only within a small quota, unrepaired, and drop it an hour after. Put a blob again
+    to renew its pins.
     """
 
 
 @_node_command(blob, "put")
 @click.argument("path", metavar="FILE", type=AbsolutePath(exists=True, dir_okay=False))
 @click.option("--replicas", type=click.IntRange(min=1, max=20), default=None,
-              help="Copies of each chunk [default: 3].")
+              help="Copies of each chunk [default: 3; nodes keep at most 5 by default].")
 def blob_put() -> None:
     """Store FILE (up to 64 MiB); print its blob id (40 hex digits)."""
 

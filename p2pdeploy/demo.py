@@ -335,7 +335,8 @@ async def persistence(community: Community) -> None:
     if not same:
         raise ProcessOutputError("the fetched blob differs from the stored file")
     console.print("[dim]each node keeps chunks and records in DATA_DIR/persistence (SQLite and files by hash); "
-                  "when it leaves it hands them to the nodes now closest[/]")
+                  "beyond a small quota only what a key it trusts signed, which it repairs and, when it leaves, "
+                  "hands to the nodes now closest[/]")
 
 
 async def leave(community: Community) -> None:

@@ -134,7 +134,10 @@ def prospector_layer(context: CoreContext, overlay: Kademlia) -> Prospector:
 
 
 def persistence_layer(context: CoreContext, overlay: Kademlia) -> Persistence:
-    """Replicated persistence over ``overlay``, in ``context.store`` (memory when there is none)."""
+    """Replicated persistence over ``overlay``, in ``context.store`` (memory when there is none).
+    It signs the pins of the blobs it puts with the node's key, and keeps data beyond the quotas
+    for strangers only when signed by a key the owner trusts (``contribution.trusted_keys``) or
+    by its own."""
     return Persistence(
         overlay,
         context.store if context.store is not None else MemoryStore(),
@@ -142,6 +145,9 @@ def persistence_layer(context: CoreContext, overlay: Kademlia) -> Persistence:
         context.now,
         own_address=context.address,
         config=context.persistence,
+        identity=context.identity,
+        trusted_keys=context.contribution.trusted_keys if context.contribution is not None else frozenset(),
+        wall_clock_offset_s=context.wall_clock_offset_s,
     )
 
 

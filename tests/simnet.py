@@ -260,7 +260,8 @@ class StorageNet(SimNet):
 
     Routing tables start full (every node knows every other, again after a restart), and the
     stores are the nodes' disks: they survive :meth:`crash`, so a restarted node serves what it
-    held. :meth:`call` hands the API the node's :class:`Persistence` layer.
+    held. :meth:`call` hands the API the node's :class:`Persistence` layer. The members trust
+    one another's keys and those in ``trusting``, but not the keys of the ``strangers`` (addresses).
     """
 
     def __init__(
@@ -271,10 +272,14 @@ class StorageNet(SimNet):
         config: PersistenceConfig | None = None,
         kademlia: KademliaConfig | None = None,
         latency_s: float = 0.01,
+        strangers: frozenset[int] = frozenset(),
+        trusting: frozenset[bytes] = frozenset(),
+        capacity_bytes: int = 1 << 40,
     ) -> None:
         super().__init__(capacity=nodes, seed=seed, config=kademlia or KademliaConfig(k=8), latency_s=latency_s)
         self.persistence_config = config or PersistenceConfig()
-        self.stores = [MemoryStore() for _ in range(nodes)]
+        self.stores = [MemoryStore(capacity_bytes) for _ in range(nodes)]
+        self.trusted_keys = trusting | {self.identity_of(a).public_key for a in range(nodes) if a not in strangers}
         for address in range(nodes):  # every id first: each table is filled with all of them
             self.node_ids[address] = self.identity_of(address).node_id
         for address in range(nodes):
@@ -291,7 +296,8 @@ class StorageNet(SimNet):
     def build_layers(self, address: int, overlay: Kademlia, incarnation: int) -> list[Protocol]:
         rng = self.sim.streams.fresh("persistence", address, incarnation)
         return [Persistence(overlay, self.stores[address], rng, self.now, own_address=address,
-                            config=self.persistence_config)]
+                            config=self.persistence_config, identity=self.identity_of(address),
+                            trusted_keys=self.trusted_keys)]
 
     def persistence(self, address: int) -> Persistence:
         core = self.sim.hosts[address].core

@@ -3,7 +3,7 @@
 A :class:`Persistence` layer sits in a node's :class:`~p2pdeploy.core.Stack` next to the
 Kademlia overlay and wraps it the way HTTP/3 wraps QUIC: it reads the overlay's views
 (``closest_known``, ``node_id``) and sends its own messages to contacts' addresses (wire tags
-100-112; 120-122 are the manifest and the stored forms of records and acceptor state).
+100-113; 120-122 are the manifest and the stored forms of records and acceptor state).
 
 What it stores, and where (CFS/PAST over Kademlia):
 
@@ -60,7 +60,9 @@ The layer is split by job into modules beside this one, and every public name st
 from here: ``persistence_messages`` (wire messages and events), ``persistence_store`` (the
 durable store), ``persistence_search`` (the holder search), ``persistence_blobs`` (placing and
 fetching chunks and eventual records), ``persistence_repair`` (repair checks, the holders' watch,
-scrub, hand-off on leave) and ``persistence_quorum`` (CASPaxos rounds and the acceptor). This
+scrub, hand-off on leave), ``persistence_quorum`` (CASPaxos rounds and the acceptor) and
+``persistence_admission`` (who may fill the store: pins signed by trusted keys, quotas for
+strangers, the replication cap, the collection of unpinned chunks). This
 module holds the configuration and the :class:`Persistence` layer that ties them together: its
 API, its inputs, its requests in flight.
 
@@ -84,6 +86,7 @@ from p2pdeploy.collective.blobs import (
     parse_manifest,
     split,
 )
+from p2pdeploy.collective.persistence_admission import Admission, TrustedKeys
 from p2pdeploy.collective.persistence_blobs import Fetch, GetBlob, GetRecord, Place, PutBlob
 from p2pdeploy.collective.persistence_messages import (
     KIND_CHUNK,
@@ -109,6 +112,7 @@ from p2pdeploy.collective.persistence_messages import (
     HolderPing,
     HolderPong,
     Holders,
+    Pin,
     Prepare,
     Promise,
     QuorumFinished,
@@ -116,7 +120,9 @@ from p2pdeploy.collective.persistence_messages import (
     RecordStored,
     StoreChunk,
     Stored,
+    StorePin,
     StoreRecord,
+    sign_pin,
     with_rpc_id,
 )
 from p2pdeploy.collective.persistence_quorum import QuorumAcceptor, QuorumRound
@@ -124,6 +130,7 @@ from p2pdeploy.collective.persistence_repair import Check, Leave, Repair
 from p2pdeploy.collective.persistence_search import HolderSearch, Op, Rpc
 from p2pdeploy.collective.persistence_store import ChunkBookkeeping, ChunkInfo, DurableStore, MemoryStore
 from p2pdeploy.collective.records import DEFAULT_MAX_RECORD_BYTES, Change, check_group, check_record
+from p2pdeploy.collective.records import ZERO as ZERO_BALLOT
 from p2pdeploy.core import Address, Protocol, Rng, require_at_least, require_positive
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import Kademlia
@@ -176,12 +183,40 @@ class PersistenceConfig:
     quorum_attempts: int = 6
     quorum_backoff_s: float = 0.2
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    #: The most copies of a key this node stores and repairs: a copy that asks for more is
+    #: kept with this many (clamped, and counted), so repair never spreads a key wider; the
+    #: local API refuses more.
+    max_replicas: int = 5
+    #: Bytes of chunks and records not pinned or written by a key this node trusts that one
+    #: sender (one writer, for records) may keep here; beyond it a copy is refused with the reason.
+    stranger_quota_bytes: int = 4 * 1024 * 1024
+    #: Share of ``capacity_bytes`` all such data may take together (whatever the number of
+    #: senders, whose ids cost nothing to make); trusted data evicts it when the store is full.
+    stranger_share: float = 0.1
+    #: An unpinned chunk (no live pin by a trusted key: a stranger's, or one whose pins expired)
+    #: is collected this long after it was stored or its last pin expired. Collection runs
+    #: with the repair rounds; chunks this node keeps by its own choice (``keep``) never are.
+    unpinned_grace_s: float = 3600.0
+    #: Pins this node signs (its blobs) last this long; a publisher refreshes the pins of the
+    #: blobs it keeps when less than half of it is left, and putting a blob again refreshes them.
+    pin_ttl_s: float = 7 * 24 * 3600.0
+    #: A pin that claims to last longer than this from now is refused.
+    max_pin_ttl_s: float = 90 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         require_at_least(self, "persistence.", 1, "replicas", "alpha", "reply_contacts", "window", "fetch_searches",
-                         "max_checks", "quorum_replicas", "quorum_attempts")
-        if self.replicas > MAX_REPLICAS or self.quorum_replicas > MAX_REPLICAS:
-            raise ValueError(f"persistence: replicas and quorum_replicas must be <= {MAX_REPLICAS}")
+                         "max_checks", "quorum_replicas", "quorum_attempts", "max_replicas")
+        if self.max_replicas > MAX_REPLICAS:
+            raise ValueError(f"persistence.max_replicas must be <= {MAX_REPLICAS} (got {self.max_replicas})")
+        if self.replicas > self.max_replicas or self.quorum_replicas > self.max_replicas:
+            raise ValueError(f"persistence: replicas and quorum_replicas must be <= max_replicas "
+                             f"({self.max_replicas}; got {self.replicas} and {self.quorum_replicas})")
+        if not 0 <= self.stranger_share <= 1:
+            raise ValueError(f"persistence.stranger_share must be in [0, 1] (got {self.stranger_share})")
+        require_at_least(self, "persistence.", 0, "stranger_quota_bytes")
+        require_positive(self, "persistence.", "unpinned_grace_s", "pin_ttl_s", "max_pin_ttl_s")
+        if self.pin_ttl_s > self.max_pin_ttl_s:
+            raise ValueError(f"persistence.pin_ttl_s must be <= max_pin_ttl_s (got {self.pin_ttl_s})")
         if not 1 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"persistence.chunk_bytes must be in [1, {MAX_CHUNK_BYTES}] (got {self.chunk_bytes})")
         require_at_least(self, "persistence.", 0, "search_margin")
@@ -190,8 +225,14 @@ class PersistenceConfig:
                          "quorum_backoff_s")
 
 
-class Persistence(HolderSearch, Repair, QuorumAcceptor, Protocol):
-    """Blobs, records and their repair for one node; see the module docstring."""
+class Persistence(HolderSearch, Repair, QuorumAcceptor, Admission, Protocol):
+    """Blobs, records and their repair for one node; see the module docstring.
+
+    ``identity`` signs the pins of the blobs this node puts (and its own key is trusted here);
+    ``trusted_keys`` are the keys whose pins and records may use the store beyond the quotas
+    for strangers (the owner's ``contribution.trusted_keys``); ``wall_clock_offset_s`` turns
+    ``now`` into the wall-clock time of pins. See :mod:`~p2pdeploy.collective.persistence_admission`.
+    """
 
     handles = REQUESTS + REPLIES
 
@@ -204,12 +245,22 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Protocol):
         *,
         own_address: Address,
         config: PersistenceConfig | None = None,
+        identity: Identity | None = None,
+        trusted_keys: TrustedKeys = frozenset(),
+        wall_clock_offset_s: float = 0.0,
     ) -> None:
         super().__init__()
         self.overlay = overlay
         self.store = store
         self.rng = rng
         self.config = config or PersistenceConfig()
+        self.identity = identity
+        self.trusted_keys = trusted_keys
+        self.wall_clock_offset_s = wall_clock_offset_s
+        self._verified: dict[Pin, bool] = {}
+        self._usage: Counter[int] | None = None
+        self._started_wall = self.wall(now)
+        self._pin_news: set[int] = set()
         self.node_id: int = overlay.node_id
         self.contact = Contact(overlay.node_id, own_address)
         self.counters: Counter[str] = Counter()
@@ -236,15 +287,19 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Protocol):
         self.set_timer("scrub", now + c.scrub_interval_s * self.rng.uniform(0.5, 1.5))
 
     # -- API: blobs ------------------------------------------------------------------------
-    def put_blob(self, data: bytes, now: float, *, replicas: int | None = None, keep: bool = False) -> int:
+    def put_blob(self, data: bytes, now: float, *, replicas: int | None = None, keep: bool = False,
+                 signer: Identity | None = None) -> int:
         """Store ``data`` as a blob on the ``replicas`` closest nodes of each chunk; emits
         :class:`BlobStored` (its ``blob_id`` is what :meth:`get_blob` takes). With ``keep`` this
-        node also keeps a pinned copy (a deployer caching what it deploys)."""
-        replicas = self.config.replicas if replicas is None else replicas
-        if not 1 <= replicas <= MAX_REPLICAS:
-            raise ValueError(f"replicas must be in [1, {MAX_REPLICAS}] (got {replicas})")
+        node also keeps a pinned copy (a deployer caching what it deploys). Every chunk goes with
+        a pin signed by ``signer`` (this node's identity by default) for ``pin_ttl_s``: nodes that
+        trust that key keep and repair it; the others keep it only within their quotas."""
+        replicas = self._replicas(replicas)
         chunked = split(data, self.config.chunk_bytes, replicas)
-        op = PutBlob(self._next_id(), chunked, replicas, keep)
+        signer = signer or self.identity
+        keys = [chunked.blob_id, *dict(chunked.chunks)]
+        pins = self.sign_pins(signer, keys, now) if signer is not None else {}
+        op = PutBlob(self._next_id(), chunked, replicas, keep, pins)
         self._ops[op.op_id] = op
         op.start(self, now)
         return op.op_id
@@ -273,6 +328,13 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Protocol):
             return False
         return all(self.store.chunk_info(key) is not None for key in keys)
 
+    def _replicas(self, replicas: int | None) -> int:
+        replicas = self.config.replicas if replicas is None else replicas
+        if not 1 <= replicas <= self.config.max_replicas:
+            raise ValueError(f"replicas must be in [1, {self.config.max_replicas}] (persistence.max_replicas; "
+                             f"got {replicas})")
+        return replicas
+
     def _manifest_keys(self, blob_id: int) -> list[int]:
         data = self.store.read_chunk(blob_id)
         if data is None:
@@ -286,9 +348,7 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Protocol):
     def put_record(self, item: Item, now: float, *, replicas: int | None = None) -> int:
         """Push a signed record (``storage.sign_record``) to the closest nodes of its key; emits
         :class:`RecordStored`. A reader gets the highest sequence any of them holds."""
-        replicas = self.config.replicas if replicas is None else replicas
-        if not 1 <= replicas <= MAX_REPLICAS:
-            raise ValueError(f"replicas must be in [1, {MAX_REPLICAS}] (got {replicas})")
+        replicas = self._replicas(replicas)
         if not isinstance(item, Item):
             raise TypeError(f"put_record takes a signed Item (got {type(item).__name__})")
         key = record_key(item.public_key, item.name)
@@ -346,10 +406,10 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Protocol):
         """Before a graceful departure: hand every held key to its next closest nodes; emits
         :class:`HandedOff` once each copy was acknowledged or timed out (quorum groups do not move). From now on the
         node answers no search and accepts no copy, so nobody hands a key to it."""
-        keys = [(info.key, KIND_CHUNK, info.replicas) for info in self.store.chunk_infos()]
+        keys = [(info.key, KIND_CHUNK, info.replicas) for info in self.store.chunk_infos() if self.live(info, now)]
         for key in self.store.record_keys():
             stored = self.store.read_record(key)
-            if stored is not None:
+            if stored is not None and self.trusts(stored[0].public_key):
                 keys.append((key, KIND_RECORD, stored[1]))
         self.leaving = True
         op = Leave(self._next_id(), keys)
@@ -373,7 +433,7 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Protocol):
         if kind is HolderPing:
             self.send(src, HolderPong(msg.rpc_id, self.node_id))
             return
-        if self.leaving and kind in (FindHolders, StoreChunk, StoreRecord):
+        if self.leaving and kind in (FindHolders, StoreChunk, StoreRecord, StorePin):
             self.dropped["leaving"] += 1  # a departing node takes no new copies: let searches pass it by
             if kind is not FindHolders:  # and say so to a copy, whose sender would wait for a transfer timeout
                 self.send(src, Stored(msg.rpc_id, self.node_id, False, "leaving"))
@@ -387,8 +447,14 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Protocol):
                 self._drain_corrupted(now)
             else:
                 self.counters["chunks_served"] += 1
+        elif kind in (StoreChunk, StoreRecord, StorePin) and msg.sender == self.node_id:
+            self.dropped["bad_store"] += 1  # a copy "from this node" that came over the network
+            self.send(src, Stored(msg.rpc_id, self.node_id, False, "the sender claims this node's id"))
+        elif kind is StorePin:
+            reason = self.admit_pin(msg, now)
+            self.send(src, Stored(msg.rpc_id, self.node_id, reason is None, reason or ""))
         elif kind is StoreChunk or kind is StoreRecord:
-            ok, reason = self._accept_chunk(msg) if kind is StoreChunk else self._accept_record(msg)
+            ok, reason = self._accept_chunk(msg, now) if kind is StoreChunk else self._accept_record(msg)
             self.send(src, Stored(msg.rpc_id, self.node_id, ok, reason))
             if ok and msg.purpose == PURPOSE_REPAIR:  # the repairer holds the key: if it goes, check at once
                 self._watch(msg.key, [Contact(msg.sender, src)], now)
@@ -399,18 +465,22 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Protocol):
                     check_group(msg.group) is not None:
                 self.dropped["bad_accept"] += 1
                 return
+            state = self.store.read_acceptor(msg.key)
+            if self.admit_record(msg.item, state is not None and state.item is not None) is not None:
+                self.send(src, Accepted(msg.rpc_id, self.node_id, False, state.promised if state else ZERO_BALLOT))
+                return
             self.send(src, self._acceptor_accept(msg.key, msg.ballot, msg.item, msg.group, msg.rpc_id))
         else:
             self.dropped["unexpected"] += 1
 
-    def _accept_chunk(self, msg: StoreChunk) -> tuple[bool, str]:
+    def _accept_chunk(self, msg: StoreChunk, now: float) -> tuple[bool, str]:
         if not 1 <= msg.replicas <= MAX_REPLICAS or not 0 <= msg.purpose < len(PURPOSES):
             self.dropped["bad_store"] += 1
             return False, "bad replicas or purpose"
         if len(msg.data) > MAX_CHUNK_BYTES or chunk_key(msg.data) != msg.key:
             self.dropped["bad_chunk"] += 1
             return False, "chunk does not hash to its key"
-        reason = self.store.write_chunk(msg.key, msg.data, msg.replicas)
+        reason = self.admit_chunk(msg.key, msg.data, msg.replicas, msg.pin, msg.sender, now)
         if reason is not None:
             self.counters["store_refused"] += 1
             return False, reason
@@ -425,13 +495,16 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Protocol):
         if reason is not None:
             self.dropped["bad_record"] += 1
             return False, reason
-        reason = self._store_locally(msg.key, KIND_RECORD, msg.replicas, item=msg.item)
+        reason = self.admit_record(msg.item, self.store.read_record(msg.key) is not None)
+        if reason is not None:
+            return False, reason
+        reason = self._store_locally(msg.key, KIND_RECORD, self.capped(msg.replicas), item=msg.item)
         return reason is None, reason or ""
 
     def _store_locally(self, key: int, kind: int, replicas: int, *, data: bytes = b"",
-                       item: Item | None = None) -> str | None:
+                       item: Item | None = None, pin: Pin | None = None, now: float = 0.0) -> str | None:
         if kind == KIND_CHUNK:
-            return self.store.write_chunk(key, data, replicas)
+            return self.admit_chunk(key, data, replicas, pin, self.node_id, now)
         assert item is not None
         current = self.store.read_record(key)
         if current is not None and not newer(item, current[0]):
@@ -549,7 +622,8 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Protocol):
         if isinstance(op, Fetch) and op.restore is not None:
             info = op.restore
             if op.data is not None:
-                self.store.write_chunk(op.key, op.data, info.replicas, info.pinned)
+                self.store.write_chunk(op.key, op.data, info.replicas, info.pinned, pin=info.pin, owner=info.owner,
+                                       since=info.since)
                 self.counters["corrupt_repaired"] += 1
         if op.parent is not None:
             parent = self._ops.get(op.parent)
@@ -613,12 +687,15 @@ __all__ = [
     "MemoryStore",
     "Persistence",
     "PersistenceConfig",
+    "Pin",
     "Prepare",
     "Promise",
     "QuorumFinished",
     "RecordFound",
     "RecordStored",
     "StoreChunk",
+    "StorePin",
     "StoreRecord",
     "Stored",
+    "sign_pin",
 ]

@@ -30,8 +30,10 @@ from p2pdeploy.collective.persistence_messages import (
     ChunkBody,
     FetchChunk,
     Holders,
+    Pin,
     StoreChunk,
     Stored,
+    StorePin,
     StoreRecord,
 )
 from p2pdeploy.collective.persistence_search import Op, Rpc
@@ -45,10 +47,11 @@ if TYPE_CHECKING:
 
 
 class Place(Op):
-    """Store one chunk or eventual record on the r closest nodes (those that lack it)."""
+    """Store one chunk or eventual record on the r closest nodes (those that lack it; those that
+    hold a chunk get its ``pin``, which may be newer than theirs)."""
 
     def __init__(self, op_id: int, key: int, kind: int, replicas: int, purpose: int, *, data: bytes = b"",
-                 item: Item | None = None, parent: int | None = None) -> None:
+                 item: Item | None = None, pin: Pin | None = None, parent: int | None = None) -> None:
         super().__init__(op_id, key, parent)
         self.kind = kind
         self.replicas = replicas
@@ -59,6 +62,7 @@ class Place(Op):
         self.waiting = 0
         self.spares: list[Contact] = []
         self.refusals: list[str] = []
+        self.pin = pin
 
     def on_search_done(self, p: Persistence, now: float) -> None:
         search = self.search
@@ -71,7 +75,8 @@ class Place(Op):
 
     def _place(self, p: Persistence, contact: Contact, reply: Holders | None, now: float) -> None:
         if contact.node_id == p.node_id:
-            reason = p._store_locally(self.key, self.kind, self.replicas, data=self.data, item=self.item)
+            reason = p._store_locally(self.key, self.kind, self.replicas, data=self.data, item=self.item,
+                                      pin=self.pin, now=now)
             if reason is None:
                 self.holding += 1
             else:
@@ -81,10 +86,12 @@ class Place(Op):
         if reply is not None and reply.has and (self.kind == KIND_CHUNK or (
                 self.item is not None and reply.item is not None and not newer(self.item, reply.item))):
             self.holding += 1
+            if self.kind == KIND_CHUNK and self.pin is not None:  # refresh its pin (answer not awaited)
+                p._request(contact, StorePin(0, p.node_id, self.key, self.pin), None, now)
             return
         self.waiting += 1
         if self.kind == KIND_CHUNK:
-            msg: Any = StoreChunk(0, p.node_id, self.key, self.data, self.replicas, self.purpose)
+            msg: Any = StoreChunk(0, p.node_id, self.key, self.data, self.replicas, self.purpose, self.pin)
         else:
             assert self.item is not None
             msg = StoreRecord(0, p.node_id, self.key, self.item, self.replicas, self.purpose)
@@ -189,11 +196,12 @@ class Fetch(Op):
 
 
 class PutBlob(Op):
-    def __init__(self, op_id: int, chunked: Chunked, replicas: int, keep: bool) -> None:
+    def __init__(self, op_id: int, chunked: Chunked, replicas: int, keep: bool, pins: dict[int, Pin]) -> None:
         super().__init__(op_id, chunked.blob_id)
         self.chunked = chunked
         self.replicas = replicas
         self.keep = keep
+        self.pins = pins
         unique = dict(chunked.chunks)
         unique[chunked.blob_id] = chunked.manifest_bytes
         self.queue = list(unique.items())
@@ -204,7 +212,11 @@ class PutBlob(Op):
     def start(self, p: Persistence, now: float) -> None:
         if self.keep:
             for key, data in self.queue:
-                p.store.write_chunk(key, data, self.replicas, pinned=True)
+                p.store.write_chunk(key, data, self.replicas, pinned=True, pin=self.pins.get(key), owner=p.node_id,
+                                    since=p.wall(now))
+                pin = self.pins.get(key)
+                if pin is not None:  # a copy kept already gets the new pin
+                    p.admit_chunk(key, data, self.replicas, pin, p.node_id, now)
         self._launch(p, now)
 
     def _launch(self, p: Persistence, now: float) -> None:
@@ -212,7 +224,7 @@ class PutBlob(Op):
             key, data = self.queue.pop(0)
             self.running += 1
             child = Place(p._next_id(), key, KIND_CHUNK, self.replicas, PURPOSE_PUBLISH, data=data,
-                           parent=self.op_id)
+                          pin=self.pins.get(key), parent=self.op_id)
             p._start(child, now)
         if not self.queue and self.running == 0:
             p._finish(self, now)
@@ -287,9 +299,11 @@ class GetBlob(Op):
                 self.reason = str(exc)
             else:
                 if self.keep:
-                    p.store.write_chunk(self.key, self.manifest_bytes, manifest.replicas, pinned=True)
+                    replicas, wall = p.capped(manifest.replicas), p.wall(now)
+                    p.store.write_chunk(self.key, self.manifest_bytes, replicas, pinned=True, owner=p.node_id,
+                                        since=wall)
                     for key, data in self.pieces.items():
-                        p.store.write_chunk(key, data, manifest.replicas, pinned=True)
+                        p.store.write_chunk(key, data, replicas, pinned=True, owner=p.node_id, since=wall)
             p._finish(self, now)
 
 
@@ -316,7 +330,7 @@ class GetRecord(Op):
         if best is not None:  # read repair: the r closest that answered with an older copy get the newest
             for contact in p._rank_with_self(search.ranked(), self.key)[: self.replicas]:
                 if contact.node_id == p.node_id:
-                    p._store_locally(self.key, KIND_RECORD, self.replicas, item=best)
+                    p._store_locally(self.key, KIND_RECORD, self.replicas, item=best, now=now)
                     continue
                 reply = search.replies.get(contact.node_id)
                 if reply is not None and (reply.item is None or newer(best, reply.item)):

@@ -1,22 +1,29 @@
-"""What replicated persistence sends and reports: its wire messages (tags 100-112) and its events.
+"""What replicated persistence sends and reports: its wire messages (tags 100-113) and its events.
 
 The requests and their answers of :class:`~p2pdeploy.collective.persistence.Persistence`: the
 holder search (``FindHolders``/``Holders``), chunk transfers, record copies, the CASPaxos
 rounds of quorum keys, and the pings between the holders of a key. The events are what the
 layer reports to the driver and the layers above. Layouts and tags are the wire format: they
 change only with the protocol version.
+
+Here too the :class:`Pin`: a publisher's signature that a chunk is wanted until a wall-clock
+time. It travels with every copy of the chunk (``StoreChunk.pin``, and ``StorePin`` alone to a
+node that holds the chunk already), so a holder that copies a chunk to another node in repair
+carries the publisher's authority with it without holding the publisher's key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import struct
 from dataclasses import dataclass
 from typing import Any
 
 from p2pdeploy.collective.records import Ballot
+from p2pdeploy.overlay.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, verify
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import Item
-from p2pdeploy.wire import NodeId, message
+from p2pdeploy.wire import ID_BYTES, NodeId, message, record
 
 # -- what a key holds, and why a copy moves ---------------------------------------------------
 
@@ -29,7 +36,43 @@ PURPOSE_PUBLISH = 0
 PURPOSE_REPAIR = 1
 PURPOSE_HANDOFF = 2
 PURPOSES = ("publish", "repair", "handoff")
+#: The most copies the wire format lets a key ask for; a node stores and repairs at most
+#: ``PersistenceConfig.max_replicas`` of them.
 MAX_REPLICAS = 16
+
+# -- pins -----------------------------------------------------------------------------------
+
+PIN_CONTEXT = b"p2pdeploy pin v1\n"
+
+
+@record
+class Pin:
+    """The word of the holder of ``public_key`` that the chunk ``key`` is wanted until
+    ``expires_at`` (wall-clock seconds since the epoch). A node keeps and repairs a chunk while it
+    holds a pin of it that is signed, unexpired and by a key the node trusts; an unpinned chunk
+    is collected after ``PersistenceConfig.unpinned_grace_s``."""
+
+    key: NodeId
+    expires_at: int
+    public_key: bytes
+    signature: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        return PIN_CONTEXT + self.key.to_bytes(ID_BYTES, "big") + struct.pack(">q", self.expires_at) + self.public_key
+
+    def verifies(self) -> bool:
+        """True when the signature is ``public_key``'s over the key and the expiry."""
+        if len(self.public_key) != PUBLIC_KEY_BYTES or len(self.signature) != SIGNATURE_BYTES:
+            return False
+        if not -(1 << 62) < self.expires_at < 1 << 62:
+            return False
+        return verify(self.public_key, self.signature, self.signed_bytes())
+
+
+def sign_pin(identity: Identity, key: int, expires_at: int) -> Pin:
+    """A pin of ``key`` until ``expires_at`` signed by ``identity``."""
+    unsigned = Pin(NodeId(key), expires_at, identity.public_key)
+    return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
 
 # -- messages -------------------------------------------------------------------------------
 
@@ -81,10 +124,13 @@ class ChunkBody(RpcMessage):
 
 @message(104)
 class StoreChunk(RpcMessage):
+    """Keep this copy (``pin``: the publisher's, when the sender holds one)."""
+
     key: NodeId
     data: bytes
     replicas: int
     purpose: int = PURPOSE_PUBLISH
+    pin: Pin | None = None
 
 
 @message(105)
@@ -140,7 +186,15 @@ class HolderPong(RpcMessage):
     """I am here (the answer to a ``HolderPing``)."""
 
 
-REQUESTS = (FindHolders, FetchChunk, StoreChunk, StoreRecord, Prepare, Accept, HolderPing)
+@message(113)
+class StorePin(RpcMessage):
+    """A newer pin of a chunk the receiver holds (a publisher's refresh); answered by ``Stored``."""
+
+    key: NodeId
+    pin: Pin
+
+
+REQUESTS = (FindHolders, FetchChunk, StoreChunk, StoreRecord, Prepare, Accept, HolderPing, StorePin)
 REPLIES = (Holders, ChunkBody, Stored, Promise, Accepted, HolderPong)
 
 # -- events ---------------------------------------------------------------------------------

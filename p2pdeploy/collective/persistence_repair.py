@@ -9,7 +9,10 @@ every key it held with this node that is now more than one copy short is checked
 (:meth:`Repair.peer_gone`), and one copy short waits for the next round (lazy repair: the
 holder may be back with its disk). Chunks are scrubbed against their hash, and a corrupt copy
 is fetched again. :class:`Leave` hands every key to the next closest nodes before a graceful
-departure.
+departure. Only what this node is authorized to keep is repaired or handed off: chunks with a
+live pin by a key it trusts, records written by such a key
+(:mod:`~p2pdeploy.collective.persistence_admission`); each round also collects the chunks left
+unpinned past their grace period, and renews the pins this node signed of the chunks it keeps.
 
 :class:`Repair` is the part of the :class:`~p2pdeploy.collective.persistence.Persistence` layer
 that runs these rounds.
@@ -34,6 +37,7 @@ from p2pdeploy.collective.persistence_messages import (
     HolderPing,
     StoreChunk,
     Stored,
+    StorePin,
     StoreRecord,
 )
 from p2pdeploy.collective.persistence_search import Op, Rpc, Search
@@ -109,8 +113,8 @@ class Check(Op):
 
     def _chunk(self, p: Persistence, targets: list[Contact], search: Search, now: float) -> None:
         info = p.store.chunk_info(self.key)
-        if info is None:
-            return
+        if info is None or not p.live(info, now):
+            return  # not this node's to spread (a stranger's, or no longer pinned)
         purpose = PURPOSE_HANDOFF if self.leaving else PURPOSE_REPAIR
         def lacks(c: Contact) -> bool:
             return c.node_id != p.node_id and not (search.replies.get(c.node_id) and search.replies[c.node_id].has)
@@ -126,7 +130,12 @@ class Check(Op):
         for contact in lacking:
             p.counters[f"{PURPOSES[purpose]}_chunks"] += 1
             p.counters[f"{PURPOSES[purpose]}_bytes"] += len(data)
-            self._copy(p, contact, StoreChunk(0, p.node_id, self.key, data, self.replicas, purpose), now)
+            self._copy(p, contact, StoreChunk(0, p.node_id, self.key, data, self.replicas, purpose, info.pin), now)
+        if self.key in p._pin_news and info.pin is not None:  # a renewed pin for the holders that have the key
+            p._pin_news.discard(self.key)
+            for contact in targets:
+                if contact.node_id != p.node_id and contact not in lacking:
+                    p._request(contact, StorePin(0, p.node_id, self.key, info.pin), None, now)
         responsible = any(c.node_id == p.node_id for c in targets)
         if not responsible and not lacking and not info.pinned and len(targets) >= self.replicas:
             p.store.delete_chunk(self.key)  # a surplus copy: the r closest all hold the key
@@ -135,7 +144,7 @@ class Check(Op):
 
     def _record(self, p: Persistence, targets: list[Contact], search: Search, now: float) -> None:
         mine = p.store.read_record(self.key)
-        if mine is None:
+        if mine is None or not p.trusts(mine[0].public_key):
             return
         item, replicas = mine
         for reply in search.replies.values():  # a newer copy elsewhere replaces ours
@@ -201,6 +210,7 @@ class Repair:
     _probing: dict[int, Contact]
     _watching: bool
     _checking: set[int]
+    _pin_news: set[int]
 
     def _repair_round(self, now: float) -> None:
         """Check every held key nobody checked during the last interval (bounded per round)."""
@@ -210,17 +220,20 @@ class Repair:
             self.set_timer("repair", now + self.config.rejoin_check_s)  # not joined yet: nobody to check with
             return
         self._drain_corrupted(now)  # e.g. chunks a restarted store found missing when it opened
+        self.collect(now)
+        for key in self.refresh_pins(now):
+            self._checked_at.pop(key, None)  # due now: its holders get the new pin
         running = sum(1 for op in self._ops.values() if isinstance(op, Check))
         budget = self.config.max_checks - running
         due: list[tuple[int, int, int]] = []
         chunks = self.store.chunk_infos()
         for info in chunks:
-            if self._checked_at.get(info.key, -math.inf) <= horizon:
+            if self._checked_at.get(info.key, -math.inf) <= horizon and self.live(info, now):
                 due.append((info.key, KIND_CHUNK, info.replicas))
         for key in self.store.record_keys():
             if self._checked_at.get(key, -math.inf) <= horizon:
                 stored = self.store.read_record(key)
-                if stored is not None:
+                if stored is not None and self.trusts(stored[0].public_key):
                     due.append((key, KIND_RECORD, stored[1]))
         held = {info.key for info in chunks} | set(self.store.record_keys())
         for key in [k for k in self._checked_at if k not in held]:
@@ -239,7 +252,7 @@ class Repair:
             return
         self._checking.add(key)
         self.counters["checks"] += 1
-        self._start(Check(self._next_id(), key, kind, replicas), now)
+        self._start(Check(self._next_id(), key, kind, min(replicas, self.config.max_replicas)), now)
 
     # -- watching the other holders ----------------------------------------------------------
     def peer_gone(self, node_id: int, now: float) -> None:

@@ -23,7 +23,6 @@ from p2pdeploy.collective.persistence_messages import (
     KIND_CHUNK,
     KIND_QUORUM,
     KIND_RECORD,
-    MAX_REPLICAS,
     FindHolders,
     Holders,
 )
@@ -189,8 +188,9 @@ class HolderSearch:
         if msg.kind == KIND_CHUNK:
             info = self.store.chunk_info(msg.key)
             has = info is not None
-            if has and msg.replicas > info.replicas and msg.replicas <= MAX_REPLICAS:
-                self.store.update_chunk(msg.key, msg.replicas, info.pinned)
+            replicas = min(msg.replicas, self.config.max_replicas)
+            if has and replicas > info.replicas:
+                self.store.update_chunk(msg.key, replicas, info.pinned)
         elif msg.kind == KIND_RECORD:
             stored = self.store.read_record(msg.key)
             if stored is not None:

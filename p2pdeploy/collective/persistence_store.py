@@ -8,10 +8,11 @@ memory (the simulator, which keeps it across a crash as a disk, and unit tests);
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol as TypingProtocol
 
 from p2pdeploy.collective.blobs import chunk_key
+from p2pdeploy.collective.persistence_messages import Pin
 from p2pdeploy.collective.records import AcceptorState
 from p2pdeploy.overlay.storage import Item
 
@@ -21,7 +22,15 @@ class ChunkInfo:
     key: int
     size: int
     replicas: int
+    #: Kept by this node's own choice (``keep=True``): never dropped as surplus or collected.
     pinned: bool = False
+    #: The newest pin by a trusted key this node received for the chunk, if any.
+    pin: Pin | None = None
+    #: The node that stored the copy (whose quota an unpinned copy counts against).
+    owner: int = 0
+    #: When the copy was stored (wall-clock seconds): an unpinned copy is collected a grace
+    #: period after it.
+    since: float = 0.0
 
 
 class DurableStore(TypingProtocol):
@@ -29,7 +38,9 @@ class DurableStore(TypingProtocol):
 
     Reads of chunks are verified: a copy that no longer hashes to its key is removed, counted
     and listed by :meth:`take_corrupted`, and the read returns ``None``. Writes return a refusal
-    reason (``"store is full"``) or ``None``; the quota is ``capacity_bytes``.
+    reason (``"store is full"``) or ``None``; the quota is ``capacity_bytes``. Writing a chunk
+    the store holds keeps its bytes, pin, owner and time, raising only its replicas and
+    ``pinned``; :meth:`set_pin` replaces its pin.
     """
 
     capacity_bytes: int
@@ -37,8 +48,10 @@ class DurableStore(TypingProtocol):
     def chunk_infos(self) -> list[ChunkInfo]: ...
     def chunk_info(self, key: int) -> ChunkInfo | None: ...
     def read_chunk(self, key: int) -> bytes | None: ...
-    def write_chunk(self, key: int, data: bytes, replicas: int, pinned: bool = False) -> str | None: ...
+    def write_chunk(self, key: int, data: bytes, replicas: int, pinned: bool = False, *, pin: Pin | None = None,
+                    owner: int = 0, since: float = 0.0) -> str | None: ...
     def update_chunk(self, key: int, replicas: int, pinned: bool) -> None: ...
+    def set_pin(self, key: int, pin: Pin | None) -> None: ...
     def delete_chunk(self, key: int) -> None: ...
     def verify_chunk(self, key: int) -> bool: ...
     def take_corrupted(self) -> list[ChunkInfo]: ...
@@ -47,6 +60,7 @@ class DurableStore(TypingProtocol):
     def read_record(self, key: int) -> tuple[Item, int] | None: ...
     def write_record(self, key: int, item: Item, replicas: int) -> str | None: ...
     def delete_record(self, key: int) -> None: ...
+    def acceptor_keys(self) -> list[int]: ...
     def read_acceptor(self, key: int) -> AcceptorState | None: ...
     def write_acceptor(self, state: AcceptorState) -> None: ...
     def close(self) -> None: ...
@@ -106,23 +120,29 @@ class MemoryStore(ChunkBookkeeping):
             return None
         return entry[0]
 
-    def write_chunk(self, key: int, data: bytes, replicas: int, pinned: bool = False) -> str | None:
+    def write_chunk(self, key: int, data: bytes, replicas: int, pinned: bool = False, *, pin: Pin | None = None,
+                    owner: int = 0, since: float = 0.0) -> str | None:
         current = self._chunks.get(key)
         if current is not None:
             info = current[1]
-            self._chunks[key] = (current[0], ChunkInfo(key, info.size, max(info.replicas, replicas),
-                                                       info.pinned or pinned))
+            self._chunks[key] = (current[0], replace(info, replicas=max(info.replicas, replicas),
+                                                     pinned=info.pinned or pinned))
             return None
         if self._used + len(data) > self.capacity_bytes:
             return "store is full"
-        self._chunks[key] = (data, ChunkInfo(key, len(data), replicas, pinned))
+        self._chunks[key] = (data, ChunkInfo(key, len(data), replicas, pinned, pin, owner, since))
         self._used += len(data)
         return None
 
     def update_chunk(self, key: int, replicas: int, pinned: bool) -> None:
         entry = self._chunks.get(key)
         if entry is not None:
-            self._chunks[key] = (entry[0], ChunkInfo(key, entry[1].size, replicas, pinned))
+            self._chunks[key] = (entry[0], replace(entry[1], replicas=replicas, pinned=pinned))
+
+    def set_pin(self, key: int, pin: Pin | None) -> None:
+        entry = self._chunks.get(key)
+        if entry is not None:
+            self._chunks[key] = (entry[0], replace(entry[1], pin=pin))
 
     def delete_chunk(self, key: int) -> None:
         entry = self._chunks.pop(key, None)
@@ -153,6 +173,9 @@ class MemoryStore(ChunkBookkeeping):
 
     def delete_record(self, key: int) -> None:
         self._records.pop(key, None)
+
+    def acceptor_keys(self) -> list[int]:
+        return list(self._acceptors)
 
     def read_acceptor(self, key: int) -> AcceptorState | None:
         return self._acceptors.get(key)

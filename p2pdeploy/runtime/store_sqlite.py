@@ -13,6 +13,10 @@ whose file is gone are dropped and reported by ``take_corrupted`` so the persist
 them again. Every read re-hashes the file: a copy damaged on disk is dropped, reported, and
 repaired from a replica by the layer.
 
+A chunk's row also holds its pin (the publisher's key, the expiry and the signature), who
+stored it and when (``owner``, ``since``), for the layer's quotas and its collection of
+unpinned chunks; a store created before those columns existed gains them when opened.
+
 Records and acceptor states are stored as their CBOR wire form (``wire.py`` stays the only
 place that knows CBOR). Acceptor state must be on disk before a promise leaves the node (Paxos
 relies on it), hence ``synchronous=FULL`` when ``durable`` (the default).
@@ -30,13 +34,14 @@ import hashlib
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 from p2pdeploy import wire
-from p2pdeploy.collective.persistence import ChunkBookkeeping, ChunkInfo
+from p2pdeploy.collective.persistence import ChunkBookkeeping, ChunkInfo, Pin
 from p2pdeploy.collective.records import AcceptorState, StoredRecord
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.overlay.storage import Item
-from p2pdeploy.wire import ID_BYTES
+from p2pdeploy.wire import ID_BYTES, NodeId
 
 STORE_DIR = "persistence"
 DATABASE_FILE = "store.sqlite3"
@@ -52,11 +57,22 @@ CREATE TABLE IF NOT EXISTS chunks (
     digest BLOB NOT NULL,
     size INTEGER NOT NULL,
     replicas INTEGER NOT NULL,
-    pinned INTEGER NOT NULL DEFAULT 0
+    pinned INTEGER NOT NULL DEFAULT 0,
+    pin_key BLOB,
+    pin_expires INTEGER,
+    pin_signature BLOB,
+    owner BLOB,
+    since REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS records (key BLOB PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS acceptors (key BLOB PRIMARY KEY, data BLOB NOT NULL);
 """
+
+
+#: Columns added to ``chunks`` after its first release, with their declarations.
+_ADDED_CHUNK_COLUMNS = {"pin_key": "BLOB", "pin_expires": "INTEGER", "pin_signature": "BLOB", "owner": "BLOB",
+                        "since": "REAL NOT NULL DEFAULT 0"}
+_CHUNK_COLUMNS = "key, size, replicas, pinned, pin_key, pin_expires, pin_signature, owner, since"
 
 
 def open_database(path: Path, *, durable: bool) -> sqlite3.Connection:
@@ -93,6 +109,18 @@ def _key_int(raw: bytes) -> int:
     return int.from_bytes(raw, "big")
 
 
+def _chunk_info(row: tuple[Any, ...]) -> ChunkInfo:
+    """A ``chunks`` row (the columns of ``_CHUNK_COLUMNS``) as the layer sees it."""
+    key, size, replicas, pinned, pin_key, pin_expires, pin_signature, owner, since = row
+    key = _key_int(key)
+    pin = None if pin_key is None else Pin(NodeId(key), pin_expires, pin_key, pin_signature)
+    return ChunkInfo(key, size, replicas, bool(pinned), pin, _key_int(owner) if owner else 0, since)
+
+
+def _pin_columns(pin: Pin | None) -> tuple[bytes | None, int | None, bytes | None]:
+    return (None, None, None) if pin is None else (pin.public_key, pin.expires_at, pin.signature)
+
+
 class SQLiteStore(ChunkBookkeeping):
     """A :class:`~p2pdeploy.collective.persistence.DurableStore` in ``<data_dir>/persistence``."""
 
@@ -108,6 +136,10 @@ class SQLiteStore(ChunkBookkeeping):
             directory.chmod(0o700)
         self.db = open_database(self.root / DATABASE_FILE, durable=durable)
         self.db.executescript(_SCHEMA)
+        present = {row[1] for row in self.db.execute("PRAGMA table_info(chunks)")}
+        for column, declaration in _ADDED_CHUNK_COLUMNS.items():
+            if column not in present:
+                self.db.execute(f"ALTER TABLE chunks ADD COLUMN {column} {declaration}")
         self._corrupted: list[ChunkInfo] = []
         #: Chunks whose bytes no longer matched their hash (dropped and reported).
         self.corruptions = 0
@@ -137,10 +169,8 @@ class SQLiteStore(ChunkBookkeeping):
     def _reconcile(self) -> None:
         """Make the index and the files agree after a crash (see the module docstring)."""
         named = {}
-        for key, digest, size, replicas, pinned in self.db.execute(
-            "SELECT key, digest, size, replicas, pinned FROM chunks"
-        ):
-            named[self.path_of(digest)] = ChunkInfo(_key_int(key), size, replicas, bool(pinned))
+        for digest, *row in self.db.execute(f"SELECT digest, {_CHUNK_COLUMNS} FROM chunks"):
+            named[self.path_of(digest)] = _chunk_info(tuple(row))
         for sub in self.chunks_dir.iterdir():
             if not sub.is_dir():
                 sub.unlink(missing_ok=True)
@@ -158,25 +188,24 @@ class SQLiteStore(ChunkBookkeeping):
 
     # -- chunks -----------------------------------------------------------------------------
     def chunk_infos(self) -> list[ChunkInfo]:
-        rows = self.db.execute("SELECT key, size, replicas, pinned FROM chunks").fetchall()
-        return [ChunkInfo(_key_int(key), size, replicas, bool(pinned)) for key, size, replicas, pinned in rows]
+        return [_chunk_info(row) for row in self.db.execute(f"SELECT {_CHUNK_COLUMNS} FROM chunks")]
 
     def chunk_info(self, key: int) -> ChunkInfo | None:
-        row = self.db.execute("SELECT size, replicas, pinned FROM chunks WHERE key = ?", (_key_bytes(key),)).fetchone()
-        return None if row is None else ChunkInfo(key, row[0], row[1], bool(row[2]))
+        row = self.db.execute(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE key = ?", (_key_bytes(key),)).fetchone()
+        return None if row is None else _chunk_info(row)
 
     def read_chunk(self, key: int) -> bytes | None:
-        row = self.db.execute("SELECT digest, size, replicas, pinned FROM chunks WHERE key = ?",
+        row = self.db.execute(f"SELECT digest, {_CHUNK_COLUMNS} FROM chunks WHERE key = ?",
                               (_key_bytes(key),)).fetchone()
         if row is None:
             return None
-        digest, size, replicas, pinned = row
+        digest, *columns = row
         try:
             data = self.path_of(digest).read_bytes()
         except OSError:
             data = None
         if data is None or hashlib.sha256(data).digest() != digest:
-            self._drop_corrupt(ChunkInfo(key, size, replicas, bool(pinned)), digest)
+            self._drop_corrupt(_chunk_info(tuple(columns)), digest)
             return None
         return data
 
@@ -187,7 +216,8 @@ class SQLiteStore(ChunkBookkeeping):
         self._corrupted.append(info)
         self.corruptions += 1
 
-    def write_chunk(self, key: int, data: bytes, replicas: int, pinned: bool = False) -> str | None:
+    def write_chunk(self, key: int, data: bytes, replicas: int, pinned: bool = False, *, pin: Pin | None = None,
+                    owner: int = 0, since: float = 0.0) -> str | None:
         current = self.chunk_info(key)
         if current is not None:
             self.update_chunk(key, max(current.replicas, replicas), current.pinned or pinned)
@@ -196,14 +226,20 @@ class SQLiteStore(ChunkBookkeeping):
             return "store is full"
         digest = hashlib.sha256(data).digest()
         self._write_file(self.path_of(digest), data)
-        self.db.execute("INSERT INTO chunks (key, digest, size, replicas, pinned) VALUES (?, ?, ?, ?, ?)",
-                        (_key_bytes(key), digest, len(data), replicas, int(pinned)))
+        self.db.execute("INSERT INTO chunks (key, digest, size, replicas, pinned, pin_key, pin_expires, pin_signature,"
+                        " owner, since) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (_key_bytes(key), digest, len(data), replicas, int(pinned), *_pin_columns(pin),
+                         _key_bytes(owner), since))
         self._used += len(data)
         return None
 
     def update_chunk(self, key: int, replicas: int, pinned: bool) -> None:
         self.db.execute("UPDATE chunks SET replicas = ?, pinned = ? WHERE key = ?",
                         (replicas, int(pinned), _key_bytes(key)))
+
+    def set_pin(self, key: int, pin: Pin | None) -> None:
+        self.db.execute("UPDATE chunks SET pin_key = ?, pin_expires = ?, pin_signature = ? WHERE key = ?",
+                        (*_pin_columns(pin), _key_bytes(key)))
 
     def delete_chunk(self, key: int) -> None:
         row = self.db.execute("SELECT digest, size FROM chunks WHERE key = ?", (_key_bytes(key),)).fetchone()
@@ -234,6 +270,9 @@ class SQLiteStore(ChunkBookkeeping):
 
     def delete_record(self, key: int) -> None:
         self.db.execute("DELETE FROM records WHERE key = ?", (_key_bytes(key),))
+
+    def acceptor_keys(self) -> list[int]:
+        return [_key_int(row[0]) for row in self.db.execute("SELECT key FROM acceptors")]
 
     def read_acceptor(self, key: int) -> AcceptorState | None:
         row = self.db.execute("SELECT data FROM acceptors WHERE key = ?", (_key_bytes(key),)).fetchone()

@@ -255,7 +255,7 @@ def get_record(net: StorageNet, address: int, key: int) -> Item | None:
 
 
 def test_an_eventual_record_is_read_back_and_the_highest_sequence_wins():
-    net = StorageNet(12, seed=20, config=CONFIG)
+    net = StorageNet(12, seed=20, config=CONFIG, trusting=frozenset({WRITER.public_key}))
     key, first = sign_record(WRITER, b"service/wiki", b"v1", 1)
     assert put_record(net, 0, first).stored == 3
     _, second = sign_record(WRITER, b"service/wiki", b"v2", 2)
@@ -280,7 +280,7 @@ def test_a_read_repairs_replicas_that_hold_an_older_record():
 
 
 def test_eventual_records_are_repaired_like_chunks():
-    net = StorageNet(16, seed=22, config=CONFIG)
+    net = StorageNet(16, seed=22, config=CONFIG, trusting=frozenset({WRITER.public_key}))
     key, item = sign_record(WRITER, b"r", b"value", 1)
     put_record(net, 0, item)
     for address in net.holders(key)[:2]:

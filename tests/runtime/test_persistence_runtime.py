@@ -17,6 +17,7 @@ import trio
 
 from p2pdeploy.collective.blobs import split
 from p2pdeploy.collective.persistence import ChunkCorrupted, PersistenceConfig
+from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.node import kademlia_layer, persistence_layer
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import KademliaConfig
@@ -32,10 +33,14 @@ FAST = KademliaConfig(k=8, rpc_timeout_s=2.0)
 PERSISTENCE = PersistenceConfig(rpc_timeout_s=3.0, transfer_timeout_s=30.0)
 
 
-def layers_with(store, config=PERSISTENCE):
+#: The nodes of these tests form an open community: each keeps and repairs what any key signed.
+OPEN = Contribution(trusted_keys="any")
+
+
+def layers_with(store, config=PERSISTENCE, trusting=OPEN):
     def layers(context):
         overlay = kademlia_layer(context)
-        with_store = dataclasses.replace(context, store=store, persistence=config)
+        with_store = dataclasses.replace(context, store=store, persistence=config, contribution=trusting)
         return [PingProtocol(context.identity.node_id, context.rng, own_address=context.address),
                 overlay, persistence_layer(with_store, overlay)]
 
@@ -156,3 +161,41 @@ async def test_a_restarted_node_serves_what_its_data_directory_held(tmp_path):
         assert keeper.node_id == keeper_id
         with trio.fail_after(WAIT_BOUND_S):
             assert await PersistenceClient(others[2]).get_blob(stored.blob_id) == blob
+
+
+DEPLOYER = Identity.from_seed(bytes(range(40, 72)))
+
+
+async def test_a_deployers_blob_put_succeeds_while_a_stranger_floods_every_store(tmp_path):
+    """Four nodes trusting one deployer, 4 MiB stores; a stranger's node stores 6 MiB asking
+    for 5 copies (every other node), then the deployer's node puts a blob."""
+    trusting = Contribution(trusted_keys=frozenset({DEPLOYER.public_key}))
+    capacity = 4 * 1024 * 1024
+    async with AsyncExitStack() as stack:
+        stores = [stack.enter_context(SQLiteStore(tmp_path / f"node{i}", capacity_bytes=capacity, durable=False))
+                  for i in range(6)]
+        first = await stack.enter_async_context(open_node(
+            LOOPBACK, kademlia=FAST, seed=0, layers=layers_with(stores[0], trusting=trusting), hand_off=False))
+        nodes = [first]
+        for index in range(1, 4):
+            nodes.append(await stack.enter_async_context(open_node(
+                LOOPBACK, kademlia=FAST, seed=index, bootstrap=[first.address],
+                layers=layers_with(stores[index], trusting=trusting), hand_off=False)))
+        stranger = await stack.enter_async_context(open_node(
+            LOOPBACK, kademlia=FAST, seed=4, bootstrap=[first.address], layers=layers_with(stores[4]), hand_off=False))
+        deployer = await stack.enter_async_context(open_node(
+            LOOPBACK, identity=DEPLOYER, kademlia=FAST, seed=5, bootstrap=[first.address],
+            layers=layers_with(stores[5], trusting=trusting), hand_off=False))
+        for node in [*nodes, stranger, deployer]:
+            await node.wait_joined()
+        await wait_for(lambda: all(len(n._overlay_or_none().table) >= 5 for n in [*nodes, stranger, deployer]))
+
+        flood = await PersistenceClient(stranger).put_blob(random.Random(1).randbytes(6 * 1024 * 1024), replicas=5)
+        assert not flood.ok and "not authorized" in flood.reason
+        for store in stores[:4]:
+            assert store.used_bytes() <= capacity // 10
+        blob = random.Random(2).randbytes(1024 * 1024)
+        stored = await PersistenceClient(deployer).put_blob(blob)
+        assert stored.ok and stored.replicas == 3, stored.reason
+        with trio.fail_after(WAIT_BOUND_S):
+            assert await PersistenceClient(nodes[2]).get_blob(stored.blob_id) == blob

@@ -9,6 +9,7 @@ import random
 import pytest
 
 from p2pdeploy.collective.blobs import chunk_key
+from p2pdeploy.collective.persistence import sign_pin
 from p2pdeploy.collective.records import AcceptorState, Ballot
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.overlay.identity import Identity
@@ -117,3 +118,37 @@ def test_records_and_acceptor_states_replace_older_ones(tmp_path):
         store.write_acceptor(AcceptorState(5, Ballot(2, 1, 1)))
         assert store.read_acceptor(5).promised == Ballot(2, 1, 1)
         assert store.read_acceptor(6) is None
+
+
+def test_a_chunks_pin_owner_and_time_survive_a_restart(tmp_path):
+    key, data = chunk(7)
+    pin = sign_pin(Identity.from_seed(bytes(32)), key, 1_900_000_000)
+    with SQLiteStore(tmp_path, capacity_bytes=1 << 20) as store:
+        assert store.write_chunk(key, data, 3, pin=pin, owner=1 << 159, since=12.5) is None
+        other, other_data = chunk(8)
+        store.write_chunk(other, other_data, 3)
+    with SQLiteStore(tmp_path, capacity_bytes=1 << 20) as store:
+        info = store.chunk_info(key)
+        assert (info.pin, info.owner, info.since) == (pin, 1 << 159, 12.5) and pin.verifies()
+        assert store.chunk_info(other).pin is None and store.chunk_info(other).owner == 0
+        renewed = sign_pin(Identity.from_seed(bytes(32)), other, 1_900_000_100)
+        store.set_pin(other, renewed)
+        assert [i.pin for i in store.chunk_infos() if i.key == other] == [renewed]
+
+
+def test_a_store_from_before_pins_gains_their_columns_and_keeps_its_chunks(tmp_path):
+    import sqlite3
+
+    key, data = chunk(9)
+    with SQLiteStore(tmp_path, capacity_bytes=1 << 20) as store:
+        store.write_chunk(key, data, 3)
+    db = sqlite3.connect(tmp_path / "persistence" / "store.sqlite3")
+    db.executescript("""
+        CREATE TABLE old AS SELECT key, digest, size, replicas, pinned FROM chunks;
+        DROP TABLE chunks;
+        ALTER TABLE old RENAME TO chunks;
+    """)
+    db.close()
+    with SQLiteStore(tmp_path, capacity_bytes=1 << 20) as store:
+        info = store.chunk_info(key)
+        assert store.read_chunk(key) == data and info.pin is None and info.since == 0

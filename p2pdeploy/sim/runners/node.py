@@ -12,7 +12,8 @@ interactions (events flowing up the stack, shared routing tables) run here as on
 The workload is the persistence runner's (blobs stored, churn, every blob fetched at the end)
 and the overlay runner's (values put, lookups and gets) plus ``node.prospects`` prospects
 from random live nodes over the workload window. Every node contributes resources drawn from
-a few machine sizes and owners, so prospects have something to find. A node's store survives
+a few machine sizes and owners, so prospects have something to find, and trusts the key that
+signs the blobs (the persistence runner's deployer). A node's store survives
 its crashes (its disk); a permanent departure loses it, as in the persistence runner.
 
 Summary keys beside the persistence runner's: ``prospect_success`` (the share of prospects
@@ -92,7 +93,7 @@ class NodeRunner(PersistenceRunner):
         draw = sim.streams.get("node-contributions")
         self.contributions = [
             Contribution(cpu_cores=cpu, memory_bytes=memory, disk_bytes=64 * GIB, max_services=4,
-                         owner=draw.choice(OWNERS))
+                         owner=draw.choice(OWNERS), trusted_keys=frozenset({self.deployer.public_key}))
             for cpu, memory in (draw.choice(MACHINE_SIZES) for _ in range(nodes))
         ]
         self.stacks: list[Stack | None] = [None] * nodes

@@ -16,6 +16,8 @@ Every node hosts a :class:`~p2pdeploy.core.Stack` of the Kademlia overlay and th
    directory), serving what it held. With probability ``graceful_leaves`` a departing node
    first hands its keys to the next closest nodes (``Persistence.leave``) and goes down when
    that is done; the others crash without warning.
+   The blobs are put signed by the community's deployer (one key every node trusts, derived
+   from the seed), as ``p2pdeploy deploy`` stores a bundle: their chunks carry its pins.
 3. **fetch check** (``fetch_window_s`` before the end): every blob is fetched once from a random
    live node and verified (``fetch_success``).
 
@@ -51,12 +53,13 @@ from p2pdeploy.collective.persistence import (
     MemoryStore,
     Persistence,
     PersistenceConfig,
+    Pin,
     StoreChunk,
     Stored,
     StoreRecord,
 )
 from p2pdeploy.core import Protocol, Stack
-from p2pdeploy.overlay.identity import node_id_of
+from p2pdeploy.overlay.identity import Identity, node_id_of
 from p2pdeploy.overlay.kademlia import Kademlia
 from p2pdeploy.sim.runner import register_runner
 from p2pdeploy.sim.runners.overlay import OverlayRunner, overlay_table_without_lookups
@@ -143,13 +146,15 @@ class PersistenceRunner(OverlayRunner):
         self.departures_permanent = 0
         self.handed_off = 0  # graceful departures whose keys were all offered before going down
         self.store_done_at = self.store_at + p["store_window_s"]
+        #: The key every node trusts, which signs the pins of the blobs.
+        self.deployer = Identity.from_seed(sim.streams.bytes("persistence-deployer"))
 
     # -- building --------------------------------------------------------------------------
     def stack(self, address: int, overlay: Kademlia) -> Protocol:
         host = self.sim.hosts[address]
         rng = self.sim.streams.fresh("persistence", address, host.incarnation + 1)
         layer = Persistence(overlay, self.stores[address], rng, self.sim.now, own_address=address,
-                            config=self.pconfig)
+                            config=self.pconfig, trusted_keys=frozenset({self.deployer.public_key}))
         return _MeteredStack([*self.below_overlay[address], overlay, layer], self)
 
     def start(self) -> None:
@@ -235,7 +240,7 @@ class PersistenceRunner(OverlayRunner):
         chunked = split(data, self.pconfig.chunk_bytes, replicas)
         keys = [chunked.blob_id, *dict(chunked.chunks)]
         self.blobs[chunked.blob_id] = (replicas, keys)
-        query = self.sim.hosts[address].call(partial(_put_blob, data, replicas))
+        query = self.sim.hosts[address].call(partial(_put_blob, data, replicas, self.deployer))
         self.pending_ops[(address, query)] = ("put", chunked.blob_id)
 
     def _fetch_all(self, fetch_at: float) -> None:
@@ -439,9 +444,10 @@ class _LoggedStore(MemoryStore):
         self._runner = runner
         self._address = address
 
-    def write_chunk(self, key: int, data: bytes, replicas: int, pinned: bool = False) -> str | None:
+    def write_chunk(self, key: int, data: bytes, replicas: int, pinned: bool = False, *, pin: Pin | None = None,
+                    owner: int = 0, since: float = 0.0) -> str | None:
         new = key not in self._chunks
-        reason = super().write_chunk(key, data, replicas, pinned)
+        reason = super().write_chunk(key, data, replicas, pinned, pin=pin, owner=owner, since=since)
         if new and reason is None:
             self._runner._log(self._address, key, "write")
         return reason
@@ -475,8 +481,8 @@ def persistence_of(core: Protocol) -> Persistence:
     return core.layer(Persistence)
 
 
-def _put_blob(data: bytes, replicas: int, core: Protocol, now: float) -> int:
-    return persistence_of(core).put_blob(data, now, replicas=replicas)
+def _put_blob(data: bytes, replicas: int, signer: Identity, core: Protocol, now: float) -> int:
+    return persistence_of(core).put_blob(data, now, replicas=replicas, signer=signer)
 
 
 def _get_blob(blob_id: int, core: Protocol, now: float) -> int:
