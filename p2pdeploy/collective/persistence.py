@@ -180,8 +180,14 @@ class PersistenceConfig:
     max_checks: int = 64
     #: Size of the group of a quorum record (N); R = W = a majority.
     quorum_replicas: int = 3
+    #: Rounds a quorum operation tries when acceptors are silent or unreachable...
     quorum_attempts: int = 6
     quorum_backoff_s: float = 0.2
+    #: ...while a round lost to another proposer's ballot is tried again until this much time
+    #: has passed since the operation began (each wait random, up to ``quorum_backoff_max_s``),
+    #: so that many writers of one key take turns instead of failing.
+    quorum_contention_s: float = 30.0
+    quorum_backoff_max_s: float = 1.0
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
     #: The most copies of a key this node stores and repairs: a copy that asks for more is
     #: kept with this many (clamped, and counted), so repair never spreads a key wider; the
@@ -222,7 +228,7 @@ class PersistenceConfig:
         require_at_least(self, "persistence.", 0, "search_margin")
         require_positive(self, "persistence.", "repair_interval_s", "watch_interval_s", "rejoin_check_s",
                          "scrub_interval_s", "rpc_timeout_s", "transfer_timeout_s", "handoff_timeout_s",
-                         "quorum_backoff_s")
+                         "quorum_backoff_s", "quorum_contention_s", "quorum_backoff_max_s")
 
 
 class Persistence(HolderSearch, Repair, QuorumAcceptor, Admission, Protocol):
@@ -396,7 +402,8 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Admission, Protocol):
                              f"{self.config.max_record_bytes}")
 
     def _quorum(self, key: int, change: Change, now: float) -> int:
-        op = QuorumRound(self._next_id(), key, change, self.config.quorum_attempts)
+        op = QuorumRound(self._next_id(), key, change, self.config.quorum_attempts,
+                         contention_until=now + self.config.quorum_contention_s)
         self._ops[op.op_id] = op
         self._search(op, KIND_QUORUM, False, self.config.quorum_replicas, now)
         return op.op_id

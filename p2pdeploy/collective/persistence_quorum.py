@@ -3,7 +3,15 @@
 :class:`QuorumRound` is one linearizable read, put or compare-and-set of a quorum record
 (:mod:`p2pdeploy.collective.records` holds the rules: ballots, promises, the change applied);
 it locates the key's group with the holder search, then runs prepare and accept, retrying with a
-higher ballot on conflict. :class:`QuorumAcceptor` is the part of the
+higher ballot on conflict (after a random backoff that doubles with each attempt).
+
+A read first *peeks*: it asks the group for their state with a prepare at ballot zero, which no
+acceptor promises, so it changes nothing and competes with no writer. When a majority of the
+group report the same accepted ballot, that record is chosen, and it is the latest: a write
+acknowledged before the read began was accepted by a majority, which intersects this one. The
+read returns it after one round trip. Otherwise (a write in progress, a silent member) it runs a
+full round as any operation does. Concurrent reads of one key therefore do not fight each other
+for ballots, and reads of a quiet key need no write to any acceptor's disk. :class:`QuorumAcceptor` is the part of the
 :class:`~p2pdeploy.collective.persistence.Persistence` layer that answers as an acceptor, its
 state durable in the store before any answer leaves.
 """
@@ -36,10 +44,13 @@ if TYPE_CHECKING:
 class QuorumRound(Op):
     """One CASPaxos round (retried with a higher ballot on conflict) for a quorum key."""
 
-    def __init__(self, op_id: int, key: int, change: Change, attempts: int) -> None:
+    def __init__(self, op_id: int, key: int, change: Change, attempts: int, contention_until: float = 0.0) -> None:
         super().__init__(op_id, key)
         self.change = change
         self.attempts_left = attempts
+        #: Until then a round lost to a higher ballot does not use up an attempt.
+        self.contention_until = contention_until
+        self.lost_rounds = 0
         self.phase = "locate"
         self.ballot = ZERO
         self.highest_seen = 0
@@ -58,6 +69,9 @@ class QuorumRound(Op):
         self.ok = False
         self.item: Item | None = None
         self.reason = ""
+        self.outbid = False  # an acceptor refused this round's accept: a higher ballot was promised
+        #: A read's first attempt only looks (see the module docstring).
+        self.peeking = change.kind == "read"
 
     def on_sent(self, rpc_id: int) -> None:
         self.current.add(rpc_id)
@@ -85,10 +99,14 @@ class QuorumRound(Op):
         self.promises.clear()
         self.accepted.clear()
         self.refused.clear()
+        self.outbid = False
         self.asked.clear()
         self.current.clear()
-        self.ballot = Ballot(self.highest_seen + 1, p.node_id, p.rng.getrandbits(32))
-        self.highest_seen += 1
+        if self.peeking:
+            self.ballot = ZERO  # promised by no one: the acceptors only tell what they hold
+        else:
+            self.ballot = Ballot(self.highest_seen + 1, p.node_id, p.rng.getrandbits(32))
+            self.highest_seen += 1
         targets = self.group if self.group is not None else self.candidates
         for contact in targets:
             self._ask_promise(p, contact, now)
@@ -118,6 +136,7 @@ class QuorumRound(Op):
         elif isinstance(msg, Accepted) and self.phase == "accept":
             self.highest_seen = max(self.highest_seen, msg.promised.counter)
             (self.accepted if msg.ok else self.refused).add(msg.sender)
+            self.outbid = self.outbid or not msg.ok
             self._evaluate(p, now)
 
     def on_timeout(self, p: Persistence, rpc: Rpc, now: float) -> None:
@@ -138,7 +157,7 @@ class QuorumRound(Op):
                 self.ok, self.item = self.proposal_ok, self.proposal
                 p._finish(self, now)
             elif len(self.refused & members) > len(self.group) - need:
-                self._retry(p, now, "acceptors refused or did not answer")
+                self._retry(p, now, "acceptors refused or did not answer", outbid=self.outbid)
 
     def _evaluate_promises(self, p: Persistence, now: float) -> None:
         for promise in self.promises.values():
@@ -148,6 +167,9 @@ class QuorumRound(Op):
             self.group = list(max(with_value, key=lambda pr: pr.accepted).group)
             for contact in self.group:  # group members the search did not reach
                 self._ask_promise(p, contact, now)
+        if self.peeking:
+            self._evaluate_peek(p, with_value, now)
+            return
         if self.group is None:
             waiting = [c for c in self.candidates if c.node_id not in self.promises and c.node_id not in self.refused]
             if waiting:
@@ -167,7 +189,36 @@ class QuorumRound(Op):
         if len(granted) >= need:
             self._accept(p, granted, now)
         elif len(refused) > len(self.group) - need:
-            self._retry(p, now, "no majority of the group promised")
+            outbid = any(not pr.ok for sender, pr in self.promises.items() if sender in members)
+            self._retry(p, now, "no majority of the group promised", outbid=outbid)
+
+    def _evaluate_peek(self, p: Persistence, with_value: list[Promise], now: float) -> None:
+        """A read's look at the group: done when a majority agree, else a full round."""
+        if self.group is None:
+            waiting = [c for c in self.candidates if c.node_id not in self.promises and c.node_id not in self.refused]
+            if waiting:
+                return
+            if not self.closest_silent and not self.refused and self.candidates:
+                self.ok, self.item = True, None  # every one of the N closest answered: none holds a value
+                p._finish(self, now)
+                return
+        else:
+            members = {c.node_id for c in self.group}
+            need = majority(len(self.group))
+            latest = max((pr for pr in with_value if pr.sender in members), key=lambda pr: pr.accepted, default=None)
+            if latest is not None:
+                agreeing = [pr for pr in with_value if pr.sender in members and pr.accepted == latest.accepted
+                            and pr.item == latest.item]
+                if len(agreeing) >= need:
+                    self.ok, self.item = True, latest.item
+                    p.counters["quorum_reads_peeked"] += 1
+                    p._finish(self, now)
+                    return
+            heard = (set(self.promises) | self.refused) & members
+            if len(heard) < len(members):
+                return
+        self.peeking = False  # no agreement to read off: a full round settles it
+        self._prepare(p, now)
 
     def _decide_without_value(self, p: Persistence, now: float) -> None:
         """Every one of the N closest answered and none holds a value: the key is empty."""
@@ -206,15 +257,25 @@ class QuorumRound(Op):
                 p._request(p._fresh(contact), Accept(0, p.node_id, self.key, self.ballot, proposal, group), self, now)
         self._evaluate(p, now)
 
-    def _retry(self, p: Persistence, now: float, reason: str) -> None:
+    def _retry(self, p: Persistence, now: float, reason: str, *, outbid: bool = False) -> None:
+        """Try again after a random wait. A round another proposer outbid is contention, not
+        failure: it is retried until ``contention_until``, with a wait drawn from zero up to a
+        bound that doubles with each lost round (full jitter), so colliding writers spread out."""
+        c = p.config
+        if outbid and now < self.contention_until:
+            self.lost_rounds += 1
+            self.phase = "backoff"
+            bound = min(c.quorum_backoff_max_s, c.quorum_backoff_s * 2 ** min(self.lost_rounds, 16))
+            p.set_timer(("op", self.op_id), now + p.rng.uniform(0.0, bound))
+            return
         self.attempts_left -= 1
         if self.attempts_left <= 0:
             self.ok, self.item, self.reason = False, None, f"unavailable: {reason}"
             p._finish(self, now)
             return
         self.phase = "backoff"
-        tries = p.config.quorum_attempts - self.attempts_left
-        p.set_timer(("op", self.op_id), now + p.rng.uniform(0.5, 1.5) * p.config.quorum_backoff_s * 2 ** tries)
+        tries = c.quorum_attempts - self.attempts_left
+        p.set_timer(("op", self.op_id), now + p.rng.uniform(0.5, 1.5) * c.quorum_backoff_s * 2 ** tries)
 
     def on_timer(self, p: Persistence, now: float) -> None:
         if self.phase != "backoff":

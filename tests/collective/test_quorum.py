@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
-from p2pdeploy.collective.persistence import PersistenceConfig, QuorumFinished
+from p2pdeploy.collective.persistence import Persistence, PersistenceConfig, QuorumFinished
 from p2pdeploy.collective.records import ZERO, AcceptorState, Ballot, Change, majority, on_accept, on_prepare
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.routing import Contact
@@ -162,6 +162,37 @@ def test_a_read_makes_a_value_it_returns_durable_on_a_majority_first():
         assert again.ok and again.item == partial
     else:
         assert seen.item == first.item
+
+
+def test_reads_of_a_quiet_key_only_look_and_do_not_fight_each_other():
+    """Many reads of one key at once: each peeks at the group (a prepare at ballot zero that no
+    acceptor promises), sees a majority agree and returns; no acceptor's state changes. A full
+    round for each read would have bumped the promises and made the reads refuse each other."""
+    net = StorageNet(9, seed=7, config=CONFIG)
+    key = record_key(WRITER.public_key, b"hot")
+    written = op(net, 0, lambda p, now: p.quorum_put(WRITER, b"hot", b"v", now))
+    group = net.closest(key, 3)
+    before = {a: net.stores[a].read_acceptor(key) for a in group}
+    queries = {a: net.call(a, lambda p, now: p.quorum_read(key, now)) for a in range(9)}
+    results = [net.result(a, q, QuorumFinished) for a, q in queries.items()]
+    assert all(r.ok and r.item == written.item for r in results)
+    assert {a: net.stores[a].read_acceptor(key) for a in group} == before  # nothing promised, nothing written
+    assert sum(net.layer(a, Persistence).counters["quorum_reads_peeked"] for a in range(9)) == 9
+
+
+def test_a_read_during_a_write_in_progress_runs_a_full_round():
+    """A record accepted by a minority only is not read off a peek: the full round decides."""
+    net = StorageNet(9, seed=8, config=CONFIG)
+    key = record_key(WRITER.public_key, b"k")
+    op(net, 0, lambda p, now: p.quorum_put(WRITER, b"k", b"v1", now))
+    lone = net.closest(key, 3)[0]
+    state = net.stores[lone].read_acceptor(key)
+    _, partial = sign_record(WRITER, b"k", b"v2", 2)
+    ballot = Ballot(state.promised.counter + 1, net.node_id(lone), 1)
+    net.stores[lone].write_acceptor(AcceptorState(key, ballot, ballot, partial, state.group))
+    reader = 8
+    read = op(net, reader, lambda p, now: p.quorum_read(key, now))
+    assert read.ok and net.layer(reader, Persistence).counters["quorum_reads_peeked"] == 0
 
 
 # -- the stateful test -----------------------------------------------------------------------
