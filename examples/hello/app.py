@@ -8,12 +8,15 @@ SIGTERM. Standard library only.
 """
 
 import os
+import random
 import signal
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 PORT = int(os.environ.get("PORT", "8080"))
@@ -22,6 +25,8 @@ GREETING = os.environ.get("GREETING", "hello")
 REPLICA = os.environ.get("P2PDEPLOY_REPLICA_ID", "local")
 STATE_URL = os.environ.get("P2PDEPLOY_STATE_URL")
 STATE_TOKEN = os.environ.get("P2PDEPLOY_STATE_TOKEN", "")
+COUNT_DEADLINE_S = 60.0
+WORKERS = 8
 
 
 def state(method: str, key: str, body: bytes | None = None, version: int | None = None) -> tuple[int, int, bytes]:
@@ -38,18 +43,28 @@ def state(method: str, key: str, body: bytes | None = None, version: int | None 
 
 
 def count() -> tuple[int, bytes]:
-    """Add one to the shared counter: read it, then write it only if nobody wrote meanwhile."""
+    """Add one to the shared counter: read it, then write it only if nobody wrote meanwhile.
+
+    A write that lost to another (409) carries the winner's value: try again on it, after a
+    short random pause that grows, so that many clients at once take turns; give up after
+    COUNT_DEADLINE_S."""
     if STATE_URL is None:
         return 404, b"no state API on this node\n"
+    deadline = time.monotonic() + COUNT_DEADLINE_S
     status, version, value = state("GET", "count")
-    for _ in range(20):
+    pause = 0.01
+    while True:
         if status not in (200, 404, 409):
             return 503, f"state API answered {status}: {value.decode(errors='replace')}\n".encode()
         new = (int(value) if status != 404 and value else 0) + 1
         status, version, value = state("PUT", "count", str(new).encode(), version)
         if status == 200:
             return 200, f"count {new} (version {version})\n".encode()
-    return 503, b"too many concurrent writers\n"
+        if time.monotonic() > deadline:
+            return 503, b"too many concurrent writers\n"
+        if status == 409:
+            time.sleep(random.uniform(0, pause))
+            pause = min(2 * pause, 0.5)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -74,8 +89,31 @@ class Handler(BaseHTTPRequestHandler):
         sys.stdout.write(f"{self.address_string()} {format % args}\n")
 
 
+class Server(HTTPServer):
+    """Requests served by a few worker threads: the manifest allows 16 processes (threads count)
+    and 64 MiB of address space, so a thread per client would fail past a dozen clients."""
+
+    request_queue_size = 128  # the standard library's 5 resets a sixth client that connects at once
+
+    def __init__(self, address: tuple[str, int], handler: type) -> None:
+        super().__init__(address, handler)
+        threading.stack_size(512 * 1024)
+        self.pool = ThreadPoolExecutor(max_workers=WORKERS)
+
+    def process_request(self, request, client_address) -> None:  # noqa: ANN001 - socketserver's signature
+        self.pool.submit(self._serve, request, client_address)
+
+    def _serve(self, request, client_address) -> None:  # noqa: ANN001
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+
+
 def main() -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
+    server = Server(("127.0.0.1", PORT), Handler)
 
     def stop(signum: int, frame: object) -> None:
         print("SIGTERM: shutting down", flush=True)

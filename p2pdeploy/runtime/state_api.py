@@ -176,8 +176,9 @@ MAX_VERSION_DIGITS = 20
 
 
 def default_state_api_limits() -> ListenerLimits:
-    """The state API's bounds: one short request per connection, every client on 127.0.0.1."""
-    return ListenerLimits(max_connections=128, max_connections_per_source=128, header_timeout_s=10.0,
+    """The state API's bounds: one short request per connection, every client on 127.0.0.1 (so
+    one cap for both); room for a few hundred requests in flight at once, as a busy service makes."""
+    return ListenerLimits(max_connections=256, max_connections_per_source=256, header_timeout_s=10.0,
                           idle_timeout_s=10.0, message_timeout_s=30.0,
                           max_buffered_bytes_per_connection=MAX_HEADER_BYTES + MAX_DRAINED_BYTES,
                           max_buffered_bytes_total=32 * 1024 * 1024)
