@@ -8,13 +8,23 @@ retries within its request's deadline.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import trio
 
+from p2pdeploy.fabric.contribution import Contribution
+from p2pdeploy.node import client_layers
+from p2pdeploy.overlay.identity import Identity
+from p2pdeploy.resource.protocol import StatusReply
+from p2pdeploy.runtime.bundlefile import bundle_from_directory
+from p2pdeploy.runtime.node import open_node
 from p2pdeploy.runtime.state_api import STATE_TOKEN_VARIABLE, STATE_URL_VARIABLE, StateServer
 
 from .test_persistence_runtime import start_network
+from .test_runtime_replicas import EXAMPLES, FAST_OVERLAY, http_get, wait_until_running
 from .test_state_api import http
 
 READERS = 200
@@ -48,22 +58,9 @@ CLIENTS = 20
 INCREMENTS = 10
 
 
-async def test_twenty_clients_incrementing_the_hello_counter_ten_times_each_end_at_two_hundred(tmp_path):
+async def test_twenty_clients_incrementing_the_hello_counter_ten_times_each_end_at_two_hundred():
     """examples/hello's /count reads the counter and writes it back with If-Match; twenty clients
     at once make its writes collide on every version, and each collision is retried until it lands."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from p2pdeploy.fabric.contribution import Contribution
-    from p2pdeploy.node import client_layers
-    from p2pdeploy.overlay.identity import Identity
-    from p2pdeploy.resource.protocol import StatusReply
-    from p2pdeploy.runtime.bundlefile import bundle_from_directory
-    from p2pdeploy.runtime.node import open_node
-
-    from .test_runtime_replicas import EXAMPLES, FAST_OVERLAY, http_get, wait_until_running
-
     deployer_identity = Identity.from_seed(b"H" * 32)
     root = Path(tempfile.mkdtemp(prefix="p2pdeploy-test-", dir="/tmp"))
     root.chmod(0o755)
