@@ -36,7 +36,9 @@ STRANGER = Identity.from_seed(b"S" * 32)
 BOUND_S = 60.0
 FAST = KademliaConfig(k=8, rpc_timeout_s=2.0)
 PERSISTENCE = PersistenceConfig(rpc_timeout_s=3.0, transfer_timeout_s=30.0)
-HOSTS = 6
+#: The bundle is one chunk plus its blob manifest, 3 copies each (6 holders at most), and the
+#: deployer and the warm-up host keep one too: with 8 hosts, one always holds none of it.
+HOSTS = 8
 
 
 @pytest.fixture
@@ -95,6 +97,7 @@ async def test_replicas_started_by_blob_id_fetch_verify_and_cache_their_bundle(s
         reply = await deployer.remote_start(hosts[0].address, "warm-up", bundle, by_blob=True)
         blob_id = split(bundle.data, PERSISTENCE.chunk_bytes, PERSISTENCE.replicas).blob_id
         keys = [blob_id, *dict(split(bundle.data, PERSISTENCE.chunk_bytes, PERSISTENCE.replicas).chunks)]
+        assert len(keys) == 2
         await wait_for_state(deployer, hosts[0].address, "warm-up", ("running",))
         target = next((n for n in hosts if n not in holders(keys)), None)
         assert target is not None, "every host holds a chunk of the bundle"
