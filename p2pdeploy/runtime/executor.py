@@ -881,7 +881,9 @@ def _known_id(uid: int) -> bool:
 def files_size(roots: Iterable[Path], max_entries: int) -> tuple[int, bool]:
     """Bytes the files under ``roots`` take on disk (allocated blocks, each inode once), and
     whether the walk saw them all: it stops after ``max_entries`` entries. Links are never
-    followed; what vanishes or cannot be read while it walks is skipped."""
+    followed; what vanishes or cannot be read while it walks is skipped. A service that swaps a
+    directory for a link while it is walked may have the link's target counted: that costs only
+    the service's own measure (the walk reads no content and is bounded all the same)."""
     total = 0
     entries = 0
     linked: set[tuple[int, int]] = set()
