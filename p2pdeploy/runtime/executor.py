@@ -71,6 +71,7 @@ from typing import Any, Literal
 import psutil
 import trio
 
+from p2pdeploy.core import require_at_least, require_positive
 from p2pdeploy.fabric.executor import (
     REASON_CPU_TIME,
     REASON_FILE_SIZE,
@@ -162,6 +163,10 @@ class RealExecutorConfig:
     cgroup_prefix: str = "p2pdeploy"
     #: Interpreter that runs the launcher (before it execs the service).
     launcher_python: str = sys.executable
+
+    def __post_init__(self) -> None:
+        require_positive(self, "executor.", "disk_check_interval_s")
+        require_at_least(self, "executor.", 1, "max_counted_entries")
 
 
 @dataclass(eq=False)
