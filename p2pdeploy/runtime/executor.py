@@ -154,15 +154,15 @@ class RealExecutorConfig:
     remove_wait_s: float = 5.0
     #: After an exit, how long to keep reading what is left in the pipes.
     drain_s: float = 1.0
+    cgroup_prefix: str = "p2pdeploy"
+    #: Interpreter that runs the launcher (before it execs the service).
+    launcher_python: str = sys.executable
     #: How often the files of each running replica are measured against its ``disk`` reservation
     #: (in a worker thread); a replica that writes past it is stopped within about this long.
     disk_check_interval_s: float = 10.0
     #: Most directory entries one measure walks: a replica with more files than this is stopped
     #: (``disk: ... more than N files``), so a flood of empty files cannot make the walk endless.
     max_counted_entries: int = 200_000
-    cgroup_prefix: str = "p2pdeploy"
-    #: Interpreter that runs the launcher (before it execs the service).
-    launcher_python: str = sys.executable
 
     def __post_init__(self) -> None:
         require_positive(self, "executor.", "disk_check_interval_s")
