@@ -755,7 +755,10 @@ class RealExecutor:
     # -- disk ------------------------------------------------------------------------------
     async def _measure(self, replica: _Replica, reserved: int) -> str | None:
         """Measure the replica's files (in a worker thread); why they are too many, or None."""
-        used, complete = await trio.to_thread.run_sync(files_size, replica.counted_dirs, self.config.max_counted_entries)
+        # a walk only reads: a node that stops need not wait for it
+        used, complete = await trio.to_thread.run_sync(
+            files_size, replica.counted_dirs, self.config.max_counted_entries, abandon_on_cancel=True
+        )
         replica.disk_bytes = used
         if not complete:
             return f"disk: the replica has more than {self.config.max_counted_entries} files, more than a node counts"
@@ -779,7 +782,7 @@ class RealExecutor:
 
     async def _report_files_left(self) -> None:
         """Report the replica directories an earlier run of the node left (see the module's doc)."""
-        found = await trio.to_thread.run_sync(self._files_left)
+        found = await trio.to_thread.run_sync(self._files_left, abandon_on_cancel=True)
         for replica_id, disk_bytes, age_s in found:
             if replica_id not in self._replicas:  # not started again meanwhile
                 self._report(FilesLeft(replica_id, disk_bytes, age_s))
