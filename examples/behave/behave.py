@@ -10,7 +10,7 @@
     python3 behave.py chatter BYTES      print BYTES of output, then serve
     python3 behave.py escape             start a child that leaves the process group, then serve
     python3 behave.py spin SECONDS       burn cpu for SECONDS of wall time, print the cpu time used
-    python3 behave.py fill BYTES         write a file of BYTES into $P2PDEPLOY_DATA_DIR
+    python3 behave.py fill BYTES [serve] write a file of BYTES into $P2PDEPLOY_DATA_DIR (then serve)
     python3 behave.py env NAME...        print NAME=value for each variable set, then exit
     python3 behave.py peek PATH...       try to read each file (or list each directory) and
                                          print "peek PATH: ok" or the error's name, then serve
@@ -137,6 +137,8 @@ def main() -> None:
             for _ in range(int(sys.argv[2]) // 65536):
                 file.write(b"\0" * 65536)
         print(f"wrote {os.path.getsize(path)} bytes", flush=True)
+        if sys.argv[3:] == ["serve"]:
+            serve()
     elif mode == "env":
         for name in sys.argv[2:]:
             if name in os.environ:

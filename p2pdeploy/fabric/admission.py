@@ -146,5 +146,10 @@ class Admission:
         if demand is not None:
             self._retained[replica_id] = demand.disk_bytes
 
+    def hold_files(self, replica_id: str, disk_bytes: int) -> None:
+        """Files ``replica_id`` left (an earlier run of the node's) take ``disk_bytes`` until removed."""
+        if replica_id not in self._reservations:
+            self._retained[replica_id] = disk_bytes
+
     def holders(self) -> Iterable[str]:
         return tuple(self._reservations)

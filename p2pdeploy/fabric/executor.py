@@ -11,6 +11,8 @@ command                    report(s) it leads to
 ``SignalProcess``          nothing by itself; an exit follows as ``ProcessExited``
 ``RunHealthCheck``         ``HealthResult(ok, detail)``
 ``RemoveReplica``          ``Removed``: the process group is killed, files and cgroups go
+(none: the executor starts) ``FilesLeft(disk_bytes, age_s)``: a replica directory an earlier
+                           run of the node left, its size and how long ago its replica ended
 =========================  ==================================================================
 
 Commands only queue work (``Executor.execute`` returns at once); reports come back through the
@@ -28,7 +30,8 @@ runs the same tests against both.
 
 Exit reasons an executor gives, so users see the same words everywhere: ``memory limit``,
 ``cpu time limit``, ``file size limit``, ``exited with code N``, ``killed by signal NAME``,
-``stopped by TERM``, ``killed``.
+``stopped by TERM``, ``killed``, and for a replica whose files outgrew its reservation
+:func:`disk_reason` (``disk: the replica's files take 3.2 MiB, it reserved 1 MiB``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from p2pdeploy.core import require_at_least, require_positive
+from p2pdeploy.fabric.units import format_size
 
 REPLICA_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 SIGNALS = ("TERM", "KILL")
@@ -59,6 +63,11 @@ def check_replica_id(replica_id: str) -> str:
             "starting with a letter or digit"
         )
     return replica_id
+
+
+def disk_reason(used_bytes: int, reserved_bytes: int) -> str:
+    """Why a replica whose files (its app and data) outgrew the disk it reserved was stopped."""
+    return f"disk: the replica's files take {format_size(used_bytes)}, it reserved {format_size(reserved_bytes)}"
 
 
 def exit_reason(code: int | None, signal_name: str | None) -> str:
@@ -278,8 +287,18 @@ class Removed:
     replica_id: str
 
 
-ExecutorReport = Installed | ProcessStarted | ProcessFailedToStart | ProcessExited | HealthResult | Removed
-REPORTS = (Installed, ProcessStarted, ProcessFailedToStart, ProcessExited, HealthResult, Removed)
+@dataclass(frozen=True, slots=True)
+class FilesLeft:
+    """A replica directory an earlier run of the node left (found when the executor starts):
+    nothing runs in it; it takes ``disk_bytes`` and its replica ended ``age_s`` seconds ago."""
+
+    replica_id: str
+    disk_bytes: int
+    age_s: float
+
+
+ExecutorReport = Installed | ProcessStarted | ProcessFailedToStart | ProcessExited | HealthResult | Removed | FilesLeft
+REPORTS = (Installed, ProcessStarted, ProcessFailedToStart, ProcessExited, HealthResult, Removed, FilesLeft)
 
 ReportSink = Callable[[ExecutorReport], None]
 
@@ -293,6 +312,8 @@ class Usage:
     processes: int = 0
     memory_bytes: int = 0
     cpu_time_s: float = 0.0
+    #: What the replica's files (its app and data, not the node's logs of it) take on disk, as
+    #: last measured (the real executor measures every ``disk_check_interval_s`` while it runs).
     disk_bytes: int = 0
     #: Limit mechanisms in force for the current run (``memory: cgroup-v1``, ``open_files: rlimit-nofile``...).
     enforced: tuple[str, ...] = ()

@@ -6,7 +6,9 @@ driver passes the executor commands it emits to its executor and feeds the execu
 back through :meth:`report`. A replica holds its reservation until it is finished (stopped, or
 failed with no restart coming); then its files stay, for its logs and data, for the owner's
 ``retention_s`` and hold the disk it reserved until :meth:`forget` removes them (at the end of
-that period, unless the same id starts again in them first).
+that period, unless the same id starts again in them first). The files of replicas an earlier
+run of the node left (the executor reports them as ``FilesLeft`` when it starts) are held and
+removed the same way, their period counted from when their replica ended.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 from p2pdeploy.core import Address, KeyedChildren, Protocol, Rng
 from p2pdeploy.fabric.admission import Admission, Demand, Refusal
 from p2pdeploy.fabric.contribution import Contribution
-from p2pdeploy.fabric.executor import ExecutorReport, Removed, RemoveReplica
+from p2pdeploy.fabric.executor import ExecutorReport, FilesLeft, Removed, RemoveReplica
 from p2pdeploy.fabric.supervisor import ReplicaSpec, ReplicaState, ReplicaStatus, Supervisor
 
 #: The timer that removes a finished replica's files: ``(REMOVE, replica_id)``.
@@ -34,6 +36,8 @@ class ReplicaHost(Protocol):
         self._supervisors: KeyedChildren[str, Supervisor] = KeyedChildren()
         #: Who asked for each replica (the public key that signed the start), for authorization.
         self.requested_by: dict[str, bytes] = {}
+        #: Replicas whose files an earlier run of the node left, waiting for their removal.
+        self.files_left: set[str] = set()
 
     @property
     def contribution(self) -> Contribution:
@@ -63,6 +67,7 @@ class ReplicaHost(Protocol):
         if refusal is not None:
             return refusal
         self.cancel_timer((REMOVE, replica_id))
+        self.files_left.discard(replica_id)
         supervisor = Supervisor(spec, self.rng, digest=digest)
         self._supervisors[replica_id] = supervisor
         self.requested_by[replica_id] = requested_by
@@ -86,6 +91,7 @@ class ReplicaHost(Protocol):
         if existing is not None and not existing.finished:
             return Refusal("replica", f"replica: {replica_id} already exists on this node ({existing.status()})")
         self.cancel_timer((REMOVE, replica_id))  # its files (and their disk) wait for the new bundle
+        self.files_left.discard(replica_id)
         supervisor = Supervisor(ReplicaSpec.awaiting_bundle(replica_id), self.rng, digest=digest)
         self._supervisors[replica_id] = supervisor
         self.requested_by[replica_id] = requested_by
@@ -128,9 +134,12 @@ class ReplicaHost(Protocol):
     def forget(self, replica_id: str, now: float) -> bool:
         """Remove a finished replica's files (``RemoveReplica``); False while it still runs."""
         supervisor = self._supervisors.get(replica_id)
-        if supervisor is None or not supervisor.finished:
+        if supervisor is None and replica_id in self.files_left:
+            self.files_left.discard(replica_id)
+        elif supervisor is None or not supervisor.finished:
             return False
-        del self._supervisors[replica_id]
+        else:
+            del self._supervisors[replica_id]
         self.requested_by.pop(replica_id, None)
         self.admission.release(replica_id)
         self.cancel_timer((REMOVE, replica_id))
@@ -141,12 +150,24 @@ class ReplicaHost(Protocol):
         """An executor report; routed to the replica's supervisor."""
         if isinstance(report, Removed):
             return
+        if isinstance(report, FilesLeft):
+            self._files_left(report, now)
+            return
         supervisor = self._supervisors.get(report.replica_id)
         if supervisor is None:
             self.dropped["unknown_replica"] += 1
             return
         supervisor.report(report, now)
         self._collect(now)
+
+    def _files_left(self, report: FilesLeft, now: float) -> None:
+        """Hold the disk of files an earlier run left until their retention period ends."""
+        replica_id = report.replica_id
+        if replica_id in self._supervisors or self.timer_deadline((REMOVE, replica_id)) is not None:
+            return  # started again (in its files) before the executor's report came
+        self.files_left.add(replica_id)
+        self.admission.hold_files(replica_id, report.disk_bytes)
+        self.set_timer((REMOVE, replica_id), now + max(0.0, self.contribution.retention_s - report.age_s))
 
     # -- queries ---------------------------------------------------------------------------
     def status(self, replica_id: str) -> ReplicaStatus | None:

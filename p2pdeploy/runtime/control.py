@@ -96,6 +96,8 @@ class HostedReplica(ReplicaView):
 
     #: The public key that started it.
     requested_by: bytes
+    #: What its files (app and data) took at the executor's last measure; None: not measured.
+    disk_bytes: int | None = None
 
 
 @record
@@ -478,7 +480,9 @@ def status_of(node: RuntimeNode) -> StatusReply:
         counters=counters,
         contribution=None if contribution is None else contribution.to_table(),
         replicas=[
-            HostedReplica.of(r, requested_by=requested_by.get(r.replica_id, b"")) for r in node.hosted_replicas()
+            HostedReplica.of(r, requested_by=requested_by.get(r.replica_id, b""),
+                             disk_bytes=None if node.executor is None else node.executor.disk_bytes(r.replica_id))
+            for r in node.hosted_replicas()
         ],
         replicas_dir="" if node.replicas_dir is None else os.fspath(node.replicas_dir),
         persistence=persistence,

@@ -191,13 +191,14 @@ def show_status(status: StatusReply, arguments: Mapping[str, Any], console: Cons
             replicas_dir = Path(status.replicas_dir) if status.replicas_dir else None
             console.print(contribution_table(contribution, None, replicas_dir))
         replicas = Table(title=f"replicas ({len(status.replicas)})", title_justify="left")
-        for column in ("replica", "state", "port", "run", "restarts", "started by"):
+        for column in ("replica", "state", "port", "run", "restarts", "disk", "started by"):
             replicas.add_column(column)
         for replica in status.replicas:
             state = f"{replica.state}: {replica.reason}" if replica.reason else replica.state
             replicas.add_row(
                 replica.replica_id, state, "" if replica.port is None else str(replica.port), str(replica.run),
-                str(replica.restarts), f"{replica.requested_by.hex()[:16]}…" if replica.requested_by else "",
+                str(replica.restarts), "" if replica.disk_bytes is None else format_size(replica.disk_bytes),
+                f"{replica.requested_by.hex()[:16]}…" if replica.requested_by else "",
             )  # fmt: skip
         console.print(replicas)
     if status.detector is not None:

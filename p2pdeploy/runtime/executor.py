@@ -25,6 +25,20 @@ a sink) on trio:
 - ``SignalProcess`` sends TERM or KILL to the process group (KILL to the cgroups too);
   ``RunHealthCheck`` runs a TCP, HTTP or command check; ``RemoveReplica`` kills what is left
   and deletes the replica's files.
+- Disk: every ``disk_check_interval_s`` a worker thread measures what each running replica's
+  files take (``app`` and ``data``, with its ``tmp``; not the node's rotated ``logs``): a walk
+  of at most ``max_counted_entries`` entries that counts allocated blocks (``st_blocks * 512``,
+  each hard-linked inode once) and never follows a link. ``usage()`` reports the last
+  measure. A replica whose files take more than its ``disk`` reservation (``Limits.disk_bytes``)
+  is killed and its exit reported with :func:`~p2pdeploy.fabric.executor.disk_reason`
+  (``disk: the replica's files take 3.2 MiB, it reserved 1 MiB``); the supervisor's restart
+  policy then applies, and a restart is refused with the same reason (``ProcessFailedToStart``)
+  while the files still take too much, so the replica gives up after its ``max_restarts``.
+- When a run ends, the executor touches ``stopped`` in the replica's directory. When the
+  executor starts, it reports each replica directory an earlier run of the node left as
+  ``FilesLeft`` (all its files, measured the same way, and how long ago its replica ended: the
+  newest time among the directory, ``stopped`` and its logs), so the core counts them against
+  the contribution's disk and removes them when the owner's retention period ends.
 
 When the executor is cancelled (the node stops) every replica's processes are killed and
 reaped under a shielded scope: no process outlives the node that started it. A node killed
@@ -47,7 +61,8 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +71,7 @@ from typing import Any, Literal
 import psutil
 import trio
 
+from p2pdeploy.core import require_at_least, require_positive
 from p2pdeploy.fabric.executor import (
     REASON_CPU_TIME,
     REASON_FILE_SIZE,
@@ -64,6 +80,7 @@ from p2pdeploy.fabric.executor import (
     REASON_TERM,
     ExecutorCommand,
     ExecutorReport,
+    FilesLeft,
     HealthResult,
     InstallBundle,
     Installed,
@@ -80,6 +97,7 @@ from p2pdeploy.fabric.executor import (
     StartProcess,
     Usage,
     check_replica_id,
+    disk_reason,
     exit_reason,
 )
 from p2pdeploy.resource.bundle import MAX_UNPACKED_BYTES, BundleError
@@ -102,6 +120,8 @@ DEFAULT_SERVICE_UIDS = (0x7000_0000, 0x7000_FFFF)
 MEMORY_MARKERS = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc", b"out of memory")
 FILE_SIZE_MARKERS = (b"File too large",)
 STDERR_TAIL_BYTES = 8192
+#: Touched in a replica's directory whenever a run of it ends (when its files were last in use).
+STOPPED_MARK = "stopped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +157,16 @@ class RealExecutorConfig:
     cgroup_prefix: str = "p2pdeploy"
     #: Interpreter that runs the launcher (before it execs the service).
     launcher_python: str = sys.executable
+    #: How often the files of each running replica are measured against its ``disk`` reservation
+    #: (in a worker thread); a replica that writes past it is stopped within about this long.
+    disk_check_interval_s: float = 10.0
+    #: Most directory entries one measure walks: a replica with more files than this is stopped
+    #: (``disk: ... more than N files``), so a flood of empty files cannot make the walk endless.
+    max_counted_entries: int = 200_000
+
+    def __post_init__(self) -> None:
+        require_positive(self, "executor.", "disk_check_interval_s")
+        require_at_least(self, "executor.", 1, "max_counted_entries")
 
 
 @dataclass(eq=False)
@@ -159,6 +189,11 @@ class _Replica:
     uid: int | None = None
     gid: int | None = None
     peak_processes: int | None = None
+    #: What its app and data took at the last measure, and the disk its current run reserved.
+    disk_bytes: int = 0
+    disk_limit: int | None = None
+    #: Why the executor killed the current run for its files (``disk: ...``), if it did.
+    over_disk: str | None = None
     signals_sent: set[str] = field(default_factory=set)
     stderr_tail: bytearray = field(default_factory=bytearray)
     exited: trio.Event = field(default_factory=trio.Event)
@@ -174,6 +209,12 @@ class _Replica:
     @property
     def log_dir(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def counted_dirs(self) -> tuple[Path, Path]:
+        """What counts against the replica's ``disk``: its app and what it writes (the node's
+        logs of it are capped by its log policy instead)."""
+        return self.app_dir, self.data_dir
 
 
 def service_ids(user: str | int | None) -> tuple[int | None, int | None]:
@@ -244,6 +285,8 @@ class RealExecutor:
                 log.warning("killed the processes of a dead node's replica and removed %s", directory)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._report_files_left)
+            nursery.start_soon(self._watch_disk)
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -283,13 +326,19 @@ class RealExecutor:
             processes=len(pids),
             memory_bytes=memory,
             cpu_time_s=cpu,
-            disk_bytes=_tree_size(replica.root),
+            disk_bytes=replica.disk_bytes,
             enforced=tuple(f"{what}: {how}" for what, how in sorted(replica.enforced.items())),
             peak_processes=replica.peak_processes,
         )
 
     def replicas(self) -> tuple[str, ...]:
         return tuple(r.replica_id for r in self._replicas.values() if r.installed)
+
+    def disk_bytes(self, replica_id: str) -> int | None:
+        """What the replica's files took at the last measure (``usage().disk_bytes`` without
+        asking about its processes); ``None`` for a replica this executor does not hold."""
+        replica = self._replicas.get(replica_id)
+        return None if replica is None else replica.disk_bytes
 
     def pids(self, replica_id: str) -> set[int]:
         """Every live process of the replica (its process group and cgroups)."""
@@ -432,6 +481,7 @@ class RealExecutor:
             tmp.mkdir(mode=0o700)
             if replica.uid is not None:
                 os.chown(tmp, replica.uid, replica.gid if replica.gid is not None else -1, follow_symlinks=False)
+        replica.disk_bytes, _ = files_size(replica.counted_dirs, self.config.max_counted_entries)
 
     # -- start -----------------------------------------------------------------------------
     async def _start(self, spec: ProcessSpec) -> None:
@@ -445,6 +495,12 @@ class RealExecutor:
                 return
             if self._nursery is None:
                 return
+            reserved = spec.limits.disk_bytes
+            if reserved is not None and replica.disk_bytes > reserved:  # files it left last run: still there?
+                over = await self._measure(replica, reserved)
+                if over is not None:
+                    self._report(ProcessFailedToStart(spec.replica_id, spec.run, over))
+                    return
             port = spec.port or self._pick_port(replica.port)
             env = self._environment(replica, spec, port)
             cgroup, enforced = self._cgroup_for(spec)
@@ -481,6 +537,8 @@ class RealExecutor:
             replica.plan = plan
             replica.enforced = enforced
             replica.rlimit_as = rlimit_as
+            replica.disk_limit = reserved
+            replica.over_disk = None
             replica.signals_sent = set()
             replica.stderr_tail = bytearray()
             replica.exited = trio.Event()
@@ -602,6 +660,8 @@ class RealExecutor:
 
     async def _release_run(self, replica: _Replica) -> None:
         replica.alive = False
+        with suppress(OSError):
+            (replica.root / STOPPED_MARK).touch()  # when its files were last in use, for a restarted node
         if replica.log is not None:
             replica.log.close()
             replica.log = None
@@ -644,7 +704,9 @@ class RealExecutor:
         tail = bytes(replica.stderr_tail)
         oom_kills = replica.cgroup.oom_kills() if replica.cgroup is not None else 0
         sent = replica.signals_sent
-        if oom_kills > 0 or (replica.rlimit_as and any(marker in tail for marker in MEMORY_MARKERS)):
+        if replica.over_disk is not None:
+            reason = replica.over_disk
+        elif oom_kills > 0 or (replica.rlimit_as and any(marker in tail for marker in MEMORY_MARKERS)):
             reason = REASON_MEMORY
         elif signal_name == "XCPU":
             reason = REASON_CPU_TIME
@@ -689,6 +751,59 @@ class RealExecutor:
                     if os.getpgid(process.pid) == replica.pid:
                         pids.add(process.pid)
         return pids
+
+    # -- disk ------------------------------------------------------------------------------
+    async def _measure(self, replica: _Replica, reserved: int) -> str | None:
+        """Measure the replica's files (in a worker thread); why they are too many, or None."""
+        # a walk only reads: a node that stops need not wait for it
+        used, complete = await trio.to_thread.run_sync(
+            files_size, replica.counted_dirs, self.config.max_counted_entries, abandon_on_cancel=True
+        )
+        replica.disk_bytes = used
+        if not complete:
+            return f"disk: the replica has more than {self.config.max_counted_entries} files, more than a node counts"
+        return disk_reason(used, reserved) if used > reserved else None
+
+    async def _watch_disk(self) -> None:
+        """Measure each running replica's files every ``disk_check_interval_s``, one at a time;
+        kill a run whose files outgrew its reservation (its exit then carries the reason)."""
+        while True:
+            await trio.sleep(self.config.disk_check_interval_s)
+            for replica in list(self._replicas.values()):
+                if not replica.alive or replica.disk_limit is None:
+                    continue
+                run = replica.run
+                over = await self._measure(replica, replica.disk_limit)
+                if over is not None and replica.alive and replica.run == run and replica.over_disk is None:
+                    log.warning("stopping %s: %s", replica.replica_id, over)
+                    replica.over_disk = over
+                    replica.signals_sent.add("KILL")
+                    self._kill_all(replica)
+
+    async def _report_files_left(self) -> None:
+        """Report the replica directories an earlier run of the node left (see the module's doc)."""
+        found = await trio.to_thread.run_sync(self._files_left, abandon_on_cancel=True)
+        for replica_id, disk_bytes, age_s in found:
+            if replica_id not in self._replicas:  # not started again meanwhile
+                self._report(FilesLeft(replica_id, disk_bytes, age_s))
+
+    def _files_left(self) -> list[tuple[str, int, float]]:
+        try:
+            names = sorted(os.listdir(self.root))
+        except OSError:
+            return []
+        found = []
+        for name in names:
+            try:
+                directory = self.replica_dir(name)
+            except ValueError:
+                continue  # not a replica's
+            if name in self._replicas or not stat.S_ISDIR(_lstat_mode(directory)):
+                continue
+            disk_bytes, _ = files_size([directory], self.config.max_counted_entries)
+            age_s = max(0.0, time.time() - _last_in_use(directory))
+            found.append((name, disk_bytes, age_s))
+        return found
 
     async def _health(self, command: RunHealthCheck) -> None:
         replica = self._replicas.get(command.replica_id)
@@ -771,13 +886,62 @@ def _known_id(uid: int) -> bool:
     return False
 
 
-def _tree_size(root: Path) -> int:
+def files_size(roots: Iterable[Path], max_entries: int) -> tuple[int, bool]:
+    """Bytes the files under ``roots`` take on disk (allocated blocks, each inode once), and
+    whether the walk saw them all: it stops after ``max_entries`` entries. Links are never
+    followed; what vanishes or cannot be read while it walks is skipped. A service that swaps a
+    directory for a link while it is walked may have the link's target counted: that costs only
+    the service's own measure (the walk reads no content and is bounded all the same)."""
     total = 0
-    for directory, _, files in os.walk(root):
-        for name in files:
-            with suppress(OSError):
-                total += os.lstat(os.path.join(directory, name)).st_size
-    return total
+    entries = 0
+    linked: set[tuple[int, int]] = set()
+    pending = [os.fspath(root) for root in roots]
+    while pending:
+        try:
+            listing = os.scandir(pending.pop())
+        except OSError:
+            continue
+        with listing:
+            for entry in listing:
+                entries += 1
+                if entries > max_entries:
+                    return total, False
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(info.st_mode):
+                    pending.append(entry.path)
+                elif info.st_nlink > 1:
+                    if (info.st_dev, info.st_ino) in linked:
+                        continue
+                    linked.add((info.st_dev, info.st_ino))
+                total += info.st_blocks * 512
+    return total, True
+
+
+def _lstat_mode(path: Path) -> int:
+    try:
+        return path.lstat().st_mode
+    except OSError:
+        return 0
+
+
+def _last_in_use(directory: Path) -> float:
+    """When a replica's files were last in use: the newest modification time among its directory,
+    its ``stopped`` mark and its logs (a node killed outright left no mark)."""
+    times = []
+    for path in [directory, directory / STOPPED_MARK, *_listing(directory / "logs")]:
+        with suppress(OSError):
+            times.append(path.lstat().st_mtime)
+    return max(times, default=0.0)
+
+
+def _listing(directory: Path) -> list[Path]:
+    try:
+        return list(directory.iterdir())
+    except OSError:
+        return []
 
 
 @asynccontextmanager

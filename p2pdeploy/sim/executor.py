@@ -14,6 +14,10 @@ simulation. Nothing runs: a process is a record with a pid, a port and scheduled
 - TERM ends it after ``term_exit_delay_s`` unless it ``ignores_term``; KILL always ends it.
 - Logs are modelled by size: lines for its events plus ``log_bytes_per_s`` of output, kept to
   ``max_bytes * files`` as the real rotation does.
+- Files are not modelled: ``usage()`` reports no disk, so no replica outgrows its ``disk``
+  reservation here (the real executor measures and stops it), and the executor reports no
+  ``FilesLeft`` from an earlier run; a finished replica's reserved disk is held and released
+  after the retention period by the core, the same as on a real node.
 
 Draws come from the ``rng`` handed in, and events run on the engine's heap, so a seed gives the
 same run every time.

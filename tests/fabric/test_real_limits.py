@@ -10,6 +10,7 @@ closing, which kills and reaps whatever the replicas left.
 import contextlib
 import os
 import re
+import time
 from pathlib import Path
 
 import psutil
@@ -183,6 +184,67 @@ async def test_a_stopped_replicas_files_are_removed_when_the_owners_retention_pe
             while directory.exists() or local.host.status("job") is not None:
                 await trio.sleep(0.05)
         assert local.host.admission.retained == {}
+
+
+async def test_a_replica_whose_files_outgrow_its_disk_reservation_is_stopped_with_both_sizes(service_root, behave_bundle):
+    config = RealExecutorConfig(service_root, disk_check_interval_s=0.2)
+    limits = Limits(memory_bytes=256 * MIB, processes=64, disk_bytes=1 * MIB)
+    process = ProcessSpec("filler", 1, ("python3", "behave.py", "fill", str(3 * MIB), "serve"), limits=limits)
+    restart = RestartPolicy(mode="on-failure", backoff_initial_s=0.1, max_restarts=1)
+    spec = ReplicaSpec(process, HealthCheck(kind="none"), restart, stop_grace_s=0.5)
+    async with open_local_replicas(service_root, CONTRIBUTION, executor_config=config) as local:
+        start(local, spec, behave_bundle)
+        with trio.fail_after(60):
+            while not ((status := local.host.status("filler")) and local.host.admission.retained):
+                await trio.sleep(0.05)  # until it failed for good and gave back all but its disk
+        over = r"disk: the replica's files take 3\.\d MiB, it reserved 1 MiB"
+        states = local.states("filler")
+        assert states[:3] == ["installing", "starting", "running: process started"], states
+        assert re.fullmatch("failed: " + over, states[3]), states  # killed for its files
+        # its restart is refused (it never runs) while they still take too much
+        assert states[4] == "starting: restart 1" and len(states) == 6, states
+        assert re.fullmatch(over + "; gave up after 1 restarts in 300 s", status.reason), status.reason
+        assert 3 * MIB <= local.executor.usage("filler").disk_bytes < 4 * MIB
+
+
+def left_by_an_earlier_run(replicas_dir, replica_id, size_bytes, ended_s_ago):
+    """A replica directory as a node leaves it: its app, data and logs, last in use ``ended_s_ago``."""
+    directory = replicas_dir / replica_id
+    for part in ("app", "data", "logs"):
+        (directory / part).mkdir(parents=True)
+    (directory / "data" / "kept").write_bytes(b"x" * size_bytes)
+    (directory / "logs" / "service.log").write_bytes(b"bye\n")
+    then = time.time() - ended_s_ago
+    for path in (directory / "logs" / "service.log", directory / "logs", directory):
+        os.utime(path, (then, then))
+    return directory
+
+
+async def test_a_restarted_node_counts_the_files_an_earlier_run_left_and_removes_them_when_their_retention_ends(
+    service_root, behave_bundle
+):
+    contribution = Contribution(cpu_cores=2, memory_bytes=4096 * MIB, disk_bytes=1024 * MIB, trusted_keys=ANY,
+                                retention_s=3600)  # fmt: skip
+    async with open_local_replicas(service_root, contribution) as local:  # the earlier run
+        start(local, behave("job", "fill", str(4 * MIB)), behave_bundle)
+        await local.wait_for_state("job", ReplicaState.STOPPED)
+    job = service_root / "replicas" / "job"
+    old = left_by_an_earlier_run(service_root / "replicas", "old", MIB, ended_s_ago=2 * 3600)
+    recent = left_by_an_earlier_run(service_root / "replicas", "recent", 2 * MIB, ended_s_ago=3600 - 4)
+
+    async with open_local_replicas(service_root, contribution) as local:  # the node again
+        admission = local.host.admission
+        with trio.fail_after(30):
+            while "job" not in admission.retained:
+                await trio.sleep(0.02)
+        # counted against the contribution's disk: "job" for an hour, "recent" for 4 s more
+        assert 4 * MIB <= admission.retained["job"] < 5 * MIB and 2 * MIB <= admission.retained["recent"] < 3 * MIB
+        assert admission.free().disk_bytes == 1024 * MIB - sum(admission.retained.values())
+        with trio.fail_after(30):
+            while old.exists() or recent.exists():
+                await trio.sleep(0.05)  # "old" went at once, "recent" when its hour was over
+        assert set(admission.retained) == {"job"} and job.exists()
+        assert local.host.next_deadline() > trio.current_time() + 3000
 
 
 async def test_a_service_that_ignores_term_is_killed_after_the_grace_period(service_root, behave_bundle):

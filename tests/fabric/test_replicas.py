@@ -7,7 +7,7 @@ import pytest
 
 from p2pdeploy.fabric.admission import Demand
 from p2pdeploy.fabric.contribution import Contribution, ContributionError
-from p2pdeploy.fabric.executor import HealthCheck, ProcessSpec, SimulatedBehaviour
+from p2pdeploy.fabric.executor import FilesLeft, HealthCheck, ProcessSpec, RemoveReplica, SimulatedBehaviour
 from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.fabric.supervisor import ReplicaSpec, ReplicaState, RestartPolicy
 from p2pdeploy.fabric.units import GIB, MIB
@@ -78,3 +78,27 @@ def test_the_retention_period_is_the_owners_a_day_by_default():
     assert Contribution.from_table(Contribution(retention_s=60).to_table()).retention_s == 60
     with pytest.raises(ContributionError, match=r"contribution.retention: expected a duration such as 24h or 30m"):
         Contribution.from_table({"retention": "soon"})
+
+
+def test_files_an_earlier_run_left_hold_their_disk_until_their_retention_ends_counted_from_when_they_ended():
+    host = ReplicaHost(Contribution(disk_bytes=1 * GIB, retention_s=HOUR))
+    host.report(FilesLeft("old", 300 * MIB, age_s=HOUR - 60), 1000.0)
+    host.report(FilesLeft("older", 5 * MIB, age_s=2 * HOUR), 1000.0)
+    assert host.admission.retained == {"old": 300 * MIB, "older": 5 * MIB}
+    assert host.admission.free().disk_bytes == 1 * GIB - 305 * MIB
+    host.handle_timer(1000.0)  # past its retention already: removed at once
+    assert [e for e in iter(host.next_event, None)] == [RemoveReplica("older")]
+    assert host.next_deadline() == 1060.0
+    host.handle_timer(1060.0)
+    assert [e for e in iter(host.next_event, None)] == [RemoveReplica("old")]
+    assert host.admission.retained == {} and host.files_left == set()
+
+
+def test_a_replica_started_again_in_files_an_earlier_run_left_keeps_them():
+    engine, node, host, executor = a_node(Contribution(disk_bytes=1 * GIB, retention_s=HOUR))
+    node.call(lambda core, now: core.report(FilesLeft("job-1", 300 * MIB, age_s=60), now))
+    assert host.admission.retained == {"job-1": 300 * MIB}
+    assert start(node, "job-1", 600 * MIB) is None
+    assert host.admission.retained == {} and host.files_left == set()
+    engine.run(until=HOUR)  # the left files' removal no longer comes; the new run's comes an hour after it ends
+    assert host.status("job-1").state is ReplicaState.STOPPED and "job-1" in executor.replicas()

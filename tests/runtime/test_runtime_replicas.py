@@ -23,6 +23,7 @@ import psutil
 import pytest
 import trio
 from click.testing import CliRunner
+from rich.console import Console
 
 from p2pdeploy.cli import main
 from p2pdeploy.collective.persistence import Persistence
@@ -50,7 +51,9 @@ from p2pdeploy.runtime.control import (
     ReplicaRequest,
     StatusRequest,
     control_request,
+    status_of,
 )
+from p2pdeploy.runtime.control_views import show_status
 from p2pdeploy.runtime.keyfile import load_or_create_identity
 from p2pdeploy.runtime.localnet import open_local_processes
 from p2pdeploy.runtime.node import PingTimeout, open_node
@@ -231,6 +234,11 @@ async def test_the_control_socket_sends_signed_replica_requests_and_status_lists
                 (hosted,) = [r for r in target.hosted_replicas()]
                 assert (hosted.replica_id, hosted.state.value) == ("hello-1", "running")
                 assert target.replica_host.requested_by["hello-1"] == DEPLOYER.public_key
+                (listed,) = status_of(target).replicas  # with what its files take (the blob)
+                assert MAX_BUNDLE_BYTES - 128 * 1024 < listed.disk_bytes < MAX_BUNDLE_BYTES + 1024 * 1024
+                console = Console(record=True, width=200)
+                show_status(status_of(target), {"data_dir": str(service_root / "target")}, console)
+                assert re.search(r"hello-1 .*running.* [34]\.\d MiB ", console.export_text()), console.export_text()
 
                 stopping = await control_request(deployer_dir, ReplicaRequest("stop", host, port, "hello-1"))
                 assert stopping.reply.state == "stopping"
