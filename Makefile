@@ -36,6 +36,7 @@ check-slow: $(VENV)/.installed-test
 bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/bench_scenarios.py --engine
 	$(PY) benchmarks/bench_overlay.py
+	$(PY) benchmarks/bench_contact_flood.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
