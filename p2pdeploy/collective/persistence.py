@@ -218,8 +218,9 @@ class PersistenceConfig:
     stranger_quorum_grace_s: float = 30 * 24 * 3600.0
     #: Quorum keys on which one sender may hold a promise here with no accepted value yet (a
     #: ``Prepare`` of a key this node has no state for creates one, durably), and all senders
-    #: together; a ``Prepare`` beyond them is refused with the reason. This node's own are not limited.
-    promises_per_sender: int = 64
+    #: together; a ``Prepare`` beyond them is refused with the reason. This node's own are not limited;
+    #: another node may have as many first writes in flight as its state API takes clients.
+    promises_per_sender: int = 256
     max_promises: int = 4096
     #: A promise with no accepted value is forgotten this long after it was given, which is safe
     #: only because no proposer relies on a promise that long (see

@@ -234,8 +234,8 @@ def test_a_strangers_prepares_of_random_keys_leave_every_acceptor_store_bounded(
     assert op(net, 2, lambda p, now: p.quorum_put(WRITER, b"during", b"d", now)).ok
     refused += flood_prepares(net, rng, 5_000)
     for address in range(STRANGER):
-        assert promise_only_rows(net, address) <= 64 + 2, address  # the sender's quota, and the legit rounds'
-    assert refused >= STRANGER * (10_000 - 64)
+        assert promise_only_rows(net, address) <= 256 + 2, address  # the sender's quota, and the legit rounds'
+    assert refused >= STRANGER * (10_000 - 256)
     read = op(net, 3, lambda p, now: p.quorum_read(key, now))
     assert read.ok and read.item.value == b"v2" and read.version == 2
     net.run_for(600.0 + 2 * CONFIG.repair_interval_s)  # past the grace: the promises are forgotten
