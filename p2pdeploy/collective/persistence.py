@@ -222,10 +222,9 @@ class PersistenceConfig:
     #: another node may have as many first writes in flight as its state API takes clients.
     promises_per_sender: int = 256
     max_promises: int = 4096
-    #: A promise with no accepted value is forgotten this long after it was given, which is safe
-    #: only because no proposer relies on a promise that long (see
-    #: :class:`~p2pdeploy.collective.persistence_quorum.QuorumAcceptor`): at least twice
-    #: ``quorum_contention_s``.
+    #: A promise with no accepted value is forgotten this long after it was given (this node's
+    #: promise floor rises to it, see :class:`~p2pdeploy.collective.persistence_quorum.QuorumAcceptor`);
+    #: at least twice ``quorum_contention_s``, so no round still running is disturbed.
     promise_grace_s: float = 600.0
 
     def __post_init__(self) -> None:
@@ -291,6 +290,7 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Admission, Protocol):
         self._usage: Counter[int] | None = None
         self._started_wall = self.wall(now)
         self._pin_news: set[int] = set()
+        self.promise_floor = store.read_promise_floor()
         self._promise_only: Counter[int] | None = None
         self._promise_only_total = 0
         self.node_id: int = overlay.node_id

@@ -305,30 +305,30 @@ class QuorumAcceptor:
     in all, a ``Prepare`` of a new key is refused with the reason (counted,
     ``promises_refused``) and writes nothing. This node's own rounds are not limited. With
     every repair round, a promise-only row last written ``promise_grace_s`` ago (counted from
-    this node's start at the latest, in case its clock moved while it was down) is forgotten
-    (``promises_forgotten``). A peek (ballot zero) is promised by no one and writes nothing.
+    this node's start at the latest) is forgotten (``promises_forgotten``). A peek (ballot
+    zero) is promised by no one and writes nothing.
 
-    Why forgetting such a promise keeps CASPaxos safe. A promise of ballot b protects one thing:
-    that this acceptor accepts no lower ballot b0 < b afterwards (a row with an accepted value
-    is never forgotten this way, so what a promise reports is not in question). A proposer
-    sends the Accepts of a ballot all at once, right after its Prepares of that ballot were
-    answered or timed out (``rpc_timeout_s``; later promises are dropped), and every retry
-    takes a new ballot with new Prepares; a whole operation gives up within about
-    ``quorum_contention_s`` plus its ``quorum_attempts`` rounds. So an Accept of b0 reaches
-    this node long after it promised b only if it spent that long in the network, or if its
-    round began after the promise of b: then its Prepares of b0 went to the group after b's,
-    and every member still holding a promise of b (all but those that forgot it after the same
-    grace) refused them, so b0 found a majority only where b's promises had been forgotten,
-    which is what the grace, at least twice ``quorum_contention_s``, rules out for any round
-    still running. The assumption, stated: no message is delayed longer than
-    ``promise_grace_s``, and no round outlives it (both hold with the defaults by orders of
-    magnitude: 600 s against rounds of seconds).
+    Why forgetting keeps CASPaxos safe. Paxos needs an acceptor's promise on a key never to go
+    down. Before it forgets any promise, the acceptor raises its *promise floor* (durable, one
+    ballot for the whole node) to the highest promise it forgets, and it answers every key it
+    has no row for as if it had promised the floor: it accepts no ballot below it, reports the
+    floor's counter to the holder search (so a proposer's first ballot on a new key is above
+    it) and refuses a lower ``Prepare`` as outbid. So a key's promise here never decreases,
+    whether its row is kept or forgotten, and no timing assumption is needed. Time matters for
+    progress only: a round whose promise was forgotten under it may have its Accept refused
+    (below a floor raised by another key) and tries again with a higher ballot; the grace, at
+    least twice ``quorum_contention_s`` (600 s against rounds of seconds), keeps this off any
+    round still running. Forgetting the promise alone, without the floor, would not be safe: a
+    first write cut short leaves its value with one member and promises with the others; once
+    those are forgotten, a proposer that does not reach that member (down, or no longer among
+    the closest) could have a lower ballot chosen, which the stale value's higher ballot would
+    later override.
 
     The accepted value of a writer this node does not trust is kept within the quotas of
     :mod:`~p2pdeploy.collective.persistence_admission` and collected ``stranger_quorum_grace_s``
-    after this node last promised or accepted on the key (and never within ``promise_grace_s``
-    of it, for the same reason as above). Its group members collect it about together; until
-    they all have, a read may still find it.
+    after this node last promised or accepted on the key (its promise raises the floor as
+    above). Its group members collect it about together; until they all have, a read may still
+    find it.
     """
 
     store: DurableStore
@@ -338,19 +338,21 @@ class QuorumAcceptor:
     _started_wall: float
     wall: Callable[[float], float]
     trusts: Callable[[bytes], bool]
+    #: What this node promises every quorum key it holds no state for (see above).
+    promise_floor: Ballot
     #: Promise-only rows per proposer; None: count afresh from the store when next needed.
     _promise_only: Counter[int] | None
     _promise_only_total: int
 
     def _acceptor_prepare(self, key: int, ballot: Ballot, rpc_id: int, sender: int, now: float) -> Promise:
         state = self.store.read_acceptor(key)
-        if state is None and ballot != ZERO and sender != self.node_id:
-            refusal = self._promise_refusal(sender)
-            if refusal is not None:
-                self.counters["promises_refused"] += 1
-                return Promise(rpc_id, self.node_id, False, ZERO, ZERO, None, [], refusal)
-        current = state or AcceptorState(key)
+        current = state or AcceptorState(key, self.promise_floor)
         ok, new = on_prepare(current, ballot)
+        if ok and state is None and sender != self.node_id:
+            refusal = self._promise_refusal(sender)
+            if refusal is not None:  # not outbid: the promise reported is not above the ballot
+                self.counters["promises_refused"] += 1
+                return Promise(rpc_id, self.node_id, False, current.promised, ZERO, None, [], refusal)
         if ok and new != current:
             self.store.write_acceptor(new, since=self.wall(now))  # durable before the promise leaves
             self._tally(state, new)
@@ -359,7 +361,7 @@ class QuorumAcceptor:
     def _acceptor_accept(self, key: int, ballot: Ballot, item: Item, group: list[Contact], rpc_id: int,
                          now: float) -> Accepted:
         state = self.store.read_acceptor(key)
-        ok, new = on_accept(state or AcceptorState(key), ballot, item, group)
+        ok, new = on_accept(state or AcceptorState(key, self.promise_floor), ballot, item, group)
         if ok:
             self.store.write_acceptor(new, since=self.wall(now))
             self._tally(state, new)
@@ -405,6 +407,7 @@ class QuorumAcceptor:
         values of untrusted writers unwritten for ``stranger_quorum_grace_s`` (see above)."""
         c = self.config
         wall = self.wall(now)
+        gone: list[tuple[AcceptorState, str]] = []
         for key, since in self.store.acceptor_times().items():
             age = wall - max(since, self._started_wall)
             if age < c.promise_grace_s:
@@ -413,10 +416,15 @@ class QuorumAcceptor:
             if state is None:
                 continue
             if not state.has_value:
-                self.store.delete_acceptor(key)
-                self.counters["promises_forgotten"] += 1
+                gone.append((state, "promises_forgotten"))
             elif age >= c.stranger_quorum_grace_s and state.item is not None and \
                     not self.trusts(state.item.public_key):
-                self.store.delete_acceptor(key)
-                self.counters["quorum_records_collected"] += 1
+                gone.append((state, "quorum_records_collected"))
+        floor = max([self.promise_floor, *(state.promised for state, _ in gone)])
+        if floor != self.promise_floor:
+            self.store.write_promise_floor(floor)  # durable before any promise is forgotten
+            self.promise_floor = floor
+        for state, counter in gone:
+            self.store.delete_acceptor(state.key)
+            self.counters[counter] += 1
         self._promise_only = None

@@ -13,7 +13,7 @@ from typing import Protocol as TypingProtocol
 
 from p2pdeploy.collective.blobs import chunk_key
 from p2pdeploy.collective.persistence_messages import Pin
-from p2pdeploy.collective.records import AcceptorState
+from p2pdeploy.collective.records import ZERO, AcceptorState, Ballot
 from p2pdeploy.overlay.storage import Item
 
 
@@ -46,7 +46,8 @@ class DurableStore(TypingProtocol):
     ``since`` of the writes; 0 for those written before the store kept times), for the layer's
     collection of records by writers it does not trust and of promises no value followed.
     Writing a record with ``since=None`` keeps the time of the version held (raising its replicas
-    only).
+    only). The *promise floor* is the ballot an acceptor promises every key it holds no state for
+    (``ZERO`` until it forgets a promise; it only rises).
     """
 
     capacity_bytes: int
@@ -72,6 +73,8 @@ class DurableStore(TypingProtocol):
     def read_acceptor(self, key: int) -> AcceptorState | None: ...
     def write_acceptor(self, state: AcceptorState, since: float = 0.0) -> None: ...
     def delete_acceptor(self, key: int) -> None: ...
+    def read_promise_floor(self) -> Ballot: ...
+    def write_promise_floor(self, ballot: Ballot) -> None: ...
     def close(self) -> None: ...
 
 
@@ -110,6 +113,7 @@ class MemoryStore(ChunkBookkeeping):
         self._record_times: dict[int, float] = {}
         self._acceptors: dict[int, AcceptorState] = {}
         self._acceptor_times: dict[int, float] = {}
+        self._promise_floor = ZERO
         self._corrupted: list[ChunkInfo] = []
         self._used = 0
         self.corruptions = 0
@@ -206,6 +210,12 @@ class MemoryStore(ChunkBookkeeping):
     def delete_acceptor(self, key: int) -> None:
         self._acceptors.pop(key, None)
         self._acceptor_times.pop(key, None)
+
+    def read_promise_floor(self) -> Ballot:
+        return self._promise_floor
+
+    def write_promise_floor(self, ballot: Ballot) -> None:
+        self._promise_floor = ballot
 
     def close(self) -> None:
         pass

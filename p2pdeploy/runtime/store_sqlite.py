@@ -16,8 +16,9 @@ repaired from a replica by the layer.
 A chunk's row also holds its pin (the publisher's key, the expiry and the signature), who
 stored it and when (``owner``, ``since``), for the layer's quotas and its collection of
 unpinned chunks; record and acceptor rows hold when they were last written (``since``), for the
-collection of strangers' records and of promises no value followed. A store created before
-those columns existed gains them when opened.
+collection of strangers' records and of promises no value followed; ``promise_floor`` holds
+the one ballot the acceptor promises every key it has no row for. A store created before those
+columns existed gains them when opened.
 
 Records and acceptor states are stored as their CBOR wire form (``wire.py`` stays the only
 place that knows CBOR). Acceptor state must be on disk before a promise leaves the node (Paxos
@@ -40,7 +41,7 @@ from typing import Any
 
 from p2pdeploy import wire
 from p2pdeploy.collective.persistence import ChunkBookkeeping, ChunkInfo, Pin
-from p2pdeploy.collective.records import AcceptorState, StoredRecord
+from p2pdeploy.collective.records import ZERO, AcceptorState, Ballot, StoredRecord
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.overlay.storage import Item
 from p2pdeploy.wire import ID_BYTES, NodeId
@@ -68,6 +69,7 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE TABLE IF NOT EXISTS records (key BLOB PRIMARY KEY, data BLOB NOT NULL, since REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS acceptors (key BLOB PRIMARY KEY, data BLOB NOT NULL, since REAL NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS promise_floor (id INTEGER PRIMARY KEY CHECK (id = 0), data BLOB NOT NULL);
 """
 
 
@@ -303,6 +305,18 @@ class SQLiteStore(ChunkBookkeeping):
 
     def delete_acceptor(self, key: int) -> None:
         self.db.execute("DELETE FROM acceptors WHERE key = ?", (_key_bytes(key),))
+
+    def read_promise_floor(self) -> Ballot:
+        row = self.db.execute("SELECT data FROM promise_floor WHERE id = 0").fetchone()
+        if row is None:
+            return ZERO
+        state = wire.decode(row[0], limit_bytes=len(row[0]))
+        return state.promised if isinstance(state, AcceptorState) else ZERO
+
+    def write_promise_floor(self, ballot: Ballot) -> None:
+        """Kept as the promise of an acceptor state of key 0 (``wire.py`` stays the only codec)."""
+        self.db.execute("INSERT OR REPLACE INTO promise_floor (id, data) VALUES (0, ?)",
+                        (wire.encode(AcceptorState(0, ballot)),))
 
     def close(self) -> None:
         self.db.close()

@@ -18,7 +18,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
-from p2pdeploy.collective.persistence import Persistence, PersistenceConfig, Prepare, Promise, QuorumFinished
+from p2pdeploy.collective.persistence import (
+    Accept,
+    FindHolders,
+    Persistence,
+    PersistenceConfig,
+    Prepare,
+    Promise,
+    QuorumFinished,
+)
+from p2pdeploy.collective.persistence_messages import KIND_QUORUM
 from p2pdeploy.collective.records import ZERO, AcceptorState, Ballot, Change, majority, on_accept, on_prepare
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.routing import Contact
@@ -287,6 +296,31 @@ def test_a_promise_is_kept_through_the_grace_and_a_ballot_must_be_its_senders():
     assert [msg.ok for _, msg in layer.messages_to_send() if isinstance(msg, Promise)] == [False]
     net.run_for(2 * CONFIG.repair_interval_s + 1.0)
     assert net.stores[0].read_acceptor(77) is None and layer.counters["promises_forgotten"] == 1
+
+
+def test_a_forgotten_promise_still_holds_through_the_promise_floor():
+    """A first write cut short: its value reached one member, the others only promised. Once
+    they forget those promises, a lower ballot must still be refused there (else it could be
+    chosen, and the stale value's higher ballot override it later); the node promises every
+    key it holds nothing for its floor, the highest promise it forgot, also after a restart."""
+    net = StorageNet(3, seed=36, config=CONFIG)
+    layer, sender = net.persistence(0), net.node_id(1)
+    key, item = sign_record(WRITER, b"k", b"v", 1)
+    layer.receive(1, Prepare(1, sender, key, Ballot(10, sender)), net.now)
+    net.run_for(CONFIG.promise_grace_s + 2 * CONFIG.repair_interval_s)
+    assert net.stores[0].read_acceptor(key) is None and net.stores[0].read_promise_floor() == Ballot(10, sender)
+    net.crash(0)
+    net.restart(0)
+    layer = net.persistence(0)
+    layer.receive(1, Prepare(2, sender, key, Ballot(9, sender)), net.now)
+    layer.receive(1, Accept(3, sender, key, Ballot(9, sender), item, [Contact(net.node_id(0), 0)]), net.now)
+    layer.receive(1, FindHolders(4, sender, key, KIND_QUORUM, False, 3), net.now)
+    answers = [msg for _, msg in layer.messages_to_send()]
+    promise, accepted, holders = answers
+    assert not promise.ok and promise.promised == Ballot(10, sender) and not accepted.ok
+    assert holders.sequence == 10  # a proposer's first ballot on a new key is above the floor
+    assert net.stores[0].read_acceptor(key) is None
+    assert op(net, 2, lambda p, now: p.quorum_put(WRITER, b"k", b"w", now)).ok
 
 
 def test_a_strangers_quorum_record_is_collected_a_grace_after_it_was_last_written():

@@ -10,7 +10,7 @@ import pytest
 
 from p2pdeploy.collective.blobs import chunk_key
 from p2pdeploy.collective.persistence import sign_pin
-from p2pdeploy.collective.records import AcceptorState, Ballot
+from p2pdeploy.collective.records import ZERO, AcceptorState, Ballot
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.routing import Contact
@@ -167,6 +167,10 @@ def test_records_and_acceptor_states_keep_when_they_were_written_across_a_restar
         assert store.acceptor_times() == {5: 200.0, 6: 300.0}
         store.delete_acceptor(5)
         assert store.read_acceptor(5) is None and store.acceptor_keys() == [6]
+        assert store.read_promise_floor() == ZERO
+        store.write_promise_floor(Ballot(7, 2, 3))
+    with SQLiteStore(tmp_path, capacity_bytes=0) as store:
+        assert store.read_promise_floor() == Ballot(7, 2, 3)
 
 
 def test_a_store_from_before_record_times_gains_them_and_keeps_its_rows(tmp_path):
