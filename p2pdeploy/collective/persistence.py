@@ -200,14 +200,32 @@ class PersistenceConfig:
     #: senders, whose ids cost nothing to make); trusted data evicts it when the store is full.
     stranger_share: float = 0.1
     #: An unpinned chunk (no live pin by a trusted key: a stranger's, or one whose pins expired)
-    #: is collected this long after it was stored or its last pin expired. Collection runs
-    #: with the repair rounds; chunks this node keeps by its own choice (``keep``) never are.
+    #: is collected this long after it was stored or its last pin expired, and so is an eventual
+    #: record by a key this node does not trust after it stored that version (its writer keeps it
+    #: by writing a newer one). Collection runs with the repair rounds; chunks this node keeps by
+    #: its own choice (``keep``) never are.
     unpinned_grace_s: float = 3600.0
     #: Pins this node signs (its blobs) last this long; a publisher refreshes the pins of the
     #: blobs it keeps when less than half of it is left, and putting a blob again refreshes them.
     pin_ttl_s: float = 7 * 24 * 3600.0
     #: A pin that claims to last longer than this from now is refused.
     max_pin_ttl_s: float = 90 * 24 * 3600.0
+    #: The accepted value of a quorum record by a key this node does not trust is collected this
+    #: long after this node last promised or accepted on the key (an eventual record by such a
+    #: key goes ``unpinned_grace_s`` after this node stored its version). Longer by default:
+    #: the state API writes with the node's own key, which the other members of a group need not
+    #: trust, and a service's state should outlive a quiet week.
+    stranger_quorum_grace_s: float = 30 * 24 * 3600.0
+    #: Quorum keys on which one sender may hold a promise here with no accepted value yet (a
+    #: ``Prepare`` of a key this node has no state for creates one, durably), and all senders
+    #: together; a ``Prepare`` beyond them is refused with the reason. This node's own are not limited;
+    #: another node may have as many first writes in flight as its state API takes clients.
+    promises_per_sender: int = 256
+    max_promises: int = 4096
+    #: A promise with no accepted value is forgotten this long after it was given (this node's
+    #: promise floor rises to it, see :class:`~p2pdeploy.collective.persistence_quorum.QuorumAcceptor`);
+    #: at least twice ``quorum_contention_s``, so no round still running is disturbed.
+    promise_grace_s: float = 600.0
 
     def __post_init__(self) -> None:
         require_at_least(self, "persistence.", 1, "replicas", "alpha", "reply_contacts", "window", "fetch_searches",
@@ -220,7 +238,12 @@ class PersistenceConfig:
         if not 0 <= self.stranger_share <= 1:
             raise ValueError(f"persistence.stranger_share must be in [0, 1] (got {self.stranger_share})")
         require_at_least(self, "persistence.", 0, "stranger_quota_bytes")
-        require_positive(self, "persistence.", "unpinned_grace_s", "pin_ttl_s", "max_pin_ttl_s")
+        require_positive(self, "persistence.", "unpinned_grace_s", "pin_ttl_s", "max_pin_ttl_s",
+                         "stranger_quorum_grace_s")
+        require_at_least(self, "persistence.", 0, "promises_per_sender", "max_promises")
+        if self.promise_grace_s < 2 * self.quorum_contention_s:
+            raise ValueError(f"persistence.promise_grace_s must be >= 2 * quorum_contention_s "
+                             f"({2 * self.quorum_contention_s:g}; got {self.promise_grace_s:g})")
         if self.pin_ttl_s > self.max_pin_ttl_s:
             raise ValueError(f"persistence.pin_ttl_s must be <= max_pin_ttl_s (got {self.pin_ttl_s})")
         if not 1 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
@@ -267,6 +290,9 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Admission, Protocol):
         self._usage: Counter[int] | None = None
         self._started_wall = self.wall(now)
         self._pin_news: set[int] = set()
+        self.promise_floor = store.read_promise_floor()
+        self._promise_only: Counter[int] | None = None
+        self._promise_only_total = 0
         self.node_id: int = overlay.node_id
         self.contact = Contact(overlay.node_id, own_address)
         self.counters: Counter[str] = Counter()
@@ -461,12 +487,15 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Admission, Protocol):
             reason = self.admit_pin(msg, now)
             self.send(src, Stored(msg.rpc_id, self.node_id, reason is None, reason or ""))
         elif kind is StoreChunk or kind is StoreRecord:
-            ok, reason = self._accept_chunk(msg, now) if kind is StoreChunk else self._accept_record(msg)
+            ok, reason = self._accept_chunk(msg, now) if kind is StoreChunk else self._accept_record(msg, now)
             self.send(src, Stored(msg.rpc_id, self.node_id, ok, reason))
             if ok and msg.purpose == PURPOSE_REPAIR:  # the repairer holds the key: if it goes, check at once
                 self._watch(msg.key, [Contact(msg.sender, src)], now)
         elif kind is Prepare:
-            self.send(src, self._acceptor_prepare(msg.key, msg.ballot, msg.rpc_id))
+            if msg.ballot != ZERO_BALLOT and msg.ballot.node != msg.sender:
+                self.dropped["bad_prepare"] += 1  # a ballot is its proposer's: promises are counted by it
+                return
+            self.send(src, self._acceptor_prepare(msg.key, msg.ballot, msg.rpc_id, msg.sender, now))
         elif kind is Accept:
             if check_record(msg.key, msg.item, self.config.max_record_bytes) is not None or \
                     check_group(msg.group) is not None:
@@ -476,7 +505,7 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Admission, Protocol):
             if self.admit_record(msg.item, state is not None and state.item is not None) is not None:
                 self.send(src, Accepted(msg.rpc_id, self.node_id, False, state.promised if state else ZERO_BALLOT))
                 return
-            self.send(src, self._acceptor_accept(msg.key, msg.ballot, msg.item, msg.group, msg.rpc_id))
+            self.send(src, self._acceptor_accept(msg.key, msg.ballot, msg.item, msg.group, msg.rpc_id, now))
         else:
             self.dropped["unexpected"] += 1
 
@@ -494,7 +523,7 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Admission, Protocol):
         self.counters[f"received_{PURPOSES[msg.purpose]}"] += 1
         return True, ""
 
-    def _accept_record(self, msg: StoreRecord) -> tuple[bool, str]:
+    def _accept_record(self, msg: StoreRecord, now: float) -> tuple[bool, str]:
         if not 1 <= msg.replicas <= MAX_REPLICAS or not 0 <= msg.purpose < len(PURPOSES):
             self.dropped["bad_store"] += 1
             return False, "bad replicas or purpose"
@@ -505,7 +534,7 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Admission, Protocol):
         reason = self.admit_record(msg.item, self.store.read_record(msg.key) is not None)
         if reason is not None:
             return False, reason
-        reason = self._store_locally(msg.key, KIND_RECORD, self.capped(msg.replicas), item=msg.item)
+        reason = self._store_locally(msg.key, KIND_RECORD, self.capped(msg.replicas), item=msg.item, now=now)
         return reason is None, reason or ""
 
     def _store_locally(self, key: int, kind: int, replicas: int, *, data: bytes = b"",
@@ -516,9 +545,9 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Admission, Protocol):
         current = self.store.read_record(key)
         if current is not None and not newer(item, current[0]):
             if replicas > current[1]:
-                self.store.write_record(key, current[0], replicas)
+                self.store.write_record(key, current[0], replicas)  # its time stays the version's
             return None  # we hold this one or a newer one already
-        return self.store.write_record(key, item, max(replicas, current[1] if current else 0))
+        return self.store.write_record(key, item, max(replicas, current[1] if current else 0), since=self.wall(now))
 
     # -- replies and timeouts --------------------------------------------------------------
     def _on_reply(self, src: Address, msg: Any, now: float) -> None:

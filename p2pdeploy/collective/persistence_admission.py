@@ -22,7 +22,11 @@ signature by a key the node trusts (the security model). What decides, here:
 - **collection**: with every repair round, a chunk without a live trusted pin is deleted
   ``unpinned_grace_s`` after it was stored or its last pin expired (garbage collection of unpinned
   data, as content stores such as IPFS do); a chunk this node keeps by its own choice (``keep``)
-  never is.
+  never is. An eventual record by a writer this node does not trust goes ``unpinned_grace_s``
+  after this node stored its version (the writer keeps it by writing a newer one), and such a
+  writer's quorum record ``stranger_quorum_grace_s`` after this node last promised or accepted on
+  it (:class:`~p2pdeploy.collective.persistence_quorum.QuorumAcceptor`, which also bounds and
+  forgets the promises that no value followed).
 - **refresh**: a publisher re-signs the pins of the chunks it keeps once less than half of
   ``pin_ttl_s`` is left, and its next check of each key brings the new pin to the other holders
   (``StorePin``). Putting a blob again refreshes its pins as well.
@@ -233,8 +237,9 @@ class Admission:
 
     # -- collection and refresh (with every repair round) -----------------------------------
     def collect(self, now: float) -> None:
-        """Delete the chunks unpinned for longer than ``unpinned_grace_s`` (and count afresh
-        what strangers hold: copies can also go by other ways, such as a failed hash check)."""
+        """Delete the chunks unpinned for longer than ``unpinned_grace_s`` and the records by
+        writers this node does not trust stored as long ago (and count afresh what strangers
+        hold: copies can also go by other ways, such as a failed hash check)."""
         self._usage = None
         wall = self.wall(now)
         for info in self.store.chunk_infos():
@@ -247,6 +252,14 @@ class Admission:
                 self.store.delete_chunk(info.key)
                 self._peers.pop(info.key, None)
                 self.counters["collected"] += 1
+        for key, since in self.store.record_times().items():
+            if wall < (since or self._started_wall) + self.config.unpinned_grace_s:
+                continue
+            stored = self.store.read_record(key)
+            if stored is not None and not self.trusts(stored[0].public_key):
+                self.store.delete_record(key)
+                self._peers.pop(key, None)
+                self.counters["records_collected"] += 1
 
     def refresh_pins(self, now: float) -> list[int]:
         """Re-sign the pins by this node's key of the chunks it keeps once half their TTL is

@@ -160,6 +160,9 @@ class Promise(RpcMessage):
     accepted: Ballot
     item: Item | None
     group: list[Contact]
+    #: Why a promise was refused other than for a higher ballot (``promised`` is then not above
+    #: the ballot asked for), such as this node holding all the promises it keeps for strangers.
+    reason: str = ""
 
 
 @message(109)

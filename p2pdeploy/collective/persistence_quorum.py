@@ -18,6 +18,8 @@ state durable in the store before any answer leaves.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from p2pdeploy.collective.persistence_messages import KIND_QUORUM, Accept, Accepted, Holders, Prepare, Promise
@@ -37,7 +39,7 @@ from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import Item
 
 if TYPE_CHECKING:
-    from p2pdeploy.collective.persistence import Persistence
+    from p2pdeploy.collective.persistence import Persistence, PersistenceConfig
     from p2pdeploy.collective.persistence_store import DurableStore
 
 
@@ -117,7 +119,7 @@ class QuorumRound(Op):
             return
         self.asked.add(contact.node_id)
         if contact.node_id == p.node_id:
-            self.promises[p.node_id] = p._acceptor_prepare(self.key, self.ballot, 0)
+            self.promises[p.node_id] = p._acceptor_prepare(self.key, self.ballot, 0, p.node_id, now)
         else:
             p._request(p._fresh(contact), Prepare(0, p.node_id, self.key, self.ballot), self, now)
 
@@ -189,8 +191,9 @@ class QuorumRound(Op):
         if len(granted) >= need:
             self._accept(p, granted, now)
         elif len(refused) > len(self.group) - need:
-            outbid = any(not pr.ok for sender, pr in self.promises.items() if sender in members)
-            self._retry(p, now, "no majority of the group promised", outbid=outbid)
+            outbid = any(not pr.ok and pr.promised > self.ballot for sender, pr in self.promises.items()
+                         if sender in members)
+            self._retry(p, now, "no majority of the group promised" + self._refusals(), outbid=outbid)
 
     def _evaluate_peek(self, p: Persistence, with_value: list[Promise], now: float) -> None:
         """A read's look at the group: done when a majority agree, else a full round."""
@@ -224,12 +227,17 @@ class QuorumRound(Op):
         """Every one of the N closest answered and none holds a value: the key is empty."""
         granted = [pr for pr in self.promises.values() if pr.ok]
         if len(granted) < majority(max(1, len(self.candidates[: p.config.quorum_replicas]))):
-            self._retry(p, now, "no majority of the closest nodes promised")
+            self._retry(p, now, "no majority of the closest nodes promised" + self._refusals())
             return
         self.ok, self.item = self.change.kind == "read", None
         if not self.ok:
             self.reason = f"version mismatch: expected {self.change.expected_version}, found 0"
         p._finish(self, now)
+
+    def _refusals(self) -> str:
+        """The reasons acceptors gave for refusing this round's promises, as a suffix."""
+        reasons = sorted({pr.reason for pr in self.promises.values() if not pr.ok and pr.reason})
+        return f" ({'; '.join(reasons)})" if reasons else ""
 
     # -- phase 2
     def _accept(self, p: Persistence, granted: list[Promise], now: float) -> None:
@@ -249,7 +257,7 @@ class QuorumRound(Op):
         group = list(self.group)
         for contact in group:
             if contact.node_id == p.node_id:
-                if p._acceptor_accept(self.key, self.ballot, proposal, group).ok:
+                if p._acceptor_accept(self.key, self.ballot, proposal, group, 0, now).ok:
                     self.accepted.add(p.node_id)
                 else:
                     self.refused.add(p.node_id)
@@ -288,22 +296,135 @@ class QuorumRound(Op):
 
 
 class QuorumAcceptor:
-    """The acceptor of quorum keys in the :class:`~p2pdeploy.collective.persistence.Persistence` layer."""
+    """The acceptor of quorum keys in the :class:`~p2pdeploy.collective.persistence.Persistence` layer.
+
+    Its state is durable before any answer leaves, and bounded: a ``Prepare`` of a key this
+    node holds nothing for creates a row that holds only a promise, and anyone can send one.
+    Such rows (no accepted value) are counted per proposer (the ballot's node, which must be
+    the sender) and in all; beyond ``promises_per_sender`` for one sender or ``max_promises``
+    in all, a ``Prepare`` of a new key is refused with the reason (counted,
+    ``promises_refused``) and writes nothing. This node's own rounds are not limited. With
+    every repair round, a promise-only row last written ``promise_grace_s`` ago (counted from
+    this node's start at the latest) is forgotten (``promises_forgotten``). A peek (ballot
+    zero) is promised by no one and writes nothing.
+
+    Why forgetting keeps CASPaxos safe. Paxos needs an acceptor's promise on a key never to go
+    down. Before it forgets any promise, the acceptor raises its *promise floor* (durable, one
+    ballot for the whole node) to the highest promise it forgets, and it answers every key it
+    has no row for as if it had promised the floor: it accepts no ballot below it, reports the
+    floor's counter to the holder search (so a proposer's first ballot on a new key is above
+    it) and refuses a lower ``Prepare`` as outbid. So a key's promise here never decreases,
+    whether its row is kept or forgotten, and no timing assumption is needed. Time matters for
+    progress only: a round whose promise was forgotten under it may have its Accept refused
+    (below a floor raised by another key) and tries again with a higher ballot; the grace, at
+    least twice ``quorum_contention_s`` (600 s against rounds of seconds), keeps this off any
+    round still running. Forgetting the promise alone, without the floor, would not be safe: a
+    first write cut short leaves its value with one member and promises with the others; once
+    those are forgotten, a proposer that does not reach that member (down, or no longer among
+    the closest) could have a lower ballot chosen, which the stale value's higher ballot would
+    later override.
+
+    The accepted value of a writer this node does not trust is kept within the quotas of
+    :mod:`~p2pdeploy.collective.persistence_admission` and collected ``stranger_quorum_grace_s``
+    after this node last promised or accepted on the key (its promise raises the floor as
+    above). Its group members collect it about together; until they all have, a read may still
+    find it.
+    """
 
     store: DurableStore
     node_id: int
+    config: PersistenceConfig
+    counters: Counter[str]
+    _started_wall: float
+    wall: Callable[[float], float]
+    trusts: Callable[[bytes], bool]
+    #: What this node promises every quorum key it holds no state for (see above).
+    promise_floor: Ballot
+    #: Promise-only rows per proposer; None: count afresh from the store when next needed.
+    _promise_only: Counter[int] | None
+    _promise_only_total: int
 
-    def _acceptor_prepare(self, key: int, ballot: Ballot, rpc_id: int) -> Promise:
-        state = self.store.read_acceptor(key) or AcceptorState(key)
-        ok, new = on_prepare(state, ballot)
-        if ok and new != state:
-            self.store.write_acceptor(new)  # durable before the promise leaves
+    def _acceptor_prepare(self, key: int, ballot: Ballot, rpc_id: int, sender: int, now: float) -> Promise:
+        state = self.store.read_acceptor(key)
+        current = state or AcceptorState(key, self.promise_floor)
+        ok, new = on_prepare(current, ballot)
+        if ok and state is None and sender != self.node_id:
+            refusal = self._promise_refusal(sender)
+            if refusal is not None:  # not outbid: the promise reported is not above the ballot
+                self.counters["promises_refused"] += 1
+                return Promise(rpc_id, self.node_id, False, current.promised, ZERO, None, [], refusal)
+        if ok and new != current:
+            self.store.write_acceptor(new, since=self.wall(now))  # durable before the promise leaves
+            self._tally(state, new)
         return Promise(rpc_id, self.node_id, ok, new.promised, new.accepted, new.item, list(new.group))
 
-    def _acceptor_accept(self, key: int, ballot: Ballot, item: Item, group: list[Contact],
-                         rpc_id: int = 0) -> Accepted:
-        state = self.store.read_acceptor(key) or AcceptorState(key)
-        ok, new = on_accept(state, ballot, item, group)
+    def _acceptor_accept(self, key: int, ballot: Ballot, item: Item, group: list[Contact], rpc_id: int,
+                         now: float) -> Accepted:
+        state = self.store.read_acceptor(key)
+        ok, new = on_accept(state or AcceptorState(key, self.promise_floor), ballot, item, group)
         if ok:
-            self.store.write_acceptor(new)
+            self.store.write_acceptor(new, since=self.wall(now))
+            self._tally(state, new)
         return Accepted(rpc_id, self.node_id, ok, new.promised)
+
+    def _promise_refusal(self, sender: int) -> str | None:
+        """Why a promise on a key this node holds nothing for may not be given to ``sender``."""
+        held = self._promises_held()
+        c = self.config
+        if held[sender] >= c.promises_per_sender:
+            return (f"this node keeps at most {c.promises_per_sender} promises per sender on keys without a "
+                    f"value ({held[sender]} held); they are forgotten {c.promise_grace_s:g} s after they were given")
+        if self._promise_only_total >= c.max_promises:
+            return (f"this node keeps at most {c.max_promises} promises on keys without a value, and holds "
+                    f"as many; they are forgotten {c.promise_grace_s:g} s after they were given")
+        return None
+
+    def _promises_held(self) -> Counter[int]:
+        if self._promise_only is None:
+            held: Counter[int] = Counter()
+            for state in map(self.store.read_acceptor, self.store.acceptor_keys()):
+                if state is not None and not state.has_value:
+                    held[state.promised.node] += 1
+            self._promise_only, self._promise_only_total = held, sum(held.values())
+        return self._promise_only
+
+    def _tally(self, old: AcceptorState | None, new: AcceptorState) -> None:
+        """Count the change from ``old`` to ``new`` in the promise-only rows per proposer."""
+        held = self._promise_only
+        if held is None:
+            return
+        if old is not None and not old.has_value:
+            held[old.promised.node] -= 1
+            self._promise_only_total -= 1
+            if held[old.promised.node] <= 0:
+                del held[old.promised.node]
+        if not new.has_value:
+            held[new.promised.node] += 1
+            self._promise_only_total += 1
+
+    def collect_acceptor_state(self, now: float) -> None:
+        """Forget the promises no value followed within ``promise_grace_s``, and collect the
+        values of untrusted writers unwritten for ``stranger_quorum_grace_s`` (see above)."""
+        c = self.config
+        wall = self.wall(now)
+        gone: list[tuple[AcceptorState, str]] = []
+        for key, since in self.store.acceptor_times().items():
+            age = wall - max(since, self._started_wall)
+            if age < c.promise_grace_s:
+                continue
+            state = self.store.read_acceptor(key)
+            if state is None:
+                continue
+            if not state.has_value:
+                gone.append((state, "promises_forgotten"))
+            elif age >= c.stranger_quorum_grace_s and state.item is not None and \
+                    not self.trusts(state.item.public_key):
+                gone.append((state, "quorum_records_collected"))
+        floor = max([self.promise_floor, *(state.promised for state, _ in gone)])
+        if floor != self.promise_floor:
+            self.store.write_promise_floor(floor)  # durable before any promise is forgotten
+            self.promise_floor = floor
+        for state, counter in gone:
+            self.store.delete_acceptor(state.key)
+            self.counters[counter] += 1
+        self._promise_only = None

@@ -12,7 +12,8 @@ is fetched again. :class:`Leave` hands every key to the next closest nodes befor
 departure. Only what this node is authorized to keep is repaired or handed off: chunks with a
 live pin by a key it trusts, records written by such a key
 (:mod:`~p2pdeploy.collective.persistence_admission`); each round also collects the chunks left
-unpinned past their grace period, and renews the pins this node signed of the chunks it keeps.
+unpinned and the untrusted writers' records kept past their grace periods, forgets the quorum
+promises that no value followed in time, and renews the pins this node signed of the chunks it keeps.
 
 :class:`Repair` is the part of the :class:`~p2pdeploy.collective.persistence.Persistence` layer
 that runs these rounds.
@@ -151,7 +152,7 @@ class Check(Op):
             if reply.item is not None and newer(reply.item, item) and check_record(
                     self.key, reply.item, p.config.max_record_bytes) is None:
                 item = reply.item
-                p.store.write_record(self.key, item, replicas)
+                p.store.write_record(self.key, item, replicas, since=p.wall(now))
         purpose = PURPOSE_HANDOFF if self.leaving else PURPOSE_REPAIR
         def lacks(contact: Contact) -> bool:
             reply = search.replies.get(contact.node_id)
@@ -221,6 +222,7 @@ class Repair:
             return
         self._drain_corrupted(now)  # e.g. chunks a restarted store found missing when it opened
         self.collect(now)
+        self.collect_acceptor_state(now)
         for key in self.refresh_pins(now):
             self._checked_at.pop(key, None)  # due now: its holders get the new pin
         running = sum(1 for op in self._ops.values() if isinstance(op, Check))

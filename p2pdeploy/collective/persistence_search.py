@@ -33,6 +33,7 @@ from p2pdeploy.overlay.routing import Contact
 if TYPE_CHECKING:
     from p2pdeploy.collective.persistence import Persistence, PersistenceConfig
     from p2pdeploy.collective.persistence_store import DurableStore
+    from p2pdeploy.collective.records import Ballot
     from p2pdeploy.overlay.kademlia import Kademlia
 
 
@@ -117,6 +118,7 @@ class HolderSearch:
     counters: Counter[str]
     dropped: Counter[str]
     _checked_at: dict[int, float]
+    promise_floor: Ballot
 
     def _search(self, op: Op, kind: int, check: bool, replicas: int, now: float, *,
                 announce: bool = False) -> None:
@@ -199,6 +201,8 @@ class HolderSearch:
             state = self.store.read_acceptor(msg.key)
             if state is not None:
                 has, sequence = state.has_value, state.promised.counter
+            else:  # what this node promises every key it holds nothing for
+                sequence = self.promise_floor.counter
         else:
             self.dropped["bad_kind"] += 1
         if has and msg.check and self._responsible(msg.key, msg.replicas or self.config.replicas):

@@ -13,7 +13,7 @@ from typing import Protocol as TypingProtocol
 
 from p2pdeploy.collective.blobs import chunk_key
 from p2pdeploy.collective.persistence_messages import Pin
-from p2pdeploy.collective.records import AcceptorState
+from p2pdeploy.collective.records import ZERO, AcceptorState, Ballot
 from p2pdeploy.overlay.storage import Item
 
 
@@ -41,6 +41,13 @@ class DurableStore(TypingProtocol):
     reason (``"store is full"``) or ``None``; the quota is ``capacity_bytes``. Writing a chunk
     the store holds keeps its bytes, pin, owner and time, raising only its replicas and
     ``pinned``; :meth:`set_pin` replaces its pin.
+
+    Records and acceptor states keep when they were last written here (wall-clock seconds, the
+    ``since`` of the writes; 0 for those written before the store kept times), for the layer's
+    collection of records by writers it does not trust and of promises no value followed.
+    Writing a record with ``since=None`` keeps the time of the version held (raising its replicas
+    only). The *promise floor* is the ballot an acceptor promises every key it holds no state for
+    (``ZERO`` until it forgets a promise; it only rises).
     """
 
     capacity_bytes: int
@@ -58,11 +65,16 @@ class DurableStore(TypingProtocol):
     def used_bytes(self) -> int: ...
     def record_keys(self) -> list[int]: ...
     def read_record(self, key: int) -> tuple[Item, int] | None: ...
-    def write_record(self, key: int, item: Item, replicas: int) -> str | None: ...
+    def record_times(self) -> dict[int, float]: ...
+    def write_record(self, key: int, item: Item, replicas: int, since: float | None = None) -> str | None: ...
     def delete_record(self, key: int) -> None: ...
     def acceptor_keys(self) -> list[int]: ...
+    def acceptor_times(self) -> dict[int, float]: ...
     def read_acceptor(self, key: int) -> AcceptorState | None: ...
-    def write_acceptor(self, state: AcceptorState) -> None: ...
+    def write_acceptor(self, state: AcceptorState, since: float = 0.0) -> None: ...
+    def delete_acceptor(self, key: int) -> None: ...
+    def read_promise_floor(self) -> Ballot: ...
+    def write_promise_floor(self, ballot: Ballot) -> None: ...
     def close(self) -> None: ...
 
 
@@ -98,7 +110,10 @@ class MemoryStore(ChunkBookkeeping):
         self.capacity_bytes = capacity_bytes
         self._chunks: dict[int, tuple[bytes, ChunkInfo]] = {}
         self._records: dict[int, tuple[Item, int]] = {}
+        self._record_times: dict[int, float] = {}
         self._acceptors: dict[int, AcceptorState] = {}
+        self._acceptor_times: dict[int, float] = {}
+        self._promise_floor = ZERO
         self._corrupted: list[ChunkInfo] = []
         self._used = 0
         self.corruptions = 0
@@ -167,21 +182,40 @@ class MemoryStore(ChunkBookkeeping):
     def read_record(self, key: int) -> tuple[Item, int] | None:
         return self._records.get(key)
 
-    def write_record(self, key: int, item: Item, replicas: int) -> str | None:
+    def record_times(self) -> dict[int, float]:
+        return dict(self._record_times)
+
+    def write_record(self, key: int, item: Item, replicas: int, since: float | None = None) -> str | None:
         self._records[key] = (item, replicas)
+        self._record_times[key] = self._record_times.get(key, 0.0) if since is None else since
         return None
 
     def delete_record(self, key: int) -> None:
         self._records.pop(key, None)
+        self._record_times.pop(key, None)
 
     def acceptor_keys(self) -> list[int]:
         return list(self._acceptors)
 
+    def acceptor_times(self) -> dict[int, float]:
+        return dict(self._acceptor_times)
+
     def read_acceptor(self, key: int) -> AcceptorState | None:
         return self._acceptors.get(key)
 
-    def write_acceptor(self, state: AcceptorState) -> None:
+    def write_acceptor(self, state: AcceptorState, since: float = 0.0) -> None:
         self._acceptors[state.key] = state
+        self._acceptor_times[state.key] = since
+
+    def delete_acceptor(self, key: int) -> None:
+        self._acceptors.pop(key, None)
+        self._acceptor_times.pop(key, None)
+
+    def read_promise_floor(self) -> Ballot:
+        return self._promise_floor
+
+    def write_promise_floor(self, ballot: Ballot) -> None:
+        self._promise_floor = ballot
 
     def close(self) -> None:
         pass

@@ -15,7 +15,10 @@ repaired from a replica by the layer.
 
 A chunk's row also holds its pin (the publisher's key, the expiry and the signature), who
 stored it and when (``owner``, ``since``), for the layer's quotas and its collection of
-unpinned chunks; a store created before those columns existed gains them when opened.
+unpinned chunks; record and acceptor rows hold when they were last written (``since``), for the
+collection of strangers' records and of promises no value followed; ``promise_floor`` holds
+the one ballot the acceptor promises every key it has no row for. A store created before those
+columns existed gains them when opened.
 
 Records and acceptor states are stored as their CBOR wire form (``wire.py`` stays the only
 place that knows CBOR). Acceptor state must be on disk before a promise leaves the node (Paxos
@@ -38,7 +41,7 @@ from typing import Any
 
 from p2pdeploy import wire
 from p2pdeploy.collective.persistence import ChunkBookkeeping, ChunkInfo, Pin
-from p2pdeploy.collective.records import AcceptorState, StoredRecord
+from p2pdeploy.collective.records import ZERO, AcceptorState, Ballot, StoredRecord
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.overlay.storage import Item
 from p2pdeploy.wire import ID_BYTES, NodeId
@@ -64,14 +67,19 @@ CREATE TABLE IF NOT EXISTS chunks (
     owner BLOB,
     since REAL NOT NULL DEFAULT 0
 );
-CREATE TABLE IF NOT EXISTS records (key BLOB PRIMARY KEY, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS acceptors (key BLOB PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS records (key BLOB PRIMARY KEY, data BLOB NOT NULL, since REAL NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS acceptors (key BLOB PRIMARY KEY, data BLOB NOT NULL, since REAL NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS promise_floor (id INTEGER PRIMARY KEY CHECK (id = 0), data BLOB NOT NULL);
 """
 
 
-#: Columns added to ``chunks`` after its first release, with their declarations.
-_ADDED_CHUNK_COLUMNS = {"pin_key": "BLOB", "pin_expires": "INTEGER", "pin_signature": "BLOB", "owner": "BLOB",
-                        "since": "REAL NOT NULL DEFAULT 0"}
+#: Columns added to each table after its first release, with their declarations.
+_ADDED_COLUMNS = {
+    "chunks": {"pin_key": "BLOB", "pin_expires": "INTEGER", "pin_signature": "BLOB", "owner": "BLOB",
+               "since": "REAL NOT NULL DEFAULT 0"},
+    "records": {"since": "REAL NOT NULL DEFAULT 0"},
+    "acceptors": {"since": "REAL NOT NULL DEFAULT 0"},
+}
 _CHUNK_COLUMNS = "key, size, replicas, pinned, pin_key, pin_expires, pin_signature, owner, since"
 
 
@@ -136,10 +144,11 @@ class SQLiteStore(ChunkBookkeeping):
             directory.chmod(0o700)
         self.db = open_database(self.root / DATABASE_FILE, durable=durable)
         self.db.executescript(_SCHEMA)
-        present = {row[1] for row in self.db.execute("PRAGMA table_info(chunks)")}
-        for column, declaration in _ADDED_CHUNK_COLUMNS.items():
-            if column not in present:
-                self.db.execute(f"ALTER TABLE chunks ADD COLUMN {column} {declaration}")
+        for table, columns in _ADDED_COLUMNS.items():
+            present = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            for column, declaration in columns.items():
+                if column not in present:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         self._corrupted: list[ChunkInfo] = []
         #: Chunks whose bytes no longer matched their hash (dropped and reported).
         self.corruptions = 0
@@ -263,9 +272,15 @@ class SQLiteStore(ChunkBookkeeping):
             return None
         return stored.item, stored.replicas
 
-    def write_record(self, key: int, item: Item, replicas: int) -> str | None:
+    def record_times(self) -> dict[int, float]:
+        return {_key_int(key): since for key, since in self.db.execute("SELECT key, since FROM records")}
+
+    def write_record(self, key: int, item: Item, replicas: int, since: float | None = None) -> str | None:
         data = wire.encode(StoredRecord(key, item, replicas))
-        self.db.execute("INSERT OR REPLACE INTO records (key, data) VALUES (?, ?)", (_key_bytes(key), data))
+        keep = "" if since is None else ", since = excluded.since"
+        self.db.execute(f"INSERT INTO records (key, data, since) VALUES (?, ?, ?) "
+                        f"ON CONFLICT(key) DO UPDATE SET data = excluded.data{keep}",
+                        (_key_bytes(key), data, since or 0.0))
         return None
 
     def delete_record(self, key: int) -> None:
@@ -274,6 +289,9 @@ class SQLiteStore(ChunkBookkeeping):
     def acceptor_keys(self) -> list[int]:
         return [_key_int(row[0]) for row in self.db.execute("SELECT key FROM acceptors")]
 
+    def acceptor_times(self) -> dict[int, float]:
+        return {_key_int(key): since for key, since in self.db.execute("SELECT key, since FROM acceptors")}
+
     def read_acceptor(self, key: int) -> AcceptorState | None:
         row = self.db.execute("SELECT data FROM acceptors WHERE key = ?", (_key_bytes(key),)).fetchone()
         if row is None:
@@ -281,9 +299,24 @@ class SQLiteStore(ChunkBookkeeping):
         state = wire.decode(row[0], limit_bytes=len(row[0]))
         return state if isinstance(state, AcceptorState) and state.key == key else None
 
-    def write_acceptor(self, state: AcceptorState) -> None:
-        self.db.execute("INSERT OR REPLACE INTO acceptors (key, data) VALUES (?, ?)",
-                        (_key_bytes(state.key), wire.encode(state)))
+    def write_acceptor(self, state: AcceptorState, since: float = 0.0) -> None:
+        self.db.execute("INSERT OR REPLACE INTO acceptors (key, data, since) VALUES (?, ?, ?)",
+                        (_key_bytes(state.key), wire.encode(state), since))
+
+    def delete_acceptor(self, key: int) -> None:
+        self.db.execute("DELETE FROM acceptors WHERE key = ?", (_key_bytes(key),))
+
+    def read_promise_floor(self) -> Ballot:
+        row = self.db.execute("SELECT data FROM promise_floor WHERE id = 0").fetchone()
+        if row is None:
+            return ZERO
+        state = wire.decode(row[0], limit_bytes=len(row[0]))
+        return state.promised if isinstance(state, AcceptorState) else ZERO
+
+    def write_promise_floor(self, ballot: Ballot) -> None:
+        """Kept as the promise of an acceptor state of key 0 (``wire.py`` stays the only codec)."""
+        self.db.execute("INSERT OR REPLACE INTO promise_floor (id, data) VALUES (0, ?)",
+                        (wire.encode(AcceptorState(0, ballot)),))
 
     def close(self) -> None:
         self.db.close()

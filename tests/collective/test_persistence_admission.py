@@ -198,6 +198,29 @@ def test_repair_spreads_a_trusted_chunk_that_asked_for_16_copies_to_the_cap_and_
     assert set(net.holders(key)) == set(net.closest(key, CONFIG.max_replicas))
 
 
+def test_a_strangers_records_are_collected_a_grace_after_they_were_stored():
+    """A record by a writer no node trusts was kept for ever within the quota (so the strangers'
+    share of the store, once full, stayed full); now it goes like an unpinned chunk, unless its
+    writer writes a newer one. A trusted writer's records stay."""
+    config = dataclasses.replace(CONFIG, unpinned_grace_s=300.0)
+    net = StorageNet(3, seed=22, config=config)
+    layer, writer, member = net.persistence(0), Identity.from_seed(bytes(range(6, 38))), net.identity_of(1)
+    records = [sign_record(writer, b"old", b"x", 1), sign_record(writer, b"kept", b"y", 1),
+               sign_record(member, b"trusted", b"z", 1)]
+    for n, (key, item) in enumerate(records):
+        layer.receive(1, StoreRecord(n + 1, net.node_id(1), key, item, 3), net.now)
+    assert all(msg.ok for _, msg in layer.messages_to_send() if isinstance(msg, Stored))
+    net.run_for(200.0)
+    key, newer = sign_record(writer, b"kept", b"y2", 2)  # its writer keeps it by writing it again
+    layer.receive(1, StoreRecord(9, net.node_id(1), key, newer, 3), net.now)
+    net.run_for(100.0 + 2 * config.repair_interval_s)
+    held = net.stores[0].record_keys()
+    assert records[0][0] not in held and records[1][0] in held and records[2][0] in held
+    net.run_for(300.0)
+    assert set(net.stores[0].record_keys()) == {records[2][0]}
+    assert layer.counters["records_collected"] == 2
+
+
 def test_the_local_api_refuses_more_copies_than_the_cap():
     net = StorageNet(3, seed=14, config=CONFIG)
     try:

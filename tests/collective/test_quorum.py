@@ -9,6 +9,8 @@ simulated disk survives); the group is fixed at the first write; no node joins c
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from dataclasses import dataclass
 
 import pytest
@@ -16,7 +18,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
-from p2pdeploy.collective.persistence import Persistence, PersistenceConfig, QuorumFinished
+from p2pdeploy.collective.persistence import (
+    Accept,
+    FindHolders,
+    Persistence,
+    PersistenceConfig,
+    Prepare,
+    Promise,
+    QuorumFinished,
+)
+from p2pdeploy.collective.persistence_messages import KIND_QUORUM
 from p2pdeploy.collective.records import ZERO, AcceptorState, Ballot, Change, majority, on_accept, on_prepare
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.routing import Contact
@@ -193,6 +204,136 @@ def test_a_read_during_a_write_in_progress_runs_a_full_round():
     reader = 8
     read = op(net, reader, lambda p, now: p.quorum_read(key, now))
     assert read.ok and net.layer(reader, Persistence).counters["quorum_reads_peeked"] == 0
+
+
+# -- a stranger's prepares -------------------------------------------------------------------
+
+STRANGER = 8  # an address in a net of 9 whose ids and messages are the attacker's
+
+
+def flood_prepares(net: StorageNet, rng: random.Random, count: int, *, rotate_ids: bool = False) -> int:
+    """``count`` Prepares of random keys from the stranger to every other node, as an attacker's
+    own code sends them (under one id, or a new random id each); the promises refused."""
+    refused = 0
+    for n in range(count):
+        sender = rng.getrandbits(160) if rotate_ids else net.node_id(STRANGER)
+        prepare = Prepare(n + 1, sender, rng.getrandbits(160), Ballot(1, sender, n))
+        for address in range(STRANGER):
+            layer = net.persistence(address)
+            layer.receive(STRANGER, prepare, net.now)
+            refused += sum(1 for _, msg in layer.messages_to_send() if isinstance(msg, Promise) and not msg.ok)
+    return refused
+
+
+def promise_only_rows(net: StorageNet, address: int) -> int:
+    store = net.stores[address]
+    return sum(1 for key in store.acceptor_keys() if not store.read_acceptor(key).has_value)
+
+
+def test_a_strangers_prepares_of_random_keys_leave_every_acceptor_store_bounded():
+    """10,000 Prepares of random keys from one sender once made 10,000 durable rows on every
+    node, forever; now each node keeps the sender's promises within its quota and forgets them
+    after the grace, while puts, compare-and-sets and reads go on."""
+    net = StorageNet(9, seed=31, config=CONFIG)
+    rng = random.Random(31)
+    key = record_key(WRITER.public_key, b"k")
+    assert op(net, 0, lambda p, now: p.quorum_put(WRITER, b"k", b"v1", now)).ok
+    refused = flood_prepares(net, rng, 5_000)
+    assert op(net, 1, lambda p, now: p.quorum_cas(WRITER, b"k", 1, b"v2", now)).ok
+    assert op(net, 2, lambda p, now: p.quorum_put(WRITER, b"during", b"d", now)).ok
+    refused += flood_prepares(net, rng, 5_000)
+    for address in range(STRANGER):
+        assert promise_only_rows(net, address) <= 256 + 2, address  # the sender's quota, and the legit rounds'
+    assert refused >= STRANGER * (10_000 - 256)
+    read = op(net, 3, lambda p, now: p.quorum_read(key, now))
+    assert read.ok and read.item.value == b"v2" and read.version == 2
+    net.run_for(600.0 + 2 * CONFIG.repair_interval_s)  # past the grace: the promises are forgotten
+    assert all(promise_only_rows(net, a) == 0 for a in range(STRANGER))
+    assert op(net, 4, lambda p, now: p.quorum_cas(WRITER, b"k", 2, b"v3", now)).ok
+    assert op(net, 5, lambda p, now: p.quorum_read(key, now)).item.value == b"v3"
+    assert op(net, 6, lambda p, now: p.quorum_read(record_key(WRITER.public_key, b"during"), now)).item.value == b"d"
+    assert op(net, 7, lambda p, now: p.quorum_put(WRITER, b"after", b"a", now)).ok
+
+
+def test_prepares_under_ever_new_ids_meet_the_limit_of_all_promises():
+    """Ids cost nothing to make: the per-sender quota alone does not bound the rows, the limit
+    on all promises does. Keys that hold a value go on being read and written meanwhile."""
+    net = StorageNet(9, seed=32, config=CONFIG)
+    key = record_key(WRITER.public_key, b"k")
+    assert op(net, 0, lambda p, now: p.quorum_put(WRITER, b"k", b"v1", now)).ok
+    flood_prepares(net, random.Random(32), 5_000, rotate_ids=True)
+    for address in range(STRANGER):
+        assert promise_only_rows(net, address) <= 4096, address
+    assert net.persistence(0).counters["promises_refused"] >= 5_000 - 4096
+    assert op(net, 1, lambda p, now: p.quorum_cas(WRITER, b"k", 1, b"v2", now)).ok
+    assert op(net, 2, lambda p, now: p.quorum_read(key, now)).item.value == b"v2"
+
+
+def test_a_refused_promise_says_why_and_is_not_taken_for_contention():
+    """A group whose acceptors hold all the promises they keep refuses a new key with the
+    reason; the proposer gives up after its attempts instead of waiting out the contention."""
+    config = dataclasses.replace(CONFIG, max_promises=0)
+    net = StorageNet(5, seed=33, config=config)
+    key = record_key(WRITER.public_key, b"new")
+    writer = next(a for a in range(5) if a not in net.closest(key, 3))
+    started = net.now
+    failed = op(net, writer, lambda p, now: p.quorum_put(WRITER, b"new", b"v", now))
+    assert not failed.ok and "promises on keys without a value" in failed.reason, failed.reason
+    assert net.now - started < config.quorum_contention_s
+    assert all(net.stores[a].read_acceptor(key) is None for a in range(5) if a != writer)
+
+
+def test_a_promise_is_kept_through_the_grace_and_a_ballot_must_be_its_senders():
+    net = StorageNet(3, seed=34, config=CONFIG)
+    layer, sender = net.persistence(0), net.node_id(1)
+    layer.receive(1, Prepare(1, sender, 77, Ballot(5, net.node_id(2))), net.now)  # another node's ballot
+    assert layer.dropped["bad_prepare"] == 1 and net.stores[0].read_acceptor(77) is None
+    layer.receive(1, Prepare(2, sender, 77, Ballot(5, sender)), net.now)
+    assert [msg.ok for _, msg in layer.messages_to_send() if isinstance(msg, Promise)] == [True]
+    net.run_for(CONFIG.promise_grace_s - 1.0)
+    assert net.stores[0].read_acceptor(77).promised == Ballot(5, sender)
+    layer.receive(1, Prepare(3, sender, 77, Ballot(4, sender)), net.now)  # a lower ballot: still refused
+    assert [msg.ok for _, msg in layer.messages_to_send() if isinstance(msg, Promise)] == [False]
+    net.run_for(2 * CONFIG.repair_interval_s + 1.0)
+    assert net.stores[0].read_acceptor(77) is None and layer.counters["promises_forgotten"] == 1
+
+
+def test_a_forgotten_promise_still_holds_through_the_promise_floor():
+    """A first write cut short: its value reached one member, the others only promised. Once
+    they forget those promises, a lower ballot must still be refused there (else it could be
+    chosen, and the stale value's higher ballot override it later); the node promises every
+    key it holds nothing for its floor, the highest promise it forgot, also after a restart."""
+    net = StorageNet(3, seed=36, config=CONFIG)
+    layer, sender = net.persistence(0), net.node_id(1)
+    key, item = sign_record(WRITER, b"k", b"v", 1)
+    layer.receive(1, Prepare(1, sender, key, Ballot(10, sender)), net.now)
+    net.run_for(CONFIG.promise_grace_s + 2 * CONFIG.repair_interval_s)
+    assert net.stores[0].read_acceptor(key) is None and net.stores[0].read_promise_floor() == Ballot(10, sender)
+    net.crash(0)
+    net.restart(0)
+    layer = net.persistence(0)
+    layer.receive(1, Prepare(2, sender, key, Ballot(9, sender)), net.now)
+    layer.receive(1, Accept(3, sender, key, Ballot(9, sender), item, [Contact(net.node_id(0), 0)]), net.now)
+    layer.receive(1, FindHolders(4, sender, key, KIND_QUORUM, False, 3), net.now)
+    answers = [msg for _, msg in layer.messages_to_send()]
+    promise, accepted, holders = answers
+    assert not promise.ok and promise.promised == Ballot(10, sender) and not accepted.ok
+    assert holders.sequence == 10  # a proposer's first ballot on a new key is above the floor
+    assert net.stores[0].read_acceptor(key) is None
+    assert op(net, 2, lambda p, now: p.quorum_put(WRITER, b"k", b"w", now)).ok
+
+
+def test_a_strangers_quorum_record_is_collected_a_grace_after_it_was_last_written():
+    config = dataclasses.replace(CONFIG, stranger_quorum_grace_s=3600.0)
+    stranger = Identity.from_seed(bytes(range(7, 39)))
+    net = StorageNet(5, seed=35, config=config, trusting=frozenset({WRITER.public_key}))
+    theirs = op(net, 0, lambda p, now: p.quorum_put(stranger, b"s", b"x", now))
+    ours = op(net, 0, lambda p, now: p.quorum_put(WRITER, b"t", b"y", now))
+    assert theirs.ok and ours.ok
+    net.run_for(3600.0 + 2 * config.repair_interval_s)
+    assert all(net.stores[a].read_acceptor(theirs.key) is None for a in range(5))
+    assert len([a for a in range(5) if net.stores[a].read_acceptor(ours.key) is not None]) == 3
+    assert op(net, 1, lambda p, now: p.quorum_read(theirs.key, now)).item is None
 
 
 # -- the stateful test -----------------------------------------------------------------------

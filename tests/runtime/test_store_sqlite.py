@@ -10,7 +10,7 @@ import pytest
 
 from p2pdeploy.collective.blobs import chunk_key
 from p2pdeploy.collective.persistence import sign_pin
-from p2pdeploy.collective.records import AcceptorState, Ballot
+from p2pdeploy.collective.records import ZERO, AcceptorState, Ballot
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.routing import Contact
@@ -152,3 +152,44 @@ def test_a_store_from_before_pins_gains_their_columns_and_keeps_its_chunks(tmp_p
     with SQLiteStore(tmp_path, capacity_bytes=1 << 20) as store:
         info = store.chunk_info(key)
         assert store.read_chunk(key) == data and info.pin is None and info.since == 0
+
+
+def test_records_and_acceptor_states_keep_when_they_were_written_across_a_restart(tmp_path):
+    writer = Identity.from_seed(bytes(range(32)))
+    key, item = sign_record(writer, b"n", b"v", 1)
+    with SQLiteStore(tmp_path, capacity_bytes=0) as store:
+        store.write_record(key, item, 3, since=100.0)
+        store.write_record(key, item, 5)  # more replicas only: the version keeps its time
+        store.write_acceptor(AcceptorState(5, Ballot(1, 1, 1)), since=200.0)
+        store.write_acceptor(AcceptorState(6, Ballot(1, 1, 1)), since=300.0)
+    with SQLiteStore(tmp_path, capacity_bytes=0) as store:
+        assert store.read_record(key) == (item, 5) and store.record_times() == {key: 100.0}
+        assert store.acceptor_times() == {5: 200.0, 6: 300.0}
+        store.delete_acceptor(5)
+        assert store.read_acceptor(5) is None and store.acceptor_keys() == [6]
+        assert store.read_promise_floor() == ZERO
+        store.write_promise_floor(Ballot(7, 2, 3))
+    with SQLiteStore(tmp_path, capacity_bytes=0) as store:
+        assert store.read_promise_floor() == Ballot(7, 2, 3)
+
+
+def test_a_store_from_before_record_times_gains_them_and_keeps_its_rows(tmp_path):
+    import sqlite3
+
+    writer = Identity.from_seed(bytes(range(32)))
+    key, item = sign_record(writer, b"n", b"v", 1)
+    state = AcceptorState(5, Ballot(1, 1, 1))
+    with SQLiteStore(tmp_path, capacity_bytes=0) as store:
+        store.write_record(key, item, 3, since=100.0)
+        store.write_acceptor(state, since=200.0)
+    db = sqlite3.connect(tmp_path / "persistence" / "store.sqlite3")
+    for table in ("records", "acceptors"):
+        db.executescript(f"""
+            CREATE TABLE old AS SELECT key, data FROM {table};
+            DROP TABLE {table};
+            ALTER TABLE old RENAME TO {table};
+        """)
+    db.close()
+    with SQLiteStore(tmp_path, capacity_bytes=0) as store:
+        assert store.read_record(key) == (item, 3) and store.record_times() == {key: 0.0}
+        assert store.read_acceptor(5) == state and store.acceptor_times() == {5: 0.0}
