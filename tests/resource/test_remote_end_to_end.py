@@ -6,12 +6,9 @@ the wire codec. Signed timestamps are wall time, so both sides get the wall-cloc
 """
 
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
-import pytest
 import trio
 
 from p2pdeploy import wire
@@ -40,15 +37,6 @@ def crossed(msg):
     assert not isinstance(decoded, wire.DecodeError), decoded
     return decoded
 
-
-@pytest.fixture
-def service_root():
-    root = Path(tempfile.mkdtemp(prefix="p2pdeploy-test-", dir="/tmp"))
-    root.chmod(0o755)
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def test_a_deployer_starts_watches_reads_and_stops_a_replica_over_the_remote_protocol(service_root):

@@ -10,12 +10,9 @@ more. The node refuses it as a replay and the replica keeps running.
 from __future__ import annotations
 
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
-import pytest
 import trio
 
 from p2pdeploy import wire
@@ -26,20 +23,12 @@ from p2pdeploy.runtime.bundlefile import bundle_from_directory
 from p2pdeploy.runtime.localnet import open_local_processes
 from p2pdeploy.runtime.node import open_node
 
+from .test_runtime_replicas import wait_until_running
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DEPLOYER = Identity.from_seed(b"R" * 32)
 BOUND_S = 30.0
 
-
-@pytest.fixture
-def service_root():
-    """A directory a root node's service users can enter, removed afterwards."""
-    root = Path(tempfile.mkdtemp(prefix="p2pdeploy-test-", dir="/tmp"))
-    root.chmod(0o755)
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def captured_stop(node_id: int, address, replica_id: str) -> bytes:
@@ -61,13 +50,6 @@ async def send_datagram(data: bytes, address) -> object:
                 answer = wire.decode(await sock.recv(65536), limit_bytes=wire.STREAM_LIMIT_BYTES)
                 if isinstance(answer, Refused | StatusReply):
                     return answer
-
-
-async def wait_until_running(deployer, address, replica_id) -> None:
-    with trio.fail_after(BOUND_S):
-        while (reply := await deployer.remote_query(address, replica_id)).state != "running":
-            assert isinstance(reply, StatusReply) and reply.state in ("installing", "starting"), reply
-            await trio.sleep(0.05)
 
 
 async def test_a_stop_captured_on_the_wire_is_refused_after_the_node_restarts(service_root):

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import tempfile
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-import pytest
 import trio
 
 from p2pdeploy.collective.blobs import split
@@ -40,16 +38,6 @@ PERSISTENCE = PersistenceConfig(rpc_timeout_s=3.0, transfer_timeout_s=30.0)
 #: deployer and the warm-up host keep one too: with 8 hosts, one always holds none of it.
 HOSTS = 8
 
-
-@pytest.fixture
-def service_root():
-    """A directory a root node's service user (nobody) can enter, removed afterwards."""
-    root = Path(tempfile.mkdtemp(prefix="p2pdeploy-test-", dir="/tmp"))
-    root.chmod(0o755)
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def hello(root: Path, name: str, extra: bytes = b"") -> Path:

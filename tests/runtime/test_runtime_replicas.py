@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -71,16 +70,6 @@ needs_two_cores = pytest.mark.skipif(
     probe_machine("/tmp").cores < 2, reason="the contribution is clamped to the machine: needs 2 cores"
 )
 
-
-@pytest.fixture
-def service_root():
-    """A directory a root node's service user (nobody) can enter, removed afterwards."""
-    root = Path(tempfile.mkdtemp(prefix="p2pdeploy-test-", dir="/tmp"))
-    root.chmod(0o755)
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def one_core_hello(root: Path) -> Path:

@@ -8,10 +8,7 @@ retries within its request's deadline.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from contextlib import AsyncExitStack
-from pathlib import Path
 
 import trio
 
@@ -58,38 +55,33 @@ CLIENTS = 20
 INCREMENTS = 10
 
 
-async def test_twenty_clients_incrementing_the_hello_counter_ten_times_each_end_at_two_hundred():
+async def test_twenty_clients_incrementing_the_hello_counter_ten_times_each_end_at_two_hundred(service_root):
     """examples/hello's /count reads the counter and writes it back with If-Match; twenty clients
     at once make its writes collide on every version, and each collision is retried until it lands."""
     deployer_identity = Identity.from_seed(b"H" * 32)
-    root = Path(tempfile.mkdtemp(prefix="p2pdeploy-test-", dir="/tmp"))
-    root.chmod(0o755)
-    try:
-        bundle = bundle_from_directory(EXAMPLES / "hello").sign(deployer_identity)
-        contribution = Contribution(trusted_keys=frozenset({deployer_identity.public_key}))
-        async with AsyncExitStack() as stack:
-            host = await stack.enter_async_context(
-                open_node(data_dir=root / "host", contribution=contribution, kademlia=FAST_OVERLAY))
-            others = [await stack.enter_async_context(open_node(seed=i, bootstrap=[host.address],
-                                                                kademlia=FAST_OVERLAY)) for i in range(4)]
-            deployer = await stack.enter_async_context(open_node(identity=deployer_identity, layers=client_layers))
-            for node in (host, *others):
-                await node.wait_joined()
-            assert isinstance(await deployer.remote_start(host.address, "hello-1", bundle), StatusReply)
-            port = (await wait_until_running(deployer, host.address, "hello-1")).port
-            answers: list[bytes] = []
+    bundle = bundle_from_directory(EXAMPLES / "hello").sign(deployer_identity)
+    contribution = Contribution(trusted_keys=frozenset({deployer_identity.public_key}))
+    async with AsyncExitStack() as stack:
+        host = await stack.enter_async_context(
+            open_node(data_dir=service_root / "host", contribution=contribution, kademlia=FAST_OVERLAY))
+        others = [await stack.enter_async_context(open_node(seed=i, bootstrap=[host.address],
+                                                            kademlia=FAST_OVERLAY)) for i in range(4)]
+        deployer = await stack.enter_async_context(open_node(identity=deployer_identity, layers=client_layers))
+        for node in (host, *others):
+            await node.wait_joined()
+        assert isinstance(await deployer.remote_start(host.address, "hello-1", bundle), StatusReply)
+        port = (await wait_until_running(deployer, host.address, "hello-1")).port
+        answers: list[bytes] = []
 
-            async def client() -> None:
-                for _ in range(INCREMENTS):
-                    answers.append(await http_get(port, "/count"))
+        async def client() -> None:
+            for _ in range(INCREMENTS):
+                answers.append(await http_get(port, "/count"))
 
-            with trio.fail_after(4 * BOUND_S):
-                async with trio.open_nursery() as clients:
-                    for _ in range(CLIENTS):
-                        clients.start_soon(client)
-            bodies = [a.partition(b"\r\n\r\n")[2] for a in answers]
-            assert all(body.startswith(b"count ") for body in bodies), [b for b in bodies if not b.startswith(b"count ")]
-            counts = sorted(int(body.split()[1]) for body in bodies)
-            assert counts == list(range(1, CLIENTS * INCREMENTS + 1))  # every increment once, none lost
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+        with trio.fail_after(4 * BOUND_S):
+            async with trio.open_nursery() as clients:
+                for _ in range(CLIENTS):
+                    clients.start_soon(client)
+        bodies = [a.partition(b"\r\n\r\n")[2] for a in answers]
+        assert all(body.startswith(b"count ") for body in bodies), [b for b in bodies if not b.startswith(b"count ")]
+        counts = sorted(int(body.split()[1]) for body in bodies)
+        assert counts == list(range(1, CLIENTS * INCREMENTS + 1))  # every increment once, none lost
