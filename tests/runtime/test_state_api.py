@@ -40,15 +40,21 @@ async def http(url: str, method: str, token: str | None, body: bytes = b"", head
     return int(status_line.split()[1]), parsed, payload
 
 
+async def running_state_api(stack: AsyncExitStack, tmp_path, size: int = 5):
+    """``size`` nodes and the second one's state API, running until ``stack`` closes:
+    ``(nodes, the nursery it runs in, the URL and token of the service "wiki")``."""
+    nodes, _ = await start_network(stack, tmp_path, size)
+    nursery = await stack.enter_async_context(trio.open_nursery())
+    stack.callback(nursery.cancel_scope.cancel)
+    server = StateServer(nodes[1])
+    await nursery.start(server.run)
+    env = server.environment("wiki")
+    return nodes, nursery, env[STATE_URL_VARIABLE], env[STATE_TOKEN_VARIABLE]
+
+
 async def test_a_service_gets_puts_and_compares_and_sets_its_state_over_loopback_http(tmp_path):
     async with AsyncExitStack() as stack:
-        nodes, _ = await start_network(stack, tmp_path, 5)
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        stack.callback(nursery.cancel_scope.cancel)
-        server = StateServer(nodes[1])
-        await nursery.start(server.run)
-        env = server.environment("wiki")
-        url, token = env[STATE_URL_VARIABLE], env[STATE_TOKEN_VARIABLE]
+        nodes, nursery, url, token = await running_state_api(stack, tmp_path)
         assert url.startswith("http://127.0.0.1:") and url.endswith("/v1/state/")
         with trio.fail_after(60):
             status, headers, _ = await http(url + "pages/home", "GET", token)

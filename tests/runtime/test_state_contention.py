@@ -18,11 +18,9 @@ from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.resource.protocol import StatusReply
 from p2pdeploy.runtime.bundlefile import bundle_from_directory
 from p2pdeploy.runtime.node import open_node
-from p2pdeploy.runtime.state_api import STATE_TOKEN_VARIABLE, STATE_URL_VARIABLE, StateServer
 
-from .test_persistence_runtime import start_network
 from .test_runtime_replicas import EXAMPLES, FAST_OVERLAY, http_get, wait_until_running
-from .test_state_api import http
+from .test_state_api import http, running_state_api
 
 READERS = 200
 BOUND_S = 120.0
@@ -30,13 +28,8 @@ BOUND_S = 120.0
 
 async def test_two_hundred_concurrent_gets_of_one_key_all_succeed(tmp_path):
     async with AsyncExitStack() as stack:
-        nodes, _ = await start_network(stack, tmp_path, 5)
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        stack.callback(nursery.cancel_scope.cancel)
-        server = StateServer(nodes[1])
-        await nursery.start(server.run)
-        env = server.environment("wiki")
-        url, token = env[STATE_URL_VARIABLE] + "pages/home", env[STATE_TOKEN_VARIABLE]
+        _, _, base, token = await running_state_api(stack, tmp_path)
+        url = base + "pages/home"
         with trio.fail_after(BOUND_S):
             assert (await http(url, "PUT", token, b"hello"))[0] == 200
             answers: list[tuple[int, bytes]] = []
