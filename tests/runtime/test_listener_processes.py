@@ -61,6 +61,20 @@ async def connect_unix(path: str) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
+async def limited_pair(local, tmp_path, descriptors: int):
+    """A target node limited to ``descriptors`` open files and a peer joined through it, both in
+    the overlay: ``(target, peer, the target's state API port)``."""
+    limited = ("prlimit", f"--nofile={descriptors}:{descriptors}", "--")
+    target = await local.start_join(tmp_path / "target", name="target", command_prefix=limited)
+    seed = await target.wait_listening()
+    peer = await local.start_join(tmp_path / "peer", bootstrap=[seed], name="peer")
+    await peer.wait_listening()
+    for node in (target, peer):
+        await node.wait_for_line(lambda line: line.startswith("overlay joined"))
+    status = await run_p2pdeploy("status", "--json", "--data-dir", str(tmp_path / "target"))
+    return target, peer, int(json.loads(status.stdout)["state_url"].removeprefix("http://127.0.0.1:").split("/")[0])
+
+
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit(1) to limit the node's descriptors")
 async def test_a_node_with_1024_descriptors_stays_up_and_serves_while_1100_connections_are_held_on_each_listener(
     tmp_path,
@@ -68,17 +82,9 @@ async def test_a_node_with_1024_descriptors_stays_up_and_serves_while_1100_conne
     raise_descriptor_limit(3 * HELD + 1024)
     data = tmp_path / "data.bin"
     data.write_bytes(bytes(range(256)) * 2000)  # 512,000 bytes: two chunks and a manifest
-    limited = ("prlimit", f"--nofile={NODE_DESCRIPTORS}:{NODE_DESCRIPTORS}", "--")
     held: list[trio.SocketStream] = []
     async with open_local_processes() as local:
-        target = await local.start_join(tmp_path / "target", name="target", command_prefix=limited)
-        seed = await target.wait_listening()
-        peer = await local.start_join(tmp_path / "peer", bootstrap=[seed], name="peer")
-        await peer.wait_listening()
-        for node in (target, peer):
-            await node.wait_for_line(lambda line: line.startswith("overlay joined"))
-        status = await run_p2pdeploy("status", "--json", "--data-dir", str(tmp_path / "target"))
-        state_port = int(json.loads(status.stdout)["state_url"].removeprefix("http://127.0.0.1:").split("/")[0])
+        target, _, state_port = await limited_pair(local, tmp_path, NODE_DESCRIPTORS)
         memory_before = psutil.Process(target.pid).memory_info().rss
 
         try:
@@ -142,17 +148,9 @@ async def test_a_node_out_of_descriptors_backs_off_quietly_and_serves_again_when
     raise_descriptor_limit(2 * 400 + 1024)
     data = tmp_path / "data.bin"
     data.write_bytes(bytes(range(256)) * 2000)
-    limited = ("prlimit", "--nofile=200:200", "--")
     held: list[trio.SocketStream] = []
     async with open_local_processes() as local:
-        target = await local.start_join(tmp_path / "target", name="target", command_prefix=limited)
-        seed = await target.wait_listening()
-        peer = await local.start_join(tmp_path / "peer", bootstrap=[seed], name="peer")
-        await peer.wait_listening()
-        for node in (target, peer):
-            await node.wait_for_line(lambda line: line.startswith("overlay joined"))
-        status = await run_p2pdeploy("status", "--json", "--data-dir", str(tmp_path / "target"))
-        state_port = int(json.loads(status.stdout)["state_url"].removeprefix("http://127.0.0.1:").split("/")[0])
+        target, _, state_port = await limited_pair(local, tmp_path, 200)
         try:
             async with trio.open_nursery() as nursery:
                 for _ in range(400):
