@@ -26,6 +26,7 @@ from rich.table import Table
 from p2pdeploy import api, wire
 from p2pdeploy.overlay.kademlia import Probe
 from p2pdeploy.overlay.storage import Item
+from p2pdeploy.runtime.detector_trials import start_community
 from p2pdeploy.runtime.localnet import open_local_processes
 
 
@@ -34,12 +35,8 @@ async def trial(verify: bool, nodes: int, puts: int, flood: int) -> dict[str, fl
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         async with open_local_processes() as local:
-            first = await local.start_join(root / "n0", extra_args=args)
-            seed = await first.wait_listening()
-            community = [first] + [await local.start_join(root / f"n{i}", bootstrap=[seed], extra_args=args)
-                                   for i in range(1, nodes)]
+            community = await start_community(local, root, nodes, extra_args=args)
             for node in community:
-                await node.wait_listening()
                 await node.wait_for_line(lambda line: line.startswith("overlay joined"))
             target = community[1]
             with trio.fail_after(60):

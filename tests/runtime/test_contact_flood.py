@@ -16,6 +16,7 @@ import trio
 from p2pdeploy import api, wire
 from p2pdeploy.overlay.kademlia import Probe
 from p2pdeploy.overlay.storage import Item
+from p2pdeploy.runtime.detector_trials import start_community
 from p2pdeploy.runtime.localnet import open_local_processes
 
 NODES = 4
@@ -34,14 +35,8 @@ async def flood(address) -> None:
 
 async def test_two_thousand_forged_probes_leave_the_table_clean_and_puts_reach_k_nodes(tmp_path):
     async with open_local_processes() as local:
-        first = await local.start_join(tmp_path / "n0", name="node 0", extra_args=ARGS)
-        seed = await first.wait_listening()
-        nodes = [first]
-        for index in range(1, NODES):
-            nodes.append(await local.start_join(tmp_path / f"n{index}", bootstrap=[seed], name=f"node {index}",
-                                                extra_args=ARGS))
+        nodes = await start_community(local, tmp_path, NODES, extra_args=ARGS)
         for node in nodes:
-            await node.wait_listening()
             await node.wait_for_line(lambda line: line.startswith("overlay joined"))
         target = nodes[1]
         with trio.fail_after(60):
