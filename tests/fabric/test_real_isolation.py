@@ -40,6 +40,7 @@ from p2pdeploy.runtime.bundlefile import pack_directory
 from p2pdeploy.runtime.exec_local import open_local_replicas
 from p2pdeploy.runtime.executor import DEFAULT_SERVICE_UIDS, RealExecutor, RealExecutorConfig, open_executor
 from p2pdeploy.runtime.node import open_node
+from tests.runtime.test_runtime_replicas import wait_until_running
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 MIB = 1024 * 1024
@@ -151,17 +152,6 @@ async def test_ld_preload_in_a_services_environment_never_runs_as_root(service_r
     assert 0 not in uids, "the bundled library ran as root"
     (uid,) = uids  # it did load, into the service, as the service's own uid
     assert DEFAULT_SERVICE_UIDS[0] <= uid <= DEFAULT_SERVICE_UIDS[1]
-
-
-async def wait_until_running(client, address, replica_id) -> StatusReply:
-    with trio.fail_after(BOUND_S):
-        while True:
-            reply = await client.remote_query(address, replica_id)
-            assert isinstance(reply, StatusReply), reply
-            assert reply.state in ("installing", "starting", "running"), reply
-            if reply.state == "running":
-                return reply
-            await trio.sleep(0.05)
 
 
 async def test_a_manifest_that_sets_ld_preload_is_refused_by_a_node_naming_the_variable(service_root):
