@@ -34,8 +34,16 @@
     max_bytes = "256K"
     files = 3
 
-    [placement]
-    replicas = 2
+    [placement]                         # replicas = N, or availability = target; not both
+    availability = 0.999                # replicas from measured node uptime, within min..max
+    min_replicas = 2
+    max_replicas = 5
+    spread = ["owner"]                  # node attributes to spread the replicas over
+    constraints = 'region in {"eu", "us"}'
+    # mode = "every": one replica on every node that satisfies the constraints
+
+    [state]                             # consistency = "none" | "eventual" | "quorum"
+    consistency = "eventual"
 
     [simulation]                        # only the simulator reads it
     start_delay_s = 0.5
@@ -84,7 +92,7 @@ LOADER_ENV_PREFIXES = ("LD_", "MALLOC_")
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "": ("name", "version", "command", "tags", "description", "env", "resources", "health", "restart",
-         "stop", "logs", "placement", "simulation"),
+         "stop", "logs", "placement", "state", "simulation"),
     "resources": ("cpu", "memory", "disk", "bandwidth", "cpu_time_s", "open_files", "processes", "file_size",
                   "requirements"),
     "health": ("kind", "port", "path", "command", "interval_s", "timeout_s", "failures", "start_period_s",
@@ -92,7 +100,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "restart": ("policy", "backoff_initial_s", "backoff_max_s", "backoff_factor", "max_restarts", "window_s"),
     "stop": ("grace_s",),
     "logs": ("max_bytes", "files"),
-    "placement": ("replicas",),
+    "placement": ("replicas", "availability", "min_replicas", "max_replicas", "spread", "constraints", "mode"),
+    "state": ("consistency",),
     "simulation": ("start_delay_s", "exit_after_s", "exit_code", "ignores_term", "healthy", "log_bytes_per_s",
                    "memory_peak", "crash_rate_per_s"),
 }  # fmt: skip
@@ -100,6 +109,93 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 
 class ManifestError(ValueError):
     """A manifest is not valid; the message names the file and the field."""
+
+
+#: The most replicas a placement may ask for, by count or as the ceiling of an availability target.
+MAX_REPLICAS = 64
+PLACEMENT_MODES = ("count", "every")
+STATE_CONSISTENCIES = ("none", "eventual", "quorum")
+ATTRIBUTE_NAME_RE = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """How many replicas a service wants and where they may go (the ``[placement]`` table).
+
+    Either a fixed count (``replicas``) or an availability target (``availability``, such as
+    0.999) from which the deployer derives a count between ``min_replicas`` and ``max_replicas``
+    using the measured uptime of the candidate nodes; neither given means one replica. ``mode =
+    "every"`` instead runs one replica on every node that satisfies ``constraints``. ``spread``
+    names node attributes (``owner``, ``region``) whose values the replicas should differ in,
+    the first the most important. The constructor checks the rules, so a placement built in
+    code is as valid as one read from a manifest; a broken rule raises :class:`ValueError`
+    naming the field.
+    """
+
+    replicas: int | None = None
+    availability: float | None = None
+    min_replicas: int = 1
+    max_replicas: int = 7
+    spread: tuple[str, ...] = ("owner",)
+    constraints: Requirement | None = None
+    mode: str = "count"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spread", tuple(self.spread))
+        problem = placement_problem(self)
+        if problem is not None:
+            raise ValueError(problem)
+        if self.mode == "count" and self.replicas is None and self.availability is None:
+            object.__setattr__(self, "replicas", 1)  # neither given: one replica
+
+    def to_table(self) -> dict[str, Any]:
+        """The placement as a ``[placement]`` table (what the manifest reader reads back)."""
+        table: dict[str, Any] = {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "spread": list(self.spread),
+            "mode": self.mode,
+        }
+        if self.replicas is not None:
+            table["replicas"] = self.replicas
+        if self.availability is not None:
+            table["availability"] = self.availability
+        if self.constraints is not None:
+            table["constraints"] = str(self.constraints)
+        return table
+
+
+def placement_problem(p: Placement) -> str | None:
+    """The first rule ``p`` breaks, as ``placement.FIELD REASON``; None when it keeps them all."""
+    if p.mode not in PLACEMENT_MODES:
+        return f'placement.mode must be "count" or "every" (got {p.mode!r})'
+    if p.mode == "every":
+        for name in ("replicas", "availability"):
+            if getattr(p, name) is not None:
+                return (f'placement.{name} cannot be given with placement.mode = "every" '
+                        "(one replica runs on every node that satisfies placement.constraints)")
+    if p.replicas is not None and p.availability is not None:
+        return ("placement.replicas and placement.availability are mutually exclusive "
+                "(a fixed count, or a count derived from the availability target)")
+    if p.replicas is not None:
+        if p.replicas < 1:
+            return f"placement.replicas must be >= 1 (got {p.replicas})"
+        if p.replicas > MAX_REPLICAS:
+            return f"placement.replicas must be <= {MAX_REPLICAS} (got {p.replicas})"
+    if p.availability is not None and not 0 < p.availability < 1:
+        return f"placement.availability must be between 0 and 1 (got {p.availability})"
+    if p.min_replicas < 1:
+        return f"placement.min_replicas must be >= 1 (got {p.min_replicas})"
+    if p.max_replicas < p.min_replicas:
+        return f"placement.max_replicas must be >= placement.min_replicas ({p.min_replicas}) (got {p.max_replicas})"
+    if p.max_replicas > MAX_REPLICAS:
+        return f"placement.max_replicas must be <= {MAX_REPLICAS} (got {p.max_replicas})"
+    for name in p.spread:
+        if not isinstance(name, str) or ATTRIBUTE_NAME_RE.fullmatch(name) is None:
+            return f"placement.spread must name node attributes ([a-z_][a-z0-9_]*) (got {name!r})"
+    if len(set(p.spread)) != len(p.spread):
+        return f"placement.spread must not name an attribute twice (got {list(p.spread)!r})"
+    return None
 
 
 def env_name_problem(name: str) -> str | None:
@@ -140,8 +236,17 @@ class Manifest:
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     stop_grace_s: float = 10.0
     logs: LogPolicy = field(default_factory=LogPolicy)
-    replicas: int = 1
+    placement: Placement = field(default_factory=Placement)
+    #: How the service's state is replicated: "none", "eventual" or "quorum".
+    state_consistency: str = "none"
     simulated: SimulatedBehaviour | None = None
+
+    @property
+    def replicas(self) -> int:
+        """The fixed replica count, or with an availability target or mode "every" the least
+        (``placement.min_replicas``); the deployer decides the actual count."""
+        p = self.placement
+        return p.replicas if p.replicas is not None else p.min_replicas
 
     # -- reading ---------------------------------------------------------------------------
     @classmethod
@@ -292,8 +397,10 @@ class _Reader:
             if not isinstance(value, str):
                 raise self.fail(f"env.{key}", f"must be a string (got {value!r})")
             env[key] = value
-        placement = self.section(table, "placement")
-        replicas = self.number(placement, "replicas", "placement.replicas", 1, minimum=1, integer=True)
+        state = self.section(table, "state")
+        consistency = self.string(state, "consistency", "state.consistency", default="none")
+        if consistency not in STATE_CONSISTENCIES:
+            raise self.fail("state.consistency", f'must be "none", "eventual" or "quorum" (got {consistency!r})')
         stop = self.section(table, "stop")
         grace_s = self.number(stop, "grace_s", "stop.grace_s", 10.0)
         return Manifest(
@@ -308,22 +415,48 @@ class _Reader:
             restart=self.restart(self.section(table, "restart")),
             stop_grace_s=float(grace_s),
             logs=self.logs(self.section(table, "logs")),
-            replicas=replicas,
+            placement=self.placement(self.section(table, "placement")),
+            state_consistency=consistency,
             simulated=self.simulation(table),
         )
+
+    def requirement(self, t: Mapping[str, Any], key: str, where: str) -> Requirement | None:
+        if key not in t:
+            return None
+        text = t[key]
+        if not isinstance(text, str):
+            raise self.fail(where, f"must be a string (got {text!r})")
+        try:
+            return Requirement.parse(text)
+        except ParseError as exc:
+            raise self.fail(where, f"is not valid: {exc}") from None
+
+    def placement(self, t: Mapping[str, Any]) -> Placement:
+        w = "placement."
+        d = Placement()
+        availability = self.number(t, "availability", w + "availability", None)
+        spread = t.get("spread", list(d.spread))
+        if not isinstance(spread, list) or not all(isinstance(name, str) for name in spread):
+            raise self.fail(w + "spread", f'must be a list of attribute names, such as ["owner"] (got {spread!r})')
+        mode = self.string(t, "mode", w + "mode", default=d.mode)
+        values = dict(
+            replicas=self.number(t, "replicas", w + "replicas", None, minimum=1, integer=True),
+            availability=None if availability is None else float(availability),
+            min_replicas=self.number(t, "min_replicas", w + "min_replicas", d.min_replicas, minimum=1, integer=True),
+            max_replicas=self.number(t, "max_replicas", w + "max_replicas", d.max_replicas, minimum=1, integer=True),
+            spread=tuple(spread),
+            constraints=self.requirement(t, "constraints", w + "constraints"),
+            mode=mode,
+        )
+        try:
+            return Placement(**values)
+        except ValueError as exc:  # the rules between fields, which Placement itself checks
+            raise ManifestError(f"{self.source}: {exc}") from None
 
     def resources(self, t: Mapping[str, Any]) -> Resources:
         d = Resources()
         w = "resources."
-        requirements = None
-        if "requirements" in t:
-            text = t["requirements"]
-            if not isinstance(text, str):
-                raise self.fail(w + "requirements", f"must be a string (got {text!r})")
-            try:
-                requirements = Requirement.parse(text)
-            except ParseError as exc:
-                raise self.fail(w + "requirements", f"is not valid: {exc}") from None
+        requirements = self.requirement(t, "requirements", w + "requirements")
         file_size = self.amount(t, "file_size", w + "file_size", None, parse_size)
         if file_size is not None and file_size < 1:
             raise self.fail(w + "file_size", f"must be >= 1 byte (got {t['file_size']!r})")
