@@ -109,19 +109,26 @@ def replica_count(
     low, high = placement.min_replicas, placement.max_replicas
     if len(ranked) < low:
         got = expected(low)
-        return ReplicaCount(low, f"{what}: placement.min_replicas {low} but only {len(ranked)} candidates "
-                                 f"({_on_nodes(ranked)}) give {_probability(got)}", got)
+        return ReplicaCount(
+            low,
+            f"{what}: placement.min_replicas {low} but only {len(ranked)} candidate{'' if len(ranked) == 1 else 's'} "
+            f"({_on_nodes(ranked)}) give {_probability(got)}",
+            got,
+        )
     top = min(high, len(ranked))
     best_n, best = low, -1.0
     for n in range(low, top + 1):
         got = expected(n)
         if got >= target - TOLERANCE:
-            return ReplicaCount(n, f"{what}: {_replicas(n)} on {_on_nodes(ranked[:n])} give {_probability(got)}", got)
+            return ReplicaCount(
+                n, f"{what}: {_replicas(n)} on {_on_nodes(ranked[:n])} give {_probability(got)}", got
+            )
         if got > best:  # ties keep the smaller count: a replica that adds nothing is not worth running
             best_n, best = n, got
     limit = f"max_replicas {high}" if top == high else f"the {len(ranked)} candidates"
-    return ReplicaCount(best_n, f"{what} not reachable within {limit}: {_replicas(best_n)} give {_probability(best)}",
-                        best)
+    return ReplicaCount(
+        best_n, f"{what} not reachable within {limit}: {_replicas(best_n)} give {_probability(best)}", best
+    )
 
 
 __all__ = ["TOLERANCE", "ReplicaCount", "replica_count", "service_availability", "up_distribution"]

@@ -25,7 +25,9 @@ def test_the_distribution_of_nodes_up_agrees_with_enumeration(ps):
     dist = up_distribution(ps)
     assert math.isclose(sum(dist), 1.0)
     assert math.isclose(service_availability(ps), brute_force(ps, 1), abs_tol=1e-12)
-    assert math.isclose(service_availability(ps, quorum=True), brute_force(ps, len(ps) // 2 + 1), abs_tol=1e-12)
+    assert math.isclose(
+        service_availability(ps, quorum=True), brute_force(ps, len(ps) // 2 + 1), abs_tol=1e-12
+    )
 
 
 def test_the_best_nodes_are_counted_first_and_the_reason_names_them():
@@ -38,14 +40,20 @@ def test_the_best_nodes_are_counted_first_and_the_reason_names_them():
 def test_an_unreachable_target_runs_the_most_replicas_allowed_and_says_so():
     result = replica_count(Placement(availability=0.9999), [0.6] * 10)
     assert result.count == 7
-    assert result.reason == "availability 0.9999 not reachable within max_replicas 7: 7 replicas give 0.998362"
+    assert (
+        result.reason == "availability 0.9999 not reachable within max_replicas 7: 7 replicas give 0.998362"
+    )
     fewer = replica_count(Placement(availability=0.9999), [0.6] * 3)
-    assert fewer.count == 3 and fewer.reason.startswith("availability 0.9999 not reachable within the 3 candidates")
+    assert fewer.count == 3 and fewer.reason.startswith(
+        "availability 0.9999 not reachable within the 3 candidates"
+    )
 
 
 def test_fewer_candidates_than_the_minimum_still_asks_for_the_minimum():
     result = replica_count(Placement(availability=0.9, min_replicas=3), [0.99])
-    assert result.count == 3 and "only 1 candidates" in result.reason
+    assert result.count == 3 and result.reason.startswith(
+        "availability 0.9: placement.min_replicas 3 but only 1 candidate (nodes up 99%) give 0.99"
+    )
     assert replica_count(Placement(availability=0.9), []).count == 1
 
 
@@ -53,8 +61,12 @@ def test_unmeasured_nodes_count_as_the_unknown_availability():
     measured = replica_count(Placement(availability=0.999), [0.9, 0.9, 0.9])
     unmeasured = replica_count(Placement(availability=0.999), [float("nan"), -1.0, 1.5])
     assert measured == unmeasured and measured.count == 3  # 1 - 0.1**3 meets 0.999 within the tolerance
-    assert replica_count(Placement(availability=0.999), [float("nan")] * 3, unknown_availability=0.5).count == 3
-    assert replica_count(Placement(availability=0.999), [float("nan")] * 9, unknown_availability=0.5).count == 7
+    assert (
+        replica_count(Placement(availability=0.999), [float("nan")] * 3, unknown_availability=0.5).count == 3
+    )
+    assert (
+        replica_count(Placement(availability=0.999), [float("nan")] * 9, unknown_availability=0.5).count == 7
+    )
 
 
 def test_a_fixed_count_and_mode_every_ignore_the_target_arithmetic():
@@ -99,7 +111,9 @@ def test_the_count_is_the_smallest_within_bounds_that_meets_the_target(placement
             assert probability(ps, fewer, quorum) < placement.availability - TOLERANCE
     if "not reachable" in result.reason:
         top = min(high, len(ps))
-        assert all(probability(ps, n, quorum) < placement.availability - TOLERANCE for n in range(low, top + 1))
+        assert all(
+            probability(ps, n, quorum) < placement.availability - TOLERANCE for n in range(low, top + 1)
+        )
         assert result.expected_availability == max(probability(ps, n, quorum) for n in range(low, top + 1))
 
 
