@@ -68,7 +68,7 @@ from p2pdeploy.overlay.storage import (
     supersedes,
 )
 from p2pdeploy.overlay.suspicion import Suspicions
-from p2pdeploy.overlay.swim import FailureDetector, Liveness, PeerDeclaredDead, PeerRecovered
+from p2pdeploy.overlay.swim import OVERLAY, FailureDetector, Liveness, PeerDeclaredDead, PeerRecovered
 from p2pdeploy.wire import DecodeError, NodeId, decode, encode, message
 
 # -- messages -------------------------------------------------------------------------------
@@ -577,26 +577,28 @@ class Kademlia(Protocol):
         return False
 
     def _sync_watch(self, now: float) -> None:
-        """Level-triggered: the detector watches exactly the routing table's contacts, and the
-        peers it holds dead until they leave the table (so lookups keep dropping them)."""
+        """Level-triggered: the overlay holds in the detector exactly the routing table's
+        contacts, and the peers it holds dead until they leave the table (so lookups keep
+        dropping them). Peers other layers watch are theirs to let go."""
         detector = self.detector
         assert detector is not None
         in_table = {contact.node_id: contact for contact in self.table.contacts()}
-        for node_id in detector.watched():
+        for node_id in detector.watched(by=OVERLAY):
             if node_id not in in_table:
-                detector.unwatch(node_id)
+                detector.unwatch(node_id, by=OVERLAY)
         for contact in in_table.values():
             self._watch(contact, now)
         self.set_timer("watch", now + self.config.watch_sync_interval_s)
 
     def _watch(self, contact: Contact, now: float) -> None:
         detector = self.detector
-        if detector is None or detector.state(contact.node_id) is not Liveness.unknown:
+        if detector is None or OVERLAY in detector.holders(contact.node_id):
             return
-        if detector.watch_count() >= detector.config.max_watched:
+        if (detector.state(contact.node_id) is Liveness.unknown
+                and detector.watch_count() >= detector.config.max_watched):
             self.dropped["watch_list_full"] += 1
             return
-        detector.watch(contact.node_id, contact.address, now)
+        detector.watch(contact.node_id, contact.address, now, by=OVERLAY)  # or join another layer's watch
 
     def _alive(self, contact: Contact) -> bool:
         return self.detector is None or not self.detector.dead(contact.node_id)

@@ -1,7 +1,10 @@
 """Failure detection: SWIM's randomized probing with Lifeguard's suspicion and local health.
 
 One :class:`FailureDetector` per node watches the peers that node's layers care about
-(membership is not global: ``watch`` and ``unwatch`` say whom). It follows SWIM (Das, Gupta and
+(membership is not global: ``watch`` and ``unwatch`` say whom). Several layers may watch the
+same peer: each names itself as a *holder* (``by="overlay"``, ``by="deployment"``...), and a
+peer stays watched while at least one holder keeps it, so one layer letting go of a peer never
+blinds another. It follows SWIM (Das, Gupta and
 Motivala, DSN 2002) and the refinements of Lifeguard (Dadgar, Phillips and Currey, 2018) as
 hashicorp/memberlist implements them:
 
@@ -74,6 +77,8 @@ MAX_UPDATES_ON_WIRE = 16
 _INT_LIMIT = 1 << 64
 #: Suspects checked directly each period (the least recently probed first).
 MAX_SUSPECT_CHECKS = 8
+#: The holder the overlay (Kademlia's routing table) watches its contacts as.
+OVERLAY = "overlay"
 #: Peers remembered per suspicion as having spread it (told directly of confirmations and verdicts).
 MAX_RUMOR_SOURCES = 8
 
@@ -340,6 +345,8 @@ class _Peer:
     verdict_shared_at: float = -math.inf
     #: When this node came to its current belief (watched, suspected, declared dead, recovered).
     since: float = 0.0
+    #: The layers that watch this peer (``watch(..., by=...)``); it is forgotten when none is left.
+    holders: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -416,21 +423,25 @@ class FailureDetector(Protocol):
         self._seq = rng.getrandbits(32)
 
     # -- API (commands queue work) ---------------------------------------------------------
-    def watch(self, node_id: int, address: Address, now: float) -> None:
-        """Start watching ``node_id`` at ``address`` (alive until shown otherwise).
+    def watch(self, node_id: int, address: Address, now: float, *, by: str = OVERLAY) -> None:
+        """Start watching ``node_id`` at ``address`` on behalf of the holder ``by`` (alive until
+        shown otherwise).
 
-        Watching a watched peer again only updates its address."""
+        Watching a watched peer again (by the same holder or another) adds the holder and
+        updates the peer's address; what the detector believes of it is kept. ``max_watched``
+        bounds the peers, not the holders: only a peer new to the detector can exceed it."""
         if node_id == self.node_id:
             raise ValueError("a node cannot watch itself")
         peer = self._peers.get(node_id)
         if peer is not None:
+            peer.holders.add(by)
             self._move(peer, address)
             return
         if len(self._peers) >= self.config.max_watched:
             raise RuntimeError(
                 f"already watching {len(self._peers)} peers (DetectorConfig.max_watched); unwatch some first"
             )
-        peer = self._peers[node_id] = _Peer(node_id, address, since=now)
+        peer = self._peers[node_id] = _Peer(node_id, address, since=now, holders={by})
         self._by_address[address] = node_id
         # Into the rest of the current pass at a random place, as memberlist adds a node.
         position = self.rng.randrange(self._order_index, len(self._order) + 1)
@@ -438,11 +449,17 @@ class FailureDetector(Protocol):
         if self.timer_deadline("period") is None:
             self.set_timer("period", now + self.rng.uniform(0, self._period_s()))
 
-    def unwatch(self, node_id: int) -> None:
-        """Stop watching ``node_id``: its state, timers and rumors about it are forgotten."""
-        peer = self._peers.pop(node_id, None)
+    def unwatch(self, node_id: int, *, by: str = OVERLAY) -> None:
+        """The holder ``by`` stops watching ``node_id``. When no holder is left the peer is
+        forgotten: its state, timers and rumors about it. A holder that does not watch the
+        peer changes nothing."""
+        peer = self._peers.get(node_id)
         if peer is None:
             return
+        peer.holders.discard(by)
+        if peer.holders:
+            return
+        del self._peers[node_id]
         if self._by_address.get(peer.address) == node_id:
             del self._by_address[peer.address]
         self.cancel_timer(("suspicion", node_id))
@@ -483,8 +500,16 @@ class FailureDetector(Protocol):
     def dead(self, node_id: int) -> bool:
         return self.state(node_id) is Liveness.dead
 
-    def watched(self) -> list[int]:
-        return list(self._peers)
+    def watched(self, by: str | None = None) -> list[int]:
+        """The watched peers (in the order they were first watched), or only those ``by`` holds."""
+        if by is None:
+            return list(self._peers)
+        return [node_id for node_id, peer in self._peers.items() if by in peer.holders]
+
+    def holders(self, node_id: int) -> frozenset[str]:
+        """The layers that watch ``node_id`` (empty when it is not watched)."""
+        peer = self._peers.get(node_id)
+        return frozenset() if peer is None else frozenset(peer.holders)
 
     def watch_count(self) -> int:
         """How many peers are watched (at most ``config.max_watched``)."""

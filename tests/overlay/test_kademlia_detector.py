@@ -101,3 +101,22 @@ def test_a_dead_contact_is_stale_avoided_by_the_layers_and_offered_again_once_it
     community.run(20.0)  # the victim refutes the verdict: alive again, its contact fresh
     assert community.ids[victim] in [c.node_id for c in watcher.table.closest(community.ids[victim], K)]
     assert not watcher.suspicions.suspected(community.ids[victim], community.sim.now)
+
+
+def test_the_overlay_lets_go_only_of_the_peers_it_holds_and_joins_another_layers_watch():
+    rng = random.Random(5)
+    ids = [rng.getrandbits(160) for _ in range(4)]
+    detector = FailureDetector(ids[0], random.Random(1), DetectorConfig())
+    overlay = Kademlia(ids[0], random.Random(2), CONFIG, detector=detector)
+    overlay.table.add(Contact(ids[1], 1))
+    overlay.table.add(Contact(ids[2], 2))
+    detector.watch(ids[2], 2, 0.0, by="deployment")  # in the table, watched by another layer first
+    detector.watch(ids[3], 3, 0.0, by="deployment")  # a replica host the overlay does not route to
+    overlay.start(0.0)
+    assert set(detector.watched(by="overlay")) == {ids[1], ids[2]}
+    assert detector.holders(ids[2]) == {"overlay", "deployment"}
+    overlay.handle_timer(overlay.timer_deadline("watch"))  # the periodic sync
+    assert set(detector.watched()) == {ids[1], ids[2], ids[3]}
+    assert set(detector.watched(by="overlay")) == {ids[1], ids[2]}
+    detector.unwatch(ids[2], by="deployment")
+    assert detector.holders(ids[2]) == {"overlay"}  # still watched: the overlay holds it

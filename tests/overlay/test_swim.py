@@ -433,6 +433,55 @@ def test_watch_is_idempotent_updates_the_address_and_refuses_self_and_overflow()
     assert {dst for dst, m in det.messages_to_send() if type(m) is Probe} <= {11, 2}
 
 
+def test_a_peer_two_layers_watch_is_still_probed_and_declared_dead_after_one_lets_go():
+    link = Link(2)
+    det = link.detectors[0]
+    det.watch(node_id(1), 1, 0.0, by="overlay")
+    det.watch(node_id(1), 1, 0.0, by="deployment")
+    assert det.holders(node_id(1)) == {"overlay", "deployment"}
+    det.unwatch(node_id(1), by="overlay")
+    assert det.watched() == [node_id(1)]
+    assert det.watched(by="overlay") == []
+    assert det.watched(by="deployment") == [node_id(1)]
+    link.down.add(1)
+    link.run(30.0)
+    assert any(src == 0 and dst == 1 and type(msg) is Probe for src, dst, msg in link.sent)
+    assert [e.node_id for e in link.of(0, PeerDeclaredDead)] == [node_id(1)]
+    assert det.dead(node_id(1))
+
+
+def test_a_peer_is_forgotten_only_when_its_last_holder_lets_go():
+    det = FailureDetector(node_id(0), random.Random(1))
+    det.watch(node_id(1), 1, 0.0, by="overlay")
+    det.watch(node_id(1), 1, 0.0, by="deployment")
+    det.watch(node_id(2), 2, 0.0, by="deployment")
+    det.receive(1, suspect_of(det, 1, 0, node_id(7)), 0.5)
+    det.unwatch(node_id(1), by="nobody")  # a holder it never had: nothing changes
+    det.unwatch(node_id(1), by="deployment")
+    assert det.suspect(node_id(1))
+    det.unwatch(node_id(1), by="deployment")  # twice is harmless
+    assert det.holders(node_id(1)) == {"overlay"}
+    det.unwatch(node_id(1), by="overlay")
+    assert det.state(node_id(1)) is Liveness.unknown
+    assert det.holders(node_id(1)) == frozenset()
+    assert det.watched() == [node_id(2)]
+    assert det.gossip_pending() == 0
+    assert det.timer_deadline(("suspicion", node_id(1))) is None
+
+
+def test_max_watched_counts_peers_not_holders():
+    det = FailureDetector(node_id(0), random.Random(1), DetectorConfig(max_watched=2))
+    det.watch(node_id(1), 1, 0.0, by="overlay")
+    det.watch(node_id(2), 2, 0.0, by="overlay")
+    det.watch(node_id(1), 1, 0.0, by="deployment")  # a second holder of a watched peer fits
+    assert det.watch_count() == 2
+    with pytest.raises(RuntimeError, match="max_watched"):
+        det.watch(node_id(3), 3, 0.0, by="deployment")
+    det.unwatch(node_id(2), by="overlay")
+    det.watch(node_id(3), 3, 0.0, by="deployment")
+    assert det.watched(by="deployment") == [node_id(1), node_id(3)]
+
+
 # -- bad input and bounds ----------------------------------------------------------------------
 
 
