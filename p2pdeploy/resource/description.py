@@ -11,10 +11,17 @@ does not, which clause failed (``memory_free >= 512M (memory_free is 256 MiB)``)
 replica host's events (a reservation made or released changes what is free) and the machine the
 driver probes, and announces each new description as :class:`DescriptionChanged`, which the
 prospector consumes.
+
+A node that measures its own uptime (:mod:`p2pdeploy.fabric.uptime`) also advertises
+``availability``, the share of the last 30 days it was up (0 to 1), which the deployer reads to
+size replica counts. The driver refreshes it every heartbeat; the description changes only when
+it moved by :data:`AVAILABILITY_STEP` or more, so a slowly drifting figure does not make the
+prospector republish the node every minute.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +35,9 @@ from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.fabric.supervisor import ReplicaStateChanged
 from p2pdeploy.fabric.units import format_cores_number, format_size
 from p2pdeploy.resource.requirements import And, Attribute, Compare, Literal, Node, Requirement
+
+#: The least change of availability that changes the description.
+AVAILABILITY_STEP = 0.005
 
 
 def node_attributes(
@@ -127,6 +137,8 @@ class NodeDescription(Protocol):
         self.contribution = contribution
         self.host = host
         self.machine = machine
+        #: The availability advertised (the share of recent time this node was up), or None.
+        self.availability: float | None = None
         self._attributes: dict[str, Any] | None = None
         self._refresh()
 
@@ -139,6 +151,22 @@ class NodeDescription(Protocol):
         self.machine = machine
         self._refresh()
 
+    def set_availability(self, fraction: float | None, now: float) -> None:
+        """The driver measured this node's availability again (None: not known yet). The
+        description changes when it moved by :data:`AVAILABILITY_STEP` or more, or became
+        known or unknown."""
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                     or not math.isfinite(fraction) or not 0 <= fraction <= 1):
+            raise ValueError(f"availability must be a number in [0, 1] or None (got {fraction!r})")
+        old = self.availability
+        if fraction is None:
+            if old is None:
+                return
+        elif old is not None and abs(fraction - old) < AVAILABILITY_STEP:
+            return
+        self.availability = None if fraction is None else float(fraction)
+        self._refresh()
+
     def handle_event(self, event: Any, now: float) -> bool:
         self._refresh()
         return False  # the replica's state is news for the layers above and the driver too
@@ -149,6 +177,8 @@ class NodeDescription(Protocol):
         else:
             free = self.host.admission.free() if self.host is not None else None
             attributes = node_attributes(self.contribution, free, self.machine)
+        if self.availability is not None:
+            attributes["availability"] = self.availability
         if attributes != self._attributes:
             self._attributes = attributes
             self.emit(DescriptionChanged(dict(attributes)))

@@ -24,6 +24,10 @@ atomically after the join, every ``snapshot_interval_s`` and at shutdown) and re
 start, so a restarted node rejoins through its old contacts even without ``bootstrap``. The
 overlay's values (those it holds and those it published) are in ``overlay.sqlite3`` there
 (:mod:`p2pdeploy.runtime.overlay_store`): a restarted node serves them and keeps republishing.
+The node's uptime history (:mod:`p2pdeploy.fabric.uptime`) is in ``uptime.sqlite3``
+(:mod:`p2pdeploy.runtime.uptime_store`): a session begins when the node starts, a heartbeat
+every ``uptime_heartbeat_interval_s`` extends it (a crash loses at most one interval), and the
+availability it yields is advertised in the node's description.
 
 Given a :class:`~p2pdeploy.fabric.contribution.Contribution` the node also hosts replicas: its
 core holds a :class:`~p2pdeploy.fabric.replicas.ReplicaHost` and the remote protocol's node side
@@ -52,6 +56,7 @@ import os
 import random
 import shutil
 import socket as stdlib_socket
+import sqlite3
 import tempfile
 import time
 from collections import Counter
@@ -82,6 +87,7 @@ from p2pdeploy.fabric.executor import ExecutorReport, ProcessSpec
 from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.fabric.supervisor import ReplicaStatus
+from p2pdeploy.fabric.uptime import UptimeHistory
 from p2pdeploy.node import CoreContext, LayersFactory, build_core, default_layers
 from p2pdeploy.overlay.broadcast import Broadcast, BroadcastCompleted
 from p2pdeploy.overlay.identity import Identity
@@ -119,6 +125,7 @@ from p2pdeploy.runtime.probe import probe_machine
 from p2pdeploy.runtime.snapshot import ROUTING_SNAPSHOT_FILE, read_bounded, write_file_atomically
 from p2pdeploy.runtime.state_api import PersistenceClient, StateServer, default_state_api_limits, open_store
 from p2pdeploy.runtime.transport import Transport, TransportConfig, path_for
+from p2pdeploy.runtime.uptime_store import UptimeStore
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +202,9 @@ class RuntimeConfig:
     kademlia: KademliaConfig = field(default_factory=KademliaConfig)
     #: How often the routing table is saved to the data directory (also after the join and at shutdown).
     snapshot_interval_s: float = 60.0
+    #: How often the node records that it is up in its uptime history (and advertises its
+    #: availability again): a crash loses at most this much counted uptime.
+    uptime_heartbeat_interval_s: float = 60.0
     #: Where and how a hosting node runs replicas; ``None``: in ``DATA_DIR/replicas`` (a temporary
     #: directory for a node without a data directory) with the executor's defaults.
     executor: RealExecutorConfig | None = None
@@ -227,7 +237,7 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         require_positive(self, "", "snapshot_interval_s", "remote_timeout_s", "machine_probe_interval_s",
-                         "persistence_leave_s")
+                         "persistence_leave_s", "uptime_heartbeat_interval_s")
         require_at_least(self, "", 0, "replica_stop_slack_s")
 
 
@@ -282,6 +292,9 @@ class RuntimeNode:
         #: The persistence and overlay stores this node opened (closed when it stops).
         self._store: DurableStore | None = None
         self._overlay_store: OverlayStore | None = None
+        #: This node's sessions (kept in the data directory when it has one): its availability.
+        self.uptime = UptimeHistory()
+        self._uptime_store: UptimeStore | None = None
         self._temporary_dir: Path | None = None
         self._joined = trio.Event()
         #: One save at a time: saves share the temporary file they write before renaming it.
@@ -382,6 +395,7 @@ class RuntimeNode:
             store = self._store = open_store(self.data_dir, contribution)
             overlay_store = self._overlay_store = open_overlay_store(
                 self.data_dir, self.config.kademlia, wall_clock_offset_s=time.time() - now, now=now)
+            self._begin_uptime()
             context = CoreContext(
                 self.identity,
                 transport.address,
@@ -406,12 +420,14 @@ class RuntimeNode:
                 executor = RealExecutor(executor_config or self._executor_config(), self._executor_report,
                                         environment=self._service_environment)
                 self._wiring = ReplicaWiring(self._core, executor)
+            self._advertise_availability(time.time(), now)
             overlay = self._overlay_or_none()
             if overlay is not None:
                 self.restored_contacts = self._restore_snapshot(overlay)
                 overlay.start(now)
         except BaseException:
             transport.close()
+            self._end_uptime()
             self._close_persistence()
             self._core = None
             self._wiring = None
@@ -437,12 +453,14 @@ class RuntimeNode:
                 if overlay is not None and self.data_dir is not None:
                     nursery.start_soon(self._save_snapshots_periodically)
                 nursery.start_soon(self._refresh_clock_and_machine)
+                nursery.start_soon(self._heartbeat_periodically)
                 self._after_input()  # layers may have queued work while being built
                 task_status.started()
         finally:
             self._nursery = None
             if overlay is not None:
                 self._save_snapshot_logged()
+            self._end_uptime()
             self._close_persistence()
             self._transport = None
             self._core = None
@@ -658,6 +676,65 @@ class RuntimeNode:
             self.counters["probe_errors"] += 1
             self._refusals.warning("probe", "probing the machine failed; keeping the last probe: %s", exc)
             return None
+
+    # -- the uptime history ------------------------------------------------------------------
+    def _begin_uptime(self) -> None:
+        """Load the history (with a data directory) and begin this run's session: a session the
+        last run left open (it crashed) ends at its last heartbeat."""
+        if self.data_dir is not None:
+            try:
+                self._uptime_store = UptimeStore(self.data_dir)
+                self.uptime = self._uptime_store.load()
+            except (OSError, sqlite3.Error) as exc:  # a statistic is no reason to refuse to start
+                self._uptime_store = None
+                self.counters["uptime_errors"] += 1
+                log.warning("cannot open the uptime history; measuring availability in memory: %s", exc)
+        self.uptime.begin(time.time())
+        self._save_uptime()
+
+    def _save_uptime(self) -> None:
+        if self._uptime_store is None:
+            return
+        try:
+            self._uptime_store.save(self.uptime)
+        except (OSError, sqlite3.Error) as exc:
+            self.counters["uptime_errors"] += 1
+            self._refusals.warning("uptime", "cannot save the uptime history: %s", exc)
+
+    def _advertise_availability(self, wall_s: float, now: float) -> None:
+        """Tell the description layer what the history says now (it announces real changes only)."""
+        description = self._layer_or_none(NodeDescription)
+        if description is not None:
+            description.set_availability(self.uptime.availability(wall_s), now)
+
+    async def _heartbeat_periodically(self) -> None:
+        while True:
+            await trio.sleep(self.config.uptime_heartbeat_interval_s)
+            self.heartbeat()
+
+    def heartbeat(self) -> None:
+        """Record that the node is up now, save the history and advertise the availability
+        (every ``uptime_heartbeat_interval_s``; callable directly)."""
+        wall_s = time.time()
+        self.uptime.record_heartbeat(wall_s)
+        self._save_uptime()
+        if self._core is not None and self._transport is not None:
+            self._advertise_availability(wall_s, trio.current_time())
+            self._after_input()
+
+    def _end_uptime(self) -> None:
+        """The node stops: its session ends now, and the store is closed."""
+        store, self._uptime_store = self._uptime_store, None
+        self.uptime.end(time.time())
+        if store is None:
+            return
+        try:
+            store.save(self.uptime)
+        except (OSError, sqlite3.Error) as exc:
+            self.counters["uptime_errors"] += 1
+            log.warning("cannot save the uptime history: %s", exc)
+        finally:
+            store.close()
 
     # -- the routing snapshot ----------------------------------------------------------------
     def _restore_snapshot(self, overlay: Kademlia) -> int:

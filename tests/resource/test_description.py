@@ -45,3 +45,28 @@ def test_the_description_layer_announces_a_new_description_only_when_it_changes(
     description.set_machine(busier, 2.0)
     assert description.next_event() == DescriptionChanged(busier.attributes())
     assert description.attributes() == busier.attributes()
+
+
+def test_availability_is_advertised_once_known_and_again_only_when_it_moved_enough():
+    import pytest
+
+    from p2pdeploy.resource.description import DescriptionChanged, NodeDescription
+
+    description = NodeDescription(Contribution(cpu_cores=1), machine=MACHINE)
+    description.next_event()
+    description.set_availability(None, 0.0)
+    assert description.next_event() is None  # unknown, as before
+    description.set_availability(0.9, 60.0)
+    first = description.next_event()
+    assert isinstance(first, DescriptionChanged) and first.attributes["availability"] == 0.9
+    description.set_availability(0.904, 120.0)
+    assert description.next_event() is None  # a drift below the step: the prospector is spared
+    assert description.attributes()["availability"] == 0.9
+    description.set_availability(0.895, 180.0)  # 0.005 from what was advertised
+    assert description.next_event().attributes["availability"] == 0.895
+    assert Requirement.parse("availability >= 0.8").evaluate(description.attributes())
+    description.set_availability(None, 240.0)
+    assert "availability" not in description.next_event().attributes
+    for bad in (1.5, -0.1, float("nan"), True):
+        with pytest.raises(ValueError, match="availability must be a number in"):
+            description.set_availability(bad, 300.0)

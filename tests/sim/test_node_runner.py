@@ -39,3 +39,27 @@ def test_the_same_seed_gives_the_same_trace_and_another_seed_another(summary):
 def test_a_full_node_needs_ed25519_identities():
     with pytest.raises(ScenarioError, match="ed25519"):
         load_scenario(NODE_CHURN, overrides=["overlay.identities=hash"])
+
+
+def test_every_node_advertises_the_availability_its_own_sessions_give():
+    from p2pdeploy.resource.description import NodeDescription
+
+    result = run_scenario(load_scenario(NODE_CHURN, overrides=SMALL))
+    runner, now = result.runner, result.sim.now
+    advertised = {}
+    for address, host in enumerate(result.sim.hosts):
+        if not host.up:
+            continue
+        history = runner.uptime[address]
+        attributes = host.core.layer(NodeDescription).attributes()
+        assert now - history.last_heartbeat_s <= 60.0
+        measured = history.availability(history.last_heartbeat_s)  # what the last heartbeat saw
+        if measured is None:  # less than a minute of history
+            assert "availability" not in attributes
+            continue
+        advertised[address] = attributes["availability"]
+        assert abs(advertised[address] - measured) < 0.005  # announced again once it moved that much
+    assert advertised and all(0.0 <= a <= 1.0 for a in advertised.values())
+    churned = [a for a in advertised if len(runner.uptime[a].sessions) > 0]
+    assert churned and all(advertised[a] < 1.0 for a in churned)  # a crash shows as downtime
+    assert any(a == 1.0 for a in advertised.values())  # and a node never down shows none

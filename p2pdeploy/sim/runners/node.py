@@ -16,6 +16,12 @@ a few machine sizes and owners, so prospects have something to find, and trusts 
 signs the blobs (the persistence runner's deployer). A node's store survives
 its crashes (its disk); a permanent departure loses it, as in the persistence runner.
 
+Each node measures its availability as a real node does (:mod:`p2pdeploy.fabric.uptime`): the
+runner keeps its uptime history on its "disk" (virtual time as wall time), begins a session at
+every (re)start, records a heartbeat every ``node.uptime_heartbeat_s`` while the node is up (a
+crash loses what came after the last one) and hands the availability to the node's
+description, which the prospector publishes. A permanent departure loses the history with the disk.
+
 Summary keys beside the persistence runner's: ``prospect_success`` (the share of prospects
 that found ``n`` nodes when at least ``n`` live nodes matched, or all of them otherwise),
 ``messages_per_node_per_s`` (a mapping: layer -> messages sent per node per second, over the
@@ -32,9 +38,11 @@ from typing import TYPE_CHECKING, Any
 from p2pdeploy.collective.prospector import ProspectFinished, Prospector, ProspectorConfig
 from p2pdeploy.core import Protocol, Stack
 from p2pdeploy.fabric.contribution import Contribution
+from p2pdeploy.fabric.uptime import UptimeHistory
 from p2pdeploy.node import CoreContext, default_layers
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import Kademlia
+from p2pdeploy.resource.description import NodeDescription
 from p2pdeploy.resource.requirements import Requirement
 from p2pdeploy.sim.executor import serve_node
 from p2pdeploy.sim.runner import register_runner
@@ -69,6 +77,8 @@ class NodeRunner(PersistenceRunner):
                                           "what each prospect asks for (the manifest language)"),
             "prospector_update_interval_s": Field(ProspectorConfig().update_interval_s, float,
                                                   "how often a node reports to its parent in the tree", gt=0),
+            "uptime_heartbeat_s": Field(60.0, float, "how often a node records in its uptime history that it is "
+                                        "up and advertises its availability again (a real node's default)", gt=0),
         },
         "detector": detector_schema(enabled=True),
     }
@@ -100,6 +110,9 @@ class NodeRunner(PersistenceRunner):
         #: Messages sent over the whole run, by the class name of the layer that sent them.
         self.sent_by_layer: Counter[str] = Counter()
         self.prospect_results: list[bool] = []
+        #: Each address's uptime history (kept on its disk), and the disk generation it belongs to.
+        self.uptime = [UptimeHistory() for _ in range(nodes)]
+        self._uptime_generation = [0] * nodes
 
     # -- building --------------------------------------------------------------------------
     def make_core(self, address: int) -> Protocol:
@@ -128,7 +141,33 @@ class NodeRunner(PersistenceRunner):
         stack = _LayerMeteredStack(default_layers(context), self)
         self.stacks[address] = stack
         self.cores[address] = stack.layer(Kademlia)
+        self._begin_session(address, stack)
         return stack
+
+    # -- uptime ----------------------------------------------------------------------------
+    def _begin_session(self, address: int, stack: Stack) -> None:
+        """The node at ``address`` starts: a session begins in its history (a new one when the
+        disk is new), its availability goes into the description, and its heartbeats start."""
+        if self._uptime_generation[address] != self.generation[address]:
+            self.uptime[address] = UptimeHistory()
+            self._uptime_generation[address] = self.generation[address]
+        history = self.uptime[address]
+        now = self.sim.now
+        history.begin(now)
+        stack.layer(NodeDescription).set_availability(history.availability(now), now)
+        incarnation = self.sim.hosts[address].incarnation + 1  # the host's once it starts this stack
+        self.sim.engine.schedule(now + self.n["uptime_heartbeat_s"], self._heartbeat, address, incarnation)
+
+    def _heartbeat(self, address: int, incarnation: int) -> None:
+        host = self.sim.hosts[address]
+        if not host.up or host.incarnation != incarnation:
+            return  # that run of the node crashed: its heartbeats died with it
+        history = self.uptime[address]
+        now = self.sim.now
+        history.record_heartbeat(now)
+        availability = history.availability(now)
+        host.call(partial(_set_availability, availability))
+        self.sim.engine.schedule(now + self.n["uptime_heartbeat_s"], self._heartbeat, address, incarnation)
 
     def stack(self, address: int, overlay: Kademlia) -> Protocol:
         raise AssertionError("the node runner builds whole stacks in make_core")
@@ -203,6 +242,11 @@ class _LayerMeteredStack(Stack):
             self._runner.meter(out)
             self._runner.meter_layers(self, counts)
         return out
+
+
+def _set_availability(fraction: float | None, core: Protocol, now: float) -> None:
+    assert isinstance(core, Stack)
+    core.layer(NodeDescription).set_availability(fraction, now)
 
 
 def _prospect(requirement: Requirement, n: int, core: Protocol, now: float) -> int:
