@@ -17,8 +17,11 @@ within ``CoreContext.contribution``) with the node side of the remote protocol a
 (:class:`~p2pdeploy.resource.protocol.RemoteControl`) and the fetcher of the bundles that starts
 name by blob id (:class:`~p2pdeploy.collective.bundles.BundleFetcher`), its description
 (:class:`~p2pdeploy.resource.description.NodeDescription`, what the prospector publishes), the
-resource prospector, and the deployer side of the remote protocol
-(:class:`~p2pdeploy.resource.protocol.RemoteClient`), so the node can also send signed requests.
+resource prospector, the deployer side of the remote protocol
+(:class:`~p2pdeploy.resource.protocol.RemoteClient`), so the node can also send signed requests,
+and service deployment on top (:class:`~p2pdeploy.collective.deployment.Deployment`: the managers
+of the services whose records it holds, the reports of the replicas it hosts, the owner's
+deploy, scale and undeploy).
 A node built without a contribution hosts nothing: ephemeral nodes (``p2pdeploy ping``,
 ``p2pdeploy replica ...`` without a running node) and library users who only use the overlay.
 
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p2pdeploy.collective.bundles import BundleFetcher
+from p2pdeploy.collective.deployment import Deployment, DeploymentConfig
 from p2pdeploy.collective.persistence import DurableStore, MemoryStore, Persistence, PersistenceConfig
 from p2pdeploy.collective.prospector import Prospector, ProspectorConfig
 from p2pdeploy.collective.pubsub import PubSub
@@ -90,6 +94,8 @@ class CoreContext:
     detector: DetectorConfig | None = field(default_factory=DetectorConfig)
     #: Parameters of replicated persistence (``RuntimeConfig.persistence``).
     persistence: PersistenceConfig = field(default_factory=PersistenceConfig)
+    #: Parameters of service deployment (managers, reports between hosts and managers).
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
 
 
 LayersFactory = Callable[[CoreContext], list[Protocol]]
@@ -115,7 +121,14 @@ def default_layers(context: CoreContext) -> list[Protocol]:
     persistence = persistence_layer(context, overlay)
     remote = next((layer for layer in replicas if isinstance(layer, RemoteControl)), None)
     bundles = [] if remote is None else [BundleFetcher(persistence, remote)]
-    return [ping, *detector, overlay, *groups, persistence, *replicas, *bundles, description, prospector, client]
+    pubsub = next(layer for layer in groups if isinstance(layer, PubSub))
+    deployment = Deployment(
+        context.identity, context.address, overlay, persistence, prospector, client, split(context.rng), context.now,
+        pubsub=pubsub, detector=detector[0] if detector else None, remote=remote, host=host,
+        config=context.deployment,
+    )
+    return [ping, *detector, overlay, *groups, persistence, *replicas, *bundles, description, prospector, client,
+            deployment]
 
 
 def detector_layers(context: CoreContext) -> list[FailureDetector]:

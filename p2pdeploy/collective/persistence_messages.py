@@ -246,6 +246,16 @@ class RecordFound:
 
 
 @dataclass(frozen=True, slots=True)
+class QuorumValueAccepted:
+    """This node, an acceptor of the quorum key ``key``, accepted ``item`` for the ``group``
+    (the layers above learn of the records their node holds: a service's manager)."""
+
+    key: int
+    item: Item
+    group: list[Contact]
+
+
+@dataclass(frozen=True, slots=True)
 class QuorumFinished:
     """A quorum read, put or compare-and-set ended. ``ok`` with a put or cas: acknowledged.
 

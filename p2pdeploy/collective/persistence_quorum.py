@@ -22,7 +22,15 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from p2pdeploy.collective.persistence_messages import KIND_QUORUM, Accept, Accepted, Holders, Prepare, Promise
+from p2pdeploy.collective.persistence_messages import (
+    KIND_QUORUM,
+    Accept,
+    Accepted,
+    Holders,
+    Prepare,
+    Promise,
+    QuorumValueAccepted,
+)
 from p2pdeploy.collective.persistence_search import Op, Rpc
 from p2pdeploy.collective.records import (
     ZERO,
@@ -365,6 +373,8 @@ class QuorumAcceptor:
         if ok:
             self.store.write_acceptor(new, since=self.wall(now))
             self._tally(state, new)
+            if state is None or state.item != item:
+                self.emit(QuorumValueAccepted(key, item, list(group)))
         return Accepted(rpc_id, self.node_id, ok, new.promised)
 
     def _promise_refusal(self, sender: int) -> str | None:

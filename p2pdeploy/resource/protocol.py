@@ -65,7 +65,7 @@ from p2pdeploy.fabric.admission import Demand
 from p2pdeploy.fabric.machine import Machine
 from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.fabric.supervisor import ReplicaSpec, ReplicaStatus
-from p2pdeploy.overlay.identity import Identity, verify
+from p2pdeploy.overlay.identity import Identity, node_id_of, verify
 from p2pdeploy.overlay.requests import RequestTracker
 from p2pdeploy.resource.bundle import (
     MAX_BUNDLE_BYTES,
@@ -131,9 +131,15 @@ class StartReplica(_SignedRequest):
     #: The bundle by content id instead of inline: the 20-byte id of the blob that holds it in
     #: replicated persistence (``bundle`` is then empty). The request's signature covers it.
     bundle_blob: bytes = b""
+    #: The service the replica belongs to, when its manager starts it: the 20-byte key of the
+    #: service's record (:mod:`p2pdeploy.collective.deployment`). Its replicas may be stopped by
+    #: any key the node trusts, since the service's manager moves from node to node.
+    service: bytes = b""
 
     def __post_init__(self) -> None:
         _check_common(self)
+        if self.service and len(self.service) != BLOB_ID_BYTES:
+            raise ValueError(f"service must be a {BLOB_ID_BYTES}-byte key")
         if len(self.bundle) > MAX_BUNDLE_BYTES:
             raise ValueError(f"bundle is larger than {MAX_BUNDLE_BYTES} bytes")
         if self.bundle_blob:
@@ -146,6 +152,10 @@ class StartReplica(_SignedRequest):
     def blob_id(self) -> int | None:
         """The id of the blob holding the bundle (``Persistence.get_blob`` takes it); ``None`` inline."""
         return int.from_bytes(self.bundle_blob, "big") if self.bundle_blob else None
+
+    @property
+    def service_key(self) -> int | None:
+        return int.from_bytes(self.service, "big") if self.service else None
 
 
 @message(31)
@@ -268,6 +278,15 @@ class ReplicaStartAccepted:
 
 
 @dataclass(frozen=True, slots=True)
+class ManagedReplica:
+    """A replica a service's manager started here: the service's key and who asked."""
+
+    service_key: int
+    manager: Address
+    manager_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class ReplicaStopAccepted:
     replica_id: str
     signer: bytes
@@ -351,6 +370,8 @@ class RemoteControl(Protocol):
         )
         #: Starts by blob id whose replica is fetching its bundle, by replica id.
         self._awaiting: dict[str, StartReplica] = {}
+        #: Replicas started by a service's manager (bounded by the replicas the host keeps).
+        self.managed: dict[str, ManagedReplica] = {}
         #: What the driver found parsing inline bundles ahead: digest -> the bundle, or why not.
         self._parsed_ahead: dict[bytes, Bundle | BundleError] = {}
 
@@ -422,7 +443,22 @@ class RemoteControl(Protocol):
         )
 
     def _authorized(self, signer: bytes, replica_id: str) -> bool:
-        return signer in self.owner_keys or self.host.requested_by.get(replica_id) == signer
+        return (
+            signer in self.owner_keys
+            or self.host.requested_by.get(replica_id) == signer
+            or (replica_id in self.managed and self._trusts(signer))
+        )
+
+    def _note_managed(self, src: Address, msg: StartReplica) -> None:
+        key = msg.service_key
+        if key is not None:
+            self.managed[msg.replica_id] = ManagedReplica(key, src, node_id_of(msg.signer))
+
+    def managed_replicas(self) -> dict[str, ManagedReplica]:
+        """The replicas here that services' managers started (those this node still has)."""
+        for replica_id in [r for r in self.managed if self.host.status(r) is None]:
+            del self.managed[replica_id]
+        return dict(self.managed)
 
     def _trusts(self, key: bytes) -> bool:
         return self.host.contribution.trusts(key) or key in self.owner_keys
@@ -475,6 +511,7 @@ class RemoteControl(Protocol):
             self._refuse(src, msg, check, f"admission: {refusal.reason}" if check == "admission" else refusal.reason)
             return
         manifest = bundle.manifest
+        self._note_managed(src, msg)
         self.emit(ReplicaStartAccepted(msg.replica_id, msg.signer, manifest.name, manifest.version))
         status = self.host.status(msg.replica_id)
         assert status is not None
@@ -542,6 +579,7 @@ class RemoteControl(Protocol):
             self._refuse(src, msg, "replica", refusal.reason)
             return
         self._awaiting[msg.replica_id] = msg
+        self._note_managed(src, msg)
         status = self.host.status(msg.replica_id)
         assert status is not None
         self._reply_status(src, msg.request_id, status)
@@ -713,16 +751,19 @@ class RemoteClient(Protocol):
         bindings: Mapping[str, str] | None = None,
         *,
         blob_id: int | None = None,
+        service_key: int | None = None,
     ) -> int:
         """Start ``bundle`` as ``replica_id``: inline, or with ``blob_id`` by the id of the blob
-        that holds its bytes (stored with ``Persistence.put_blob``); the node fetches it."""
+        that holds its bytes (stored with ``Persistence.put_blob``); the node fetches it. A
+        service's manager names the service (``service_key``)."""
         data, blob = bundle.data, b""
         if blob_id is not None:
             data, blob = b"", blob_id.to_bytes(BLOB_ID_BYTES, "big")
+        service = b"" if service_key is None else service_key.to_bytes(BLOB_ID_BYTES, "big")
         key = self.identity.public_key
         return self._ask(address, StartReplica, now, lambda request_id, nonce, timestamp: StartReplica(
             request_id, node_id, key, nonce, timestamp, replica_id,
-            data, bundle.public_key, bundle.signature, dict(bindings or {}), bundle_blob=blob,
+            data, bundle.public_key, bundle.signature, dict(bindings or {}), bundle_blob=blob, service=service,
         ))  # fmt: skip
 
     def stop(self, address: Address, node_id: int, replica_id: str, now: float) -> int:

@@ -1,0 +1,1192 @@
+"""Service deployment: service managers, the deployer, the allocator and self-healing.
+
+A service ``NAME@OWNER`` is its owner's quorum record ``service/NAME``
+(:mod:`p2pdeploy.collective.deployment_messages`): the signed desired state, linearizable, its
+version the service's generation. The record's group (the nodes closest to its key when it was
+first written) hold it; the closest of them that this node's failure detector does not hold
+dead is the service's *manager*. Every group member decides that alike from the same group and
+its own detector, so when the manager dies the next closest takes over within the detector's
+verdict, with the desired state it already holds (and reads again from the quorum). A node runs
+one :class:`ServiceManager` per service it manages, as keyed children of this layer.
+
+A manager is a level-triggered reconciler (Kubernetes' controllers, Nomad's scheduler loop):
+every ``tick_s`` it compares what the record wants with what the hosts report, and acts:
+
+- the **deployer** chooses the replica count (:mod:`p2pdeploy.collective.deployer`): fixed, or
+  the fewest whose availability, from the candidates' own uptime history, meets the target;
+- the **allocator** (:mod:`p2pdeploy.collective.allocator`) places missing replicas on nodes the
+  prospector finds, spread over owners and attributes, within every node's limits; a start is
+  a signed request of the remote protocol naming the bundle by blob id; a refused start tries
+  the next candidate;
+- **self-healing**: a replica whose host the detector declares dead, or that failed or stays
+  unhealthy for ``unhealthy_grace_s``, is replaced elsewhere; a host only *suspected* is not
+  (a pause must not make replicas flap); a host that comes back reports its replicas again, and
+  the surplus is stopped so the desired count holds;
+- a new bundle is rolled out make-before-break: the old replicas stop once as many new ones run.
+
+Hosts report their managed replicas (``ReplicaReport``) on every change and every
+``report_interval_s`` to the manager they know; its ``ReportAck`` names the manager and the
+group, so a host whose manager dies (its detector's verdict, or acks missing) reports to the
+next member, and a new manager learns where the replicas are within one report interval (it
+places nothing for ``takeover_grace_s`` after it takes over, so it does not double them).
+
+Every decision is a :class:`~p2pdeploy.collective.deployment_messages.Decision`, emitted for the
+driver and published on the service's topic with its reason. The owner's side of the API
+(:meth:`Deployment.deploy`, :meth:`~Deployment.scale`, :meth:`~Deployment.undeploy`) writes the
+record; :meth:`Deployment.status` asks the group.
+
+Not here: autoscaling on load, rebalancing on join (self-tuning, self-configuration), and
+delegation of a service to other keys: only its owner's key can write its record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter, deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from p2pdeploy import wire
+from p2pdeploy.collective.allocator import Offer, allocate, impossible_reason
+from p2pdeploy.collective.deployer import replica_count
+from p2pdeploy.collective.deployment_messages import (
+    MAX_DECISIONS,
+    MAX_REPORTED,
+    SERVICE_RECORD_PREFIX,
+    Decision,
+    PlacedReplica,
+    ReplicaEntry,
+    ReplicaReport,
+    ReportAck,
+    ServiceId,
+    ServiceIdError,
+    ServiceQuery,
+    ServiceReport,
+    ServicesList,
+    ServiceSpec,
+)
+from p2pdeploy.collective.persistence import Persistence
+from p2pdeploy.collective.persistence_messages import (
+    BlobStored,
+    QuorumFinished,
+    QuorumValueAccepted,
+    RecordFound,
+    RecordStored,
+)
+from p2pdeploy.collective.prospector import Prospector
+from p2pdeploy.collective.prospector_queries import AggregateFinished, ProspectFinished
+from p2pdeploy.collective.pubsub import PubSub
+from p2pdeploy.core import Address, Protocol, Rng, require_at_least, require_positive
+from p2pdeploy.fabric.replicas import ReplicaHost
+from p2pdeploy.fabric.supervisor import ReplicaStateChanged
+from p2pdeploy.overlay.identity import Identity
+from p2pdeploy.overlay.kademlia import Kademlia, LookupFinished
+from p2pdeploy.overlay.routing import Contact
+from p2pdeploy.overlay.storage import record_key, sign_record
+from p2pdeploy.overlay.swim import FailureDetector, Liveness, PeerDeclaredDead, PeerRecovered
+from p2pdeploy.resource.bundle import SignedBundle
+from p2pdeploy.resource.description import demand_requirement
+from p2pdeploy.resource.manifest import Manifest, ManifestError
+from p2pdeploy.resource.protocol import Refused, RemoteClient, RemoteControl, RequestAnswered, RequestTimedOut
+from p2pdeploy.resource.requirements import And, Requirement
+
+#: Replica states that count towards the desired number.
+LIVE_STATES = frozenset({"requested", "fetching", "installing", "starting", "running"})
+#: The owner's list of its services (an eventual record under its key), for ``ls``.
+SERVICES_LIST_NAME = b"services"
+#: Services one owner's list holds at most.
+MAX_LISTED = 256
+#: The watcher name this layer uses with the failure detector.
+WATCHER = "deployment"
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentConfig:
+    """The deployment layer's knobs; the defaults suit a loopback or LAN community."""
+
+    #: Seconds between two reconciliations of every managed service.
+    tick_s: float = 1.0
+    #: Seconds between two reports of a host to a manager (a change is reported at once).
+    report_interval_s: float = 2.0
+    #: Reports without an ack before a host reports to the next member of the group.
+    report_misses: int = 3
+    #: After taking a service over, a manager waits this long for the hosts' reports before it
+    #: places anything (so it does not double replicas it has not heard of yet).
+    takeover_grace_s: float = 3.0
+    #: Seconds between two quorum reads of a managed service's record (a missed write is caught).
+    record_refresh_s: float = 30.0
+    #: A replica failed, or running but unhealthy, this long is replaced.
+    unhealthy_grace_s: float = 10.0
+    #: A start not reported by its host within this is given up.
+    start_timeout_s: float = 60.0
+    #: A node that refused a start is not asked again for this long.
+    refused_retry_s: float = 60.0
+    #: While replicas are missing and no node has room, seconds between two searches.
+    pending_retry_s: float = 5.0
+    #: Seconds between two searches for new nodes of a ``mode = "every"`` service, and between two
+    #: recomputations of an availability target's count.
+    refresh_candidates_s: float = 30.0
+    #: The availability assumed of a node that advertises none.
+    unknown_availability: float = 0.9
+    #: How long a status query waits for the manager's answer.
+    query_timeout_s: float = 3.0
+    #: Service records this node keeps track of (as a member of their groups).
+    max_records: int = 10_000
+
+    def __post_init__(self) -> None:
+        require_positive(self, "deployment.", "tick_s", "report_interval_s", "takeover_grace_s", "record_refresh_s",
+                         "start_timeout_s", "refused_retry_s", "pending_retry_s", "refresh_candidates_s",
+                         "query_timeout_s")
+        require_at_least(self, "deployment.", 0, "unhealthy_grace_s")
+        require_at_least(self, "deployment.", 1, "report_misses", "max_records")
+        if not 0 <= self.unknown_availability <= 1:
+            raise ValueError(f"deployment.unknown_availability must be between 0 and 1 (got {self.unknown_availability})")
+
+    @property
+    def report_timeout_s(self) -> float:
+        """A replica whose host has not reported it this long, while the host is not held alive, is lost."""
+        return self.report_interval_s * (self.report_misses + 2)
+
+
+# -- events for the driver ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeployFinished:
+    """A deploy, scale or undeploy ended: ``ok`` when the record was written (``version``)."""
+
+    op_id: int
+    service: str
+    action: str
+    ok: bool
+    version: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StatusFinished:
+    """A status query ended: the manager's report (``None`` when no member of the group answered)."""
+
+    query_id: int
+    service: str
+    report: ServiceReport | None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ServicesListed:
+    query_id: int
+    owner: bytes
+    names: list[str]
+
+
+# -- a manager's state ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Placed:
+    """A replica as its manager knows it."""
+
+    replica_id: str
+    host: Contact
+    state: str
+    since_s: float
+    bundle_blob: bytes
+    reason: str = ""
+    healthy: bool = True
+    reported_s: float = 0.0
+    #: When it last was fine (not failed, not unhealthy): the unhealthy grace counts from it.
+    fine_s: float = 0.0
+    stopping: bool = False
+    attributes: dict[str, Any] = field(default_factory=dict)
+    #: When the replica it replaces was lost (its replacement time ends when this one runs).
+    replaces_lost_s: float | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES and not self.stopping
+
+    def view(self) -> PlacedReplica:
+        return PlacedReplica(self.replica_id, self.host, "stopping" if self.stopping and self.state in LIVE_STATES
+                             else self.state, self.reason, self.healthy, self.since_s)
+
+
+@dataclass(slots=True)
+class ServiceManager:
+    """What a manager keeps of one service: the desired state and the replicas it sees."""
+
+    service: ServiceId
+    key: int
+    group: list[Contact]
+    spec: ServiceSpec | None = None
+    version: int = 0
+    manifest: Manifest | None = None
+    invalid: str = ""
+    replicas: dict[str, Placed] = field(default_factory=dict)
+    desired: int = 0
+    desired_reason: str = ""
+    #: No placement before it (a new manager waits for the hosts' reports).
+    grace_until: float = 0.0
+    prospecting: int | None = None
+    next_search_s: float = 0.0
+    last_candidates_s: float = -math.inf
+    refused: dict[int, float] = field(default_factory=dict)
+    #: The candidates of the last search: a replacement goes to one of them at once (a search
+    #: right after a crash may wait for the dead node's part of the tree to time out).
+    offers: list[Offer] = field(default_factory=list)
+    pending: str = ""
+    #: When replicas were lost and not yet replaced (oldest first).
+    lost_at: deque[float] = field(default_factory=deque)
+    decisions: deque[Decision] = field(default_factory=lambda: deque(maxlen=MAX_DECISIONS))
+    refreshing: int | None = None
+    next_refresh_s: float = 0.0
+
+    @property
+    def placement(self) -> Any:
+        assert self.manifest is not None and self.spec is not None
+        placement = self.manifest.placement
+        if self.spec.replicas:
+            return dataclasses.replace(placement, replicas=self.spec.replicas, availability=None, mode="count")
+        if self.spec.availability:
+            return dataclasses.replace(placement, availability=self.spec.availability, replicas=None, mode="count")
+        return placement
+
+    def live(self) -> list[Placed]:
+        return [p for p in self.replicas.values() if p.live]
+
+
+@dataclass(slots=True)
+class _Hosted:
+    """A service this node hosts replicas of: whom it reports to."""
+
+    manager: Contact
+    group: list[Contact] = field(default_factory=list)
+    unacked: int = 0
+    final_sent: bool = False
+
+
+@dataclass(slots=True)
+class _Record:
+    service: ServiceId
+    group: list[Contact]
+    item_sequence: int
+    value: bytes
+
+
+@dataclass(slots=True)
+class _OwnerOp:
+    """A deploy, scale or undeploy by the owner: check, store the bundle, read, write, list."""
+
+    op_id: int
+    action: str
+    service: ServiceId
+    spec: ServiceSpec | None = None
+    bundle: SignedBundle | None = None
+    manifest: Manifest | None = None
+    manifest_text: bytes = b""
+    change: dict[str, Any] = field(default_factory=dict)
+    phase: str = "checking"
+    waiting: set[int] = field(default_factory=set)
+    largest: dict[str, Any] = field(default_factory=dict)
+    version: int = 0
+
+
+@dataclass(slots=True)
+class _StatusOp:
+    query_id: int
+    service: ServiceId
+    deadline: float
+    asked: set[int] = field(default_factory=set)
+    best: ServiceReport | None = None
+
+
+class Deployment(Protocol):
+    """Service managers for the services whose records this node holds, the host side of the
+    reports, and the owner's API; see the module docstring."""
+
+    handles = (ReplicaReport, ReportAck, ServiceQuery, ServiceReport)
+    consumes = (QuorumValueAccepted, QuorumFinished, BlobStored, RecordFound, RecordStored, ProspectFinished,
+                AggregateFinished, RequestAnswered, RequestTimedOut, PeerDeclaredDead, PeerRecovered,
+                ReplicaStateChanged, LookupFinished)
+
+    def __init__(
+        self,
+        identity: Identity,
+        address: Address,
+        overlay: Kademlia,
+        persistence: Persistence,
+        prospector: Prospector,
+        client: RemoteClient,
+        rng: Rng,
+        now: float,
+        *,
+        pubsub: PubSub | None = None,
+        detector: FailureDetector | None = None,
+        remote: RemoteControl | None = None,
+        host: ReplicaHost | None = None,
+        config: DeploymentConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.identity = identity
+        self.node_id = identity.node_id
+        self.contact = Contact(self.node_id, address)
+        self.overlay = overlay
+        self.persistence = persistence
+        self.prospector = prospector
+        self.client = client
+        self.rng = rng
+        self.pubsub = pubsub
+        self.detector = detector
+        self.remote = remote
+        self.host = host
+        self.config = config or DeploymentConfig()
+        self.counters: Counter[str] = Counter()
+        #: Service records this node holds as a member of their group, by key.
+        self.records: dict[int, _Record] = {}
+        #: The services this node manages, by key.
+        self.managers: dict[int, ServiceManager] = {}
+        #: The services this node hosts replicas of, by key.
+        self.hosting: dict[int, _Hosted] = {}
+        self._owner_ops: dict[int, _OwnerOp] = {}
+        self._op_of: dict[int, _OwnerOp] = {}  # an underlying query id -> the owner's op
+        self._status_ops: dict[int, _StatusOp] = {}
+        self._status_by_lookup: dict[int, _StatusOp] = {}
+        self._requests: dict[int, tuple[int, str]] = {}  # remote request id -> (service key, replica id)
+        self._prospects: dict[int, int] = {}  # prospect query id -> service key
+        self._reads: dict[int, int] = {}  # quorum read id -> service key
+        self._list_reads: dict[int, int] = {}  # record read id -> ServicesListed query id
+        self._next_op = 1
+        self._load_records(now)
+
+    def _arm(self, now: float) -> None:
+        """The timers run only while there is something to manage or report (an idle node, as in
+        a simulation of the layers below, pays nothing)."""
+        if self.records and self.timer_deadline("tick") is None:
+            self.set_timer("tick", now + self.rng.uniform(0, self.config.tick_s))
+        if (self.hosting or self._managed_replicas()) and self.timer_deadline("report") is None:
+            self.set_timer("report", now + self.config.report_interval_s)
+
+    # -- the owner's API -------------------------------------------------------------------
+    def deploy(self, bundle: SignedBundle, manifest_text: bytes, now: float, *, replicas: int | None = None,
+               availability: float | None = None) -> int:
+        """Deploy (or update) ``bundle``, whose ``manifest.toml`` is ``manifest_text``, as the
+        service of the manifest's name owned by this node's key; emits :class:`DeployFinished`
+        once the record is written. Before, it checks that some node could ever run it (``no node
+        offers 64 cores; the largest offers 8``) and stores the bundle as a pinned blob. Raises
+        ``ManifestError`` for a manifest that is not valid."""
+        manifest = Manifest.parse(manifest_text)
+        if replicas is not None and availability is not None:
+            raise ValueError("give replicas or availability, not both")
+        if replicas is not None and not 1 <= replicas <= 64:
+            raise ValueError(f"replicas must be between 1 and 64 (got {replicas})")
+        if availability is not None and not 0 < availability < 1:
+            raise ValueError(f"availability must be between 0 and 1 (got {availability})")
+        service = ServiceId(manifest.name, self.identity.public_key)
+        op = self._new_owner_op("deploy", service)
+        op.bundle, op.manifest, op.manifest_text = bundle, manifest, manifest_text
+        op.change = {"replicas": replicas or 0, "availability": availability or 0.0}
+        attributes = self._numeric_attributes(manifest)
+        for attribute in attributes:
+            query = self.prospector.aggregate(attribute, "max", now)
+            op.waiting.add(query)
+            self._op_of[query] = op
+        if not op.waiting:
+            self._store_bundle(op, now)
+        return op.op_id
+
+    def scale(self, name: str, now: float, *, replicas: int | None = None, availability: float | None = None) -> int:
+        """Change the replica count (or availability target) of this key's service ``name``."""
+        if (replicas is None) == (availability is None):
+            raise ValueError("give replicas or availability")
+        if replicas is not None and not 1 <= replicas <= 64:
+            raise ValueError(f"replicas must be between 1 and 64 (got {replicas})")
+        if availability is not None and not 0 < availability < 1:
+            raise ValueError(f"availability must be between 0 and 1 (got {availability})")
+        op = self._new_owner_op("scale", ServiceId(name, self.identity.public_key))
+        op.change = {"replicas": replicas or 0, "availability": availability or 0.0}
+        self._read_for(op, now)
+        return op.op_id
+
+    def undeploy(self, name: str, now: float) -> int:
+        """Stop every replica of this key's service ``name``; the name stays this key's."""
+        op = self._new_owner_op("undeploy", ServiceId(name, self.identity.public_key))
+        op.change = {"undeployed": True}
+        self._read_for(op, now)
+        return op.op_id
+
+    def status(self, service: ServiceId, now: float) -> int:
+        """Ask the service's group for its state; emits :class:`StatusFinished`."""
+        query_id = self._new_id()
+        op = _StatusOp(query_id, service, now + self.config.query_timeout_s)
+        self._status_ops[query_id] = op
+        record = self.records.get(service.key)
+        if record is not None:
+            self._ask_status(op, record.group, now)
+        lookup = self.overlay.lookup(service.key, now)
+        self._status_by_lookup[lookup] = op
+        self.set_timer(("status", query_id), op.deadline)
+        return query_id
+
+    def list_services(self, owner: bytes, now: float) -> int:
+        """The names of ``owner``'s services (its list record); emits :class:`ServicesListed`."""
+        query_id = self._new_id()
+        read = self.persistence.get_record(record_key(owner, SERVICES_LIST_NAME), now)
+        self._list_reads[read] = query_id
+        self._list_owner = owner
+        return query_id
+
+    # -- read-only views -------------------------------------------------------------------
+    def managed(self) -> list[ServiceManager]:
+        return list(self.managers.values())
+
+    def report_of(self, manager: ServiceManager, query_id: int = 0) -> ServiceReport:
+        return ServiceReport(
+            query_id, manager.key, True, self.contact, manager.version, manager.desired, manager.desired_reason,
+            [p.view() for p in list(manager.replicas.values())[:MAX_REPORTED]],
+            [f"{d.at_s:.1f} {d}" for d in manager.decisions], manager.pending or manager.invalid,
+        )
+
+    # -- inputs ----------------------------------------------------------------------------
+    def receive(self, src: Address, msg: Any, now: float) -> None:
+        if isinstance(msg, ReplicaReport):
+            self._on_report(src, msg, now)
+        elif isinstance(msg, ReportAck):
+            self._on_ack(src, msg, now)
+        elif isinstance(msg, ServiceQuery):
+            self._on_query(src, msg, now)
+        elif isinstance(msg, ServiceReport):
+            self._on_status_reply(src, msg, now)
+
+    def handle_event(self, event: Any, now: float) -> bool:
+        if isinstance(event, QuorumValueAccepted):
+            return self._on_accepted(event, now)
+        if isinstance(event, ReplicaStateChanged):
+            if self.remote is not None and event.replica_id in self.remote.managed:
+                self._report(self.remote.managed[event.replica_id].service_key, now)
+            return False
+        if isinstance(event, PeerDeclaredDead | PeerRecovered):
+            self._on_liveness(event, now)
+            return False
+        if isinstance(event, RequestAnswered | RequestTimedOut):
+            return self._on_remote_answer(event, now)
+        if isinstance(event, ProspectFinished):
+            key = self._prospects.pop(event.query_id, None)
+            if key is None:
+                return False
+            manager = self.managers.get(key)
+            if manager is not None and manager.prospecting == event.query_id:
+                manager.prospecting = None
+                self._on_candidates(manager, event, now)
+            return True
+        if isinstance(event, QuorumFinished):
+            return self._on_quorum(event, now)
+        if isinstance(event, LookupFinished):
+            op = self._status_by_lookup.pop(event.query_id, None)
+            if op is None:
+                return False
+            if op.query_id in self._status_ops:
+                self._ask_status(op, event.closest[:5], now)
+            return True
+        if isinstance(event, RecordFound) and event.query_id in self._list_reads:
+            self._on_list_read(event, now)
+            return True
+        if isinstance(event, AggregateFinished | BlobStored | RecordFound | RecordStored):
+            op = self._op_of.pop(event.query_id, None)
+            if op is None:
+                return False
+            self._owner_step(op, event, now)
+            return True
+        return False
+
+    def on_timer(self, name: Hashable, now: float) -> None:
+        if name == "tick":
+            self._tick(now)
+            if self.records:
+                self.set_timer("tick", now + self.config.tick_s)
+        elif name == "report":
+            keys = dict.fromkeys([*self.hosting, *(m.service_key for m in self._managed_replicas().values())])
+            for key in keys:
+                self._report(key, now, periodic=True)
+            if self.hosting or self._managed_replicas():
+                self.set_timer("report", now + self.config.report_interval_s)
+        elif isinstance(name, tuple) and name[0] == "status":
+            op = self._status_ops.pop(name[1], None)
+            if op is not None:
+                self._finish_status(op, "no member of the service's group answered" if op.best is None else "")
+
+    # -- the group's records and who manages -----------------------------------------------
+    def _load_records(self, now: float) -> None:
+        store = self.persistence.store
+        for key in store.acceptor_keys():
+            state = store.read_acceptor(key)
+            if state is not None and state.item is not None:
+                self._learn_record(key, state.item, state.group, now)
+
+    def _on_accepted(self, event: QuorumValueAccepted, now: float) -> bool:
+        if not event.item.name.startswith(SERVICE_RECORD_PREFIX):
+            return False
+        self._learn_record(event.key, event.item, event.group, now)
+        manager = self.managers.get(event.key)
+        if manager is not None:
+            self._load_spec(manager, event.item.sequence, event.item.value, now)
+        self._tick_service(event.key, now)
+        return True
+
+    def _learn_record(self, key: int, item: Any, group: list[Contact], now: float) -> None:
+        if not item.name.startswith(SERVICE_RECORD_PREFIX):
+            return
+        try:
+            service = ServiceId(item.name[len(SERVICE_RECORD_PREFIX):].decode(), item.public_key)
+        except (ServiceIdError, UnicodeDecodeError):
+            self.dropped["service_record_name"] += 1
+            return
+        if service.key != key:
+            self.dropped["service_record_key"] += 1
+            return
+        known = self.records.get(key)
+        if known is None and len(self.records) >= self.config.max_records:
+            self.dropped["service_records_full"] += 1
+            return
+        if known is not None and known.item_sequence > item.sequence:
+            return
+        self.records[key] = _Record(service, list(group), item.sequence, item.value)
+        for member in group:
+            self._watch(member, now)
+        self._arm(now)
+
+    def _manager_of(self, key: int, group: list[Contact]) -> Contact | None:
+        """The closest member of ``group`` that this node does not hold dead."""
+        for member in sorted(group, key=lambda c: c.node_id ^ key):
+            if member.node_id == self.node_id or self._liveness(member.node_id) is not Liveness.dead:
+                return member
+        return None
+
+    def _liveness(self, node_id: int) -> Liveness:
+        if node_id == self.node_id:
+            return Liveness.alive
+        if self.detector is None:
+            return Liveness.unknown
+        return self.detector.state(node_id)
+
+    def _watch(self, contact: Contact, now: float) -> None:
+        detector = self.detector
+        if detector is None or contact.node_id == self.node_id:
+            return
+        try:
+            detector.watch(contact.node_id, contact.address, now, by=WATCHER)
+        except RuntimeError:
+            self.dropped["watch_list_full"] += 1
+
+    def _tick(self, now: float) -> None:
+        for key in list(self.records):
+            self._tick_service(key, now)
+
+    def _tick_service(self, key: int, now: float) -> None:
+        record = self.records.get(key)
+        if record is None:
+            return
+        manager_contact = self._manager_of(key, record.group)
+        manager = self.managers.get(key)
+        if manager_contact is None or manager_contact.node_id != self.node_id:
+            if manager is not None:
+                del self.managers[key]
+                self._decide(manager, "manager_moved", f"to {_short(manager_contact)}", now)
+            return
+        if manager is None:
+            manager = self._take_over(key, record, now)
+        self._reconcile(manager, now)
+
+    def _take_over(self, key: int, record: _Record, now: float) -> ServiceManager:
+        manager = ServiceManager(record.service, key, list(record.group))
+        fresh = record.item_sequence == 1 and not any(
+            self._liveness(m.node_id) is Liveness.dead for m in record.group if m.node_id != self.node_id)
+        # A first version just written has no replicas anywhere yet; otherwise hosts may hold some.
+        manager.grace_until = now if fresh else now + self.config.takeover_grace_s
+        self.managers[key] = manager
+        self._load_spec(manager, record.item_sequence, record.value, now)
+        self._decide(manager, "manager", f"{_short(self.contact)} manages version {manager.version}", now)
+        self._refresh(manager, now)
+        return manager
+
+    def _load_spec(self, manager: ServiceManager, version: int, value: bytes, now: float) -> None:
+        if version < manager.version or (version == manager.version and manager.spec is not None):
+            return
+        manager.version = version
+        try:
+            spec = wire.decode(value, len(value) + 1)
+            if not isinstance(spec, ServiceSpec) or spec.name != manager.service.name:
+                raise ValueError("not a service record")
+            manifest = Manifest.parse(spec.manifest)
+        except (wire.WireError, ValueError, ManifestError) as exc:
+            manager.invalid = f"version {version} is not a valid service record: {exc}"
+            manager.spec = None
+            return
+        manager.invalid = ""
+        manager.spec, manager.manifest = spec, manifest
+        manager.last_candidates_s = -math.inf
+        placement = manager.placement
+        if spec.undeployed:
+            manager.desired, manager.desired_reason = 0, "undeployed"
+        elif placement.mode == "count" and placement.replicas is not None:
+            manager.desired, manager.desired_reason = placement.replicas, f"fixed: {placement.replicas} replicas"
+        elif not manager.desired:
+            manager.desired = placement.min_replicas
+            manager.desired_reason = f"{placement.min_replicas} (min_replicas) until candidates are known"
+
+    def _refresh(self, manager: ServiceManager, now: float) -> None:
+        if manager.refreshing is not None:
+            return
+        read = self.persistence.quorum_read(manager.key, now)
+        manager.refreshing = read
+        self._reads[read] = manager.key
+        manager.next_refresh_s = now + self.config.record_refresh_s
+
+    # -- the reconciler --------------------------------------------------------------------
+    def _reconcile(self, manager: ServiceManager, now: float) -> None:
+        c = self.config
+        if now >= manager.next_refresh_s:
+            self._refresh(manager, now)
+        spec = manager.spec
+        if spec is None:
+            return
+        for placed in list(manager.replicas.values()):
+            self._check_replica(manager, placed, now)
+        live = manager.live()
+        current = [p for p in live if p.bundle_blob == spec.bundle_blob]
+        outdated = [p for p in live if p.bundle_blob != spec.bundle_blob]
+        desired = 0 if spec.undeployed else manager.desired
+        if spec.undeployed:
+            for placed in live:
+                self._stop(manager, placed, "undeployed", now)
+            return
+        if now < manager.grace_until:
+            return
+        placement = manager.placement
+        refresh_due = placement.mode == "every" or placement.availability is not None
+        need = desired - len(current)
+        if need > 0 and manager.offers and now - manager.last_candidates_s < c.refresh_candidates_s * 4:
+            need -= len(self._place(manager, manager.offers, need, now))
+        if manager.prospecting is None and now >= manager.next_search_s and (
+                need > 0 or (refresh_due and now - manager.last_candidates_s >= c.refresh_candidates_s)):
+            self._search(manager, len(live), now)
+        if len(current) > desired:
+            for placed in _removal_order(current)[: len(current) - desired]:
+                self._stop(manager, placed, f"surplus: {len(current)} replicas run, {desired} wanted", now)
+        running = sum(1 for p in current if p.state == "running" and p.healthy)
+        if outdated and running >= desired:
+            for placed in outdated:
+                self._stop(manager, placed, f"replaced by version {manager.version}", now)
+
+    def _check_replica(self, manager: ServiceManager, placed: Placed, now: float) -> None:
+        """Drop what is lost (its host dead, silent, or the replica failed), stop what failed."""
+        c = self.config
+        if placed.state in ("stopped",):
+            del manager.replicas[placed.replica_id]
+            return
+        liveness = self._liveness(placed.host.node_id)
+        lost = ""
+        if liveness is Liveness.dead:
+            lost = f"host {_short(placed.host)} declared dead"
+        elif placed.state == "requested" and now - placed.since_s > c.start_timeout_s:
+            lost = f"host {_short(placed.host)} did not report it within {c.start_timeout_s:g} s"
+        elif placed.state != "requested" and now - placed.reported_s > c.report_timeout_s \
+                and liveness is not Liveness.alive:
+            lost = f"host {_short(placed.host)} stopped reporting"
+        if lost:
+            del manager.replicas[placed.replica_id]
+            if placed.live:
+                manager.lost_at.append(now)
+                self._decide(manager, "lost", lost, now, placed)
+            return
+        if placed.state in ("failed",) or (placed.state == "running" and not placed.healthy):
+            if now - placed.fine_s >= c.unhealthy_grace_s and not placed.stopping:
+                manager.lost_at.append(now)
+                self._stop(manager, placed, f"{placed.state}{': ' + placed.reason if placed.reason else ''} "
+                                            f"for {now - placed.fine_s:.0f} s", now)
+        else:
+            placed.fine_s = now
+
+    def _search(self, manager: ServiceManager, live: int, now: float) -> None:
+        manifest = manager.manifest
+        assert manifest is not None
+        placement = manager.placement
+        requirement = _combined(manifest, placement.constraints)
+        wanted = 64 if placement.mode == "every" else max(manager.desired, placement.max_replicas or 0) + live + 4
+        query = self.prospector.prospect(requirement, min(wanted, 64), now)
+        manager.prospecting = query
+        self._prospects[query] = manager.key
+
+    def _on_candidates(self, manager: ServiceManager, event: ProspectFinished, now: float) -> None:
+        spec, manifest = manager.spec, manager.manifest
+        if spec is None or manifest is None or spec.undeployed:
+            return
+        manager.last_candidates_s = now
+        placement = manager.placement
+        live = manager.live()
+        offers = [Offer(n.contact.node_id, n.contact.address, n.attributes) for n in event.nodes
+                  if n.contact.node_id not in {p.host.node_id for p in live}]
+        if placement.mode == "every":
+            desired, reason = len(offers) + len(live), f"every node that satisfies the constraints ({len(offers) + len(live)})"
+        elif placement.replicas is not None:
+            desired, reason = manager.desired, manager.desired_reason
+        else:
+            availabilities = [p.attributes.get("availability", math.nan) for p in live] + \
+                             [o.attributes.get("availability", math.nan) for o in offers]
+            chosen = replica_count(placement, [a if isinstance(a, int | float) else math.nan for a in availabilities],
+                                   quorum=manifest.state_consistency == "quorum",
+                                   unknown_availability=self.config.unknown_availability)
+            desired, reason = chosen.count, chosen.reason
+        if (desired, reason) != (manager.desired, manager.desired_reason):
+            manager.desired, manager.desired_reason = desired, reason
+            self._decide(manager, "count", f"{desired} replicas: {reason}", now)
+        current = [p for p in live if p.bundle_blob == spec.bundle_blob]
+        need = manager.desired - len(current)
+        if need <= 0:
+            manager.pending = ""
+            return
+        manager.offers = offers
+        chosen_offers = self._place(manager, offers, need, now)
+        if len(chosen_offers) < need:
+            missing = need - len(chosen_offers)
+            pending = (f"{missing} replica{'s' if missing > 1 else ''} pending: no node has room "
+                       f"({event.matches_seen} nodes match the requirements and the free resources, "
+                       f"{len(chosen_offers)} more could be used)")
+            if pending != manager.pending:
+                self._decide(manager, "pending", pending, now)
+            manager.pending = pending
+            manager.next_search_s = now + self.config.pending_retry_s
+        else:
+            manager.pending = ""
+
+    def _place(self, manager: ServiceManager, offers: list[Offer], need: int, now: float) -> list[Offer]:
+        """Start up to ``need`` replicas on the best of ``offers`` (not on a node that has one, that
+        refused lately, or that this node's detector does not hold alive); the offers used."""
+        manifest = manager.manifest
+        assert manifest is not None
+        placement = manager.placement
+        exclude = {p.host.node_id for p in manager.replicas.values()}
+        exclude |= {node for node, until in manager.refused.items() if until > now}
+        exclude |= {o.node_id for o in offers if self._liveness(o.node_id) in (Liveness.dead, Liveness.suspect)}
+        chosen = allocate(offers, need, demand=manifest.demand(), constraints=_constraints(manifest, placement),
+                          spread=placement.spread, placed=[p.attributes for p in manager.live()], exclude=exclude)
+        for offer in chosen:
+            self._start(manager, offer, now)
+        return chosen
+
+    def _start(self, manager: ServiceManager, offer: Offer, now: float) -> None:
+        spec = manager.spec
+        assert spec is not None
+        replica_id = f"{spec.name}-{self.rng.getrandbits(32):08x}"
+        host = Contact(offer.node_id, offer.address)
+        request = self.client.start(
+            offer.address, offer.node_id, replica_id, SignedBundle(b"", spec.bundle_key, spec.bundle_signature), now,
+            blob_id=spec.blob_id, service_key=manager.key,
+        )
+        self._requests[request] = (manager.key, replica_id)
+        replaces = manager.lost_at.popleft() if manager.lost_at else None
+        placed = Placed(replica_id, host, "requested", now, spec.bundle_blob, reported_s=now, fine_s=now,
+                        attributes=dict(offer.attributes), replaces_lost_s=replaces)
+        manager.replicas[replica_id] = placed
+        self._watch(host, now)
+        if replaces is not None:
+            self._decide(manager, "replaced", f"a replica lost {now - replaces:.1f} s ago", now, placed)
+        else:
+            self._decide(manager, "placed", _why_there(offer), now, placed)
+
+    def _stop(self, manager: ServiceManager, placed: Placed, reason: str, now: float) -> None:
+        if placed.stopping:
+            return
+        placed.stopping = True
+        placed.reason = reason
+        request = self.client.stop(placed.host.address, placed.host.node_id, placed.replica_id, now)
+        self._requests[request] = (manager.key, placed.replica_id)
+        decision = "surplus_stopped" if reason.startswith("surplus") else "stopped"
+        self._decide(manager, decision, reason, now, placed)
+
+    def _on_remote_answer(self, event: RequestAnswered | RequestTimedOut, now: float) -> bool:
+        entry = self._requests.pop(event.request_id, None)
+        if entry is None:
+            return False
+        key, replica_id = entry
+        manager = self.managers.get(key)
+        placed = manager.replicas.get(replica_id) if manager is not None else None
+        if manager is None or placed is None:
+            return True
+        if placed.stopping:
+            if isinstance(event, RequestAnswered) and isinstance(event.reply, Refused) \
+                    and event.reply.check == "replica":
+                del manager.replicas[replica_id]  # the host does not have it (any more)
+            return True
+        if isinstance(event, RequestTimedOut) or isinstance(event.reply, Refused):
+            reason = "no answer" if isinstance(event, RequestTimedOut) else str(event.reply)
+            del manager.replicas[replica_id]
+            if placed.replaces_lost_s is not None:
+                manager.lost_at.appendleft(placed.replaces_lost_s)
+            manager.refused[placed.host.node_id] = now + self.config.refused_retry_s
+            manager.next_search_s = now
+            self._decide(manager, "refused", reason, now, placed)
+            return True
+        reply = event.reply
+        placed.state, placed.reason, placed.healthy = reply.state, reply.reason, reply.healthy
+        placed.reported_s = now
+        return True
+
+    # -- reports between hosts and managers ------------------------------------------------
+    def _managed_replicas(self) -> dict[str, Any]:
+        return {} if self.remote is None else self.remote.managed_replicas()
+
+    def _report(self, key: int, now: float, *, periodic: bool = False) -> None:
+        """Tell ``key``'s manager what this node runs of it (all of it)."""
+        host = self.host
+        managed = {rid: m for rid, m in self._managed_replicas().items() if m.service_key == key}
+        hosted = self.hosting.get(key)
+        if hosted is None:
+            if not managed:
+                return
+            first = next(iter(managed.values()))
+            hosted = self.hosting[key] = _Hosted(Contact(first.manager_id, first.manager))
+            self._watch(hosted.manager, now)
+        entries = []
+        for replica_id in sorted(managed)[:MAX_REPORTED]:
+            status = host.status(replica_id) if host is not None else None
+            supervisor = host.supervisor(replica_id) if host is not None else None
+            if status is None:
+                continue
+            entries.append(ReplicaEntry(replica_id, status.state.value, status.reason[:200], status.healthy,
+                                        status.run, supervisor.digest if supervisor is not None else b""))
+        if not entries:
+            if hosted.final_sent:
+                del self.hosting[key]
+                return
+            hosted.final_sent = True
+        else:
+            hosted.final_sent = False
+        if periodic:
+            hosted.unacked += 1
+            if hosted.unacked > self.config.report_misses:
+                self._next_manager(key, hosted, "its reports were not acknowledged")
+        self.send(hosted.manager.address, ReplicaReport(key, self.node_id, entries))
+        self._arm(now)
+
+    def _next_manager(self, key: int, hosted: _Hosted, why: str) -> None:
+        members = sorted(hosted.group or self.overlay.closest_known(key), key=lambda c: c.node_id ^ key)
+        current = hosted.manager.node_id
+        candidates = [m for m in members if m.node_id != current and self._liveness(m.node_id) is not Liveness.dead]
+        if candidates:
+            hosted.manager = candidates[0]
+            hosted.unacked = 0
+            self.counters["manager_switches"] += 1
+
+    def _on_report(self, src: Address, msg: ReplicaReport, now: float) -> None:
+        manager = self.managers.get(msg.service)
+        if manager is None:
+            record = self.records.get(msg.service)
+            if record is None:
+                self.dropped["report_for_unknown_service"] += 1
+                return
+            boss = self._manager_of(msg.service, record.group)
+            if boss is not None:
+                self.send(src, ReportAck(msg.service, boss, list(record.group)))
+            return
+        if len(msg.replicas) > MAX_REPORTED:
+            self.dropped["report_too_long"] += 1
+            return
+        host = Contact(msg.host, src)
+        seen = set()
+        for entry in msg.replicas:
+            seen.add(entry.replica_id)
+            placed = manager.replicas.get(entry.replica_id)
+            if placed is None:
+                if entry.state not in LIVE_STATES and entry.state != "failed":
+                    continue
+                placed = Placed(entry.replica_id, host, entry.state, now, entry.bundle_blob, fine_s=now)
+                manager.replicas[entry.replica_id] = placed
+                self._watch(host, now)
+            elif placed.host.node_id != msg.host:
+                self.dropped["report_of_another_hosts_replica"] += 1
+                continue
+            was_running = placed.state == "running"
+            placed.state, placed.reason, placed.healthy = entry.state, entry.reason, entry.healthy
+            placed.reported_s = now
+            if entry.bundle_blob:
+                placed.bundle_blob = entry.bundle_blob
+            if entry.state == "running" and not was_running and placed.replaces_lost_s is not None:
+                self._decide(manager, "healed", f"replacement running {now - placed.replaces_lost_s:.1f} s after "
+                                                f"the loss", now, placed)
+                placed.replaces_lost_s = None
+        for placed in [p for p in manager.replicas.values() if p.host.node_id == msg.host]:
+            if placed.replica_id not in seen and placed.state != "requested":
+                del manager.replicas[placed.replica_id]
+        self.send(src, ReportAck(msg.service, self.contact, list(manager.group)))
+
+    def _on_ack(self, src: Address, msg: ReportAck, now: float) -> None:
+        hosted = self.hosting.get(msg.service)
+        if hosted is None:
+            self.dropped["ack_for_unknown_service"] += 1
+            return
+        known = hosted.group or [hosted.manager]
+        if not any(member.address == src for member in known):
+            self.dropped["ack_from_outside_the_group"] += 1
+            return
+        hosted.unacked = 0
+        if msg.group:
+            hosted.group = list(msg.group)[:16]
+        if msg.manager.node_id != hosted.manager.node_id:
+            hosted.manager = msg.manager
+            self._watch(msg.manager, now)
+            self._report(msg.service, now)
+
+    def _on_liveness(self, event: PeerDeclaredDead | PeerRecovered, now: float) -> None:
+        if isinstance(event, PeerDeclaredDead):
+            for key, hosted in list(self.hosting.items()):
+                if hosted.manager.node_id == event.node_id:
+                    self._next_manager(key, hosted, "its manager was declared dead")
+                    self._report(key, now)
+        for key, record in list(self.records.items()):
+            if any(m.node_id == event.node_id for m in record.group):
+                self._tick_service(key, now)
+        for manager in list(self.managers.values()):
+            if any(p.host.node_id == event.node_id for p in manager.replicas.values()):
+                self._reconcile(manager, now)
+
+    # -- status queries --------------------------------------------------------------------
+    def _on_query(self, src: Address, msg: ServiceQuery, now: float) -> None:
+        manager = self.managers.get(msg.service)
+        if manager is not None:
+            self.send(src, self.report_of(manager, msg.query_id))
+            return
+        record = self.records.get(msg.service)
+        if record is None:
+            return
+        boss = self._manager_of(msg.service, record.group)
+        self.send(src, ServiceReport(msg.query_id, msg.service, False, boss, record.item_sequence, 0, "", [], []))
+
+    def _ask_status(self, op: _StatusOp, members: list[Contact], now: float) -> None:
+        for member in members:
+            if member.node_id in op.asked:
+                continue
+            op.asked.add(member.node_id)
+            if member.node_id == self.node_id:
+                self._on_query(self.contact.address, ServiceQuery(op.query_id, op.service.key), now)
+                continue
+            self.send(member.address, ServiceQuery(op.query_id, op.service.key))
+
+    def _on_status_reply(self, src: Address, msg: ServiceReport, now: float) -> None:
+        op = self._status_ops.get(msg.query_id)
+        if op is None or msg.service != op.service.key:
+            self.dropped["unexpected_status"] += 1
+            return
+        if msg.managing:
+            del self._status_ops[msg.query_id]
+            self.cancel_timer(("status", msg.query_id))
+            op.best = msg
+            self._finish_status(op, "")
+            return
+        if op.best is None or msg.version > op.best.version:
+            op.best = msg
+        if msg.manager is not None:
+            self._ask_status(op, [msg.manager], now)
+
+    def _finish_status(self, op: _StatusOp, reason: str) -> None:
+        self.emit(StatusFinished(op.query_id, str(op.service), op.best, reason))
+
+    # -- the owner's operations ------------------------------------------------------------
+    def _new_id(self) -> int:
+        self._next_op += 1
+        return self._next_op
+
+    def _new_owner_op(self, action: str, service: ServiceId) -> _OwnerOp:
+        op = _OwnerOp(self._new_id(), action, service)
+        self._owner_ops[op.op_id] = op
+        return op
+
+    def _numeric_attributes(self, manifest: Manifest) -> list[str]:
+        """The attributes whose largest value tells whether any node could run ``manifest``."""
+        names = {"cpu", "memory", "disk"}
+        for requirement in (manifest.resources.requirements, manifest.placement.constraints):
+            if requirement is not None:
+                names |= requirement.attributes()
+        return sorted(names)
+
+    def _store_bundle(self, op: _OwnerOp, now: float) -> None:
+        assert op.bundle is not None
+        op.phase = "storing"
+        query = self.persistence.put_blob(op.bundle.data, now, keep=True)
+        op.waiting = {query}
+        self._op_of[query] = op
+
+    def _read_for(self, op: _OwnerOp, now: float) -> None:
+        op.phase = "reading"
+        read = self.persistence.quorum_read(op.service.key, now)
+        op.waiting = {read}
+        self._op_of[read] = op
+
+    def _owner_step(self, op: _OwnerOp, event: Any, now: float) -> None:
+        op.waiting.discard(event.query_id)
+        if isinstance(event, AggregateFinished):
+            if event.ok and isinstance(event.value, int | float) and event.attribute:
+                op.largest[event.attribute] = event.value
+            if op.waiting:
+                return
+            assert op.manifest is not None
+            placement = op.manifest.placement
+            reason = impossible_reason(_constraints(op.manifest, placement), op.manifest.demand(), op.largest)
+            if reason is not None:
+                self._finish_owner(op, False, reason)
+                return
+            self._store_bundle(op, now)
+        elif isinstance(event, BlobStored):
+            if not event.ok:
+                self._finish_owner(op, False, f"the bundle could not be stored: {event.reason}")
+                return
+            assert op.bundle is not None and op.manifest is not None
+            op.spec = ServiceSpec(op.manifest.name, op.manifest_text,
+                                  event.blob_id.to_bytes(20, "big"), op.bundle.public_key, op.bundle.signature,
+                                  **op.change)
+            self._read_for(op, now)
+        elif isinstance(event, QuorumFinished):
+            self._on_owner_quorum(op, event, now)
+        elif isinstance(event, RecordFound):
+            names = _listed(event.item)
+            if op.service.name not in names:
+                names = sorted({*names, op.service.name})[:MAX_LISTED]
+                sequence = event.item.sequence + 1 if event.item is not None else 1
+                _, item = sign_record(self.identity, SERVICES_LIST_NAME, wire.encode(ServicesList(names)), sequence)
+                query = self.persistence.put_record(item, now)
+                op.waiting = {query}
+                self._op_of[query] = op
+                return
+            self._finish_owner(op, True, "")
+        elif isinstance(event, RecordStored):
+            self._finish_owner(op, True, "")
+
+    def _on_owner_quorum(self, op: _OwnerOp, event: QuorumFinished, now: float) -> None:
+        if op.phase == "reading":
+            if not event.ok:
+                self._finish_owner(op, False, f"the service's record could not be read: {event.reason}")
+                return
+            current = None
+            if event.item is not None:
+                try:
+                    current = wire.decode(event.item.value, len(event.item.value) + 1)
+                except wire.WireError:
+                    current = None
+            if op.action != "deploy":
+                if not isinstance(current, ServiceSpec):
+                    self._finish_owner(op, False, f"no service {op.service.name} owned by this key")
+                    return
+                spec = dataclasses.replace(current, **op.change)
+            else:
+                assert op.spec is not None
+                spec = op.spec
+            op.phase = "writing"
+            write = self.persistence.quorum_cas(self.identity, op.service.record_name, event.version,
+                                                wire.encode(spec), now)
+            op.spec = spec
+            op.waiting = {write}
+            self._op_of[write] = op
+            return
+        if not event.ok:
+            self._finish_owner(op, False, f"the service's record could not be written: {event.reason}")
+            return
+        op.version = event.version
+        if op.action == "deploy":
+            op.phase = "listing"
+            read = self.persistence.get_record(record_key(self.identity.public_key, SERVICES_LIST_NAME), now)
+            op.waiting = {read}
+            self._op_of[read] = op
+            return
+        self._finish_owner(op, True, "")
+
+    def _finish_owner(self, op: _OwnerOp, ok: bool, reason: str) -> None:
+        self._owner_ops.pop(op.op_id, None)
+        for query in op.waiting:
+            self._op_of.pop(query, None)
+        self.emit(DeployFinished(op.op_id, str(op.service), op.action, ok, op.version, reason))
+
+    def _on_quorum(self, event: QuorumFinished, now: float) -> bool:
+        key = self._reads.pop(event.query_id, None)
+        if key is not None:
+            manager = self.managers.get(key)
+            if manager is not None:
+                manager.refreshing = None
+                if event.ok and event.item is not None:
+                    self._load_spec(manager, event.item.sequence, event.item.value, now)
+            return True
+        op = self._op_of.pop(event.query_id, None)
+        if op is None:
+            return False
+        self._owner_step(op, event, now)
+        return True
+
+    def _on_list_read(self, event: RecordFound, now: float) -> None:
+        query_id = self._list_reads.pop(event.query_id)
+        self.emit(ServicesListed(query_id, self._list_owner, _listed(event.item)))
+
+    # -- decisions -------------------------------------------------------------------------
+    def _decide(self, manager: ServiceManager, decision: str, reason: str, now: float,
+                placed: Placed | None = None) -> None:
+        made = Decision(str(manager.service), decision, reason, now,
+                        placed.replica_id if placed is not None else "", placed.host.node_id if placed else 0)
+        manager.decisions.append(made)
+        self.counters[decision] += 1
+        self.emit(made)
+        if self.pubsub is not None:
+            attributes = {"kind": "service_decided", "service": made.service, "decision": decision,
+                          "reason": reason[:300], "replica": made.replica_id, "node": f"{made.host:040x}"}
+            try:
+                self.pubsub.publish(manager.service.topic, attributes, now)
+            except ValueError:
+                self.dropped["decision_unpublishable"] += 1
+
+
+def _combined(manifest: Manifest, constraints: Requirement | None) -> Requirement:
+    """What a node must satisfy and have free to take a replica, as one requirement."""
+    parts = [r.node for r in (manifest.resources.requirements, constraints, demand_requirement(manifest.demand()))
+             if r is not None]
+    return Requirement(parts[0] if len(parts) == 1 else And(tuple(parts)))
+
+
+def _constraints(manifest: Manifest, placement: Any) -> Requirement | None:
+    parts = [r.node for r in (manifest.resources.requirements, placement.constraints) if r is not None]
+    if not parts:
+        return None
+    return Requirement(parts[0] if len(parts) == 1 else And(tuple(parts)))
+
+
+def _removal_order(replicas: list[Placed]) -> list[Placed]:
+    """Which replicas go first when there are too many: not running, then the newest."""
+    return sorted(replicas, key=lambda p: (p.state == "running" and p.healthy, -p.since_s, p.replica_id))
+
+
+def _why_there(offer: Offer) -> str:
+    attributes = offer.attributes
+    parts = [f"{name} {attributes[name]}" for name in ("owner", "availability", "services_free") if name in attributes]
+    return ", ".join(parts)
+
+
+def _short(contact: Contact | None) -> str:
+    return "nobody" if contact is None else f"{contact.node_id:040x}"[:12]
+
+
+def _listed(item: Any) -> list[str]:
+    if item is None:
+        return []
+    try:
+        listed = wire.decode(item.value, len(item.value) + 1)
+    except wire.WireError:
+        return []
+    return list(listed.names)[:MAX_LISTED] if isinstance(listed, ServicesList) else []
+
+
+__all__ = [
+    "DeployFinished",
+    "Deployment",
+    "DeploymentConfig",
+    "Placed",
+    "ServiceManager",
+    "ServicesListed",
+    "StatusFinished",
+]
