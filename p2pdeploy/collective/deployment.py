@@ -750,9 +750,9 @@ class Deployment(Protocol):
         chosen_offers = self._place(manager, offers, need, now)
         if len(chosen_offers) < need:
             missing = need - len(chosen_offers)
-            pending = (f"{missing} replica{'s' if missing > 1 else ''} pending: no node has room "
-                       f"({event.matches_seen} nodes match the requirements and the free resources, "
-                       f"{len(chosen_offers)} more could be used)")
+            pending = (f"{missing} of {manager.desired} replicas pending: no other node satisfies the "
+                       f"requirements with room to spare (the search found {event.matches_seen}, "
+                       f"{len(chosen_offers)} of them taken now); searching again every {self.config.pending_retry_s:g} s")
             if pending != manager.pending:
                 self._decide(manager, "pending", pending, now)
             manager.pending = pending

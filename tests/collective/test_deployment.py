@@ -1,0 +1,226 @@
+"""Service deployment on whole simulated nodes: managers, placement and self-healing.
+
+Each test runs ten (or a few) full node stacks on the simulator (``tests/deploynet.py``): the
+layers a ``p2pdeploy join`` node runs, the simulated executor serving their replicas, every
+message through the wire codec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from p2pdeploy import wire
+from p2pdeploy.collective.deployment import Decision, Deployment
+from p2pdeploy.collective.deployment_messages import ServiceId
+from p2pdeploy.collective.persistence import Accept, Persistence
+from p2pdeploy.collective.records import Ballot
+from p2pdeploy.fabric.replicas import ReplicaHost
+from p2pdeploy.overlay.storage import sign_record
+from p2pdeploy.resource.description import NodeDescription
+from tests.deploynet import DeployNet, service_bundle
+
+
+def deployed(net: DeployNet, address: int = 0, name: str = "web", **bundle_options):
+    owner = net.identity_of(address)
+    bundle, manifest = service_bundle(owner, name, **bundle_options)
+    done = net.deploy(address, bundle, manifest)
+    assert done.ok, done.reason
+    return ServiceId(name, owner.public_key)
+
+
+def decisions(net: DeployNet, kind: str | None = None) -> list[Decision]:
+    return [e for _, e in net.events if isinstance(e, Decision) and (kind is None or e.decision == kind)]
+
+
+def test_a_service_runs_its_replicas_on_distinct_nodes_of_distinct_owners():
+    net = DeployNet(10, seed=1)
+    net.run_for(5)
+    service = deployed(net)
+    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    net.run_for(10)
+    hosts = net.replicas_of("web")
+    assert len(hosts) == 3 and len(set(hosts.values())) == 3
+    owners = {net.contributions[a].owner for a in hosts.values()}
+    assert len(owners) == 3  # spread over owners: five owners among ten nodes
+    assert len(net.managers_of(service.key)) == 1
+
+
+def test_a_replica_whose_host_dies_is_replaced_elsewhere():
+    net = DeployNet(10, seed=2)
+    net.run_for(5)
+    service = deployed(net)
+    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    manager = net.managers_of(service.key)[0]
+    victim = next(a for a in net.replicas_of("web").values() if a != manager)
+    crashed_at = net.now
+    net.crash(victim)
+    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    healed_after = net.now - crashed_at
+    assert victim not in net.replicas_of("web").values()
+    assert healed_after < 15  # the detector's verdict (about 3 to 9 s) and a start
+    [lost] = decisions(net, "lost")
+    assert lost.host == net.node_ids[victim] and lost.reason.endswith("declared dead")
+    [replaced] = decisions(net, "replaced")
+    assert replaced.replica_id in net.replicas_of("web") and replaced.host != net.node_ids[victim]
+
+
+def test_a_paused_host_is_not_replaced():
+    net = DeployNet(10, seed=3)
+    net.run_for(5)
+    deployed(net)
+    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    before = dict(net.replicas_of("web"))
+    victim = next(iter(before.values()))
+    net.pause(victim)
+    net.run_for(2)
+    net.resume(victim)
+    net.run_for(30)
+    assert net.replicas_of("web") == before
+    assert not decisions(net, "lost") and not decisions(net, "replaced")
+
+
+def test_when_the_manager_dies_the_next_member_of_the_group_takes_over():
+    net = DeployNet(10, seed=4)
+    net.run_for(5)
+    service = deployed(net)
+    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    [manager] = net.managers_of(service.key)
+    net.crash(manager)
+    net.run_until(lambda: net.managers_of(service.key) and len(net.replicas_of("web")) == 3, 60)
+    net.run_for(20)
+    [successor] = net.managers_of(service.key)
+    assert successor != manager
+    group = net.deployment(successor).records[service.key].group
+    assert successor in [net.index_of(member.node_id) for member in group]
+    assert len(net.replicas_of("web")) == 3  # the new manager learned the replicas: none doubled
+    asker = next(a for a in range(10) if a not in (manager, successor))
+    status = net.status(asker, service)
+    assert status.report is not None and status.report.managing
+    assert status.report.manager.node_id == net.node_ids[successor]
+    assert sorted(r.replica_id for r in status.report.replicas) == sorted(net.replicas_of("web"))
+
+
+def test_undeploy_stops_every_replica_and_frees_every_reservation():
+    net = DeployNet(10, seed=5)
+    net.run_for(5)
+    deployed(net)
+    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    op = net.call(7, lambda s, now: s.layer(Deployment).undeploy("web", now))
+    assert not net.finished_op(7, op).ok  # node 7's key owns no service "web"
+    op = net.call(0, lambda s, now: s.layer(Deployment).undeploy("web", now))
+    assert net.finished_op(0, op).ok
+    net.run_until(lambda: not net.replicas_of("web", states=("requested", "fetching", "installing", "starting",
+                                                                  "running", "stopping")), 60)
+    for address in range(10):
+        assert not net.layer(address, ReplicaHost).admission.holders()
+
+
+def test_a_host_that_comes_back_has_its_surplus_replica_stopped():
+    net = DeployNet(10, seed=6)
+    net.run_for(5)
+    service = deployed(net)
+    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    manager = net.managers_of(service.key)[0]
+    victim = next(a for a in net.replicas_of("web").values() if a != manager)
+    net.partition([[victim], [a for a in range(10) if a != victim]])
+    net.run_until(lambda: len([a for a in net.replicas_of("web").values() if a != victim]) == 3, 60)
+    net.heal()
+    net.run_for(60)
+    assert len(net.replicas_of("web")) == 3
+    assert decisions(net, "surplus_stopped")
+
+
+def test_a_requirement_no_node_can_meet_is_refused_at_deploy_time():
+    net = DeployNet(6, seed=7)
+    net.run_for(30)  # the resource tree forms
+    owner = net.identity_of(0)
+    bundle, manifest = service_bundle(owner, "big", cpu=64)
+    done = net.deploy(0, bundle, manifest)
+    assert not done.ok
+    assert "64" in done.reason and "largest offers 2" in done.reason
+
+
+def test_without_room_a_service_stays_pending_and_is_placed_when_room_appears():
+    net = DeployNet(6, seed=8, max_services=1)
+    net.run_for(30)
+    first = deployed(net, 0, "first", placement="replicas = 4")
+    net.run_until(lambda: len(net.replicas_of("first")) == 4, 60)
+    deployed(net, 0, "second", placement="replicas = 3")
+    net.run_for(30)
+    assert len(net.replicas_of("second")) == 2
+    assert any("pending" in d.reason for d in decisions(net, "pending"))
+    op = net.call(0, lambda s, now: s.layer(Deployment).undeploy("first", now))
+    assert net.finished_op(0, op).ok
+    net.run_until(lambda: len(net.replicas_of("second")) == 3, 120)
+    assert first.key not in {k for a in range(6) for k, m in net.deployment(a).managers.items() if m.desired}
+
+
+def test_a_record_signed_by_another_key_cannot_replace_the_owners_service():
+    net = DeployNet(6, seed=9)
+    net.run_for(5)
+    service = deployed(net)
+    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    [manager] = net.managers_of(service.key)
+    record = net.deployment(manager).records[service.key]
+    thief = net.identity_of(3)
+    owner_spec = net.deployment(manager).managers[service.key].spec
+    undeployed = wire.encode(dataclasses.replace(owner_spec, undeployed=True))
+    _, forged = sign_record(thief, service.record_name, undeployed, record.item_sequence + 1)
+    high = Ballot(1 << 40, net.node_ids[3], 1)
+    for member in record.group:
+        net.sim.network.send(3, [(net.index_of(member.node_id),
+                                  Accept(1, net.node_ids[3], service.key, high, forged, list(record.group)))])
+    net.run_for(20)
+    assert all(net.layer(net.index_of(m.node_id), Persistence).dropped["bad_accept"] >= 1 for m in record.group)
+    assert not net.deployment(manager).managers[service.key].spec.undeployed
+    assert len(net.replicas_of("web")) == 3
+    # and the owner's API of another key names another service: it owns nothing called "web"
+    op = net.call(3, lambda s, now: s.layer(Deployment).scale("web", now, replicas=1))
+    finished = net.finished_op(3, op)
+    assert not finished.ok and "no service web owned by this key" in finished.reason
+
+
+def test_mode_every_runs_one_replica_on_each_node_that_satisfies_the_constraints():
+    net = DeployNet(8, seed=10)
+    net.run_for(30)
+    deployed(net, 0, "agent", placement='mode = "every"\nconstraints = \'owner != "ada"\'')
+    eligible = {a for a in range(8) if net.contributions[a].owner != "ada"}
+    net.run_until(lambda: set(net.replicas_of("agent").values()) == eligible, 120)
+    net.run_for(30)
+    assert sorted(net.replicas_of("agent").values()) == sorted(eligible)  # one each, none on ada's nodes
+    # a node that comes (back) later gets one too
+    late = max(eligible)
+    net.crash(late)
+    net.run_for(30)
+    net.restart(late)
+    net.run_until(lambda: late in net.replicas_of("agent").values(), 120)
+
+
+def test_an_availability_target_chooses_the_count_from_the_nodes_uptime():
+    net = DeployNet(10, seed=11)
+    for address in range(10):  # what each node's uptime history says of it
+        net.call(address, lambda s, now: s.layer(NodeDescription).set_availability(0.9, now))
+    net.run_for(30)
+    service = deployed(net, 0, "web", placement="availability = 0.999\nmax_replicas = 5")
+    net.run_until(lambda: len(net.replicas_of("web")) == 3, 120)
+    net.run_for(30)
+    assert len(net.replicas_of("web")) == 3  # 1 - 0.1**3 = 0.999: three nodes up 90% of the time
+    [manager] = net.managers_of(service.key)
+    assert "availability 0.999" in net.deployment(manager).managers[service.key].desired_reason
+
+
+def test_a_new_version_starts_its_replicas_before_the_old_ones_stop():
+    net = DeployNet(10, seed=12)
+    net.run_for(5)
+    service = deployed(net, 0, "web", placement="replicas = 2")
+    net.run_until(lambda: len(net.replicas_of("web")) == 2, 60)
+    old = set(net.replicas_of("web"))
+    bundle, manifest = service_bundle(net.identity_of(0), "web", placement="replicas = 2", version="2.0")
+    done = net.deploy(0, bundle, manifest)
+    assert done.ok and done.version == 2
+    running_counts = []
+    net.run_until(lambda: running_counts.append(len(net.replicas_of("web"))) or
+                  (not old & set(net.replicas_of("web")) and len(net.replicas_of("web")) == 2), 120)
+    assert min(running_counts) >= 2  # make-before-break: never fewer than two running
+    [manager] = net.managers_of(service.key)
+    assert net.deployment(manager).managers[service.key].version == 2
