@@ -13,7 +13,6 @@ from typing import Any
 
 from p2pdeploy.collective.deployment import DeployFinished, Deployment, DeploymentConfig, StatusFinished
 from p2pdeploy.collective.persistence import MemoryStore, PersistenceConfig
-from p2pdeploy.core import Stack
 from p2pdeploy.fabric.contribution import Contribution
 from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.fabric.units import GIB
@@ -23,7 +22,7 @@ from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.swim import DetectorConfig
 from p2pdeploy.resource.bundle import Bundle, pack_files
 from p2pdeploy.sim.executor import serve_node
-from tests.simnet import SimNet
+from tests.simnet import SimNet, _NodeStack
 
 OWNERS = ("ada", "bob", "cy", "dee", "eve")
 
@@ -71,7 +70,7 @@ class DeployNet(SimNet):
             self.config, contribution=self.contributions[address], store=self.stores[address],
             detector=self.detector_config, persistence=PersistenceConfig(), deployment=self.deployment_config,
         )
-        stack = Stack(default_layers(context))
+        stack = _NodeStack(default_layers(context), self.sent, address)
         overlay = stack.layer(Kademlia)
         for other in range(len(self.stores)):
             if other != address:

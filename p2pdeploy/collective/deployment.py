@@ -203,10 +203,13 @@ class Placed:
     attributes: dict[str, Any] = field(default_factory=dict)
     #: When the replica it replaces was lost (its replacement time ends when this one runs).
     replaces_lost_s: float | None = None
+    #: This manager started it, or its host answered a signed query for it: a replica only
+    #: reported (by anyone) does not count until its host confirms it.
+    confirmed: bool = True
 
     @property
     def live(self) -> bool:
-        return self.state in LIVE_STATES and not self.stopping
+        return self.confirmed and self.state in LIVE_STATES and not self.stopping
 
     def view(self) -> PlacedReplica:
         return PlacedReplica(self.replica_id, self.host, "stopping" if self.stopping and self.state in LIVE_STATES
@@ -819,6 +822,16 @@ class Deployment(Protocol):
                     and event.reply.check == "replica":
                 del manager.replicas[replica_id]  # the host does not have it (any more)
             return True
+        if not placed.confirmed:
+            if isinstance(event, RequestAnswered) and not isinstance(event.reply, Refused) \
+                    and event.reply.replica_id == replica_id:
+                placed.confirmed = True
+                placed.state, placed.reason, placed.healthy = event.reply.state, event.reply.reason, event.reply.healthy
+                self._watch(placed.host, now)
+            else:
+                del manager.replicas[replica_id]  # nobody there runs it: a false report
+                self.dropped["unconfirmed_replica"] += 1
+            return True
         if isinstance(event, RequestTimedOut) or isinstance(event.reply, Refused):
             reason = "no answer" if isinstance(event, RequestTimedOut) else str(event.reply)
             del manager.replicas[replica_id]
@@ -901,9 +914,14 @@ class Deployment(Protocol):
             if placed is None:
                 if entry.state not in LIVE_STATES and entry.state != "failed":
                     continue
-                placed = Placed(entry.replica_id, host, entry.state, now, entry.bundle_blob, fine_s=now)
+                if len(manager.replicas) >= 2 * max(manager.desired, 1) + MAX_REPORTED:
+                    self.dropped["reported_replicas_over_limit"] += 1
+                    continue
+                placed = Placed(entry.replica_id, host, entry.state, now, entry.bundle_blob, fine_s=now,
+                                confirmed=False)
                 manager.replicas[entry.replica_id] = placed
-                self._watch(host, now)
+                request = self.client.query(src, msg.host, entry.replica_id, now)
+                self._requests[request] = (manager.key, entry.replica_id)
             elif placed.host.node_id != msg.host:
                 self.dropped["report_of_another_hosts_replica"] += 1
                 continue

@@ -11,12 +11,13 @@ import dataclasses
 
 from p2pdeploy import wire
 from p2pdeploy.collective.deployment import Decision, Deployment
-from p2pdeploy.collective.deployment_messages import ServiceId
+from p2pdeploy.collective.deployment_messages import ReplicaEntry, ReplicaReport, ServiceId
 from p2pdeploy.collective.persistence import Accept, Persistence
 from p2pdeploy.collective.records import Ballot
 from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.overlay.storage import sign_record
 from p2pdeploy.resource.description import NodeDescription
+from p2pdeploy.resource.protocol import StopReplica
 from tests.deploynet import DeployNet, service_bundle
 
 
@@ -224,3 +225,24 @@ def test_a_new_version_starts_its_replicas_before_the_old_ones_stop():
     assert min(running_counts) >= 2  # make-before-break: never fewer than two running
     [manager] = net.managers_of(service.key)
     assert net.deployment(manager).managers[service.key].version == 2
+
+
+def test_a_false_report_of_replicas_changes_nothing():
+    net = DeployNet(10, seed=13)
+    net.run_for(5)
+    service = deployed(net)
+    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    real = dict(net.replicas_of("web"))
+    [manager] = net.managers_of(service.key)
+    liar = next(a for a in range(10) if a not in real.values() and a != manager)
+    fake = [ReplicaEntry(f"web-fake{i}", "running", "", True, 1, b"") for i in range(5)]
+    for _ in range(3):
+        net.sim.network.send(liar, [(manager, ReplicaReport(service.key, net.node_ids[liar], fake))])
+        net.run_for(5)
+    net.run_for(30)
+    assert net.replicas_of("web") == real  # no real replica was stopped as "surplus"
+    managed = net.deployment(manager).managers[service.key]
+    assert not any(r.startswith("web-fake") for r in managed.replicas)
+    assert not decisions(net, "surplus_stopped") and not decisions(net, "stopped")  # nothing was acted on
+    assert not any(isinstance(msg, StopReplica) for _, _, msg in net.sent)
+    assert net.deployment(manager).dropped["unconfirmed_replica"] >= 5
