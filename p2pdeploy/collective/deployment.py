@@ -67,6 +67,7 @@ from p2pdeploy.collective.deployment_messages import (
     ServicesList,
     ServiceSpec,
 )
+from p2pdeploy.collective.events import ReplicaChanged
 from p2pdeploy.collective.persistence import Persistence
 from p2pdeploy.collective.persistence_messages import (
     BlobStored,
@@ -89,7 +90,13 @@ from p2pdeploy.overlay.swim import FailureDetector, Liveness, PeerDeclaredDead, 
 from p2pdeploy.resource.bundle import SignedBundle
 from p2pdeploy.resource.description import demand_requirement
 from p2pdeploy.resource.manifest import Manifest, ManifestError
-from p2pdeploy.resource.protocol import Refused, RemoteClient, RemoteControl, RequestAnswered, RequestTimedOut
+from p2pdeploy.resource.protocol import (
+    Refused,
+    RemoteClient,
+    RemoteControl,
+    RequestAnswered,
+    RequestTimedOut,
+)
 from p2pdeploy.resource.requirements import And, Requirement
 
 #: Replica states that count towards the desired number.
@@ -468,6 +475,7 @@ class Deployment(Protocol):
         if isinstance(event, ReplicaStateChanged):
             if self.remote is not None and event.replica_id in self.remote.managed:
                 self._report(self.remote.managed[event.replica_id].service_key, now)
+                self._publish_replica(event, now)
             return False
         if isinstance(event, PeerDeclaredDead | PeerRecovered):
             self._on_liveness(event, now)
@@ -785,7 +793,7 @@ class Deployment(Protocol):
         host = Contact(offer.node_id, offer.address)
         request = self.client.start(
             offer.address, offer.node_id, replica_id, SignedBundle(b"", spec.bundle_key, spec.bundle_signature), now,
-            blob_id=spec.blob_id, service_key=manager.key,
+            blob_id=spec.blob_id, service=(manager.key, spec.name),
         )
         self._requests[request] = (manager.key, replica_id)
         replaces = manager.lost_at.popleft() if manager.lost_at else None
@@ -845,6 +853,20 @@ class Deployment(Protocol):
         placed.state, placed.reason, placed.healthy = reply.state, reply.reason, reply.healthy
         placed.reported_s = now
         return True
+
+    # -- the host's side: what runs here -----------------------------------------------------
+    def _publish_replica(self, event: ReplicaStateChanged, now: float) -> None:
+        managed = self.remote.managed.get(event.replica_id) if self.remote is not None else None
+        if managed is None or self.pubsub is None:
+            return
+        service = ServiceId(managed.service_name, managed.owner)
+        changed = ReplicaChanged.from_supervisor(event, str(service), self.node_id)
+        attributes = changed.attributes()
+        attributes["reason"] = attributes["reason"][:300]
+        try:
+            self.pubsub.publish(service.topic, attributes, now)
+        except ValueError:
+            self.dropped["replica_change_unpublishable"] += 1
 
     # -- reports between hosts and managers ------------------------------------------------
     def _managed_replicas(self) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from p2pdeploy.overlay.routing import Contact
-from p2pdeploy.overlay.storage import record_key
 from p2pdeploy.resource.manifest import NAME_RE
+from p2pdeploy.resource.protocol import service_key_of
 from p2pdeploy.wire import NodeId, message, record
 
 #: The record name prefix of a service's desired state under its owner's key.
@@ -74,7 +74,7 @@ class ServiceId:
     @property
     def key(self) -> int:
         """The overlay key of the service's record: its group are the nodes closest to it."""
-        return record_key(self.owner, self.record_name)
+        return service_key_of(self.name, self.owner)
 
     @property
     def topic(self) -> str:

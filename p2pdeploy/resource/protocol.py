@@ -67,6 +67,7 @@ from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.fabric.supervisor import ReplicaSpec, ReplicaStatus
 from p2pdeploy.overlay.identity import Identity, node_id_of, verify
 from p2pdeploy.overlay.requests import RequestTracker
+from p2pdeploy.overlay.storage import record_key
 from p2pdeploy.resource.bundle import (
     MAX_BUNDLE_BYTES,
     Bundle,
@@ -135,11 +136,15 @@ class StartReplica(_SignedRequest):
     #: service's record (:mod:`p2pdeploy.collective.deployment`). Its replicas may be stopped by
     #: any key the node trusts, since the service's manager moves from node to node.
     service: bytes = b""
+    #: The service's name (its manifest's): with the bundle's signer it makes the service's key.
+    service_name: str = ""
 
     def __post_init__(self) -> None:
         _check_common(self)
         if self.service and len(self.service) != BLOB_ID_BYTES:
             raise ValueError(f"service must be a {BLOB_ID_BYTES}-byte key")
+        if bool(self.service) != bool(self.service_name) or len(self.service_name) > 48:
+            raise ValueError("a start names its service by key and name (at most 48 characters), or not at all")
         if len(self.bundle) > MAX_BUNDLE_BYTES:
             raise ValueError(f"bundle is larger than {MAX_BUNDLE_BYTES} bytes")
         if self.bundle_blob:
@@ -277,6 +282,17 @@ class ReplicaStartAccepted:
     version: str
 
 
+def _check_service_name(msg: StartReplica, bundle: Bundle) -> None:
+    if msg.service and bundle.manifest.name != msg.service_name:
+        raise StartRefusal("bundle", f"bundle: its manifest names {bundle.manifest.name!r}, the start the service "
+                                     f"{msg.service_name!r}")
+
+
+def service_key_of(name: str, owner: bytes) -> int:
+    """The key of the service ``NAME@OWNER``: the overlay key of its owner's record ``service/NAME``."""
+    return record_key(owner, b"service/" + name.encode())
+
+
 @dataclass(frozen=True, slots=True)
 class ManagedReplica:
     """A replica a service's manager started here: the service's key and who asked."""
@@ -284,6 +300,9 @@ class ManagedReplica:
     service_key: int
     manager: Address
     manager_id: int
+    #: The service is ``service_name@owner``: the manifest's name and the bundle's signer.
+    service_name: str
+    owner: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,7 +471,8 @@ class RemoteControl(Protocol):
     def _note_managed(self, src: Address, msg: StartReplica) -> None:
         key = msg.service_key
         if key is not None:
-            self.managed[msg.replica_id] = ManagedReplica(key, src, node_id_of(msg.signer))
+            self.managed[msg.replica_id] = ManagedReplica(key, src, node_id_of(msg.signer), msg.service_name,
+                                                          msg.bundle_key)
 
     def managed_replicas(self) -> dict[str, ManagedReplica]:
         """The replicas here that services' managers started (those this node still has)."""
@@ -488,11 +508,16 @@ class RemoteControl(Protocol):
         if not self._trusts(msg.signer):
             self._refuse(src, msg, "trust", f"trust: key {_key(msg.signer)} is not trusted by this node's owner")
             return
+        if msg.service and service_key_of(msg.service_name, msg.bundle_key) != msg.service_key:
+            self._refuse(src, msg, "service", f"service: the start's service key is not that of {msg.service_name}@"
+                                              f"{_key(msg.bundle_key)}, the bundle's signer")
+            return
         if msg.bundle_blob:
             self._start_by_blob(src, msg, now)
             return
         try:
             bundle = self.check_bundle(msg.bundle, msg.bundle_key, msg.bundle_signature)
+            _check_service_name(msg, bundle)
         except StartRefusal as exc:
             self._refuse(src, msg, exc.check, exc.reason)
             return
@@ -601,6 +626,7 @@ class RemoteControl(Protocol):
             return False  # stopped (or replaced) while its bundle was on its way
         try:
             bundle = self.check_bundle(data, msg.bundle_key, msg.bundle_signature)
+            _check_service_name(msg, bundle)
             spec, demand = self.plan_replica(bundle, replica_id, msg.bindings)
         except StartRefusal as exc:
             self.refused[exc.check] += 1
@@ -751,19 +777,21 @@ class RemoteClient(Protocol):
         bindings: Mapping[str, str] | None = None,
         *,
         blob_id: int | None = None,
-        service_key: int | None = None,
+        service: tuple[int, str] | None = None,
     ) -> int:
         """Start ``bundle`` as ``replica_id``: inline, or with ``blob_id`` by the id of the blob
         that holds its bytes (stored with ``Persistence.put_blob``); the node fetches it. A
-        service's manager names the service (``service_key``)."""
+        service's manager names the service (``service``: its key and name)."""
         data, blob = bundle.data, b""
         if blob_id is not None:
             data, blob = b"", blob_id.to_bytes(BLOB_ID_BYTES, "big")
-        service = b"" if service_key is None else service_key.to_bytes(BLOB_ID_BYTES, "big")
+        service_key, service_name = (b"", "") if service is None else \
+            (service[0].to_bytes(BLOB_ID_BYTES, "big"), service[1])
         key = self.identity.public_key
         return self._ask(address, StartReplica, now, lambda request_id, nonce, timestamp: StartReplica(
             request_id, node_id, key, nonce, timestamp, replica_id,
-            data, bundle.public_key, bundle.signature, dict(bindings or {}), bundle_blob=blob, service=service,
+            data, bundle.public_key, bundle.signature, dict(bindings or {}), bundle_blob=blob, service=service_key,
+            service_name=service_name,
         ))  # fmt: skip
 
     def stop(self, address: Address, node_id: int, replica_id: str, now: float) -> int:

@@ -13,11 +13,12 @@ from p2pdeploy import wire
 from p2pdeploy.collective.deployment import Decision, Deployment
 from p2pdeploy.collective.deployment_messages import ReplicaEntry, ReplicaReport, ServiceId
 from p2pdeploy.collective.persistence import Accept, Persistence
+from p2pdeploy.collective.pubsub import Delivered, PubSub
 from p2pdeploy.collective.records import Ballot
 from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.overlay.storage import sign_record
 from p2pdeploy.resource.description import NodeDescription
-from p2pdeploy.resource.protocol import StopReplica
+from p2pdeploy.resource.protocol import Refused, RemoteClient, RemoteControl, RequestAnswered, StopReplica
 from tests.deploynet import DeployNet, service_bundle
 
 
@@ -246,3 +247,46 @@ def test_a_false_report_of_replicas_changes_nothing():
     assert not decisions(net, "surplus_stopped") and not decisions(net, "stopped")  # nothing was acted on
     assert not any(isinstance(msg, StopReplica) for _, _, msg in net.sent)
     assert net.deployment(manager).dropped["unconfirmed_replica"] >= 5
+
+
+def test_replica_changes_and_decisions_are_published_on_the_services_topic():
+    net = DeployNet(10, seed=14)
+    net.run_for(5)
+    service = ServiceId("web", net.identity_of(0).public_key)
+    watcher = 9
+    net.call(watcher, lambda s, now: s.layer(PubSub).subscribe(service.topic, None, now))
+    net.run_for(5)
+    deployed(net)
+    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    net.run_for(10)
+    seen = [e.attributes for e in net.events_of(Delivered, watcher)]
+    placed = {a["replica"] for a in seen if a["kind"] == "service_decided" and a["decision"] == "placed"}
+    running = {a["replica"] for a in seen if a["kind"] == "replica_changed" and a["state"] == "running"}
+    assert placed == running == set(net.replicas_of("web"))
+    states = [a["state"] for a in seen if a["kind"] == "replica_changed" and a["replica"] == min(running)]
+    assert states[0] == "fetching" and states[-1] == "running"  # its way through the states, in order
+    assert all(a["service"] == str(service) for a in seen)
+
+
+def test_a_start_must_name_the_service_its_bundle_belongs_to():
+    net = DeployNet(4, seed=15)
+    net.run_for(5)
+    owner = net.identity_of(0)
+    bundle, _ = service_bundle(owner, "web")
+    target = 2
+
+    def start(replica_id: str, service: tuple[int, str]):
+        request = net.call(1, lambda s, now: s.layer(RemoteClient).start(
+            target, net.node_ids[target], replica_id, bundle, now, service=service))
+        net.run_until(lambda: any(e.request_id == request for e in net.events_of(RequestAnswered, 1)), 30)
+        return next(e.reply for e in net.events_of(RequestAnswered, 1) if e.request_id == request)
+
+    other = ServiceId("web", net.identity_of(1).public_key)  # the key of another owner's "web"
+    refused = start("web-a", (other.key, "web"))
+    assert isinstance(refused, Refused) and refused.check == "service"
+    mine_but_misnamed = ServiceId("api", owner.public_key)
+    refused = start("web-b", (mine_but_misnamed.key, "api"))
+    assert isinstance(refused, Refused) and refused.check == "bundle" and "'api'" in refused.reason
+    accepted = start("web-c", (ServiceId("web", owner.public_key).key, "web"))
+    assert not isinstance(accepted, Refused)
+    assert net.layer(target, RemoteControl).managed["web-c"].service_name == "web"
