@@ -749,15 +749,15 @@ class Deployment(Protocol):
                                    quorum=manifest.state_consistency == "quorum",
                                    unknown_availability=self.config.unknown_availability)
             desired, reason = chosen.count, chosen.reason
-        if (desired, reason) != (manager.desired, manager.desired_reason):
-            manager.desired, manager.desired_reason = desired, reason
+        if desired != manager.desired:
             self._decide(manager, "count", f"{desired} replicas: {reason}", now)
+        manager.desired, manager.desired_reason = desired, reason  # (a changed reason alone is no decision)
+        manager.offers = offers
         current = [p for p in live if p.bundle_blob == spec.bundle_blob]
         need = manager.desired - len(current)
         if need <= 0:
             manager.pending = ""
             return
-        manager.offers = offers
         chosen_offers = self._place(manager, offers, need, now)
         if len(chosen_offers) < need:
             missing = need - len(chosen_offers)
@@ -901,14 +901,19 @@ class Deployment(Protocol):
         if periodic:
             hosted.unacked += 1
             if hosted.unacked > self.config.report_misses:
-                self._next_manager(key, hosted, "its reports were not acknowledged")
+                self._next_manager(key, hosted)  # its reports were not acknowledged
         self.send(hosted.manager.address, ReplicaReport(key, self.node_id, entries))
         self._arm(now)
 
-    def _next_manager(self, key: int, hosted: _Hosted, why: str) -> None:
+    def _next_manager(self, key: int, hosted: _Hosted) -> None:
+        """Report to the next member of the group (closest first, round and round), skipping
+        those held dead; before any ack told the group, to the nodes this one knows closest to
+        the key (a member that is not the manager answers with who is)."""
         members = sorted(hosted.group or self.overlay.closest_known(key), key=lambda c: c.node_id ^ key)
-        current = hosted.manager.node_id
-        candidates = [m for m in members if m.node_id != current and self._liveness(m.node_id) is not Liveness.dead]
+        current = hosted.manager.node_id ^ key
+        later = [m for m in members if (m.node_id ^ key) > current] + [m for m in members if (m.node_id ^ key) <= current]
+        candidates = [m for m in later if m.node_id != hosted.manager.node_id
+                      and self._liveness(m.node_id) is not Liveness.dead]
         if candidates:
             hosted.manager = candidates[0]
             hosted.unacked = 0
@@ -982,7 +987,7 @@ class Deployment(Protocol):
         if isinstance(event, PeerDeclaredDead):
             for key, hosted in list(self.hosting.items()):
                 if hosted.manager.node_id == event.node_id:
-                    self._next_manager(key, hosted, "its manager was declared dead")
+                    self._next_manager(key, hosted)
                     self._report(key, now)
         for key, record in list(self.records.items()):
             if any(m.node_id == event.node_id for m in record.group):
