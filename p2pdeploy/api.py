@@ -53,6 +53,23 @@ Replicated persistence (content-addressed blobs, signed records, quorum records)
     done = await node.persistence.quorum_put(identity, b"name", b"value")     # acknowledged by a majority
     read = await node.persistence.quorum_read(api.record_key(identity.public_key, b"name"))
 
+Service deployment: a service ``NAME@KEY`` is deployed once, by its owner's key, and the
+community keeps its replicas running (``DeployFinished``, ``StatusFinished``: see
+``p2pdeploy.collective.deployment``)::
+
+    done = await node.deploy(bundle, replicas=3)             # DeployFinished(ok, service, version, reason)
+    status = await node.service_status("hello")              # NAME of this node's key, or NAME@OWNER
+    report = status.report                                   # ServiceReport: manager, desired, replicas, decisions
+    await node.scale("hello", replicas=5)
+    names = await node.services()                            # this key's services (or services(owner_key))
+    async with node.service_events("hello") as decisions:    # Delivered events of the service's topic
+        ...
+    await node.undeploy("hello")
+
+Through a running ``p2pdeploy join`` node: ``api.DeployRequest.of(bundle, replicas=3)``,
+``api.ScaleRequest("hello", 5)``, ``api.UndeployRequest("hello")``,
+``api.ServiceStatusRequest("hello")`` and ``api.ServicesRequest()`` with ``api.control_request``.
+
 A service hosted by a node reaches its state over HTTP on 127.0.0.1 (``P2PDEPLOY_STATE_URL`` and
 ``P2PDEPLOY_STATE_TOKEN`` in its environment; see ``p2pdeploy.runtime.state_api``). Through a
 running node: ``api.BlobPutRequest(data)`` and ``api.BlobGetRequest(blob_id)``.
@@ -60,6 +77,14 @@ running node: ``api.BlobPutRequest(data)`` and ``api.BlobGetRequest(blob_id)``.
 
 from __future__ import annotations
 
+from p2pdeploy.collective.deployment import DeployFinished, ServicesListed, StatusFinished
+from p2pdeploy.collective.deployment_messages import (
+    Decision,
+    PlacedReplica,
+    ServiceId,
+    ServiceIdError,
+    ServiceReport,
+)
 from p2pdeploy.collective.events import (
     NodeJoined,
     NodeLeft,
@@ -89,24 +114,35 @@ from p2pdeploy.runtime.control import (
     BlobPutRequest,
     ControlError,
     ControlRequestRefused,
+    DeployReply,
+    DeployRequest,
     GetReply,
     GetRequest,
     LookupReply,
     LookupRequest,
     NoNodeRunning,
+    NotOwner,
     PutReply,
     PutRequest,
     ReplicaAnswer,
     ReplicaRequest,
+    ScaleRequest,
+    ServicesReply,
+    ServicesRequest,
+    ServiceStatusReply,
+    ServiceStatusRequest,
     StatusReply,
     StatusRequest,
+    UndeployRequest,
     control_request,
     open_control,
+    owned_service,
 )
 from p2pdeploy.runtime.executor import RealExecutorConfig
 from p2pdeploy.runtime.node import (
     BundleNotStored,
     NodeNotRunning,
+    NoDeployment,
     NoOverlay,
     NoRemoteClient,
     NotHosting,
@@ -128,6 +164,25 @@ def key_for(name: str | bytes) -> int:
 
 
 __all__ = [
+    "Decision",
+    "DeployFinished",
+    "DeployReply",
+    "DeployRequest",
+    "NoDeployment",
+    "NotOwner",
+    "PlacedReplica",
+    "ScaleRequest",
+    "ServiceId",
+    "ServiceIdError",
+    "ServiceReport",
+    "ServiceStatusReply",
+    "ServiceStatusRequest",
+    "ServicesListed",
+    "ServicesReply",
+    "ServicesRequest",
+    "StatusFinished",
+    "UndeployRequest",
+    "owned_service",
     "BlobGetReply",
     "BlobGetRequest",
     "BlobPutReply",

@@ -2,7 +2,8 @@
 
 Each subcommand parses its options here and hands the work to the driver that owns it:
 ``join`` and ``ping`` to the trio runtime, ``simulate`` to the simulator; ``put``, ``get``,
-``lookup`` and ``status`` talk to the running ``join`` node of a data directory through its
+``lookup``, ``status`` and the service commands (``deploy``, ``scale``, ``undeploy``, ``status
+SERVICE``, ``ls``, ``events``) talk to the running ``join`` node of a data directory through its
 control socket. ``key`` and ``bundle`` use the data directory's key; ``replica start|stop|
 status|logs`` send requests signed with it to a node, through the running node of the data
 directory when there is one, else from an ephemeral node.
@@ -429,10 +430,135 @@ def blob_get() -> None:
     """Fetch the blob ID, every chunk checked against its hash; exit status 1 when not found."""
 
 
-@_node_command(main, "status", json_help="Print the status as one JSON object (node ids in hex).")
-def status() -> None:
-    """Show the running node's id, address, routing table, stored items, failure detector
-    (peers watched, suspected and declared dead, local health) and counters."""
+@main.command()
+@click.argument("service", required=False, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object (node ids in hex).")
+@_node_dir_option
+def status(service: str | None, as_json: bool, data_dir: str | None) -> None:
+    """Show the running node, or with SERVICE a service.
+
+    Without SERVICE: the node's id, address, routing table, stored items, failure detector
+    (peers watched, suspected and declared dead, local health) and counters.
+
+    With SERVICE (NAME, a service of the data directory's key, or NAME@OWNER): its manager,
+    version, desired replica count and why, each replica's node, state and reason, and the
+    manager's recent decisions. Exit status 1 when no node of the service's group answers.
+    """
+    from p2pdeploy.runtime.commands import make_console, run_control_command
+    from p2pdeploy.runtime.service_commands import run_service_status
+
+    directory = _data_dir_or_default(data_dir)
+    if service is None:
+        sys.exit(_run_node_command(run_control_command, "status", {}, directory, make_console(), as_json=as_json))
+    sys.exit(_run_node_command(run_service_status, service, directory, make_console(), as_json=as_json))
+
+
+_service_json_option = click.option("--json", "as_json", is_flag=True,
+                                    help="Print one JSON object as the last line (node ids and keys in hex).")
+_replicas_option = click.option("--replicas", type=click.IntRange(min=1, max=64), default=None,
+                                help="Run this many replicas (overrides the manifest's placement).")
+_availability_option = click.option(
+    "--availability", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=None,
+    help="Run as many replicas as it takes, by the nodes' measured uptime, to keep the service up this "
+    "fraction of the time, e.g. 0.999 (overrides the manifest's placement).")
+
+
+def _one_of_replicas_or_availability(replicas: int | None, availability: float | None, *, required: bool) -> None:
+    if replicas is not None and availability is not None:
+        raise click.UsageError("give --replicas or --availability, not both")
+    if required and replicas is None and availability is None:
+        raise click.UsageError("give --replicas N or --availability A")
+
+
+@main.command()
+@click.argument("source", metavar="DIR|BUNDLE", type=AbsolutePath(exists=True))
+@_replicas_option
+@_availability_option
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait, with a progress display, until the replicas run and pass their health check.")
+@_seconds_option("--timeout", "timeout_s", 120.0, "Seconds to wait for the replicas; exit status 1 after.")
+@_service_json_option
+@_requests_dir_option
+def deploy(source: str, replicas: int | None, availability: float | None, wait: bool, timeout_s: float,
+           as_json: bool, data_dir: str | None) -> None:
+    """Deploy a service: a directory (packed and signed now with the data directory's key) or a
+    bundle file from `p2pdeploy bundle`, through the running node of the data directory.
+
+    The service is NAME@KEY: the manifest's name, owned by the node's key; deploying it again
+    updates it. The community keeps it running: the nodes closest to the service's record
+    manage it, place its replicas on nodes that trust the bundle's key and have room, and
+    replace those that fail. Prints `deployed NAME@OWNER version V`, then each replica's node
+    and state until as many run as the manager wants (exit status 1 after --timeout, saying
+    what is missing).
+    """
+    from p2pdeploy.runtime.commands import make_console
+    from p2pdeploy.runtime.service_commands import run_deploy
+
+    _one_of_replicas_or_availability(replicas, availability, required=False)
+    sys.exit(_run_node_command(run_deploy, source, _data_dir_or_default(data_dir), make_console(), replicas=replicas,
+                               availability=availability, wait=wait, timeout_s=timeout_s, as_json=as_json))
+
+
+@main.command()
+@click.argument("service")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until no replica runs.")
+@_seconds_option("--timeout", "timeout_s", 120.0, "Seconds to wait; exit status 1 after.")
+@_service_json_option
+@_requests_dir_option
+def undeploy(service: str, wait: bool, timeout_s: float, as_json: bool, data_dir: str | None) -> None:
+    """Stop every replica of SERVICE (NAME of the data directory's key, or NAME@OWNER); only
+    the owner's key may. The name stays the owner's."""
+    from p2pdeploy.runtime.commands import make_console
+    from p2pdeploy.runtime.service_commands import run_undeploy
+
+    sys.exit(_run_node_command(run_undeploy, service, _data_dir_or_default(data_dir), make_console(), wait=wait,
+                               timeout_s=timeout_s, as_json=as_json))
+
+
+@main.command()
+@click.argument("service")
+@_replicas_option
+@_availability_option
+@_service_json_option
+@_requests_dir_option
+def scale(service: str, replicas: int | None, availability: float | None, as_json: bool, data_dir: str | None) -> None:
+    """Change SERVICE's replica count (--replicas) or availability target (--availability); only
+    the owner's key may."""
+    from p2pdeploy.runtime.commands import make_console
+    from p2pdeploy.runtime.service_commands import run_scale
+
+    _one_of_replicas_or_availability(replicas, availability, required=True)
+    sys.exit(_run_node_command(run_scale, service, _data_dir_or_default(data_dir), make_console(), replicas=replicas,
+                               availability=availability, as_json=as_json))
+
+
+@main.command("ls")
+@click.option("--owner", default=None, metavar="KEY", help="List the services of this key (64 hex digits) "
+              "[default: the data directory's].")
+@_service_json_option
+@_node_dir_option
+def ls(owner: str | None, as_json: bool, data_dir: str | None) -> None:
+    """List the services of the data directory's key (or --owner's), each as
+    `NAME@OWNER: running R of D` from its manager's status."""
+    from p2pdeploy.runtime.commands import make_console
+    from p2pdeploy.runtime.service_commands import run_ls
+
+    sys.exit(_run_node_command(run_ls, _data_dir_or_default(data_dir), make_console(), owner=owner, as_json=as_json))
+
+
+@main.command()
+@click.argument("service", required=False, default=None)
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new decisions (asked every second) until interrupted.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per decision.")
+@_node_dir_option
+def events(service: str | None, follow: bool, as_json: bool, data_dir: str | None) -> None:
+    """Print the recent decisions of SERVICE's manager (placed, replaced, surplus stopped,
+    pending, ...), or of every service of the data directory's key, with their reasons."""
+    from p2pdeploy.runtime.commands import make_console
+    from p2pdeploy.runtime.service_commands import run_events
+
+    sys.exit(_run_node_command(run_events, service, _data_dir_or_default(data_dir), make_console(), follow=follow,
+                               as_json=as_json))
 
 
 @main.command()

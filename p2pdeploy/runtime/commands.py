@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 import trio
 from rich.console import Console
 
+from p2pdeploy.collective.deployment_messages import Decision
 from p2pdeploy.fabric.contribution import (
     ANY,
     KNOWN_KEYS,
@@ -87,7 +88,14 @@ from p2pdeploy.runtime.control_views import count as _count
 from p2pdeploy.runtime.executor import service_user_cannot_enter
 from p2pdeploy.runtime.keyfile import key_path, load_or_create_identity
 from p2pdeploy.runtime.listeners import RefusalLog
-from p2pdeploy.runtime.node import PingTimeout, RemoteTimeout, RuntimeConfig, RuntimeNode, open_node
+from p2pdeploy.runtime.node import (
+    PingTimeout,
+    RemoteTimeout,
+    RuntimeConfig,
+    RuntimeNode,
+    decision_line,
+    open_node,
+)
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +281,8 @@ async def _report_events(events: trio.MemoryReceiveChannel[object], node: Runtim
                 if status is not None and status.port is not None:
                     line += f" (port {status.port})"
             console.print(line, markup=False)
+        elif isinstance(event, Decision):
+            console.print(decision_line(event), markup=False)
         elif isinstance(event, ReplicaStartAccepted):
             console.print(
                 f"[dim]accepted {event.service} {event.version} as {event.replica_id} "

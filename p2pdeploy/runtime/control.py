@@ -3,12 +3,15 @@
 A ``p2pdeploy join`` node listens on a Unix-domain socket in its data directory
 (``control.sock``, mode 0600, so only its owner can talk to it). A connection carries
 length-prefixed frames (:mod:`~p2pdeploy.runtime.framing`), each one wire message
-(:mod:`p2pdeploy.wire`, tags 40-45 and 50-59 below): the client sends a request, the node answers
+(:mod:`p2pdeploy.wire`, tags 37-59 below): the client sends a request, the node answers
 with its reply or a :class:`ControlRefusal` naming what was wrong, then the client may send the
 next. Requests: :class:`StatusRequest`, :class:`PutRequest`, :class:`GetRequest`,
 :class:`LookupRequest`, :class:`BlobPutRequest`, :class:`BlobGetRequest` (replicated
-persistence: ``p2pdeploy blob``) and :class:`ReplicaRequest` (the node signs a start, stop, status or logs
-request with its key and sends it to another node, or to itself; ``p2pdeploy replica``); the
+persistence: ``p2pdeploy blob``), :class:`ReplicaRequest` (the node signs a start, stop, status or logs
+request with its key and sends it to another node, or to itself; ``p2pdeploy replica``) and the
+service deployment requests (:class:`DeployRequest`, :class:`ScaleRequest`, :class:`UndeployRequest`,
+:class:`ServiceStatusRequest`, :class:`ServicesRequest`: ``p2pdeploy deploy|scale|undeploy|status
+SERVICE|ls|events``, tags 37-39, 46-49 and 59); the
 node serves them through its async facade, so the control API makes no protocol decision either.
 
 Each request is declared once, with :func:`control_command` on the coroutine that serves it:
@@ -43,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pdeploy import wire
+from p2pdeploy.collective.deployment_messages import ServiceId, ServiceReport
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import Item
 from p2pdeploy.overlay.swim import DetectorStats, Liveness
@@ -443,6 +447,142 @@ async def serve_replica_request(node: RuntimeNode, request: ReplicaRequest) -> R
     return ReplicaAnswer(node_id, address[0], address[1], reply)
 
 
+# -- service deployment: deploy, scale, undeploy, status, ls ------------------------------
+
+
+@message(46)
+class DeployRequest:
+    """Deploy a signed bundle as the service ``NAME@KEY``: the manifest's name, owned by the
+    node's key (``p2pdeploy deploy``); ``replicas`` or ``availability`` override the manifest."""
+
+    bundle: bytes = field(repr=False)
+    bundle_key: bytes
+    bundle_signature: bytes
+    replicas: int | None = None
+    availability: float | None = None
+
+    @classmethod
+    def of(cls, bundle: SignedBundle, *, replicas: int | None = None, availability: float | None = None) -> DeployRequest:
+        return cls(bundle.data, bundle.public_key, bundle.signature, replicas, availability)
+
+    @property
+    def signed_bundle(self) -> SignedBundle:
+        return SignedBundle(self.bundle, self.bundle_key, self.bundle_signature)
+
+
+@message(47)
+class DeployReply:
+    """How a deploy, scale or undeploy ended: ``ok`` when the service's record was written
+    (``version``, its generation), else ``reason`` says why not."""
+
+    service: str
+    action: str
+    ok: bool
+    version: int
+    reason: str = ""
+
+
+@message(48)
+class ScaleRequest:
+    """Change the replica count or the availability target of ``service`` (``NAME`` of the
+    node's key, or ``NAME@OWNER`` with the node's key as owner)."""
+
+    service: str
+    replicas: int | None = None
+    availability: float | None = None
+
+
+@message(49)
+class UndeployRequest:
+    """Stop every replica of ``service`` (only its owner's node may)."""
+
+    service: str
+
+
+@message(59)
+class ServiceStatusRequest:
+    """What the manager of ``service`` (``NAME`` of the node's key, or ``NAME@OWNER``) wants and sees."""
+
+    service: str
+
+
+@message(37)
+class ServiceStatusReply:
+    """The manager's report on ``service`` (``NAME@OWNER``); None when no member of its group
+    answered, ``reason`` saying why."""
+
+    service: str
+    report: ServiceReport | None
+    reason: str = ""
+
+
+@message(38)
+class ServicesRequest:
+    """The names of ``owner``'s services (empty: the node's key's)."""
+
+    owner: bytes = b""
+
+
+@message(39)
+class ServicesReply:
+    owner: bytes
+    names: list[str]
+
+
+class NotOwner(ValueError):
+    """A change to a service asked of a node whose key does not own it."""
+
+
+def owned_service(service: str, node_key: bytes) -> ServiceId:
+    """``service`` (``NAME`` or ``NAME@OWNER``) when ``node_key`` owns it; :class:`NotOwner`
+    saying whose it is otherwise (only the owner's key can write the service's record)."""
+    parsed = ServiceId.parse(service, default_owner=node_key)
+    if parsed.owner != node_key:
+        raise NotOwner(
+            f"service {parsed.short()}… is owned by key {parsed.owner.hex()[:12]}…; this node's key is "
+            f"{node_key.hex()[:12]}…: only the owner may update, scale or undeploy it"
+        )
+    return parsed
+
+
+def _deploy_reply(event: Any) -> DeployReply:
+    return DeployReply(event.service, event.action, event.ok, event.version, event.reason)
+
+
+@control_command(DeployRequest, DeployReply)  # `p2pdeploy deploy` sends it itself (it then waits)
+async def serve_deploy(node: RuntimeNode, request: DeployRequest) -> DeployReply:
+    finished = await node.deploy(request.signed_bundle, replicas=request.replicas, availability=request.availability)
+    return _deploy_reply(finished)
+
+
+@control_command(ScaleRequest, DeployReply)
+async def serve_scale(node: RuntimeNode, request: ScaleRequest) -> DeployReply:
+    service = owned_service(request.service, node.identity.public_key)
+    finished = await node.scale(service.name, replicas=request.replicas, availability=request.availability)
+    return _deploy_reply(finished)
+
+
+@control_command(UndeployRequest, DeployReply)
+async def serve_undeploy(node: RuntimeNode, request: UndeployRequest) -> DeployReply:
+    service = owned_service(request.service, node.identity.public_key)
+    return _deploy_reply(await node.undeploy(service.name))
+
+
+@control_command(ServiceStatusRequest, ServiceStatusReply)
+async def serve_service_status(node: RuntimeNode, request: ServiceStatusRequest) -> ServiceStatusReply:
+    service = node.service_id(request.service)
+    finished = await node.service_status(service)
+    return ServiceStatusReply(str(service), finished.report, finished.reason)
+
+
+@control_command(ServicesRequest, ServicesReply)
+async def serve_services(node: RuntimeNode, request: ServicesRequest) -> ServicesReply:
+    owner = request.owner or node.identity.public_key
+    if len(owner) != 32:
+        raise ValueError(f"an owner is a 32-byte public key, 64 hex digits (got {len(owner)} bytes)")
+    return ServicesReply(owner, await node.services(owner))
+
+
 def status_of(node: RuntimeNode) -> StatusReply:
     overlay = node.overlay
     counters = {key: int(value) for key, value in node.counters.items()}
@@ -696,6 +836,7 @@ async def answer(node: RuntimeNode, request: Any) -> Any:
     from p2pdeploy.runtime.node import (
         BundleNotStored,
         NodeNotRunning,
+        NoDeployment,
         NoOverlay,
         NoRemoteClient,
         PingTimeout,
@@ -708,7 +849,7 @@ async def answer(node: RuntimeNode, request: Any) -> Any:
     try:
         return await command.serve(node, request)
     except (ValueError, TypeError, NodeNotRunning, NoOverlay, NoRemoteClient, NoPersistence, BundleNotStored,
-            PingTimeout, RemoteTimeout) as exc:
+            PingTimeout, RemoteTimeout, NoDeployment) as exc:
         node.counters["control_refused"] += 1
         return ControlRefusal(str(exc))
 

@@ -71,6 +71,8 @@ import trio
 
 from p2pdeploy import wire
 from p2pdeploy.collective.bundles import BundleFetcher, BundleToCheck
+from p2pdeploy.collective.deployment import DeployFinished, Deployment, ServicesListed, StatusFinished
+from p2pdeploy.collective.deployment_messages import Decision, ServiceId
 from p2pdeploy.collective.persistence import DurableStore, HandedOff, Persistence, PersistenceConfig
 from p2pdeploy.collective.prospector import (
     AggregateFinished,
@@ -103,9 +105,9 @@ from p2pdeploy.overlay.ping import PeerSeen, Ping, PingProtocol, PingTimedOut, P
 from p2pdeploy.overlay.routing import ID_SPACE, Contact
 from p2pdeploy.overlay.storage import Item, OverlayStore
 from p2pdeploy.overlay.swim import DetectorConfig, PeerDeclaredDead, PeerRecovered
-from p2pdeploy.resource.bundle import Bundle, BundleError, SignedBundle
+from p2pdeploy.resource.bundle import Bundle, BundleError, SignedBundle, read_member
 from p2pdeploy.resource.description import NodeDescription
-from p2pdeploy.resource.manifest import SERVICE_VARIABLE
+from p2pdeploy.resource.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SERVICE_VARIABLE
 from p2pdeploy.resource.protocol import (
     MAX_LOG_BYTES,
     RemoteClient,
@@ -159,6 +161,10 @@ class NotHosting(RuntimeError):
 
 class BundleNotStored(RuntimeError):
     """A start by blob id could not store its bundle: no node (not even this one) took a copy."""
+
+
+class NoDeployment(RuntimeError):
+    """The deployment facade was used on a node whose layers include no Deployment layer."""
 
 
 class RemoteTimeout(TimeoutError):
@@ -893,6 +899,8 @@ class RuntimeNode:
         elif isinstance(event, PeerRecovered):
             self.counters["peers_recovered"] += 1
             log.info("peer %040x is alive again (incarnation %d)", event.node_id, event.incarnation)
+        elif isinstance(event, Decision):
+            log.info("%s", decision_line(event))
         if self._waiters:
             for waiter in list(self._waiters):
                 if not waiter.done.is_set() and waiter.finished(event):
@@ -962,6 +970,93 @@ class RuntimeNode:
             return waiter.event
         finally:
             self._waiters.discard(waiter)
+
+    # -- service deployment ------------------------------------------------------------------
+    @property
+    def deployment(self) -> Deployment:
+        """The node's deployment layer (read its state; change it only through the facade)."""
+        layer = self._layer_or_none(Deployment)
+        if layer is None:
+            self.core  # noqa: B018 - raises NodeNotRunning when that is the reason
+            raise NoDeployment(
+                "this node runs no deployment layer; build it with p2pdeploy.node.default_layers "
+                "(a full node, as `p2pdeploy join` runs)"
+            )
+        return layer
+
+    async def deploy(
+        self, bundle: SignedBundle, *, replicas: int | None = None, availability: float | None = None
+    ) -> DeployFinished:
+        """Deploy (or update) ``bundle`` as the service ``NAME@KEY``: the manifest's name, owned
+        by this node's key; the layer's :class:`DeployFinished` once the record is written (or
+        why not: ``ok`` False and the reason, e.g. ``no node offers 64 cores; the largest offers 8``).
+
+        ``replicas`` or ``availability`` override the manifest's placement. The bundle's
+        signature is checked and its manifest read in a worker thread first: a bundle that does
+        not verify or parse is a :class:`ValueError` naming what is wrong.
+        """
+        manifest_text = await trio.to_thread.run_sync(
+            _verified_manifest, bundle, self.config.remote.max_bundle_bytes, limiter=self._bundle_parser
+        )
+        layer = self.deployment
+        return await self.request(
+            lambda now: layer.deploy(bundle, manifest_text, now, replicas=replicas, availability=availability),
+            lambda op, ev: isinstance(ev, DeployFinished) and ev.op_id == op,
+        )
+
+    async def scale(self, name: str, *, replicas: int | None = None, availability: float | None = None) -> DeployFinished:
+        """Change the replica count (or the availability target) of this key's service ``name``."""
+        layer = self.deployment
+        return await self.request(
+            lambda now: layer.scale(name, now, replicas=replicas, availability=availability),
+            lambda op, ev: isinstance(ev, DeployFinished) and ev.op_id == op,
+        )
+
+    async def undeploy(self, name: str) -> DeployFinished:
+        """Stop every replica of this key's service ``name`` (the name stays this key's)."""
+        layer = self.deployment
+        return await self.request(
+            lambda now: layer.undeploy(name, now),
+            lambda op, ev: isinstance(ev, DeployFinished) and ev.op_id == op,
+        )
+
+    async def service_status(self, service: ServiceId | str) -> StatusFinished:
+        """What the manager of ``service`` (``NAME@OWNER``, or ``NAME`` of this node's key) wants
+        and sees: the :class:`StatusFinished` whose ``report`` is None when no member of the
+        service's group answered (its ``reason`` says why)."""
+        service_id = self.service_id(service)
+        layer = self.deployment
+        return await self.request(
+            lambda now: layer.status(service_id, now),
+            lambda query, ev: isinstance(ev, StatusFinished) and ev.query_id == query,
+        )
+
+    async def services(self, owner: bytes | None = None) -> list[str]:
+        """The names of ``owner``'s services (by default this node's key's), from its list record."""
+        key = self.identity.public_key if owner is None else bytes(owner)
+        layer = self.deployment
+        event: ServicesListed = await self.request(
+            lambda now: layer.list_services(key, now),
+            lambda query, ev: isinstance(ev, ServicesListed) and ev.query_id == query,
+        )
+        return list(event.names)
+
+    @asynccontextmanager
+    async def service_events(
+        self, service: ServiceId | str, filter_expr: str | None = None
+    ) -> AsyncIterator[AsyncIterator[Delivered]]:
+        """The decisions about ``service`` as its manager publishes them on the service's topic
+        (``kind="service_decided"``, ``service``, ``decision``, ``reason``, ``replica``, ``node``),
+        from now on; unsubscribes on exit."""
+        async with self.events(self.service_id(service).topic, filter_expr) as (_, delivered):
+            yield delivered
+
+    def service_id(self, service: ServiceId | str) -> ServiceId:
+        """``service`` as a :class:`ServiceId`: ``NAME@OWNER``, or ``NAME`` owned by this node's key
+        (a ``ServiceIdError``, a :class:`ValueError`, when it does not parse)."""
+        if isinstance(service, ServiceId):
+            return service
+        return ServiceId.parse(service, default_owner=self.identity.public_key)
 
     # -- the resource prospector -------------------------------------------------------------
     async def prospect(self, requirement: str, n: int) -> list[FoundNode]:
@@ -1304,6 +1399,24 @@ class RuntimeNode:
             raise ValueError(
                 f"{exc}; raise RuntimeConfig.transport.stream_limit_bytes or send less"
             ) from None
+
+
+def decision_line(decision: Decision) -> str:
+    """One line of a manager's decision: ``service NAME@OWNER12: DECISION REPLICA on NODE12: REASON``."""
+    try:
+        service = ServiceId.parse(decision.service).short()
+    except ValueError:
+        service = decision.service
+    return f"service {service}: {decision}"
+
+
+def _verified_manifest(bundle: SignedBundle, max_bytes: int) -> bytes:
+    """The text of ``bundle``'s manifest, once its signature verifies and it parses (decompressing
+    takes a while: run it in a worker thread)."""
+    if not bundle.verify():
+        raise ValueError("the bundle's signature does not verify with its key; sign it again (`p2pdeploy bundle`)")
+    parsed = Bundle.parse(bundle.data, max_bytes=max_bytes)
+    return read_member(parsed.data, MANIFEST_NAME, MAX_MANIFEST_BYTES)
 
 
 def _parse_bundle(data: bytes, max_bytes: int) -> Bundle | BundleError:
