@@ -176,7 +176,8 @@ async def _wait(
 ) -> bool:
     """Ask for ``service``'s status every ``POLL_S`` until ``done(report)``; False when ``timeout_s`` ran out."""
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=watch.console, auto_refresh=False, transient=True, disable=watch.quiet)
+                        console=watch.console, auto_refresh=False, transient=True,
+                        disable=watch.quiet or not watch.console.is_terminal)
     with progress:
         task = progress.add_task(label, total=None)
         with trio.move_on_after(timeout_s):

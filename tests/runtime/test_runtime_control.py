@@ -271,6 +271,12 @@ def test_every_control_request_is_declared_once_with_its_wire_tags_and_command()
         "BlobPutRequest": (42, "BlobPutReply", 43, "blob put"),
         "BlobGetRequest": (44, "BlobGetReply", 45, "blob get"),
         "ReplicaRequest": (40, "ReplicaAnswer", 41, None),  # the `replica` commands send it themselves
+        # the service commands (deploy, scale, undeploy, status SERVICE, ls, events) send theirs themselves
+        "DeployRequest": (46, "DeployReply", 47, None),
+        "ScaleRequest": (48, "DeployReply", 47, None),
+        "UndeployRequest": (49, "DeployReply", 47, None),
+        "ServiceStatusRequest": (59, "ServiceStatusReply", 37, None),
+        "ServicesRequest": (38, "ServicesReply", 39, None),
     }
     for command in CONTROL_COMMANDS.values():
         if command.name is not None:
