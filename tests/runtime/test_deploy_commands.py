@@ -194,9 +194,15 @@ async def test_the_library_deploys_and_asks_a_running_node(service_root):
     async with AsyncExitStack() as stack:
         nodes = await start_network(stack, service_root)
         bundle = api.bundle_from_directory(source).sign(nodes[1].identity)
+        service = ServiceId("sleeper", nodes[1].identity.public_key)
         with trio.fail_after(BOUND_S):
-            reply = await api.control_request(service_root / "n1", api.DeployRequest.of(bundle, replicas=1))
-            assert reply.ok and reply.service == str(ServiceId("sleeper", nodes[1].identity.public_key)), reply
+            async with nodes[2].service_events(str(service)) as decisions:
+                reply = await api.control_request(service_root / "n1", api.DeployRequest.of(bundle, replicas=1))
+                assert reply.ok and reply.service == str(service), reply
+                async for delivered in decisions:  # the manager publishes its decisions on the service's topic
+                    if delivered.attributes["decision"] == "placed":
+                        break
+            assert delivered.attributes["service"] == str(service) and delivered.attributes["replica"]
             while not (report := (await nodes[2].service_status(reply.service)).report) or not [
                     r for r in report.replicas if r.state == "running"]:
                 await trio.sleep(0.5)
