@@ -453,6 +453,9 @@ def status(service: str | None, as_json: bool, data_dir: str | None) -> None:
     sys.exit(_run_node_command(run_service_status, service, directory, make_console(), as_json=as_json))
 
 
+_owner_dir_option = _data_dir_option(
+    "The data directory of the running node that acts: its key (identity.key) signs a DIR and owns the service"
+)
 _service_json_option = click.option("--json", "as_json", is_flag=True,
                                     help="Print one JSON object as the last line (node ids and keys in hex).")
 _replicas_option = click.option("--replicas", type=click.IntRange(min=1, max=64), default=None,
@@ -478,7 +481,7 @@ def _one_of_replicas_or_availability(replicas: int | None, availability: float |
               help="Wait, with a progress display, until the replicas run and pass their health check.")
 @_seconds_option("--timeout", "timeout_s", 120.0, "Seconds to wait for the replicas; exit status 1 after.")
 @_service_json_option
-@_requests_dir_option
+@_owner_dir_option
 def deploy(source: str, replicas: int | None, availability: float | None, wait: bool, timeout_s: float,
            as_json: bool, data_dir: str | None) -> None:
     """Deploy a service: a directory (packed and signed now with the data directory's key) or a
@@ -504,7 +507,7 @@ def deploy(source: str, replicas: int | None, availability: float | None, wait: 
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until no replica runs.")
 @_seconds_option("--timeout", "timeout_s", 120.0, "Seconds to wait; exit status 1 after.")
 @_service_json_option
-@_requests_dir_option
+@_owner_dir_option
 def undeploy(service: str, wait: bool, timeout_s: float, as_json: bool, data_dir: str | None) -> None:
     """Stop every replica of SERVICE (NAME of the data directory's key, or NAME@OWNER); only
     the owner's key may. The name stays the owner's."""
@@ -520,7 +523,7 @@ def undeploy(service: str, wait: bool, timeout_s: float, as_json: bool, data_dir
 @_replicas_option
 @_availability_option
 @_service_json_option
-@_requests_dir_option
+@_owner_dir_option
 def scale(service: str, replicas: int | None, availability: float | None, as_json: bool, data_dir: str | None) -> None:
     """Change SERVICE's replica count (--replicas) or availability target (--availability); only
     the owner's key may."""
