@@ -991,10 +991,18 @@ class RuntimeNode:
         by this node's key; the layer's :class:`DeployFinished` once the record is written (or
         why not: ``ok`` False and the reason, e.g. ``no node offers 64 cores; the largest offers 8``).
 
-        ``replicas`` or ``availability`` override the manifest's placement. The bundle's
-        signature is checked and its manifest read in a worker thread first: a bundle that does
-        not verify or parse is a :class:`ValueError` naming what is wrong.
+        ``replicas`` or ``availability`` override the manifest's placement. The bundle must be
+        signed by this node's key (hosts run ``NAME@OWNER`` only from bundles ``OWNER`` signed);
+        its signature is checked and its manifest read in a worker thread first: a bundle signed
+        by another key, or that does not verify or parse, is a :class:`ValueError` saying so.
         """
+        if bundle.public_key != self.identity.public_key:
+            # NAME@OWNER runs only bundles OWNER signed: hosts would refuse every start.
+            raise ValueError(
+                f"the bundle is signed by key {bundle.public_key.hex()[:16]}…, not this node's key "
+                f"{self.identity.public_key.hex()[:16]}…, which owns the services it deploys; sign it with "
+                "this node's key (`p2pdeploy bundle DIR --data-dir` of this node, or deploy the directory)"
+            )
         manifest_text = await trio.to_thread.run_sync(
             _verified_manifest, bundle, self.config.remote.max_bundle_bytes, limiter=self._bundle_parser
         )
