@@ -366,7 +366,7 @@ class Deployment(Protocol):
         self._requests: dict[int, tuple[int, str]] = {}  # remote request id -> (service key, replica id)
         self._prospects: dict[int, int] = {}  # prospect query id -> service key
         self._reads: dict[int, int] = {}  # quorum read id -> service key
-        self._list_reads: dict[int, int] = {}  # record read id -> ServicesListed query id
+        self._list_reads: dict[int, tuple[int, bytes]] = {}  # record read id -> (ServicesListed query id, owner)
         self._next_op = 1
         self._load_records(now)
 
@@ -443,8 +443,7 @@ class Deployment(Protocol):
         """The names of ``owner``'s services (its list record); emits :class:`ServicesListed`."""
         query_id = self._new_id()
         read = self.persistence.get_record(record_key(owner, SERVICES_LIST_NAME), now)
-        self._list_reads[read] = query_id
-        self._list_owner = owner
+        self._list_reads[read] = (query_id, owner)
         return query_id
 
     # -- read-only views -------------------------------------------------------------------
@@ -1167,8 +1166,8 @@ class Deployment(Protocol):
         return True
 
     def _on_list_read(self, event: RecordFound, now: float) -> None:
-        query_id = self._list_reads.pop(event.query_id)
-        self.emit(ServicesListed(query_id, self._list_owner, _listed(event.item)))
+        query_id, owner = self._list_reads.pop(event.query_id)
+        self.emit(ServicesListed(query_id, owner, _listed(event.item)))
 
     # -- decisions -------------------------------------------------------------------------
     def _decide(self, manager: ServiceManager, decision: str, reason: str, now: float,
