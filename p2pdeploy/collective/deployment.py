@@ -963,7 +963,9 @@ class Deployment(Protocol):
         for placed in [p for p in manager.replicas.values() if p.host.node_id == msg.host]:
             if placed.replica_id not in seen and placed.state != "requested":
                 del manager.replicas[placed.replica_id]
-        self.send(src, ReportAck(msg.service, self.contact, list(manager.group)))
+        wanted = {p.replica_id for p in manager.replicas.values() if not p.stopping}
+        release = [e.replica_id for e in msg.replicas if e.state == "stopped" and e.replica_id not in wanted]
+        self.send(src, ReportAck(msg.service, self.contact, list(manager.group), release))
 
     def _on_ack(self, src: Address, msg: ReportAck, now: float) -> None:
         hosted = self.hosting.get(msg.service)
@@ -977,6 +979,13 @@ class Deployment(Protocol):
         hosted.unacked = 0
         if msg.group:
             hosted.group = list(msg.group)[:16]
+        managed = self._managed_replicas()
+        for replica_id in msg.release[:MAX_REPORTED]:
+            entry = managed.get(replica_id)
+            status = self.host.status(replica_id) if self.host is not None else None
+            if entry is not None and entry.service_key == msg.service and status is not None \
+                    and status.state.value == "stopped" and self.host is not None:
+                self.host.forget(replica_id, now)
         if msg.manager.node_id != hosted.manager.node_id:
             hosted.manager = msg.manager
             self._watch(msg.manager, now)

@@ -16,7 +16,7 @@ answers with what it wants and what it sees (:class:`ServiceReport`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.resource.manifest import NAME_RE
@@ -139,6 +139,9 @@ class ReportAck:
     service: NodeId
     manager: Contact
     group: list[Contact]
+    #: Finished replicas the manager no longer wants (undeployed, surplus, replaced): the host
+    #: removes their files at once rather than after its retention period, freeing their disk.
+    release: list[str] = field(default_factory=list)
 
 
 @message(143)

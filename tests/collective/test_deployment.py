@@ -113,8 +113,10 @@ def test_undeploy_stops_every_replica_and_frees_every_reservation():
     assert net.finished_op(0, op).ok
     net.run_until(lambda: not net.replicas_of("web", states=("requested", "fetching", "installing", "starting",
                                                                   "running", "stopping")), 60)
+    net.run_for(10)  # the next reports: the manager releases what it no longer wants
     for address in range(10):
-        assert not net.layer(address, ReplicaHost).admission.holders()
+        admission = net.layer(address, ReplicaHost).admission
+        assert not admission.holders() and not admission.retained  # the disk too, before the retention period
 
 
 def test_a_host_that_comes_back_has_its_surplus_replica_stopped():
