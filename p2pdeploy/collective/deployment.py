@@ -126,6 +126,11 @@ class DeploymentConfig:
     record_refresh_s: float = 30.0
     #: A replica failed, or running but unhealthy, this long is replaced.
     unhealthy_grace_s: float = 10.0
+    #: After replicas failed one after another, the next placement waits this long, doubled with
+    #: every further failure up to ``failure_backoff_max_s`` (a bundle that cannot run on any node
+    #: does not start a replica a second); a replica that runs healthy resets it.
+    failure_backoff_s: float = 5.0
+    failure_backoff_max_s: float = 300.0
     #: A start not reported by its host within this is given up.
     start_timeout_s: float = 60.0
     #: A node that refused a start is not asked again for this long.
@@ -145,7 +150,7 @@ class DeploymentConfig:
     def __post_init__(self) -> None:
         require_positive(self, "deployment.", "tick_s", "report_interval_s", "takeover_grace_s", "record_refresh_s",
                          "start_timeout_s", "refused_retry_s", "pending_retry_s", "refresh_candidates_s",
-                         "query_timeout_s")
+                         "query_timeout_s", "failure_backoff_s", "failure_backoff_max_s")
         require_at_least(self, "deployment.", 0, "unhealthy_grace_s")
         require_at_least(self, "deployment.", 1, "report_misses", "max_records")
         if not 0 <= self.unknown_availability <= 1:
@@ -218,6 +223,12 @@ class Placed:
     def live(self) -> bool:
         return self.confirmed and self.state in LIVE_STATES and not self.stopping
 
+    @property
+    def counts(self) -> bool:
+        """It counts towards the desired number: live, or failed but within its grace (it may
+        restart; once the grace is over it is stopped and replaced)."""
+        return self.confirmed and not self.stopping and (self.state in LIVE_STATES or self.state == "failed")
+
     def view(self) -> PlacedReplica:
         return PlacedReplica(self.replica_id, self.host, "stopping" if self.stopping and self.state in LIVE_STATES
                              else self.state, self.reason, self.healthy, self.since_s)
@@ -252,6 +263,8 @@ class ServiceManager:
     decisions: deque[Decision] = field(default_factory=lambda: deque(maxlen=MAX_DECISIONS))
     refreshing: int | None = None
     next_refresh_s: float = 0.0
+    #: Replicas that failed one after another (reset when one runs healthy): the placement backs off.
+    failures: int = 0
 
     @property
     def placement(self) -> Any:
@@ -265,6 +278,9 @@ class ServiceManager:
 
     def live(self) -> list[Placed]:
         return [p for p in self.replicas.values() if p.live]
+
+    def counted(self) -> list[Placed]:
+        return [p for p in self.replicas.values() if p.counts]
 
 
 @dataclass(slots=True)
@@ -663,7 +679,7 @@ class Deployment(Protocol):
             return
         for placed in list(manager.replicas.values()):
             self._check_replica(manager, placed, now)
-        live = manager.live()
+        live = manager.counted()
         current = [p for p in live if p.bundle_blob == spec.bundle_blob]
         outdated = [p for p in live if p.bundle_blob != spec.bundle_blob]
         desired = 0 if spec.undeployed else manager.desired
@@ -676,7 +692,8 @@ class Deployment(Protocol):
         placement = manager.placement
         refresh_due = placement.mode == "every" or placement.availability is not None
         need = desired - len(current)
-        if need > 0 and manager.offers and now - manager.last_candidates_s < c.refresh_candidates_s * 4:
+        if need > 0 and manager.offers and now >= manager.next_search_s \
+                and now - manager.last_candidates_s < c.refresh_candidates_s * 4:
             need -= len(self._place(manager, manager.offers, need, now))
         if manager.prospecting is None and now >= manager.next_search_s and (
                 need > 0 or (refresh_due and now - manager.last_candidates_s >= c.refresh_candidates_s)):
@@ -713,10 +730,20 @@ class Deployment(Protocol):
         if placed.state in ("failed",) or (placed.state == "running" and not placed.healthy):
             if now - placed.fine_s >= c.unhealthy_grace_s and not placed.stopping:
                 manager.lost_at.append(now)
-                self._stop(manager, placed, f"{placed.state}{': ' + placed.reason if placed.reason else ''} "
-                                            f"for {now - placed.fine_s:.0f} s", now)
+                why = f"{placed.state}{': ' + placed.reason if placed.reason else ''}"
+                self._stop(manager, placed, f"{why} for {now - placed.fine_s:.0f} s", now)
+                # the node may be the cause: try others first; and if every replica fails, back off
+                manager.refused[placed.host.node_id] = now + c.refused_retry_s
+                manager.failures += 1
+                backoff = min(c.failure_backoff_s * 2 ** (manager.failures - 1), c.failure_backoff_max_s)
+                manager.next_search_s = max(manager.next_search_s, now + backoff)
+                manager.pending = (f"replicas keep failing ({manager.failures} in a row, the last {why}); "
+                                   f"the next placement in {backoff:g} s")
         else:
             placed.fine_s = now
+            if placed.state == "running" and manager.failures and now - placed.since_s >= 2 * c.unhealthy_grace_s:
+                manager.failures = 0  # one has run healthy a while: the bundle is fine
+                manager.next_search_s = min(manager.next_search_s, now)
 
     def _search(self, manager: ServiceManager, live: int, now: float) -> None:
         manifest = manager.manifest
@@ -734,7 +761,7 @@ class Deployment(Protocol):
             return
         manager.last_candidates_s = now
         placement = manager.placement
-        live = manager.live()
+        live = manager.counted()
         offers = [Offer(n.contact.node_id, n.contact.address, n.attributes) for n in event.nodes
                   if n.contact.node_id not in {p.host.node_id for p in live}]
         if placement.mode == "every":

@@ -292,3 +292,16 @@ def test_a_start_must_name_the_service_its_bundle_belongs_to():
     accepted = start("web-c", (ServiceId("web", owner.public_key).key, "web"))
     assert not isinstance(accepted, Refused)
     assert net.layer(target, RemoteControl).managed["web-c"].service_name == "web"
+
+
+def test_a_service_whose_replicas_keep_failing_backs_off_instead_of_looping():
+    net = DeployNet(6, seed=16)
+    net.run_for(30)
+    broken = '[simulation]\nexit_after_s = 1\nexit_code = 3\n[restart]\npolicy = "never"\n'
+    service = deployed(net, 0, "web", placement="replicas = 1", extra=broken)
+    net.run_for(600)
+    starts = [d for d in decisions(net) if d.decision in ("placed", "replaced")]
+    # without a backoff a replica would start every ~12 s (grace 10 s and a start): 50 in 10 min
+    assert 3 <= len(starts) <= 12
+    [manager] = net.managers_of(service.key)
+    assert "keep failing" in net.deployment(manager).managers[service.key].pending
