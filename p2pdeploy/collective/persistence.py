@@ -130,7 +130,16 @@ from p2pdeploy.collective.persistence_quorum import QuorumAcceptor, QuorumRound
 from p2pdeploy.collective.persistence_repair import Check, Leave, Repair
 from p2pdeploy.collective.persistence_search import HolderSearch, Op, Rpc
 from p2pdeploy.collective.persistence_store import ChunkBookkeeping, ChunkInfo, DurableStore, MemoryStore
-from p2pdeploy.collective.records import DEFAULT_MAX_RECORD_BYTES, Change, check_group, check_record
+from p2pdeploy.collective.records import (
+    DEFAULT_MAX_RECORD_BYTES,
+    SERVICE_STATE_PREFIX,
+    Change,
+    ServiceStateName,
+    check_group,
+    check_record,
+    is_service_state,
+    quorum_key,
+)
 from p2pdeploy.collective.records import ZERO as ZERO_BALLOT
 from p2pdeploy.core import Address, Protocol, Rng, require_at_least, require_positive
 from p2pdeploy.overlay.identity import Identity
@@ -408,9 +417,15 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Admission, Protocol):
 
     def quorum_put(self, identity: Identity, name: bytes, value: bytes, now: float) -> int:
         """Write ``value`` as the next version of the record ``name`` of ``identity``; emits
-        :class:`QuorumFinished` (``ok``: acknowledged by a majority of the key's group)."""
+        :class:`QuorumFinished` (``ok``: acknowledged by a majority of the key's group).
+
+        A service state record (``ServiceStateName(owner, service, key).name``) is the
+        service's, not ``identity``'s: it lives under ``shared_record_key(name)`` whoever
+        writes it (``records.quorum_key`` gives the key of either kind, for
+        :meth:`quorum_read`), and ``identity`` signs the version it writes; acceptors keep it
+        only from keys they trust and from the service's owner."""
         self._check_value(name, value)
-        key = record_key(identity.public_key, name)
+        key = quorum_key(identity.public_key, name)
         return self._quorum(key, Change("put", identity, name, value), now)
 
     def quorum_cas(self, identity: Identity, name: bytes, expected_version: int, value: bytes, now: float) -> int:
@@ -418,7 +433,7 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Admission, Protocol):
         self._check_value(name, value)
         if expected_version < 0:
             raise ValueError(f"expected_version must be >= 0 (got {expected_version})")
-        key = record_key(identity.public_key, name)
+        key = quorum_key(identity.public_key, name)
         return self._quorum(key, Change("cas", identity, name, value, expected_version), now)
 
     def _check_value(self, name: bytes, value: bytes) -> None:
@@ -427,6 +442,9 @@ class Persistence(HolderSearch, Repair, QuorumAcceptor, Admission, Protocol):
         if len(value) > self.config.max_record_bytes:
             raise ValueError(f"a record value of {len(value)} bytes is over the limit of "
                              f"{self.config.max_record_bytes}")
+        if is_service_state(name) and ServiceStateName.parse(name) is None:
+            raise ValueError(f"a record name starting with {SERVICE_STATE_PREFIX.decode()} is a service's state: "
+                             f"svcstate/<OWNER_HEX>/<NAME>/<key> (got {name!r})")
 
     def _quorum(self, key: int, change: Change, now: float) -> int:
         op = QuorumRound(self._next_id(), key, change, self.config.quorum_attempts,

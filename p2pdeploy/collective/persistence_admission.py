@@ -16,6 +16,10 @@ signature by a key the node trusts (the security model). What decides, here:
   counted (``store_unauthorized``) and nothing changes. Such data is never repaired or handed
   off by this node, and trusted data evicts it when the store is full. What it weighs is
   tallied as it arrives and counted afresh with every repair round.
+- **service state**: a service state record (:mod:`p2pdeploy.collective.records`) lives under
+  a key its name derives, so any key can sign a version of it; this node keeps one only from a
+  key it trusts (the trust by which it runs the replicas a service's manager starts) or from the
+  service's owner, and refuses the rest with the reason (counted, ``service_state_refused``).
 - **replication cap**: a copy that asks for more than ``max_replicas`` copies is kept with
   ``max_replicas`` (counted, ``replicas_clamped``), so no repair spreads a key wider; a stranger's
   copy of a key held already changes nothing.
@@ -44,6 +48,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Literal
 
 from p2pdeploy.collective.persistence_messages import Pin, StorePin, sign_pin
+from p2pdeploy.collective.records import is_service_state, service_state_refusal
 from p2pdeploy.overlay.identity import Identity, node_id_of
 from p2pdeploy.overlay.storage import Item, item_bytes
 
@@ -173,7 +178,14 @@ class Admission:
 
     def admit_record(self, item: Item, held: bool) -> str | None:
         """``None`` when a (checked, signed) record, or a quorum record's value, may be kept here
-        (``held``: this node holds a version of it already); its writer's key is its authority."""
+        (``held``: this node holds a version of it already); its writer's key is its authority.
+        A service state record, which any key may sign, is kept only from a key this node trusts
+        or the service's owner (``service_state_refused`` counts the others), held or not."""
+        if is_service_state(item.name):
+            refusal = service_state_refusal(item, self.trusts)
+            if refusal is not None:
+                self.counters["service_state_refused"] += 1
+                return refusal
         if held or self.trusts(item.public_key):
             return None  # a record's key names its writer: a held one may be replaced by a newer one
         writer = node_id_of(item.public_key)

@@ -39,9 +39,11 @@ from p2pdeploy.collective.records import (
     Change,
     check_group,
     check_record,
+    is_service_state,
     majority,
     on_accept,
     on_prepare,
+    service_state_refusal,
 )
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import Item
@@ -146,7 +148,9 @@ class QuorumRound(Op):
         elif isinstance(msg, Accepted) and self.phase == "accept":
             self.highest_seen = max(self.highest_seen, msg.promised.counter)
             (self.accepted if msg.ok else self.refused).add(msg.sender)
-            self.outbid = self.outbid or not msg.ok
+            # outbid only when a higher ballot was promised: an acceptor that refuses the value
+            # itself (a writer it does not admit) is no contention to wait out
+            self.outbid = self.outbid or (not msg.ok and msg.promised > self.ballot)
             self._evaluate(p, now)
 
     def on_timeout(self, p: Persistence, rpc: Rpc, now: float) -> None:
@@ -263,9 +267,13 @@ class QuorumRound(Op):
         self.proposal = proposal
         self.phase = "accept"
         group = list(self.group)
+        # this node as an acceptor admits what its peers would: a service state version by a
+        # writer it does not trust is refused here too (not accepted alone, which would leave
+        # the group a value at the highest ballot that no majority will take)
+        refused_here = is_service_state(proposal.name) and service_state_refusal(proposal, p.trusts) is not None
         for contact in group:
             if contact.node_id == p.node_id:
-                if p._acceptor_accept(self.key, self.ballot, proposal, group, 0, now).ok:
+                if not refused_here and p._acceptor_accept(self.key, self.ballot, proposal, group, 0, now).ok:
                     self.accepted.add(p.node_id)
                 else:
                     self.refused.add(p.node_id)

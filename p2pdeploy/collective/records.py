@@ -31,29 +31,133 @@ found answered with no state (a closer node that stays silent may hold the key, 
 fails rather than fork the key); and nodes that join later closer to the key than its group do
 not take part in it.
 
+*Service state records* are the one kind of record several keys write: the state of the
+service ``NAME@OWNER``, which follows the service from host to host rather than staying with
+the node that ran a replica. Such a record is named ``svcstate/<OWNER_HEX>/<NAME>/<key>`` and
+lives under :func:`shared_record_key` of its name alone, whoever writes it; each version is
+signed by its writer as usual (the key is part of what is signed). Names with that prefix are
+reserved: a record so named is valid only under that key. Who may write one is an acceptor's
+decision (:mod:`p2pdeploy.collective.persistence_admission`): a key it trusts, or the owner the
+name names; anyone else's version is refused and counted.
+
 This module holds the data and the acceptor's rules as pure functions; the messages that carry
 them and the proposer's state machine are in :mod:`p2pdeploy.collective.persistence`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from p2pdeploy.overlay.identity import Identity
+from p2pdeploy.overlay.identity import Identity, key_id
 from p2pdeploy.overlay.routing import Contact
-from p2pdeploy.overlay.storage import Item, check_item, sign_record
+from p2pdeploy.overlay.storage import Item, check_item, record_key, sign_record, signature_valid
+from p2pdeploy.resource.manifest import NAME_RE
 from p2pdeploy.wire import NodeId, message, record
 
 DEFAULT_MAX_RECORD_BYTES = 64 * 1024
 MAX_GROUP = 16
 
+#: The prefix of service state records' names (reserved: see the module docstring).
+SERVICE_STATE_PREFIX = b"svcstate/"
+#: What the key of a service state record hashes before its name, so it meets no other key.
+SERVICE_STATE_DOMAIN = b"p2pdeploy service state\n"
+OWNER_KEY_BYTES = 32
+#: A key within a service's state: 1 to this many bytes, without NUL or line breaks.
+MAX_STATE_KEY_BYTES = 256
+_STATE_KEY_FORBIDDEN = frozenset(b"\x00\r\n")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStateName:
+    """The parts of a service state record's name: the service ``service@owner`` and its key."""
+
+    owner: bytes
+    service: str
+    key: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.owner) != OWNER_KEY_BYTES:
+            raise ValueError(f"a service's owner is a {OWNER_KEY_BYTES}-byte public key (got {len(self.owner)})")
+        if not NAME_RE.fullmatch(self.service):
+            raise ValueError(f"service name {self.service!r} must be 1 to 48 of a-z, 0-9 and -, starting "
+                             f"with a letter or digit")
+        if not 1 <= len(self.key) <= MAX_STATE_KEY_BYTES or _STATE_KEY_FORBIDDEN & set(self.key):
+            raise ValueError(f"a state key is 1 to {MAX_STATE_KEY_BYTES} bytes without NUL or line breaks "
+                             f"(got {self.key!r})")
+
+    @property
+    def name(self) -> bytes:
+        """The record's name: ``svcstate/<OWNER_HEX>/<NAME>/<key>``."""
+        return b"%s%s/%s/%s" % (SERVICE_STATE_PREFIX, self.owner.hex().encode(), self.service.encode(), self.key)
+
+    @classmethod
+    def parse(cls, name: bytes) -> ServiceStateName | None:
+        """The parts of ``name``; ``None`` when it is not a valid service state record's name."""
+        if not name.startswith(SERVICE_STATE_PREFIX):
+            return None
+        parts = name[len(SERVICE_STATE_PREFIX):].split(b"/", 2)
+        if len(parts) != 3:
+            return None
+        owner_hex, service, key = parts
+        if len(owner_hex) != 2 * OWNER_KEY_BYTES or owner_hex != owner_hex.lower():
+            return None
+        try:
+            parsed = cls(bytes.fromhex(owner_hex.decode("ascii")), service.decode("ascii"), key)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return parsed if parsed.name == name else None
+
+
+def shared_record_key(name: bytes) -> int:
+    """The overlay key of the service state record ``name``: from the name alone, so every
+    writer of the service's state reads and writes the same record."""
+    return key_id(SERVICE_STATE_DOMAIN + name)
+
+
+def is_service_state(name: bytes) -> bool:
+    """True when ``name`` is in the reserved namespace of service state records."""
+    return name.startswith(SERVICE_STATE_PREFIX)
+
+
+def quorum_key(public_key: bytes, name: bytes) -> int:
+    """The key the record ``name`` written by ``public_key`` lives under: its writer's
+    (``record_key``), or for a service state record its name's (:func:`shared_record_key`)."""
+    return shared_record_key(name) if is_service_state(name) else record_key(public_key, name)
+
 
 def check_record(key: int, item: Item, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> str | None:
-    """Why ``item`` may not be stored as the record under ``key`` (``None`` when it may)."""
+    """Why ``item`` may not be stored as the record under ``key`` (``None`` when it may). Who
+    may write a service state record is the acceptor's call (:func:`service_state_refusal`)."""
     if not item.signed:
         return "a record must be signed by its writer"
-    return check_item(key, item, max_bytes)
+    if not is_service_state(item.name):
+        return check_item(key, item, max_bytes)
+    if len(item.value) > max_bytes:
+        return f"value of {len(item.value)} bytes is over the limit of {max_bytes}"
+    if not 0 <= item.sequence < 1 << 64:
+        return "sequence out of range"
+    if ServiceStateName.parse(item.name) is None:
+        return "a service state record's name is svcstate/<OWNER_HEX>/<NAME>/<key>"
+    if shared_record_key(item.name) != key:
+        return "a service state record's key does not derive from its name"
+    if not signature_valid(key, item):
+        return "bad signature"
+    return None
+
+
+def service_state_refusal(item: Item, trusts: Callable[[bytes], bool]) -> str | None:
+    """Why a (checked) service state record by ``item.public_key`` may not be kept by a node
+    whose trust is ``trusts`` (``None``: it may): its writer must be a key the node trusts (as
+    it trusts the managers that start a service's replicas on it) or the service's owner."""
+    parsed = ServiceStateName.parse(item.name)
+    if parsed is None:
+        return "a service state record's name is svcstate/<OWNER_HEX>/<NAME>/<key>"
+    if item.public_key == parsed.owner or trusts(item.public_key):
+        return None
+    return (f"not authorized: the state of {parsed.service}@{parsed.owner.hex()[:16]}… is written by its owner "
+            f"or a key this node trusts, not {item.public_key.hex()[:16]}…")
 
 
 # -- quorum records: ballots and the acceptor ------------------------------------------------
@@ -145,7 +249,8 @@ class Change:
         if self.kind == "cas" and self.expected_version != version:
             return current, False, f"version mismatch: expected {self.expected_version}, found {version}"
         assert self.identity is not None
-        _, item = sign_record(self.identity, self.name, self.value, version + 1)
+        key = quorum_key(self.identity.public_key, self.name)
+        _, item = sign_record(self.identity, self.name, self.value, version + 1, key=key)
         return item, True, ""
 
 

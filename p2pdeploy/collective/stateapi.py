@@ -8,13 +8,26 @@ bytes and a version (0 while the key has never been written), and three operatio
 - ``cas(key, expected_version, value)``: write only if the version is still ``expected_version``
   (0: only if the key was never written); otherwise the current value and version come back.
 
-Each key is a ``quorum`` record (:mod:`p2pdeploy.collective.records`) named
-``state/<namespace>/<key>`` and signed by the namespace's *writer* identity. A ``join`` node
-gives each service the namespace ``NAME@DEPLOYER_KEY`` written with the node's own key, so one
-deployer's replicas of a service on that node share their state; an embedding application that
-wants services on several nodes to share a namespace registers it with one writer identity on
-each (``StateServer.register(namespace, writer)``). A service never holds the key: the node
-signs for it (the executor tells the service where the API is, see ``p2pdeploy.runtime.state_api``).
+Each key is a ``quorum`` record (:mod:`p2pdeploy.collective.records`). Two kinds of namespace:
+
+- a *service's* namespace ``NAME@OWNER_HEX``: the state of the service ``NAME@OWNER``, which
+  follows the service rather than the node. Each key is the service state record
+  ``svcstate/<OWNER_HEX>/<NAME>/<key>`` under a key derived from that name alone, so every node
+  that hosts a replica of the service reads and writes the same records, each version signed by
+  the node that wrote it; the acceptors keep versions only from keys they trust (as they trust
+  the service's manager to start replicas on them) and from the owner. A ``join`` node gives
+  this namespace to every replica a service's manager started on it (a replacement replica on
+  another node reads what the failed one wrote).
+- a *writer's* namespace (any other name, ``service=False``): each key is the record
+  ``state/<namespace>/<key>`` signed by the namespace's *writer* identity, under that
+  writer's key. A ``join`` node gives a replica started by hand the namespace
+  ``NAME@STARTER_KEY`` written with the node's own key, so one starter's replicas of a service on
+  that node share their state; an embedding application that wants services on several nodes to
+  share such a namespace registers it with one writer identity on each
+  (``StateServer.register(namespace, writer)``).
+
+A service never holds a key: the node signs for it (the executor tells the service where the
+API is, see ``p2pdeploy.runtime.state_api``).
 
 This module is pure: naming and validation, and the mapping from an operation to the
 persistence layer's calls and back. The transport (HTTP on loopback) is in the runtime.
@@ -26,8 +39,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from p2pdeploy.collective.persistence import Persistence, QuorumFinished
+from p2pdeploy.collective.records import OWNER_KEY_BYTES, ServiceStateName, quorum_key
 from p2pdeploy.overlay.identity import Identity
-from p2pdeploy.overlay.storage import record_key
+from p2pdeploy.resource.manifest import NAME_RE
 
 MAX_KEY_BYTES = 256
 MAX_NAMESPACE_BYTES = 128
@@ -54,13 +68,37 @@ def check_key(key: str) -> bytes:
     return raw
 
 
-def record_name(namespace: str, key: str) -> bytes:
-    """The record name of ``key`` in ``namespace``."""
+def service_namespace(service: str, owner: bytes) -> str:
+    """The namespace of the state of the service ``service@owner``: ``NAME@OWNER_HEX``."""
+    namespace = f"{service}@{owner.hex()}"
+    parse_service_namespace(namespace)
+    return namespace
+
+
+def parse_service_namespace(namespace: str) -> tuple[str, bytes]:
+    """The service name and owner key of a service's namespace ``NAME@OWNER_HEX``."""
+    service, at, owner_hex = namespace.partition("@") if isinstance(namespace, str) else ("", "", "")
+    try:
+        owner = bytes.fromhex(owner_hex) if owner_hex == owner_hex.lower() else b""
+    except ValueError:
+        owner = b""
+    if not at or not NAME_RE.fullmatch(service) or len(owner) != OWNER_KEY_BYTES:
+        raise StateError(f"a service's state namespace is NAME@OWNER: the service's name and "
+                         f"{2 * OWNER_KEY_BYTES} lowercase hex digits of its owner's key (got {namespace!r})")
+    return service, owner
+
+
+def record_name(namespace: str, key: str, *, service: bool = False) -> bytes:
+    """The record name of ``key`` in ``namespace`` (a service's namespace with ``service``)."""
+    if service:
+        name, owner = parse_service_namespace(namespace)
+        return ServiceStateName(owner, name, check_key(key)).name
     return b"state/" + check_namespace(namespace) + b"/" + check_key(key)
 
 
-def overlay_key(writer_public_key: bytes, namespace: str, key: str) -> int:
-    return record_key(writer_public_key, record_name(namespace, key))
+def overlay_key(writer_public_key: bytes, namespace: str, key: str, *, service: bool = False) -> int:
+    """The overlay key of ``key`` in ``namespace``; a service's does not depend on the writer."""
+    return quorum_key(writer_public_key, record_name(namespace, key, service=service))
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +120,11 @@ class StateRequest:
     key: str
     value: bytes = b""
     expected_version: int | None = None
+    #: ``namespace`` is a service's (``NAME@OWNER_HEX``), whose records every writer shares.
+    service: bool = False
 
     def __post_init__(self) -> None:
-        record_name(self.namespace, self.key)
+        record_name(self.namespace, self.key, service=self.service)
         if self.op == "cas" and (self.expected_version is None or self.expected_version < 0):
             raise StateError(f"compare-and-set needs an expected version >= 0 (got {self.expected_version})")
         if self.op not in ("get", "put", "cas"):
@@ -92,9 +132,9 @@ class StateRequest:
 
     def start(self, persistence: Persistence, writer: Identity, now: float) -> int:
         """Start the operation on ``persistence``; the query id whose :class:`QuorumFinished` ends it."""
-        name = record_name(self.namespace, self.key)
+        name = record_name(self.namespace, self.key, service=self.service)
         if self.op == "get":
-            return persistence.quorum_read(record_key(writer.public_key, name), now)
+            return persistence.quorum_read(quorum_key(writer.public_key, name), now)
         if self.op == "put":
             return persistence.quorum_put(writer, name, self.value, now)
         assert self.expected_version is not None

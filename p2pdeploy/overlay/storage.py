@@ -70,11 +70,14 @@ def _signed_bytes(key: int, item: Item) -> bytes:
     )
 
 
-def sign_record(identity: Identity, name: bytes, value: bytes, sequence: int) -> tuple[int, Item]:
-    """Make a signed record; returns its overlay key and the item."""
+def sign_record(identity: Identity, name: bytes, value: bytes, sequence: int, *,
+                key: int | None = None) -> tuple[int, Item]:
+    """Make a signed record; returns its overlay key and the item. The key is
+    ``record_key(identity.public_key, name)`` unless ``key`` names another (a record whose key
+    derives from its name alone, such as a service's state, which several writers share)."""
     if not 0 <= sequence < 1 << 64:
         raise ValueError(f"sequence must be in [0, 2**64) (got {sequence})")
-    key = record_key(identity.public_key, name)
+    key = record_key(identity.public_key, name) if key is None else key
     unsigned = Item(value, identity.public_key, name, sequence, b"")
     signature = identity.sign(_signed_bytes(key, unsigned))
     return key, Item(value, identity.public_key, name, sequence, signature)
@@ -92,9 +95,15 @@ def check_item(key: int, item: Item, max_value_bytes: int = DEFAULT_MAX_VALUE_BY
         return "sequence out of range"
     if record_key(item.public_key, item.name) != key:
         return "record key does not match its publisher key and name"
-    if not verify(item.public_key, item.signature, _signed_bytes(key, item)):
+    if not signature_valid(key, item):
         return "bad signature"
     return None
+
+
+def signature_valid(key: int, item: Item) -> bool:
+    """True when ``item`` is signed by its ``public_key`` as the record under ``key`` (the key
+    is signed too, so a record cannot be replayed under another key)."""
+    return verify(item.public_key, item.signature, _signed_bytes(key, item))
 
 
 def newness(item: Item) -> tuple[int, bytes]:

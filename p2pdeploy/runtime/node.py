@@ -125,7 +125,13 @@ from p2pdeploy.runtime.listeners import ListenerLimits, RefusalLog
 from p2pdeploy.runtime.overlay_store import open_overlay_store
 from p2pdeploy.runtime.probe import probe_machine
 from p2pdeploy.runtime.snapshot import ROUTING_SNAPSHOT_FILE, read_bounded, write_file_atomically
-from p2pdeploy.runtime.state_api import PersistenceClient, StateServer, default_state_api_limits, open_store
+from p2pdeploy.runtime.state_api import (
+    PersistenceClient,
+    StateServer,
+    default_state_api_limits,
+    open_store,
+    replica_namespace,
+)
 from p2pdeploy.runtime.transport import Transport, TransportConfig, path_for
 from p2pdeploy.runtime.uptime_store import UptimeStore
 
@@ -486,19 +492,20 @@ class RuntimeNode:
 
     def _service_environment(self, spec: ProcessSpec) -> dict[str, str]:
         """What a service's process gets besides its own variables: where the state API is and
-        its token, for the namespace ``NAME@KEY``: the service's name and the public key that
-        started it (hex). The replicas of one deployer's service on this node share it; another
-        deployer's service of the same name does not see it."""
+        its token, for the namespace :func:`~p2pdeploy.runtime.state_api.replica_namespace`
+        chooses: a managed replica's service ``NAME@OWNER`` (shared by every host of the
+        service), else ``NAME@KEY`` with the public key that started it (hex), which the
+        replicas of one starter's service on this node share."""
         server = self.state_server
         if server is None:
             return {}
         host = self._layer_or_none(ReplicaHost)
         starter = host.requested_by.get(spec.replica_id, b"") if host is not None else b""
-        namespace = spec.env.get(SERVICE_VARIABLE) or spec.replica_id
-        if starter:
-            namespace = f"{namespace}@{starter.hex()}"
+        remote = self._layer_or_none(RemoteControl)
+        managed = remote.managed.get(spec.replica_id) if remote is not None else None
+        namespace, service = replica_namespace(spec.env.get(SERVICE_VARIABLE, ""), spec.replica_id, starter, managed)
         try:
-            return server.environment(namespace)
+            return server.environment(namespace, service=service)
         except StateError:  # a service name the state API cannot use as a namespace
             log.warning("replica %s gets no state API: %r is not a valid namespace", spec.replica_id, namespace)
             return {}

@@ -21,7 +21,9 @@
       503 when the key's group cannot be reached, 401 without a valid token, 400 for a bad request
 
   The token names the namespace and the identity that signs its records; a process sees only
-  its own namespace. Loopback HTTP rather than a Unix socket: every language has a client, and
+  its own namespace. :func:`replica_namespace` chooses a replica's: the state of its service
+  ``NAME@OWNER`` when the service's manager started it (shared by every host of the service),
+  else its starter's namespace on this node. Loopback HTTP rather than a Unix socket: every language has a client, and
   a service running as another user (``nobody``) needs no access to the node's directory.
 
 Deadlines are cancel scopes; every task runs in the server's nursery.
@@ -50,9 +52,17 @@ from p2pdeploy.collective.persistence import (
     RecordFound,
     RecordStored,
 )
-from p2pdeploy.collective.stateapi import StateError, StateRequest, StateResult, check_namespace
+from p2pdeploy.collective.stateapi import (
+    StateError,
+    StateRequest,
+    StateResult,
+    check_namespace,
+    parse_service_namespace,
+    service_namespace,
+)
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.storage import Item
+from p2pdeploy.resource.protocol import service_key_of
 from p2pdeploy.runtime.listeners import Connection, ConnectionGuard, ListenerLimits, RefusalLog, serve_bounded
 from p2pdeploy.runtime.store_sqlite import DEFAULT_CAPACITY_BYTES, SQLiteStore, capacity_from
 
@@ -60,6 +70,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from p2pdeploy.fabric.contribution import Contribution
+    from p2pdeploy.resource.protocol import ManagedReplica
     from p2pdeploy.runtime.node import RuntimeNode
 
 log = logging.getLogger(__name__)
@@ -152,11 +163,13 @@ class PersistenceClient:
 
 @dataclass(frozen=True, slots=True)
 class StateGrant:
-    """What a service is given: where the API is, its token, and the namespace it reaches."""
+    """What a service is given: where the API is, its token, and the namespace it reaches
+    (``service``: a service's namespace, see :mod:`p2pdeploy.collective.stateapi`)."""
 
     url: str
     token: str
     namespace: str
+    service: bool = False
 
     def environment(self) -> dict[str, str]:
         """The variables the executor adds to the service's environment."""
@@ -202,8 +215,8 @@ class StateServer:
         self.limits = limits or node.config.state_api
         self.connections = ConnectionGuard("state_api", self.limits, node.counters)
         self._refusals = RefusalLog(log)
-        self._grants: dict[str, tuple[str, Identity]] = {}
-        self._tokens: dict[tuple[str, bytes], str] = {}
+        self._grants: dict[str, tuple[str, Identity, bool]] = {}
+        self._tokens: dict[tuple[str, bytes, bool], str] = {}
         self._listener_port: int | None = None
         self.requests = 0
 
@@ -213,27 +226,32 @@ class StateServer:
             raise RuntimeError("the state server has not started; run it with nursery.start(server.run)")
         return f"http://127.0.0.1:{self._listener_port}{STATE_PATH}"
 
-    def register(self, namespace: str, writer: Identity | None = None) -> StateGrant:
+    def register(self, namespace: str, writer: Identity | None = None, *, service: bool = False) -> StateGrant:
         """A token for ``namespace``, whose records ``writer`` (default: the node) signs; asking
         again for the same namespace and writer gives the same token (every run of a service,
-        every replica of it on this node), so grants do not pile up."""
-        check_namespace(namespace)
+        every replica of it on this node), so grants do not pile up. With ``service`` the
+        namespace is a service's ``NAME@OWNER_HEX`` (``stateapi.service_namespace``), whose
+        records are the service's and shared with its replicas on other nodes."""
+        if service:
+            parse_service_namespace(namespace)
+        else:
+            check_namespace(namespace)
         writer = writer or self.node.identity
-        token = self._tokens.get((namespace, writer.public_key))
+        token = self._tokens.get((namespace, writer.public_key, service))
         if token is None:
             token = secrets.token_urlsafe(24)
-            self._grants[token] = (namespace, writer)
-            self._tokens[(namespace, writer.public_key)] = token
-        return StateGrant(self.url, token, namespace)
+            self._grants[token] = (namespace, writer, service)
+            self._tokens[(namespace, writer.public_key, service)] = token
+        return StateGrant(self.url, token, namespace, service)
 
     def revoke(self, token: str) -> None:
         grant = self._grants.pop(token, None)
         if grant is not None:
-            self._tokens.pop((grant[0], grant[1].public_key), None)
+            self._tokens.pop((grant[0], grant[1].public_key, grant[2]), None)
 
-    def environment(self, namespace: str, writer: Identity | None = None) -> dict[str, str]:
+    def environment(self, namespace: str, writer: Identity | None = None, *, service: bool = False) -> dict[str, str]:
         """Register ``namespace`` and return the variables for the service's process."""
-        return self.register(namespace, writer).environment()
+        return self.register(namespace, writer, service=service).environment()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
@@ -277,19 +295,19 @@ class StateServer:
         grant = self._grants.get(token[7:].decode("latin-1")) if token.startswith(b"Bearer ") else None
         if grant is None:
             raise _BadRequest(401, "missing or unknown bearer token (P2PDEPLOY_STATE_TOKEN)")
-        namespace, writer = grant
+        namespace, writer, service = grant
         if not target.startswith(STATE_PATH):
             raise _BadRequest(404, f"the state API is under {STATE_PATH}<key>")
         key = unquote(target[len(STATE_PATH):].split("?", 1)[0])
         try:
             if method == "GET":
-                request = StateRequest("get", namespace, key)
+                request = StateRequest("get", namespace, key, service=service)
             elif method == "PUT":
                 match = headers.get("if-match")
                 if match is None:
-                    request = StateRequest("put", namespace, key, body)
+                    request = StateRequest("put", namespace, key, body, service=service)
                 else:
-                    request = StateRequest("cas", namespace, key, body, _version(match))
+                    request = StateRequest("cas", namespace, key, body, _version(match), service=service)
             else:
                 raise _BadRequest(405, "use GET or PUT")
         except StateError as exc:
@@ -315,6 +333,29 @@ class StateServer:
             return self.client.layer.config.max_record_bytes
         except Exception:  # the node stopped: the request will fail with its own error
             return 0
+
+
+def replica_namespace(service: str, replica_id: str, starter: bytes,
+                      managed: ManagedReplica | None) -> tuple[str, bool]:
+    """The state namespace of a replica, and whether it is a service's (shared by every node
+    that hosts the service): ``service`` is its manifest's name (empty: the replica id stands
+    in), ``starter`` the key that started it, ``managed`` what the service's manager said when
+    it started it (``None``: started by hand).
+
+    A managed replica gets its service's namespace ``NAME@OWNER_HEX``: the service its start
+    named, whose key the host checked against the manifest's name and the bundle's signer
+    (checked here again). Anything else keeps the node's own namespace ``NAME@STARTER_HEX``, as
+    a replica started by hand does."""
+    name = service or replica_id
+    if managed is not None:
+        if managed.service_name == service and service_key_of(service, managed.owner) == managed.service_key:
+            try:
+                return service_namespace(service, managed.owner), True
+            except StateError:
+                pass
+        log.warning("replica %s: its start names a service other than %s@%s…; it gets this node's state "
+                    "namespace", replica_id, service, managed.owner.hex()[:16])
+    return (f"{name}@{starter.hex()}" if starter else name), False
 
 
 def _version(match: bytes) -> int:
@@ -394,4 +435,5 @@ __all__ = [
     "PersistenceClient",
     "StateGrant",
     "StateServer",
+    "replica_namespace",
 ]
