@@ -52,6 +52,7 @@ KUBERNETES_S = 340.0
 async def run(nodes: int, replicas: int, kills: int, console: Console) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        root.chmod(0o711)  # a root node runs each service as its own user, who must pass through
         async with open_local_processes() as local:
             community = await start_healing_community(local, root, nodes)
             try:
