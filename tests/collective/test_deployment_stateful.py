@@ -11,6 +11,12 @@ two virtual minutes), the state must be what the owners asked for:
   satisfy its constraints; an undeployed service runs nothing and holds no reservation;
 - no node's reservations exceed its contribution;
 - every service ever deployed has exactly one manager among the live nodes.
+
+The defects the machine found are the strict xfails at the end, each the smallest run that shows
+it; the machine steers around the first two (crashed nodes stay down past the detector's verdict,
+no partitions) until they are fixed. The third (an update that needs more nodes than are free
+stalls) it can still meet when a redeploy under a constraint leaves too few eligible nodes: the
+CI profile's derandomized runs do not, random runs may.
 """
 
 from __future__ import annotations
@@ -269,3 +275,19 @@ def prospected(net: DeployNet, address: int) -> list[int]:
 
     net.run_until(lambda: bool(found()), 60)
     return sorted(net.index_of(node.contact.node_id) for node in found()[0].nodes)
+
+
+@pytest.mark.xfail(strict=True, reason="an update whose new replicas need more nodes than are free beside the old "
+                                       "ones stalls: the new version is pending on the nodes the old one holds, and "
+                                       "the old replicas wait for the new ones to run before they stop")
+def test_an_update_completes_when_every_eligible_node_already_runs_the_old_version():
+    net = DeployNet(4, seed=11)
+    net.run_for(30)
+    owner = net.identity_of(0)
+    bundle, manifest = service_bundle(owner, "web")
+    assert net.deploy(0, bundle, manifest).ok
+    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    bundle, manifest = service_bundle(owner, "web", version="1.1")
+    assert net.deploy(0, bundle, manifest).ok
+    net.run_for(SETTLE_S)
+    assert len(net.replicas_of("web")) == 3
