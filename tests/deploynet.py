@@ -93,13 +93,20 @@ class DeployNet(SimNet):
         return self.finished_op(address, op)
 
     def finished_op(self, address: int, op: int, timeout_s: float = 120.0) -> DeployFinished:
-        self.run_until(lambda: any(e.op_id == op for e in self.events_of(DeployFinished, address)), timeout_s)
-        return next(e for e in self.events_of(DeployFinished, address) if e.op_id == op)
+        """The end of node ``address``'s operation ``op``, run for until it comes. Only events
+        emitted since the call count: a restarted node numbers its operations from the start again."""
+        self.run_until(lambda: self._emitted_since(DeployFinished, address, op, "op_id") is not None, timeout_s)
+        return self._emitted_since(DeployFinished, address, op, "op_id")
 
     def status(self, address: int, service: Any) -> StatusFinished:
         query = self.call(address, lambda s, now: s.layer(Deployment).status(service, now))
-        self.run_until(lambda: any(e.query_id == query for e in self.events_of(StatusFinished, address)), 60.0)
-        return next(e for e in self.events_of(StatusFinished, address) if e.query_id == query)
+        self.run_until(lambda: self._emitted_since(StatusFinished, address, query, "query_id") is not None, 60.0)
+        return self._emitted_since(StatusFinished, address, query, "query_id")
+
+    def _emitted_since(self, cls: type, address: int, op: int, field: str) -> Any:
+        start = self._marks.get((address, op), 0)
+        return next((e for a, e in self.events[start:]
+                     if a == address and isinstance(e, cls) and getattr(e, field) == op), None)
 
     def replicas_of(self, name: str, *, states: tuple[str, ...] = ("running",)) -> dict[str, int]:
         """Replica id -> address of every live node's replicas of ``name`` in ``states``."""
