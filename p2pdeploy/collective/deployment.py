@@ -218,6 +218,8 @@ class Placed:
     #: This manager started it, or its host answered a signed query for it: a replica only
     #: reported (by anyone) does not count until its host confirms it.
     confirmed: bool = True
+    #: A query about it is on its way (its live host stopped reporting it).
+    asking: bool = False
 
     @property
     def live(self) -> bool:
@@ -705,6 +707,12 @@ class Deployment(Protocol):
         if outdated and running >= desired:
             for placed in outdated:
                 self._stop(manager, placed, f"replaced by version {manager.version}", now)
+        elif outdated and manager.pending and len(current) < desired and \
+                not any(p.stopping for p in manager.replicas.values()):
+            # no node is free beside the old replicas: one old one makes room (break before make,
+            # one at a time, as a rolling update with maxUnavailable 1)
+            oldest = min(outdated, key=lambda p: (p.since_s, p.replica_id))
+            self._stop(manager, oldest, f"making room for version {manager.version}: no other node is free", now)
 
     def _check_replica(self, manager: ServiceManager, placed: Placed, now: float) -> None:
         """Drop what is lost (its host dead, silent, or the replica failed), stop what failed."""
@@ -718,9 +726,14 @@ class Deployment(Protocol):
             lost = f"host {_short(placed.host)} declared dead"
         elif placed.state == "requested" and now - placed.since_s > c.start_timeout_s:
             lost = f"host {_short(placed.host)} did not report it within {c.start_timeout_s:g} s"
-        elif placed.state != "requested" and now - placed.reported_s > c.report_timeout_s \
-                and liveness is not Liveness.alive:
-            lost = f"host {_short(placed.host)} stopped reporting"
+        elif placed.state != "requested" and now - placed.reported_s > c.report_timeout_s:
+            if liveness is not Liveness.alive:
+                lost = f"host {_short(placed.host)} stopped reporting"
+            elif not placed.asking and placed.confirmed:
+                # alive but silent about it (it restarted before anyone held it dead, say): ask
+                placed.asking = True
+                request = self.client.query(placed.host.address, placed.host.node_id, placed.replica_id, now)
+                self._requests[request] = (manager.key, placed.replica_id)
         if lost:
             del manager.replicas[placed.replica_id]
             if placed.live:
@@ -806,11 +819,20 @@ class Deployment(Protocol):
         exclude = {p.host.node_id for p in manager.replicas.values()}
         exclude |= {node for node, until in manager.refused.items() if until > now}
         exclude |= {o.node_id for o in offers if self._liveness(o.node_id) in (Liveness.dead, Liveness.suspect)}
+        offers = [self._fresh(o) for o in offers]
         chosen = allocate(offers, need, demand=manifest.demand(), constraints=_constraints(manifest, placement),
                           spread=placement.spread, placed=[p.attributes for p in manager.live()], exclude=exclude)
         for offer in chosen:
             self._start(manager, offer, now)
         return chosen
+
+    def _fresh(self, offer: Offer) -> Offer:
+        """``offer`` at the address the routing table knows now (a node that restarted since the
+        search listens elsewhere)."""
+        contact = self.overlay.table.get(offer.node_id)
+        if contact is None or contact.address == offer.address:
+            return offer
+        return Offer(offer.node_id, contact.address, offer.attributes)
 
     def _start(self, manager: ServiceManager, offer: Offer, now: float) -> None:
         spec = manager.spec
@@ -855,6 +877,18 @@ class Deployment(Protocol):
             if isinstance(event, RequestAnswered) and isinstance(event.reply, Refused) \
                     and event.reply.check == "replica":
                 del manager.replicas[replica_id]  # the host does not have it (any more)
+            return True
+        if placed.asking:
+            placed.asking = False
+            if isinstance(event, RequestAnswered) and not isinstance(event.reply, Refused):
+                placed.state, placed.reason, placed.healthy = event.reply.state, event.reply.reason, event.reply.healthy
+                placed.reported_s = now
+            else:
+                del manager.replicas[replica_id]
+                why = "does not answer about it" if isinstance(event, RequestTimedOut) else "no longer has it"
+                if placed.counts:
+                    manager.lost_at.append(now)
+                    self._decide(manager, "lost", f"host {_short(placed.host)} {why}", now, placed)
             return True
         if not placed.confirmed:
             if isinstance(event, RequestAnswered) and not isinstance(event.reply, Refused) \
