@@ -572,8 +572,12 @@ class Kademlia(Protocol):
             promoted = self.table.declare_dead(event.node_id)
             if promoted is not None:
                 self._watch(promoted, now)
-        elif isinstance(event, PeerRecovered) and self.table.get(event.node_id) is not None:
-            self._heard(self.table.get(event.node_id), now)
+        elif isinstance(event, PeerRecovered):
+            # alive again (it refuted, or was heard): the layers' hints that it was silent are
+            # outdated, so they route through it again (a node cut off and healed, say)
+            self.suspicions.clear(event.node_id)
+            if self.table.get(event.node_id) is not None:
+                self._heard(self.table.get(event.node_id), now)
         return False
 
     def _sync_watch(self, now: float) -> None:
