@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 from rich.console import Console
@@ -31,6 +32,8 @@ from rich.table import Table
 from p2pdeploy.files import bundle_from_directory, load_or_create_identity, write_signed_bundle
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.runtime.address import HostPort, format_host_port
+from p2pdeploy.runtime.control import ServiceStatusRequest, StatusReply, StatusRequest, control_request
+from p2pdeploy.runtime.healing_trials import crash, kill_orphans
 from p2pdeploy.runtime.localnet import (
     JoinProcess,
     LocalProcesses,
@@ -57,6 +60,8 @@ class Community:
     #: The data directory whose key deploys services; every node trusts it.
     deployer_dir: Path
     deployer_key: str
+    #: ``--trust KEY`` for the deployer and every member (made before the nodes start).
+    trust_args: list[str]
 
     @property
     def nodes(self) -> list[JoinProcess]:
@@ -81,7 +86,7 @@ def _short(node_id_hex: str | None) -> str:
 
 async def join(community: Community) -> None:
     console = community.console
-    trust = ["--trust", community.deployer_key]
+    trust = community.trust_args
     first = await community.local.start_join(community.base_dir / "node-1", name="node 1", extra_args=trust)
     first_address = await first.wait_listening()
     console.print(f"node 1 listens on {format_host_port(first_address)} and starts the community")
@@ -93,8 +98,9 @@ async def join(community: Community) -> None:
     ]
     console.print(f"started nodes 2-{community.size} with --bootstrap {format_host_port(first_address)}")
     console.print(
-        f"every node contributes the defaults (1 core, 1 GiB, 5 GiB of disk, 4 services) and trusts "
-        f"one deployer key: --trust {community.deployer_key[:16]}…"
+        f"every node contributes the defaults (1 core, 1 GiB, 5 GiB of disk, 4 services) and trusts the "
+        f"deployer's key (--trust {community.deployer_key[:16]}…) and every member's, since a service's "
+        "manager, any member, starts its replicas"
     )
 
     bootstrap_rtt_ms: dict[str, str] = {}
@@ -339,6 +345,97 @@ async def persistence(community: Community) -> None:
                   "hands to the nodes now closest[/]")
 
 
+async def deploy(community: Community) -> None:
+    console = community.console
+    owner = community.nodes[1]
+    names = {node.node_id_hex: node.name for node in community.nodes}
+    console.print(
+        f"{owner.name} deploys examples/hello at 3 replicas. It signs the bundle with its key (the service is "
+        "hello@KEY, and only that key may change it), stores it once as a blob and writes the service's "
+        "record on the nodes closest to its key; the closest of them manages it: it finds 3 nodes with "
+        "room, of different owners where it can, and starts a replica on each by the bundle's id"
+    )
+    await _cli(community, "deploy", str(EXAMPLES_DIR / "hello"), "--replicas", "3", "--data-dir", str(owner.data_dir))
+    report = await _service_report(community, owner)
+    manager = names.get(f"{report.manager.node_id:040x}", "?") if report.manager else "?"
+    _replica_table(community, report, f"hello: 3 replicas on 3 nodes, managed by {manager}")
+    hosts = {f"{r.host.node_id:040x}" for r in report.replicas if r.state == "running"}
+    if len(hosts) != 3:
+        raise ProcessOutputError(f"3 replicas on 3 distinct nodes expected, got {len(hosts)} nodes")
+    victim = next(n for n in community.nodes if n.node_id_hex in hosts and n.node_id_hex != f"{report.manager.node_id:040x}")
+    port = await _replica_port(victim)
+    for _ in range(2):
+        console.print(f"[bold]GET http://127.0.0.1:{port}/count[/] on {victim.name} → {await _http_get(port, '/count')}")
+    console.print(f"[bold]kill -9 {victim.name}[/] (pid {victim.pid}) and its replica with it, as a machine that dies")
+    started = trio.current_time()
+    await crash(victim)
+    with trio.fail_after(120):
+        while True:
+            report = await _service_report(community, owner)
+            healthy = {f"{r.host.node_id:040x}" for r in report.replicas if r.state == "running" and r.healthy}
+            if len(healthy - {victim.node_id_hex}) >= 3:
+                break
+            await trio.sleep(0.1)
+    took = trio.current_time() - started
+    for line in report.decisions[-3:]:
+        console.print(f"  [dim]manager: {line.partition(' ')[2]}[/]", markup=True)
+    _replica_table(community, report, f"healed: 3 replicas run again, {took:.1f} s after the kill")
+    console.print(f"[bold green]the replacement ran healthy {took:.1f} s after the kill[/] (Nomad's defaults take "
+                  "about 20 s, Kubernetes' about 6 minutes)")
+    newcomer = next(n for n in community.nodes if n.node_id_hex in healthy and n.node_id_hex not in hosts)
+    port = await _replica_port(newcomer)
+    console.print("the replacement reads the counter its predecessor wrote: the state belongs to the service, "
+                  "not to the node")
+    console.print(f"[bold]GET http://127.0.0.1:{port}/count[/] on {newcomer.name} → {await _http_get(port, '/count')}")
+    console.print(f"{victim.name}'s machine comes back: it starts again from its data directory and rejoins")
+    community.local.processes.remove(victim)
+    address = await community.nodes[0].wait_listening()
+    back = await community.local.start_join(victim.data_dir, bootstrap=[address], name=victim.name,
+                                            extra_args=community.trust_args)
+    await back.wait_listening()
+    await _cli(community, "undeploy", "hello", "--data-dir", str(owner.data_dir))
+    with trio.fail_after(60):
+        while True:
+            statuses = [await _node_status(node) for node in community.nodes]
+            if all(r.state == "stopped" for status in statuses for r in status.replicas):
+                break
+            await trio.sleep(0.2)
+    console.print("every replica stopped, every reservation freed")
+
+
+async def _service_report(community: Community, via: JoinProcess) -> Any:
+    with trio.fail_after(30):
+        while True:
+            reply = await control_request(via.data_dir, ServiceStatusRequest("hello"))
+            if reply.report is not None:
+                return reply.report
+            await trio.sleep(0.2)
+
+
+async def _node_status(node: JoinProcess) -> StatusReply:
+    with trio.fail_after(30):
+        return await control_request(node.data_dir, StatusRequest())
+
+
+async def _replica_port(node: JoinProcess) -> int:
+    status = await _node_status(node)
+    ports = [r.port for r in status.replicas if r.state == "running" and r.port]
+    if not ports:
+        raise ProcessOutputError(f"{node.name} runs no replica with a port")
+    return ports[0]
+
+
+def _replica_table(community: Community, report: Any, title: str) -> None:
+    names = {node.node_id_hex: node.name for node in community.nodes}
+    table = Table(title=title, title_justify="left")
+    for column in ("replica", "node", "state"):
+        table.add_column(column)
+    for replica in report.replicas:
+        state = replica.state + (" (healthy)" if replica.healthy and replica.state == "running" else "")
+        table.add_row(replica.replica_id, names.get(f"{replica.host.node_id:040x}", "?"), state)
+    community.console.print(table)
+
+
 async def leave(community: Community) -> None:
     console = community.console
     for node in community.nodes:
@@ -360,7 +457,11 @@ async def leave(community: Community) -> None:
     console.print(table)
     if failures:
         raise ProcessOutputError("\n".join(node.transcript() for node in failures))
-    console.print("every node stopped cleanly: exit status 0, and its UDP and TCP port can be bound again")
+    left = kill_orphans(community.base_dir)
+    if left:
+        raise ProcessOutputError(f"{left} process groups were still running under the demo's directory")
+    console.print("every node stopped cleanly: exit status 0, its UDP and TCP port can be bound again, and no "
+                  "process runs in the demo's directories")
 
 
 async def _address_is_free(address: HostPort) -> bool:
@@ -386,6 +487,8 @@ STEPS: list[Step] = [
     ),
     Step("persistence", "a file stored as a replicated blob on one node is fetched byte-identical on another",
          persistence),
+    Step("deploy", "a service deployed once at 3 replicas heals itself when a host is killed, its state kept",
+         deploy),
     Step("leave", "SIGTERM stops every node gracefully", leave),
 ]
 
@@ -399,10 +502,12 @@ async def run_demo(console: Console, size: int = 5) -> bool:
         Path(base_dir).chmod(0o755)
         deployer_dir = Path(base_dir) / "deployer"
         deployer_key = load_or_create_identity(deployer_dir)[0].public_key.hex()
+        members = [load_or_create_identity(Path(base_dir) / f"node-{i}")[0].public_key.hex() for i in range(1, size + 1)]
+        trust_args = [arg for key in (deployer_key, *members) for arg in ("--trust", key)]
         started = trio.current_time()
         try:
             async with open_local_processes() as local:
-                community = Community(local, Path(base_dir), console, size, deployer_dir, deployer_key)
+                community = Community(local, Path(base_dir), console, size, deployer_dir, deployer_key, trust_args)
                 for number, step in enumerate(STEPS, start=1):
                     console.rule(f"step {number}/{len(STEPS)}: {step.name}", align="left")
                     console.print(f"[italic]{step.shows}[/]")

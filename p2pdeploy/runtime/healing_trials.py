@@ -14,14 +14,14 @@ run, where, and whether they are healthy.
   comes back), so the community keeps its size.
 - :func:`pause_host`: SIGSTOP a host for a while, SIGCONT, and watch: whatever was replaced.
 
-Every wait is bounded; nothing here leaves a process behind (a node that is killed leaves its
-replicas' processes to the next node that starts, which kills them: see
-``sandbox.sweep_stale_cgroups``; :func:`stop_community` stops every node with SIGTERM, which
-stops their replicas).
+Every wait is bounded; nothing here leaves a process behind: a killed node's replicas are
+killed with it (:func:`crash`, as a machine that dies takes them along), and
+:func:`stop_community` stops every node with SIGTERM, which stops their replicas.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import trio
 
 from p2pdeploy.collective.deployment_messages import ServiceReport
@@ -112,6 +113,29 @@ async def restart(community: HealingCommunity, index: int, timeout_s: float = 12
     community.nodes[index] = node
 
 
+def kill_orphans(directory: Path) -> int:
+    """SIGKILL every process working under ``directory`` (a killed node's replicas, which run in
+    sessions of their own and outlive it, as they would not outlive a machine that died); how
+    many process groups."""
+    root = os.fspath(directory.resolve())
+    groups = set()
+    for process in psutil.process_iter(["pid", "cwd"]):
+        cwd = process.info.get("cwd")
+        if cwd and (cwd == root or cwd.startswith(root + os.sep)):
+            with contextlib.suppress(OSError):
+                groups.add(os.getpgid(process.info["pid"]))
+    for group in groups:
+        with contextlib.suppress(OSError):
+            os.killpg(group, signal.SIGKILL)
+    return len(groups)
+
+
+async def crash(node: JoinProcess) -> None:
+    """The machine of ``node`` dies: SIGKILL the node, and its replicas' processes with it."""
+    await node.kill()
+    kill_orphans(node.data_dir)
+
+
 async def kill_host(community: HealingCommunity, service: str, count: int, *, victim: int | None = None,
                     timeout_s: float = 120.0) -> tuple[int, float]:
     """SIGKILL a node hosting a replica (not the manager), wait for ``count`` healthy replicas
@@ -122,7 +146,7 @@ async def kill_host(community: HealingCommunity, service: str, count: int, *, vi
     index = victim if victim is not None else hosts[0]
     node = community.nodes[index]
     started = time.monotonic()
-    await node.kill()
+    await crash(node)
     await wait_healthy(community, service, count, without=[index], timeout_s=timeout_s)
     repaired = time.monotonic() - started
     await restart(community, index, timeout_s)
@@ -137,7 +161,7 @@ async def kill_manager(community: HealingCommunity, service: str, count: int,
     assert report.manager is not None
     index = community.index_of(report.manager.node_id)
     started = time.monotonic()
-    await community.nodes[index].kill()
+    await crash(community.nodes[index])
     with trio.fail_after(timeout_s):
         while True:
             now = await wait_healthy(community, service, count, without=[index], timeout_s=timeout_s)
