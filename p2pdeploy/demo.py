@@ -348,21 +348,24 @@ async def persistence(community: Community) -> None:
 async def deploy(community: Community) -> None:
     console = community.console
     owner = community.nodes[1]
+    count = min(3, community.size - 1)  # a node must be left to take the replacement
     names = {node.node_id_hex: node.name for node in community.nodes}
     console.print(
-        f"{owner.name} deploys examples/hello at 3 replicas. It signs the bundle with its key (the service is "
+        f"{owner.name} deploys examples/hello at {count} replicas. It signs the bundle with its key (the service is "
         "hello@KEY, and only that key may change it), stores it once as a blob and writes the service's "
-        "record on the nodes closest to its key; the closest of them manages it: it finds 3 nodes with "
+        f"record on the nodes closest to its key; the closest of them manages it: it finds {count} nodes with "
         "room, of different owners where it can, and starts a replica on each by the bundle's id"
     )
-    await _cli(community, "deploy", str(EXAMPLES_DIR / "hello"), "--replicas", "3", "--data-dir", str(owner.data_dir))
+    await _cli(community, "deploy", str(EXAMPLES_DIR / "hello"), "--replicas", str(count),
+               "--data-dir", str(owner.data_dir))
     report = await _service_report(community, owner)
     manager = names.get(f"{report.manager.node_id:040x}", "?") if report.manager else "?"
-    _replica_table(community, report, f"hello: 3 replicas on 3 nodes, managed by {manager}")
+    _replica_table(community, report, f"hello: {count} replicas on {count} nodes, managed by {manager}")
     hosts = {f"{r.host.node_id:040x}" for r in report.replicas if r.state == "running"}
-    if len(hosts) != 3:
-        raise ProcessOutputError(f"3 replicas on 3 distinct nodes expected, got {len(hosts)} nodes")
-    victim = next(n for n in community.nodes if n.node_id_hex in hosts and n.node_id_hex != f"{report.manager.node_id:040x}")
+    if len(hosts) != count:
+        raise ProcessOutputError(f"{count} replicas on {count} distinct nodes expected, got {len(hosts)} nodes")
+    managing = f"{report.manager.node_id:040x}" if report.manager else ""
+    victim = next(n for n in community.nodes if n.node_id_hex in hosts and n.node_id_hex != managing)
     port = await _replica_port(victim)
     for _ in range(2):
         console.print(f"[bold]GET http://127.0.0.1:{port}/count[/] on {victim.name} → {await _http_get(port, '/count')}")
@@ -373,13 +376,13 @@ async def deploy(community: Community) -> None:
         while True:
             report = await _service_report(community, owner)
             healthy = {f"{r.host.node_id:040x}" for r in report.replicas if r.state == "running" and r.healthy}
-            if len(healthy - {victim.node_id_hex}) >= 3:
+            if len(healthy - {victim.node_id_hex}) >= count:
                 break
             await trio.sleep(0.1)
     took = trio.current_time() - started
     for line in report.decisions[-3:]:
         console.print(f"  [dim]manager: {line.partition(' ')[2]}[/]", markup=True)
-    _replica_table(community, report, f"healed: 3 replicas run again, {took:.1f} s after the kill")
+    _replica_table(community, report, f"healed: {count} replicas run again, {took:.1f} s after the kill")
     console.print(f"[bold green]the replacement ran healthy {took:.1f} s after the kill[/] (Nomad's defaults take "
                   "about 20 s, Kubernetes' about 6 minutes)")
     newcomer = next(n for n in community.nodes if n.node_id_hex in healthy and n.node_id_hex not in hosts)
@@ -525,8 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m p2pdeploy.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=5, help="community size (default 5)")
     args = parser.parse_args(argv)
-    if args.nodes < 2:
-        parser.error("--nodes must be at least 2")
+    if args.nodes < 3:
+        parser.error("--nodes must be at least 3 (a replica's host is killed and another takes its place)")
     console = Console(highlight=False)
     return 0 if trio.run(run_demo, console, args.nodes) else 1
 

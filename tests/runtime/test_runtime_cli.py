@@ -61,4 +61,6 @@ def test_the_demo_runs_every_step_and_stops_every_node():
     assert re.search(r"all \d+ steps worked", result.stdout)
     assert "every node stopped cleanly" in result.stdout
     assert "count 2 (version 2)" in result.stdout  # the service's counter in the state API
+    assert re.search(r"the replacement ran healthy [\d.]+ s after the kill", result.stdout)
+    assert "count 3 (version 3)" in result.stdout  # the replacement counts on from its predecessor's state
     assert "(byte-identical)" in result.stdout  # the blob fetched on another node
