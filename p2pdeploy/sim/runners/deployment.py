@@ -38,9 +38,15 @@ Summary keys: ``availability_median``, ``availability_p10``, ``availability_by_t
 ``replicas_by_target``, ``replacement_s_median``, ``replacement_s_p95``, ``replacements``,
 ``losses`` and ``losses_unreplaced``, ``desired_state_lost`` (with ``records_lost_for_good`` and
 ``services_unmanaged_end``), ``unmanaged_share`` (the share of samples a service had no live
-manager, mean over services), ``false_replacements``, ``services_deployed``, ``decisions`` (a
+manager, mean over services; ``unmanaged_group_up_share``: of those, while a member of its
+record's group was up, so could have managed it), ``false_replacements``, ``services_deployed``, ``decisions`` (a
 mapping: decision -> count), beside the node runner's. With ``--out``, ``services.csv`` has one
 line per service.
+
+Every node starts with ``prior_history_s`` of uptime history before time 0, drawn from the
+churn's own session and downtime lengths, as a real node's 30-day history would be: without
+it every node would advertise an availability of 1 until it first went down (a minute of
+history suffices to advertise), and the deployer would place one replica for any target.
 
 The ``[deployment]`` defaults scale the layer's periods for a WAN (as ``[detector]`` uses a 5 s
 protocol period): a tick every 2 s, reports every 10 s, a new manager waits 15 s for reports.
@@ -65,6 +71,7 @@ from p2pdeploy.core import Protocol, Stack
 from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.fabric.supervisor import ReplicaState, ReplicaStateChanged
 from p2pdeploy.resource.bundle import Bundle, pack_files
+from p2pdeploy.sim.churn import LengthDistribution
 from p2pdeploy.sim.runner import register_runner
 from p2pdeploy.sim.runners.node import NodeRunner
 from p2pdeploy.sim.schema import Field, Section, Tunable, config_from, config_keys, show
@@ -156,6 +163,10 @@ class DeploymentRunner(NodeRunner):
             "warmup_s": Field(300.0, float, "availability is measured from this long after the deploy window",
                               ge=0),
             "sample_interval_s": Field(10.0, float, "seconds between two availability samples", gt=0),
+            "prior_history_s": Field(7 * 86400.0, float, "every node starts with this much uptime history "
+                                     "before time 0, drawn from [churn]'s session and downtime lengths (a "
+                                     "community that existed before the run); 0: none, every node looks "
+                                     "always up until it first goes down", ge=0),
         },
     }
 
@@ -181,6 +192,8 @@ class DeploymentRunner(NodeRunner):
         self.deployment_config = config_from(d, DeploymentConfig)
         # an open community: any node may manage any service and start its replicas anywhere
         self.contributions = [dataclasses.replace(c, trusted_keys="any") for c in self.contributions]
+        if d["prior_history_s"] and scenario.values["churn"]["model"] == "sessions":
+            self._prior_histories(d["prior_history_s"])
         draw = sim.streams.get("deployment-services")
         fixed = round(d["services"] * d["fixed_share"])
         kinds = [True] * fixed + [False] * (d["services"] - fixed)
@@ -209,6 +222,9 @@ class DeploymentRunner(NodeRunner):
         self.up_samples = [0] * len(self.services)
         self.managed_samples = [0] * len(self.services)
         self.desired_sum = [0] * len(self.services)
+        #: Samples at which nobody managed the service though a member of its group was up.
+        self.unmanaged_group_up = [0] * len(self.services)
+        self._groups: dict[int, list[Any]] = {}
         #: Service index -> when a node running a running replica of it went down (oldest first).
         self.losses: dict[int, deque[float]] = {}
         self.loss_count = 0
@@ -217,6 +233,26 @@ class DeploymentRunner(NodeRunner):
         self.decisions: Counter[str] = Counter()
         self.false_replacements = 0
         self.false_examples: list[tuple[float, str, str]] = []
+
+    def _prior_histories(self, span_s: float) -> None:
+        """Each node's uptime history before time 0: alternating sessions and downtimes drawn
+        from the churn's distributions, back from a downtime that ends at 0 (the node starts then)."""
+        churn = self.scenario.values["churn"]
+        session = LengthDistribution(churn["session"]["distribution"], churn["session"]["median_s"],
+                                     churn["session"]["shape"])
+        downtime = LengthDistribution(churn["downtime"]["distribution"], churn["downtime"]["median_s"],
+                                      churn["downtime"]["shape"])
+        draw = self.sim.streams.get("deployment-prior-history")
+        for history in self.uptime:
+            spans = []
+            end = -downtime.sample(draw)
+            while end > -span_s:
+                start = max(-span_s, end - session.sample(draw))
+                spans.append((start, end))
+                end = start - downtime.sample(draw)
+            for start, end in reversed(spans):
+                history.begin(start)
+                history.end(end)
 
     def start(self) -> None:
         super().start()
@@ -341,7 +377,26 @@ class DeploymentRunner(NodeRunner):
             if index in desired:
                 self.managed_samples[index] += 1
                 self.desired_sum[index] += desired[index]
+            elif self._group_members_up(index):
+                self.unmanaged_group_up[index] += 1
         self.sim.engine.schedule(self.sim.now + self.d["sample_interval_s"], self._sample_availability)
+
+    def group_of(self, index: int) -> list[Any]:
+        """The group of the service's record (as its acceptors hold it), once known."""
+        group = self._groups.get(index)
+        if group is None:
+            key = self.keys[index]
+            for store in self.stores:
+                state = store.read_acceptor(key)
+                if state is not None and state.group:
+                    group = self._groups[index] = list(state.group)
+                    break
+        return group or []
+
+    def _group_members_up(self, index: int) -> int:
+        hosts = self.sim.hosts
+        return sum(1 for member in self.group_of(index)
+                   if (a := self.address_of.get(member.node_id)) is not None and hosts[a].up)
 
     def _availability(self, index: int) -> float | None:
         return self.up_samples[index] / self.samples if self.samples and index in self.keys else None
@@ -413,6 +468,9 @@ class DeploymentRunner(NodeRunner):
             "unmanaged_share": round(statistics.fmean(
                 1 - self.managed_samples[i] / self.samples for i in deployed), 6) if self.samples and deployed
             else None,
+            "unmanaged_group_up_share": round(statistics.fmean(
+                self.unmanaged_group_up[i] / self.samples for i in deployed), 6) if self.samples and deployed
+            else None,
             "false_replacements": self.false_replacements,
             "decisions": dict(sorted(self.decisions.items())),
             "availability_samples": self.samples,
@@ -426,13 +484,15 @@ class DeploymentRunner(NodeRunner):
         with path.open("w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow(["service", "fixed_count", "target", "deployed", "availability", "desired_mean",
-                             "managed_share", "losses_unreplaced", "record_lost", "managed_at_end"])
+                             "managed_share", "unmanaged_group_up_share", "losses_unreplaced", "record_lost",
+                             "managed_at_end"])
             for index, (name, count, target) in enumerate(self.services):
                 samples = self.managed_samples[index]
                 writer.writerow([name, count or "", target or "", int(index in self.keys),
                                  _round(self._availability(index)),
                                  round(self.desired_sum[index] / samples, 3) if samples else "",
                                  round(samples / self.samples, 6) if self.samples else "",
+                                 round(self.unmanaged_group_up[index] / self.samples, 6) if self.samples else "",
                                  len(self.losses.get(index, ())), int(index in lost), int(index in managed)])
         return [*super().write(out_dir), path]
 
