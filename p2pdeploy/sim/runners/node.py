@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from p2pdeploy.collective.deployment import DeploymentConfig
 from p2pdeploy.collective.prospector import ProspectFinished, Prospector, ProspectorConfig
 from p2pdeploy.core import Protocol, Stack
 from p2pdeploy.fabric.contribution import Contribution
@@ -107,6 +108,8 @@ class NodeRunner(PersistenceRunner):
             for cpu, memory in (draw.choice(MACHINE_SIZES) for _ in range(nodes))
         ]
         self.stacks: list[Stack | None] = [None] * nodes
+        #: The deployment layer's parameters (a runner for deployment sets its scenario's).
+        self.deployment_config = DeploymentConfig()
         #: Messages sent over the whole run, by the class name of the layer that sent them.
         self.sent_by_layer: Counter[str] = Counter()
         self.prospect_results: list[bool] = []
@@ -137,6 +140,7 @@ class NodeRunner(PersistenceRunner):
             persistence=self.pconfig,
             store=self.stores[address],
             detector=self.detector_config,
+            deployment=self.deployment_config,
         )
         stack = _LayerMeteredStack(default_layers(context), self)
         self.stacks[address] = stack
