@@ -59,9 +59,6 @@ def test_a_replica_lost_with_its_host_is_replaced(churny):
     assert churny["false_replacements"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="a host back from a reboot before its detector verdict does not report the "
-                   "replicas it lost, and its manager, holding it alive, keeps them as running (seed 1: three "
-                   "replicas replaced 10 to 12 minutes after their host rebooted in 10 to 19 s)")
 def test_a_replica_lost_in_a_quick_reboot_of_its_host_is_replaced_too(churny):
     assert churny["replacement_s_p95"] < 300
 
