@@ -1271,8 +1271,17 @@ def _constraints(manifest: Manifest, placement: Any) -> Requirement | None:
 
 
 def _removal_order(replicas: list[Placed]) -> list[Placed]:
-    """Which replicas go first when there are too many: not running, then the newest."""
-    return sorted(replicas, key=lambda p: (p.state == "running" and p.healthy, -p.since_s, p.replica_id))
+    """Which replicas go first when there are too many: a second one on a node (after a partition
+    healed, both sides may have placed there), then those not running healthy, then the newest."""
+    keep_first = sorted(replicas, key=lambda p: (not (p.state == "running" and p.healthy), p.since_s, p.replica_id))
+    seen: set[int] = set()
+    doubles: set[str] = set()
+    for placed in keep_first:
+        if placed.host.node_id in seen:
+            doubles.add(placed.replica_id)
+        seen.add(placed.host.node_id)
+    return sorted(replicas, key=lambda p: (p.replica_id not in doubles, p.state == "running" and p.healthy,
+                                           -p.since_s, p.replica_id))
 
 
 def _why_there(offer: Offer) -> str:

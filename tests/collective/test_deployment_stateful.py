@@ -285,3 +285,12 @@ def test_an_update_completes_when_every_eligible_node_already_runs_the_old_versi
     [manager] = net.managers_of(service.key)
     assert all(p.bundle_blob == net.deployment(manager).managers[service.key].spec.bundle_blob
                for p in net.deployment(manager).managers[service.key].replicas.values())
+
+
+def test_a_manager_cut_off_and_healed_keeps_one_replica_per_node():
+    # both sides of the partition placed replicas; after the heal the surplus goes, doubles first
+    machine = DeploymentUnderChurn()
+    machine.build(seed=572)
+    machine.cut_off(node=6)
+    machine.run(seconds=15.0)
+    machine.settle_and_check(restart=False)
