@@ -56,6 +56,7 @@ from p2pdeploy.collective.deployment_messages import (
     MAX_REPORTED,
     SERVICE_RECORD_PREFIX,
     Decision,
+    ManagerHandoff,
     PlacedReplica,
     ReplicaEntry,
     ReplicaReport,
@@ -233,7 +234,7 @@ class Placed:
 
     def view(self) -> PlacedReplica:
         return PlacedReplica(self.replica_id, self.host, "stopping" if self.stopping and self.state in LIVE_STATES
-                             else self.state, self.reason, self.healthy, self.since_s)
+                             else self.state, self.reason, self.healthy, self.since_s, self.bundle_blob)
 
 
 @dataclass(slots=True)
@@ -334,7 +335,7 @@ class Deployment(Protocol):
     """Service managers for the services whose records this node holds, the host side of the
     reports, and the owner's API; see the module docstring."""
 
-    handles = (ReplicaReport, ReportAck, ServiceQuery, ServiceReport)
+    handles = (ReplicaReport, ReportAck, ServiceQuery, ServiceReport, ManagerHandoff)
     consumes = (QuorumValueAccepted, QuorumFinished, BlobStored, RecordFound, RecordStored, ProspectFinished,
                 AggregateFinished, RequestAnswered, RequestTimedOut, PeerDeclaredDead, PeerRecovered,
                 ReplicaStateChanged, LookupFinished)
@@ -485,6 +486,8 @@ class Deployment(Protocol):
             self._on_query(src, msg, now)
         elif isinstance(msg, ServiceReport):
             self._on_status_reply(src, msg, now)
+        elif isinstance(msg, ManagerHandoff):
+            self._on_handoff(src, msg, now)
 
     def handle_event(self, event: Any, now: float) -> bool:
         if isinstance(event, QuorumValueAccepted):
@@ -555,11 +558,13 @@ class Deployment(Protocol):
     def _on_accepted(self, event: QuorumValueAccepted, now: float) -> bool:
         if not event.item.name.startswith(SERVICE_RECORD_PREFIX):
             return False
+        new = event.key not in self.records
         self._learn_record(event.key, event.item, event.group, now)
         manager = self.managers.get(event.key)
         if manager is not None:
             self._load_spec(manager, event.item.sequence, event.item.value, now)
-        self._tick_service(event.key, now)
+        # the first version of a service never heard of: no replica of it runs anywhere yet
+        self._tick_service(event.key, now, fresh=new and event.item.sequence == 1)
         return True
 
     def _learn_record(self, key: int, item: Any, group: list[Contact], now: float) -> None:
@@ -587,9 +592,21 @@ class Deployment(Protocol):
     def _manager_of(self, key: int, group: list[Contact]) -> Contact | None:
         """The closest member of ``group`` that this node does not hold dead."""
         for member in sorted(group, key=lambda c: c.node_id ^ key):
-            if member.node_id == self.node_id or self._liveness(member.node_id) is not Liveness.dead:
-                return member
+            if member.node_id == self.node_id:
+                return self.contact
+            if self._liveness(member.node_id) is not Liveness.dead:
+                return self._fresh_contact(member)
         return None
+
+    def _fresh_contact(self, contact: Contact) -> Contact:
+        """``contact`` at the address this node's routing table knows now: a record's group and a
+        host's manager are remembered with the addresses they had, and a node that restarted may
+        listen elsewhere (the table's contacts proved their address)."""
+        known = self.overlay.table.get(contact.node_id)
+        return known if known is not None else contact
+
+    def _fresh_group(self, group: list[Contact]) -> list[Contact]:
+        return [self._fresh_contact(member) for member in group]
 
     def _liveness(self, node_id: int) -> Liveness:
         if node_id == self.node_id:
@@ -611,7 +628,7 @@ class Deployment(Protocol):
         for key in list(self.records):
             self._tick_service(key, now)
 
-    def _tick_service(self, key: int, now: float) -> None:
+    def _tick_service(self, key: int, now: float, *, fresh: bool = False) -> None:
         record = self.records.get(key)
         if record is None:
             return
@@ -621,16 +638,18 @@ class Deployment(Protocol):
             if manager is not None:
                 del self.managers[key]
                 self._decide(manager, "manager_moved", f"to {_short(manager_contact)}", now)
+                if manager_contact is not None:  # it is alive (a closer member came back): hand over
+                    replicas = [p.view() for p in manager.replicas.values() if p.counts][:MAX_REPORTED]
+                    self.send(manager_contact.address, ManagerHandoff(key, replicas))
             return
         if manager is None:
-            manager = self._take_over(key, record, now)
+            manager = self._take_over(key, record, now, fresh)
         self._reconcile(manager, now)
 
-    def _take_over(self, key: int, record: _Record, now: float) -> ServiceManager:
+    def _take_over(self, key: int, record: _Record, now: float, fresh: bool) -> ServiceManager:
         manager = ServiceManager(record.service, key, list(record.group))
-        fresh = record.item_sequence == 1 and not any(
-            self._liveness(m.node_id) is Liveness.dead for m in record.group if m.node_id != self.node_id)
-        # A first version just written has no replicas anywhere yet; otherwise hosts may hold some.
+        # A service just created has no replicas anywhere yet; otherwise hosts may run some, and
+        # they report within a report interval (or the previous manager hands them over).
         manager.grace_until = now if fresh else now + self.config.takeover_grace_s
         self.managers[key] = manager
         self._load_spec(manager, record.item_sequence, record.value, now)
@@ -732,7 +751,8 @@ class Deployment(Protocol):
             elif not placed.asking and placed.confirmed:
                 # alive but silent about it (it restarted before anyone held it dead, say): ask
                 placed.asking = True
-                request = self.client.query(placed.host.address, placed.host.node_id, placed.replica_id, now)
+                host = self._fresh_contact(placed.host)
+                request = self.client.query(host.address, host.node_id, placed.replica_id, now)
                 self._requests[request] = (manager.key, placed.replica_id)
         if lost:
             del manager.replicas[placed.replica_id]
@@ -859,7 +879,8 @@ class Deployment(Protocol):
             return
         placed.stopping = True
         placed.reason = reason
-        request = self.client.stop(placed.host.address, placed.host.node_id, placed.replica_id, now)
+        host = self._fresh_contact(placed.host)
+        request = self.client.stop(host.address, host.node_id, placed.replica_id, now)
         self._requests[request] = (manager.key, placed.replica_id)
         decision = "surplus_stopped" if reason.startswith("surplus") else "stopped"
         self._decide(manager, decision, reason, now, placed)
@@ -962,14 +983,14 @@ class Deployment(Protocol):
             hosted.unacked += 1
             if hosted.unacked > self.config.report_misses:
                 self._next_manager(key, hosted)  # its reports were not acknowledged
-        self.send(hosted.manager.address, ReplicaReport(key, self.node_id, entries))
+        self.send(self._fresh_contact(hosted.manager).address, ReplicaReport(key, self.node_id, entries))
         self._arm(now)
 
     def _next_manager(self, key: int, hosted: _Hosted) -> None:
         """Report to the next member of the group (closest first, round and round), skipping
         those held dead; before any ack told the group, to the nodes this one knows closest to
         the key (a member that is not the manager answers with who is)."""
-        members = sorted(hosted.group or self.overlay.closest_known(key), key=lambda c: c.node_id ^ key)
+        members = sorted(self._fresh_group(hosted.group) or self.overlay.closest_known(key), key=lambda c: c.node_id ^ key)
         current = hosted.manager.node_id ^ key
         later = [m for m in members if (m.node_id ^ key) > current] + [m for m in members if (m.node_id ^ key) <= current]
         candidates = [m for m in later if m.node_id != hosted.manager.node_id
@@ -988,7 +1009,7 @@ class Deployment(Protocol):
                 return
             boss = self._manager_of(msg.service, record.group)
             if boss is not None:
-                self.send(src, ReportAck(msg.service, boss, list(record.group)))
+                self.send(src, ReportAck(msg.service, self._fresh_contact(boss), self._fresh_group(record.group)))
             return
         if len(msg.replicas) > MAX_REPORTED:
             self.dropped["report_too_long"] += 1
@@ -1012,6 +1033,8 @@ class Deployment(Protocol):
             elif placed.host.node_id != msg.host:
                 self.dropped["report_of_another_hosts_replica"] += 1
                 continue
+            elif placed.host.address != src and self._fresh_contact(placed.host).address == src:
+                placed.host = Contact(msg.host, src)  # the host listens elsewhere since it restarted
             was_running = placed.state == "running"
             placed.state, placed.reason, placed.healthy = entry.state, entry.reason, entry.healthy
             placed.reported_s = now
@@ -1026,7 +1049,26 @@ class Deployment(Protocol):
                 del manager.replicas[placed.replica_id]
         wanted = {p.replica_id for p in manager.replicas.values() if not p.stopping}
         release = [e.replica_id for e in msg.replicas if e.state == "stopped" and e.replica_id not in wanted]
-        self.send(src, ReportAck(msg.service, self.contact, list(manager.group), release))
+        self.send(src, ReportAck(msg.service, self.contact, self._fresh_group(manager.group), release))
+
+    def _on_handoff(self, src: Address, msg: ManagerHandoff, now: float) -> None:
+        record = self.records.get(msg.service)
+        if record is None or not any(self._fresh_contact(m).address == src or m.address == src for m in record.group):
+            self.dropped["handoff_from_outside_the_group"] += 1
+            return
+        self._tick_service(msg.service, now)
+        manager = self.managers.get(msg.service)
+        if manager is None:
+            self.dropped["handoff_not_managed_here"] += 1
+            return
+        for entry in msg.replicas[:MAX_REPORTED]:
+            if entry.replica_id in manager.replicas or len(manager.replicas) >= 2 * max(manager.desired, 1) + MAX_REPORTED:
+                continue
+            host = self._fresh_contact(entry.host)
+            manager.replicas[entry.replica_id] = Placed(entry.replica_id, host, entry.state, now, entry.bundle_blob,
+                                                        fine_s=now, reported_s=now, confirmed=False)
+            request = self.client.query(host.address, host.node_id, entry.replica_id, now)
+            self._requests[request] = (manager.key, entry.replica_id)
 
     def _on_ack(self, src: Address, msg: ReportAck, now: float) -> None:
         hosted = self.hosting.get(msg.service)
@@ -1034,7 +1076,7 @@ class Deployment(Protocol):
             self.dropped["ack_for_unknown_service"] += 1
             return
         known = hosted.group or [hosted.manager]
-        if not any(member.address == src for member in known):
+        if not any(member.address == src or self._fresh_contact(member).address == src for member in known):
             self.dropped["ack_from_outside_the_group"] += 1
             return
         hosted.unacked = 0
@@ -1085,7 +1127,7 @@ class Deployment(Protocol):
             if member.node_id == self.node_id:
                 self._on_query(self.contact.address, ServiceQuery(op.query_id, op.service.key), now)
                 continue
-            self.send(member.address, ServiceQuery(op.query_id, op.service.key))
+            self.send(self._fresh_contact(member).address, ServiceQuery(op.query_id, op.service.key))
 
     def _on_status_reply(self, src: Address, msg: ServiceReport, now: float) -> None:
         op = self._status_ops.get(msg.query_id)

@@ -160,6 +160,8 @@ class PlacedReplica:
     reason: str
     healthy: bool
     since_s: float
+    #: The blob of the bundle it runs (its version).
+    bundle_blob: bytes = b""
 
 
 @message(144)
@@ -197,6 +199,15 @@ class Decision:
         return f"{self.decision}{what}{where}: {self.reason}" if self.reason else f"{self.decision}{what}{where}"
 
 
+@message(146)
+class ManagerHandoff:
+    """A manager that yields (a closer member of the group is back) tells its successor where the
+    replicas are; the successor counts each once its host confirms it."""
+
+    service: NodeId
+    replicas: list[PlacedReplica]
+
+
 @message(145)
 class ServicesList:
     """The value of an owner's list record: the names of its services, for ``ls``."""
@@ -219,4 +230,5 @@ __all__ = [
     "ServiceReport",
     "ServiceSpec",
     "ServicesList",
+    "ManagerHandoff",
 ]

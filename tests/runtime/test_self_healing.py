@@ -91,13 +91,17 @@ def test_a_deployed_service_heals_keeps_its_state_and_obeys_only_its_owner(servi
                 # undeploy: every replica stops, every reservation is freed
                 reply = await control_request(owner_dir, UndeployRequest("hello"))
                 assert reply.ok, reply.reason
-                with trio.fail_after(120):
+                with trio.move_on_after(120):
                     while True:
                         statuses = await node_statuses(community)
-                        left = [(r.replica_id, r.state) for s in statuses for r in s.replicas]
+                        left = [(r.replica_id, r.state, r.reason) for s in statuses for r in s.replicas]
                         if not left and len(statuses) == NODES:
                             break
                         await trio.sleep(0.2)
+                report = await report_of(community, service)
+                assert not left and len(statuses) == NODES, (
+                    left, len(statuses), report, [{k: v for k, v in s.counters.items() if "Deployment" in k}
+                                                  for s in statuses if s.replicas])
             finally:
                 await stop_community(community)
 
