@@ -28,9 +28,11 @@ What is measured, by ground truth, not by what the managers believe:
   running, matched oldest loss first;
 - a **false replacement**: a manager's ``lost`` decision about a replica whose host was up and
   still had it (the replacement it starts is for nothing);
-- **desired state lost**: services (deployed, not undeployed) that at the end no live node
-  manages, or whose record fewer than a majority of its group still hold on a disk that exists
-  (live or down but coming back): nobody can read it any more.
+- **desired state lost**: services (deployed, not undeployed) whose record fewer than a majority
+  of its group still hold on a disk that exists (live or down but coming back): nobody can read
+  it any more; or that at the end no live node manages while a member of its record's group is
+  up (a member could manage it and does not). A service whose group members are all down at the
+  end is not lost (they come back with their disks): ``services_unmanaged_end`` counts those too.
 
 Summary keys: ``availability_median``, ``availability_p10``, ``availability_by_target`` (target
 -> the median availability of the services with it; ``"fixed"`` for fixed counts),
@@ -449,6 +451,7 @@ class DeploymentRunner(NodeRunner):
                 replicas_by.setdefault(label, []).append(mean)
         lost_for_good = self._records_lost_for_good()
         unmanaged = set(deployed) - self._managed_now()
+        unmanaged_member_up = {index for index in unmanaged if self._group_members_up(index)}
         times = sorted(self.replacement_s)
         out.update({
             "services_deployed": len(deployed),
@@ -466,7 +469,7 @@ class DeploymentRunner(NodeRunner):
             "replacements": len(times),
             "losses": self.loss_count,
             "losses_unreplaced": sum(len(q) for q in self.losses.values()),
-            "desired_state_lost": len(lost_for_good | unmanaged),
+            "desired_state_lost": len(lost_for_good | unmanaged_member_up),
             "records_lost_for_good": len(lost_for_good),
             "services_unmanaged_end": len(unmanaged),
             "unmanaged_share": round(statistics.fmean(
