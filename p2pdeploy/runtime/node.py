@@ -579,14 +579,19 @@ class RuntimeNode:
     @property
     def replica_host(self) -> ReplicaHost:
         """The replicas this node hosts (read their state; act through the facade)."""
-        host = self._layer_or_none(ReplicaHost)
-        if host is None:
+        return self._required_layer(ReplicaHost, NotHosting(
+            "this node hosts no replicas; give open_node a contribution "
+            "(or run `p2pdeploy join`, which contributes within the owner's limits)"
+        ))
+
+    def _required_layer(self, cls: type[T], missing: Exception) -> T:
+        """The node's layer of class ``cls``; ``missing`` raised when it runs none (or
+        ``NodeNotRunning`` when that is the reason)."""
+        layer = self._layer_or_none(cls)
+        if layer is None:
             self.core  # noqa: B018 - raises NodeNotRunning when that is the reason
-            raise NotHosting(
-                "this node hosts no replicas; give open_node a contribution "
-                "(or run `p2pdeploy join`, which contributes within the owner's limits)"
-            )
-        return host
+            raise missing
+        return layer
 
     @property
     def contribution(self) -> Contribution | None:
@@ -982,14 +987,10 @@ class RuntimeNode:
     @property
     def deployment(self) -> Deployment:
         """The node's deployment layer (read its state; change it only through the facade)."""
-        layer = self._layer_or_none(Deployment)
-        if layer is None:
-            self.core  # noqa: B018 - raises NodeNotRunning when that is the reason
-            raise NoDeployment(
-                "this node runs no deployment layer; build it with p2pdeploy.node.default_layers "
-                "(a full node, as `p2pdeploy join` runs)"
-            )
-        return layer
+        return self._required_layer(Deployment, NoDeployment(
+            "this node runs no deployment layer; build it with p2pdeploy.node.default_layers "
+            "(a full node, as `p2pdeploy join` runs)"
+        ))
 
     async def deploy(
         self, bundle: SignedBundle, *, replicas: int | None = None, availability: float | None = None

@@ -140,6 +140,26 @@ def _refused(console: Console, what: str, reason: str, as_json: bool, **extra: A
         _stderr().print(f"{what}: {reason}", markup=False)
     return EXIT_FAILED
 
+async def _changed(client: Any, console: Console, reply: DeployReply, action: str, done: str, wait: bool,
+                   timeout_s: float, as_json: bool, extra: dict[str, Any]) -> int:
+    """After a deploy or an undeploy: its refusal, or its line and, unless ``wait`` is False, the
+    wait until as many replicas run healthy as wanted (a deploy) or none runs (an undeploy)."""
+    if not reply.ok:
+        return _refused(console, f"{action} of {_short(reply.service)} refused", reply.reason, as_json,
+                        service=reply.service)
+    if not as_json:
+        console.print(f"{done} {reply.service} version {reply.version}", markup=False)
+    result: dict[str, Any] = {"ok": True, "service": reply.service, "version": reply.version, **extra}
+    if not wait:
+        if as_json:
+            _print_json(console, result)
+        return 0
+    watch = _Watch(console, quiet=as_json)
+    until, state = (_all_running, "running") if action == "deploy" else (_none_running, "stopped")
+    reached = await _wait(client, reply.service, until, timeout_s, watch, _short(reply.service))
+    return _after_wait(console, watch, result, reached, timeout_s, as_json, state)
+
+
 
 def _short(service: str) -> str:
     try:
@@ -240,20 +260,8 @@ async def run_deploy(
                     DeployRequest.of(signed, replicas=replicas, availability=availability))
         except ControlRequestRefused as exc:
             return _refused(console, f"deploy of {manifest.name} refused", exc.reason, as_json)
-        if not reply.ok:
-            return _refused(console, f"deploy of {_short(reply.service)} refused", reply.reason, as_json,
-                            service=reply.service)
-        if not as_json:
-            console.print(f"deployed {reply.service} version {reply.version}", markup=False)
-        result: dict[str, Any] = {"ok": True, "service": reply.service, "version": reply.version,
-                                  "bundle_version": manifest.version}
-        if not wait:
-            if as_json:
-                _print_json(console, result)
-            return 0
-        watch = _Watch(console, quiet=as_json)
-        ready = await _wait(client, reply.service, _all_running, timeout_s, watch, _short(reply.service))
-    return _after_wait(console, watch, result, ready, timeout_s, as_json, "running")
+        return await _changed(client, console, reply, "deploy", "deployed", wait, timeout_s, as_json,
+                              {"bundle_version": manifest.version})
 
 
 def _all_running(report: ServiceReport) -> bool:
@@ -305,19 +313,7 @@ async def run_undeploy(
                 reply: DeployReply = await client.request(UndeployRequest(service))
         except ControlRequestRefused as exc:
             return _refused(console, "undeploy refused", exc.reason, as_json)
-        if not reply.ok:
-            return _refused(console, f"undeploy of {_short(reply.service)} refused", reply.reason, as_json,
-                            service=reply.service)
-        if not as_json:
-            console.print(f"undeployed {reply.service} version {reply.version}", markup=False)
-        result: dict[str, Any] = {"ok": True, "service": reply.service, "version": reply.version}
-        if not wait:
-            if as_json:
-                _print_json(console, result)
-            return 0
-        watch = _Watch(console, quiet=as_json)
-        stopped = await _wait(client, reply.service, _none_running, timeout_s, watch, _short(reply.service))
-    return _after_wait(console, watch, result, stopped, timeout_s, as_json, "stopped")
+        return await _changed(client, console, reply, "undeploy", "undeployed", wait, timeout_s, as_json, {})
 
 
 async def run_scale(
