@@ -262,7 +262,7 @@ class ServiceManager:
     offers: list[Offer] = field(default_factory=list)
     pending: str = ""
     #: When replicas were lost and not yet replaced (oldest first).
-    lost_at: deque[float] = field(default_factory=deque)
+    lost_at: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_REPORTED))
     decisions: deque[Decision] = field(default_factory=lambda: deque(maxlen=MAX_DECISIONS))
     refreshing: int | None = None
     next_refresh_s: float = 0.0
@@ -837,7 +837,8 @@ class Deployment(Protocol):
         assert manifest is not None
         placement = manager.placement
         exclude = {p.host.node_id for p in manager.replicas.values()}
-        exclude |= {node for node, until in manager.refused.items() if until > now}
+        manager.refused = {node: until for node, until in manager.refused.items() if until > now}
+        exclude |= set(manager.refused)
         exclude |= {o.node_id for o in offers if self._liveness(o.node_id) in (Liveness.dead, Liveness.suspect)}
         offers = [self._fresh(o) for o in offers]
         chosen = allocate(offers, need, demand=manifest.demand(), constraints=_constraints(manifest, placement),
@@ -1033,7 +1034,10 @@ class Deployment(Protocol):
             elif placed.host.node_id != msg.host:
                 self.dropped["report_of_another_hosts_replica"] += 1
                 continue
-            elif placed.host.address != src and self._fresh_contact(placed.host).address == src:
+            elif placed.host.address != src:
+                if self._fresh_contact(placed.host).address != src:
+                    self.dropped["report_from_another_address"] += 1  # not its host speaking
+                    continue
                 placed.host = Contact(msg.host, src)  # the host listens elsewhere since it restarted
             was_running = placed.state == "running"
             placed.state, placed.reason, placed.healthy = entry.state, entry.reason, entry.healthy

@@ -305,3 +305,22 @@ def test_a_service_whose_replicas_keep_failing_backs_off_instead_of_looping():
     assert 3 <= len(starts) <= 12
     [manager] = net.managers_of(service.key)
     assert "keep failing" in net.deployment(manager).managers[service.key].pending
+
+
+def test_a_report_in_a_hosts_name_from_another_address_changes_nothing():
+    net = DeployNet(10, seed=17)
+    net.run_for(5)
+    service = deployed(net)
+    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    real = dict(net.replicas_of("web"))
+    [manager] = net.managers_of(service.key)
+    victim_id, host = next((r, a) for r, a in real.items() if a != manager)
+    liar = next(a for a in range(10) if a not in real.values() and a != manager)
+    forged = [ReplicaEntry(victim_id, "failed", "forged", False, 1, b"")]
+    for _ in range(8):  # a host reporting its replica failed, over the unhealthy grace
+        net.sim.network.send(liar, [(manager, ReplicaReport(service.key, net.node_ids[host], forged))])
+        net.run_for(2)
+    net.run_for(10)
+    assert net.replicas_of("web") == real
+    assert not decisions(net, "stopped") and not decisions(net, "replaced")
+    assert net.deployment(manager).dropped["report_from_another_address"] >= 8
