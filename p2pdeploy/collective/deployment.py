@@ -35,40 +35,51 @@ driver and published on the service's topic with its reason. The owner's side of
 (:meth:`Deployment.deploy`, :meth:`~Deployment.scale`, :meth:`~Deployment.undeploy`) writes the
 record; :meth:`Deployment.status` asks the group.
 
+The layer is in four modules: this one (the records, who manages, the reconciler, the reports a
+manager receives), :mod:`~p2pdeploy.collective.service_manager` (what a manager keeps of a
+service, and the reconciler's pure rules), :mod:`~p2pdeploy.collective.deployment_hosts` (what a
+host reports) and :mod:`~p2pdeploy.collective.deployment_owner` (the owner's API and status
+queries); the messages are in :mod:`~p2pdeploy.collective.deployment_messages`.
+
 Not here: autoscaling on load, rebalancing on join (self-tuning, self-configuration), and
 delegation of a service to other keys: only its owner's key can write its record.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from p2pdeploy import wire
-from p2pdeploy.collective.allocator import Offer, allocate, impossible_reason
+from p2pdeploy.collective.allocator import Offer, allocate
 from p2pdeploy.collective.deployer import replica_count
+from p2pdeploy.collective.deployment_hosts import HostReports, _Hosted
 from p2pdeploy.collective.deployment_messages import (
-    MAX_DECISIONS,
     MAX_REPORTED,
     SERVICE_RECORD_PREFIX,
     Decision,
     ManagerHandoff,
-    PlacedReplica,
-    ReplicaEntry,
     ReplicaReport,
     ReportAck,
     ServiceId,
     ServiceIdError,
     ServiceQuery,
     ServiceReport,
-    ServicesList,
     ServiceSpec,
 )
-from p2pdeploy.collective.events import ReplicaChanged
+from p2pdeploy.collective.deployment_owner import (
+    MAX_LISTED,
+    SERVICES_LIST_NAME,
+    DeployFinished,
+    OwnerOperations,
+    ServicesListed,
+    StatusFinished,
+    _OwnerOp,
+    _StatusOp,
+)
 from p2pdeploy.collective.persistence import Persistence
 from p2pdeploy.collective.persistence_messages import (
     BlobStored,
@@ -80,16 +91,24 @@ from p2pdeploy.collective.persistence_messages import (
 from p2pdeploy.collective.prospector import Prospector
 from p2pdeploy.collective.prospector_queries import AggregateFinished, ProspectFinished
 from p2pdeploy.collective.pubsub import PubSub
+from p2pdeploy.collective.service_manager import (
+    LIVE_STATES,
+    Placed,
+    ServiceManager,
+    _combined,
+    _constraints,
+    _removal_order,
+    _short,
+    _why_there,
+)
 from p2pdeploy.core import Address, Protocol, Rng, require_at_least, require_positive
 from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.fabric.supervisor import ReplicaStateChanged
 from p2pdeploy.overlay.identity import Identity
 from p2pdeploy.overlay.kademlia import Kademlia, LookupFinished
 from p2pdeploy.overlay.routing import Contact
-from p2pdeploy.overlay.storage import record_key, sign_record
 from p2pdeploy.overlay.swim import FailureDetector, Liveness, PeerDeclaredDead, PeerRecovered
 from p2pdeploy.resource.bundle import SignedBundle
-from p2pdeploy.resource.description import demand_requirement
 from p2pdeploy.resource.manifest import Manifest, ManifestError
 from p2pdeploy.resource.protocol import (
     Refused,
@@ -98,14 +117,7 @@ from p2pdeploy.resource.protocol import (
     RequestAnswered,
     RequestTimedOut,
 )
-from p2pdeploy.resource.requirements import And, Requirement
 
-#: Replica states that count towards the desired number.
-LIVE_STATES = frozenset({"requested", "fetching", "installing", "starting", "running"})
-#: The owner's list of its services (an eventual record under its key), for ``ls``.
-SERVICES_LIST_NAME = b"services"
-#: Services one owner's list holds at most.
-MAX_LISTED = 256
 #: The watcher name this layer uses with the failure detector.
 WATCHER = "deployment"
 
@@ -163,137 +175,8 @@ class DeploymentConfig:
         return self.report_interval_s * (self.report_misses + 2)
 
 
-# -- events for the driver ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class DeployFinished:
-    """A deploy, scale or undeploy ended: ``ok`` when the record was written (``version``)."""
-
-    op_id: int
-    service: str
-    action: str
-    ok: bool
-    version: int
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class StatusFinished:
-    """A status query ended: the manager's report (``None`` when no member of the group answered)."""
-
-    query_id: int
-    service: str
-    report: ServiceReport | None
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class ServicesListed:
-    query_id: int
-    owner: bytes
-    names: list[str]
-
-
-# -- a manager's state ----------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Placed:
-    """A replica as its manager knows it."""
-
-    replica_id: str
-    host: Contact
-    state: str
-    since_s: float
-    bundle_blob: bytes
-    reason: str = ""
-    healthy: bool = True
-    reported_s: float = 0.0
-    #: When it last was fine (not failed, not unhealthy): the unhealthy grace counts from it.
-    fine_s: float = 0.0
-    stopping: bool = False
-    attributes: dict[str, Any] = field(default_factory=dict)
-    #: When the replica it replaces was lost (its replacement time ends when this one runs).
-    replaces_lost_s: float | None = None
-    #: This manager started it, or its host answered a signed query for it: a replica only
-    #: reported (by anyone) does not count until its host confirms it.
-    confirmed: bool = True
-    #: A query about it is on its way (its live host stopped reporting it).
-    asking: bool = False
-
-    @property
-    def live(self) -> bool:
-        return self.confirmed and self.state in LIVE_STATES and not self.stopping
-
-    @property
-    def counts(self) -> bool:
-        """It counts towards the desired number: live, or failed but within its grace (it may
-        restart; once the grace is over it is stopped and replaced)."""
-        return self.confirmed and not self.stopping and (self.state in LIVE_STATES or self.state == "failed")
-
-    def view(self) -> PlacedReplica:
-        return PlacedReplica(self.replica_id, self.host, "stopping" if self.stopping and self.state in LIVE_STATES
-                             else self.state, self.reason, self.healthy, self.since_s, self.bundle_blob)
-
-
-@dataclass(slots=True)
-class ServiceManager:
-    """What a manager keeps of one service: the desired state and the replicas it sees."""
-
-    service: ServiceId
-    key: int
-    group: list[Contact]
-    spec: ServiceSpec | None = None
-    version: int = 0
-    manifest: Manifest | None = None
-    invalid: str = ""
-    replicas: dict[str, Placed] = field(default_factory=dict)
-    desired: int = 0
-    desired_reason: str = ""
-    #: No placement before it (a new manager waits for the hosts' reports).
-    grace_until: float = 0.0
-    prospecting: int | None = None
-    next_search_s: float = 0.0
-    last_candidates_s: float = -math.inf
-    refused: dict[int, float] = field(default_factory=dict)
-    #: The candidates of the last search: a replacement goes to one of them at once (a search
-    #: right after a crash may wait for the dead node's part of the tree to time out).
-    offers: list[Offer] = field(default_factory=list)
-    pending: str = ""
-    #: When replicas were lost and not yet replaced (oldest first).
-    lost_at: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_REPORTED))
-    decisions: deque[Decision] = field(default_factory=lambda: deque(maxlen=MAX_DECISIONS))
-    refreshing: int | None = None
-    next_refresh_s: float = 0.0
-    #: Replicas that failed one after another (reset when one runs healthy): the placement backs off.
-    failures: int = 0
-
-    @property
-    def placement(self) -> Any:
-        assert self.manifest is not None and self.spec is not None
-        placement = self.manifest.placement
-        if self.spec.replicas:
-            return dataclasses.replace(placement, replicas=self.spec.replicas, availability=None, mode="count")
-        if self.spec.availability:
-            return dataclasses.replace(placement, availability=self.spec.availability, replicas=None, mode="count")
-        return placement
-
-    def live(self) -> list[Placed]:
-        return [p for p in self.replicas.values() if p.live]
-
-    def counted(self) -> list[Placed]:
-        return [p for p in self.replicas.values() if p.counts]
-
-
-@dataclass(slots=True)
-class _Hosted:
-    """A service this node hosts replicas of: whom it reports to."""
-
-    manager: Contact
-    group: list[Contact] = field(default_factory=list)
-    unacked: int = 0
-    final_sent: bool = False
 
 
 @dataclass(slots=True)
@@ -304,34 +187,7 @@ class _Record:
     value: bytes
 
 
-@dataclass(slots=True)
-class _OwnerOp:
-    """A deploy, scale or undeploy by the owner: check, store the bundle, read, write, list."""
-
-    op_id: int
-    action: str
-    service: ServiceId
-    spec: ServiceSpec | None = None
-    bundle: SignedBundle | None = None
-    manifest: Manifest | None = None
-    manifest_text: bytes = b""
-    change: dict[str, Any] = field(default_factory=dict)
-    phase: str = "checking"
-    waiting: set[int] = field(default_factory=set)
-    largest: dict[str, Any] = field(default_factory=dict)
-    version: int = 0
-
-
-@dataclass(slots=True)
-class _StatusOp:
-    query_id: int
-    service: ServiceId
-    deadline: float
-    asked: set[int] = field(default_factory=set)
-    best: ServiceReport | None = None
-
-
-class Deployment(Protocol):
+class Deployment(OwnerOperations, HostReports, Protocol):
     """Service managers for the services whose records this node holds, the host side of the
     reports, and the owner's API; see the module docstring."""
 
@@ -398,72 +254,10 @@ class Deployment(Protocol):
             self.set_timer("report", now + self.config.report_interval_s)
 
     # -- the owner's API -------------------------------------------------------------------
-    def deploy(self, bundle: SignedBundle, manifest_text: bytes, now: float, *, replicas: int | None = None,
-               availability: float | None = None) -> int:
-        """Deploy (or update) ``bundle``, whose ``manifest.toml`` is ``manifest_text``, as the
-        service of the manifest's name owned by this node's key; emits :class:`DeployFinished`
-        once the record is written. Before, it checks that some node could ever run it (``no node
-        offers 64 cores; the largest offers 8``) and stores the bundle as a pinned blob. Raises
-        ``ManifestError`` for a manifest that is not valid."""
-        manifest = Manifest.parse(manifest_text)
-        if replicas is not None and availability is not None:
-            raise ValueError("give replicas or availability, not both")
-        if replicas is not None and not 1 <= replicas <= 64:
-            raise ValueError(f"replicas must be between 1 and 64 (got {replicas})")
-        if availability is not None and not 0 < availability < 1:
-            raise ValueError(f"availability must be between 0 and 1 (got {availability})")
-        service = ServiceId(manifest.name, self.identity.public_key)
-        op = self._new_owner_op("deploy", service)
-        op.bundle, op.manifest, op.manifest_text = bundle, manifest, manifest_text
-        op.change = {"replicas": replicas or 0, "availability": availability or 0.0}
-        attributes = self._numeric_attributes(manifest)
-        for attribute in attributes:
-            query = self.prospector.aggregate(attribute, "max", now)
-            op.waiting.add(query)
-            self._op_of[query] = op
-        if not op.waiting:
-            self._store_bundle(op, now)
-        return op.op_id
 
-    def scale(self, name: str, now: float, *, replicas: int | None = None, availability: float | None = None) -> int:
-        """Change the replica count (or availability target) of this key's service ``name``."""
-        if (replicas is None) == (availability is None):
-            raise ValueError("give replicas or availability")
-        if replicas is not None and not 1 <= replicas <= 64:
-            raise ValueError(f"replicas must be between 1 and 64 (got {replicas})")
-        if availability is not None and not 0 < availability < 1:
-            raise ValueError(f"availability must be between 0 and 1 (got {availability})")
-        op = self._new_owner_op("scale", ServiceId(name, self.identity.public_key))
-        op.change = {"replicas": replicas or 0, "availability": availability or 0.0}
-        self._read_for(op, now)
-        return op.op_id
 
-    def undeploy(self, name: str, now: float) -> int:
-        """Stop every replica of this key's service ``name``; the name stays this key's."""
-        op = self._new_owner_op("undeploy", ServiceId(name, self.identity.public_key))
-        op.change = {"undeployed": True}
-        self._read_for(op, now)
-        return op.op_id
 
-    def status(self, service: ServiceId, now: float) -> int:
-        """Ask the service's group for its state; emits :class:`StatusFinished`."""
-        query_id = self._new_id()
-        op = _StatusOp(query_id, service, now + self.config.query_timeout_s)
-        self._status_ops[query_id] = op
-        record = self.records.get(service.key)
-        if record is not None:
-            self._ask_status(op, record.group, now)
-        lookup = self.overlay.lookup(service.key, now)
-        self._status_by_lookup[lookup] = op
-        self.set_timer(("status", query_id), op.deadline)
-        return query_id
 
-    def list_services(self, owner: bytes, now: float) -> int:
-        """The names of ``owner``'s services (its list record); emits :class:`ServicesListed`."""
-        query_id = self._new_id()
-        read = self.persistence.get_record(record_key(owner, SERVICES_LIST_NAME), now)
-        self._list_reads[read] = (query_id, owner)
-        return query_id
 
     # -- read-only views -------------------------------------------------------------------
     def managed(self) -> list[ServiceManager]:
@@ -937,69 +731,10 @@ class Deployment(Protocol):
         return True
 
     # -- the host's side: what runs here -----------------------------------------------------
-    def _publish_replica(self, event: ReplicaStateChanged, now: float) -> None:
-        managed = self.remote.managed.get(event.replica_id) if self.remote is not None else None
-        if managed is None or self.pubsub is None:
-            return
-        service = ServiceId(managed.service_name, managed.owner)
-        changed = ReplicaChanged.from_supervisor(event, str(service), self.node_id)
-        attributes = changed.attributes()
-        attributes["reason"] = attributes["reason"][:300]
-        try:
-            self.pubsub.publish(service.topic, attributes, now)
-        except ValueError:
-            self.dropped["replica_change_unpublishable"] += 1
 
     # -- reports between hosts and managers ------------------------------------------------
-    def _managed_replicas(self) -> dict[str, Any]:
-        return {} if self.remote is None else self.remote.managed_replicas()
 
-    def _report(self, key: int, now: float, *, periodic: bool = False) -> None:
-        """Tell ``key``'s manager what this node runs of it (all of it)."""
-        host = self.host
-        managed = {rid: m for rid, m in self._managed_replicas().items() if m.service_key == key}
-        hosted = self.hosting.get(key)
-        if hosted is None:
-            if not managed:
-                return
-            first = next(iter(managed.values()))
-            hosted = self.hosting[key] = _Hosted(Contact(first.manager_id, first.manager))
-            self._watch(hosted.manager, now)
-        entries = []
-        for replica_id in sorted(managed)[:MAX_REPORTED]:
-            status = host.status(replica_id) if host is not None else None
-            supervisor = host.supervisor(replica_id) if host is not None else None
-            if status is None:
-                continue
-            entries.append(ReplicaEntry(replica_id, status.state.value, status.reason[:200], status.healthy,
-                                        status.run, supervisor.digest if supervisor is not None else b""))
-        if not entries:
-            if hosted.final_sent:
-                del self.hosting[key]
-                return
-            hosted.final_sent = True
-        else:
-            hosted.final_sent = False
-        if periodic:
-            hosted.unacked += 1
-            if hosted.unacked > self.config.report_misses:
-                self._next_manager(key, hosted)  # its reports were not acknowledged
-        self.send(self._fresh_contact(hosted.manager).address, ReplicaReport(key, self.node_id, entries))
-        self._arm(now)
 
-    def _next_manager(self, key: int, hosted: _Hosted) -> None:
-        """Report to the next member of the group (closest first, round and round), skipping
-        those held dead; before any ack told the group, to the nodes this one knows closest to
-        the key (a member that is not the manager answers with who is)."""
-        members = sorted(self._fresh_group(hosted.group) or self.overlay.closest_known(key), key=lambda c: c.node_id ^ key)
-        current = hosted.manager.node_id ^ key
-        later = [m for m in members if (m.node_id ^ key) > current] + [m for m in members if (m.node_id ^ key) <= current]
-        candidates = [m for m in later if m.node_id != hosted.manager.node_id
-                      and self._liveness(m.node_id) is not Liveness.dead]
-        if candidates:
-            hosted.manager = candidates[0]
-            hosted.unacked = 0
-            self.counters["manager_switches"] += 1
 
     def _on_report(self, src: Address, msg: ReplicaReport, now: float) -> None:
         manager = self.managers.get(msg.service)
@@ -1074,29 +809,6 @@ class Deployment(Protocol):
             request = self.client.query(host.address, host.node_id, entry.replica_id, now)
             self._requests[request] = (manager.key, entry.replica_id)
 
-    def _on_ack(self, src: Address, msg: ReportAck, now: float) -> None:
-        hosted = self.hosting.get(msg.service)
-        if hosted is None:
-            self.dropped["ack_for_unknown_service"] += 1
-            return
-        known = hosted.group or [hosted.manager]
-        if not any(member.address == src or self._fresh_contact(member).address == src for member in known):
-            self.dropped["ack_from_outside_the_group"] += 1
-            return
-        hosted.unacked = 0
-        if msg.group:
-            hosted.group = list(msg.group)[:16]
-        managed = self._managed_replicas()
-        for replica_id in msg.release[:MAX_REPORTED]:
-            entry = managed.get(replica_id)
-            status = self.host.status(replica_id) if self.host is not None else None
-            if entry is not None and entry.service_key == msg.service and status is not None \
-                    and status.state.value == "stopped" and self.host is not None:
-                self.host.forget(replica_id, now)
-        if msg.manager.node_id != hosted.manager.node_id:
-            hosted.manager = msg.manager
-            self._watch(msg.manager, now)
-            self._report(msg.service, now)
 
     def _on_liveness(self, event: PeerDeclaredDead | PeerRecovered, now: float) -> None:
         if isinstance(event, PeerDeclaredDead):
@@ -1123,148 +835,17 @@ class Deployment(Protocol):
         boss = self._manager_of(msg.service, record.group)
         self.send(src, ServiceReport(msg.query_id, msg.service, False, boss, record.item_sequence, 0, "", [], []))
 
-    def _ask_status(self, op: _StatusOp, members: list[Contact], now: float) -> None:
-        for member in members:
-            if member.node_id in op.asked:
-                continue
-            op.asked.add(member.node_id)
-            if member.node_id == self.node_id:
-                self._on_query(self.contact.address, ServiceQuery(op.query_id, op.service.key), now)
-                continue
-            self.send(self._fresh_contact(member).address, ServiceQuery(op.query_id, op.service.key))
 
-    def _on_status_reply(self, src: Address, msg: ServiceReport, now: float) -> None:
-        op = self._status_ops.get(msg.query_id)
-        if op is None or msg.service != op.service.key:
-            self.dropped["unexpected_status"] += 1
-            return
-        if msg.managing:
-            del self._status_ops[msg.query_id]
-            self.cancel_timer(("status", msg.query_id))
-            op.best = msg
-            self._finish_status(op, "")
-            return
-        if op.best is None or msg.version > op.best.version:
-            op.best = msg
-        if msg.manager is not None:
-            self._ask_status(op, [msg.manager], now)
 
-    def _finish_status(self, op: _StatusOp, reason: str) -> None:
-        self.emit(StatusFinished(op.query_id, str(op.service), op.best, reason))
 
     # -- the owner's operations ------------------------------------------------------------
-    def _new_id(self) -> int:
-        self._next_op += 1
-        return self._next_op
 
-    def _new_owner_op(self, action: str, service: ServiceId) -> _OwnerOp:
-        op = _OwnerOp(self._new_id(), action, service)
-        self._owner_ops[op.op_id] = op
-        return op
 
-    def _numeric_attributes(self, manifest: Manifest) -> list[str]:
-        """The attributes whose largest value tells whether any node could run ``manifest``."""
-        names = {"cpu", "memory", "disk"}
-        for requirement in (manifest.resources.requirements, manifest.placement.constraints):
-            if requirement is not None:
-                names |= requirement.attributes()
-        return sorted(names)
 
-    def _store_bundle(self, op: _OwnerOp, now: float) -> None:
-        assert op.bundle is not None
-        op.phase = "storing"
-        query = self.persistence.put_blob(op.bundle.data, now, keep=True)
-        op.waiting = {query}
-        self._op_of[query] = op
 
-    def _read_for(self, op: _OwnerOp, now: float) -> None:
-        op.phase = "reading"
-        read = self.persistence.quorum_read(op.service.key, now)
-        op.waiting = {read}
-        self._op_of[read] = op
 
-    def _owner_step(self, op: _OwnerOp, event: Any, now: float) -> None:
-        op.waiting.discard(event.query_id)
-        if isinstance(event, AggregateFinished):
-            if event.ok and isinstance(event.value, int | float) and event.attribute:
-                op.largest[event.attribute] = event.value
-            if op.waiting:
-                return
-            assert op.manifest is not None
-            placement = op.manifest.placement
-            reason = impossible_reason(_constraints(op.manifest, placement), op.manifest.demand(), op.largest)
-            if reason is not None:
-                self._finish_owner(op, False, reason)
-                return
-            self._store_bundle(op, now)
-        elif isinstance(event, BlobStored):
-            if not event.ok:
-                self._finish_owner(op, False, f"the bundle could not be stored: {event.reason}")
-                return
-            assert op.bundle is not None and op.manifest is not None
-            op.spec = ServiceSpec(op.manifest.name, op.manifest_text,
-                                  event.blob_id.to_bytes(20, "big"), op.bundle.public_key, op.bundle.signature,
-                                  **op.change)
-            self._read_for(op, now)
-        elif isinstance(event, QuorumFinished):
-            self._on_owner_quorum(op, event, now)
-        elif isinstance(event, RecordFound):
-            names = _listed(event.item)
-            if op.service.name not in names:
-                names = sorted({*names, op.service.name})[:MAX_LISTED]
-                sequence = event.item.sequence + 1 if event.item is not None else 1
-                _, item = sign_record(self.identity, SERVICES_LIST_NAME, wire.encode(ServicesList(names)), sequence)
-                query = self.persistence.put_record(item, now)
-                op.waiting = {query}
-                self._op_of[query] = op
-                return
-            self._finish_owner(op, True, "")
-        elif isinstance(event, RecordStored):
-            self._finish_owner(op, True, "")
 
-    def _on_owner_quorum(self, op: _OwnerOp, event: QuorumFinished, now: float) -> None:
-        if op.phase == "reading":
-            if not event.ok:
-                self._finish_owner(op, False, f"the service's record could not be read: {event.reason}")
-                return
-            current = None
-            if event.item is not None:
-                try:
-                    current = wire.decode(event.item.value, len(event.item.value) + 1)
-                except wire.WireError:
-                    current = None
-            if op.action != "deploy":
-                if not isinstance(current, ServiceSpec):
-                    self._finish_owner(op, False, f"no service {op.service.name} owned by this key")
-                    return
-                spec = dataclasses.replace(current, **op.change)
-            else:
-                assert op.spec is not None
-                spec = op.spec
-            op.phase = "writing"
-            write = self.persistence.quorum_cas(self.identity, op.service.record_name, event.version,
-                                                wire.encode(spec), now)
-            op.spec = spec
-            op.waiting = {write}
-            self._op_of[write] = op
-            return
-        if not event.ok:
-            self._finish_owner(op, False, f"the service's record could not be written: {event.reason}")
-            return
-        op.version = event.version
-        if op.action == "deploy":
-            op.phase = "listing"
-            read = self.persistence.get_record(record_key(self.identity.public_key, SERVICES_LIST_NAME), now)
-            op.waiting = {read}
-            self._op_of[read] = op
-            return
-        self._finish_owner(op, True, "")
 
-    def _finish_owner(self, op: _OwnerOp, ok: bool, reason: str) -> None:
-        self._owner_ops.pop(op.op_id, None)
-        for query in op.waiting:
-            self._op_of.pop(query, None)
-        self.emit(DeployFinished(op.op_id, str(op.service), op.action, ok, op.version, reason))
 
     def _on_quorum(self, event: QuorumFinished, now: float) -> bool:
         key = self._reads.pop(event.query_id, None)
@@ -1281,9 +862,6 @@ class Deployment(Protocol):
         self._owner_step(op, event, now)
         return True
 
-    def _on_list_read(self, event: RecordFound, now: float) -> None:
-        query_id, owner = self._list_reads.pop(event.query_id)
-        self.emit(ServicesListed(query_id, owner, _listed(event.item)))
 
     # -- decisions -------------------------------------------------------------------------
     def _decide(self, manager: ServiceManager, decision: str, reason: str, now: float,
@@ -1302,55 +880,22 @@ class Deployment(Protocol):
                 self.dropped["decision_unpublishable"] += 1
 
 
-def _combined(manifest: Manifest, constraints: Requirement | None) -> Requirement:
-    """What a node must satisfy and have free to take a replica, as one requirement."""
-    parts = [r.node for r in (manifest.resources.requirements, constraints, demand_requirement(manifest.demand()))
-             if r is not None]
-    return Requirement(parts[0] if len(parts) == 1 else And(tuple(parts)))
 
 
-def _constraints(manifest: Manifest, placement: Any) -> Requirement | None:
-    parts = [r.node for r in (manifest.resources.requirements, placement.constraints) if r is not None]
-    if not parts:
-        return None
-    return Requirement(parts[0] if len(parts) == 1 else And(tuple(parts)))
 
 
-def _removal_order(replicas: list[Placed]) -> list[Placed]:
-    """Which replicas go first when there are too many: a second one on a node (after a partition
-    healed, both sides may have placed there), then those not running healthy, then the newest."""
-    keep_first = sorted(replicas, key=lambda p: (not (p.state == "running" and p.healthy), p.since_s, p.replica_id))
-    seen: set[int] = set()
-    doubles: set[str] = set()
-    for placed in keep_first:
-        if placed.host.node_id in seen:
-            doubles.add(placed.replica_id)
-        seen.add(placed.host.node_id)
-    return sorted(replicas, key=lambda p: (p.replica_id not in doubles, p.state == "running" and p.healthy,
-                                           -p.since_s, p.replica_id))
 
 
-def _why_there(offer: Offer) -> str:
-    attributes = offer.attributes
-    parts = [f"{name} {attributes[name]}" for name in ("owner", "availability", "services_free") if name in attributes]
-    return ", ".join(parts)
 
 
-def _short(contact: Contact | None) -> str:
-    return "nobody" if contact is None else f"{contact.node_id:040x}"[:12]
 
 
-def _listed(item: Any) -> list[str]:
-    if item is None:
-        return []
-    try:
-        listed = wire.decode(item.value, len(item.value) + 1)
-    except wire.WireError:
-        return []
-    return list(listed.names)[:MAX_LISTED] if isinstance(listed, ServicesList) else []
 
 
 __all__ = [
+    "LIVE_STATES",
+    "MAX_LISTED",
+    "SERVICES_LIST_NAME",
     "DeployFinished",
     "Deployment",
     "DeploymentConfig",
