@@ -37,6 +37,7 @@ bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/bench_scenarios.py --engine
 	$(PY) benchmarks/bench_overlay.py
 	$(PY) benchmarks/bench_contact_flood.py
+	$(PY) benchmarks/bench_self_healing.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
