@@ -306,6 +306,7 @@ def test_network_encode_is_a_scenario_key_defaulting_to_true():
 #: Not marked slow (about 10 s in all): runners change often, and a message that no longer
 #: survives the wire should fail the ordinary suite.
 SMALL = {
+    "availability": ["duration_s=1200", "deployment.services=6"],
     "broadcast-churn": ["duration_s=1000", "broadcast.broadcasts=6"],
     "multicast": ["multicast.members=20", "multicast.messages=20"],
     "overlay-churn": ["duration_s=700", "overlay.workload_window_s=400", "overlay.lookups=150", "overlay.gets=150"],
