@@ -159,11 +159,15 @@ class DeploymentConfig:
     query_timeout_s: float = 3.0
     #: Service records this node keeps track of (as a member of their groups).
     max_records: int = 10_000
+    #: A member of a record's group suspected this long counts as gone when choosing the manager
+    #: (a detector slowed by its own poor health may take minutes to convict; the service would
+    #: stay unmanaged meanwhile). Hosts are still replaced only on a verdict.
+    manager_suspect_s: float = 20.0
 
     def __post_init__(self) -> None:
         require_positive(self, "deployment.", "tick_s", "report_interval_s", "takeover_grace_s", "record_refresh_s",
                          "start_timeout_s", "refused_retry_s", "pending_retry_s", "refresh_candidates_s",
-                         "query_timeout_s", "failure_backoff_s", "failure_backoff_max_s")
+                         "query_timeout_s", "failure_backoff_s", "failure_backoff_max_s", "manager_suspect_s")
         require_at_least(self, "deployment.", 0, "unhealthy_grace_s")
         require_at_least(self, "deployment.", 1, "report_misses", "max_records")
         if not 0 <= self.unknown_availability <= 1:
@@ -383,13 +387,20 @@ class Deployment(OwnerOperations, HostReports, Protocol):
             self._watch(member, now)
         self._arm(now)
 
-    def _manager_of(self, key: int, group: list[Contact]) -> Contact | None:
-        """The closest member of ``group`` that this node does not hold dead."""
+    def _manager_of(self, key: int, group: list[Contact], now: float | None = None) -> Contact | None:
+        """The closest member of ``group`` that this node does not hold dead (nor has suspected
+        for ``manager_suspect_s``)."""
         for member in sorted(group, key=lambda c: c.node_id ^ key):
             if member.node_id == self.node_id:
                 return self.contact
-            if self._liveness(member.node_id) is not Liveness.dead:
-                return self._fresh_contact(member)
+            liveness = self._liveness(member.node_id)
+            if liveness is Liveness.dead:
+                continue
+            if liveness is Liveness.suspect and now is not None and self.detector is not None:
+                since = self.detector.since(member.node_id)
+                if since is not None and now - since >= self.config.manager_suspect_s:
+                    continue
+            return self._fresh_contact(member)
         return None
 
     def _fresh_contact(self, contact: Contact) -> Contact:
@@ -426,7 +437,7 @@ class Deployment(OwnerOperations, HostReports, Protocol):
         record = self.records.get(key)
         if record is None:
             return
-        manager_contact = self._manager_of(key, record.group)
+        manager_contact = self._manager_of(key, record.group, now)
         manager = self.managers.get(key)
         if manager_contact is None or manager_contact.node_id != self.node_id:
             if manager is not None:
@@ -743,7 +754,7 @@ class Deployment(OwnerOperations, HostReports, Protocol):
             if record is None:
                 self.dropped["report_for_unknown_service"] += 1
                 return
-            boss = self._manager_of(msg.service, record.group)
+            boss = self._manager_of(msg.service, record.group, now)
             if boss is not None:
                 self.send(src, ReportAck(msg.service, self._fresh_contact(boss), self._fresh_group(record.group)))
             return
@@ -832,7 +843,7 @@ class Deployment(OwnerOperations, HostReports, Protocol):
         record = self.records.get(msg.service)
         if record is None:
             return
-        boss = self._manager_of(msg.service, record.group)
+        boss = self._manager_of(msg.service, record.group, now)
         self.send(src, ServiceReport(msg.query_id, msg.service, False, boss, record.item_sequence, 0, "", [], []))
 
 

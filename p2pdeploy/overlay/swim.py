@@ -500,6 +500,11 @@ class FailureDetector(Protocol):
     def dead(self, node_id: int) -> bool:
         return self.state(node_id) is Liveness.dead
 
+    def since(self, node_id: int) -> float | None:
+        """Since when this node has believed what it believes of ``node_id`` (None: not watched)."""
+        peer = self._peers.get(node_id)
+        return None if peer is None else peer.since
+
     def watched(self, by: str | None = None) -> list[int]:
         """The watched peers (in the order they were first watched), or only those ``by`` holds."""
         if by is None:

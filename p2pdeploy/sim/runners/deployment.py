@@ -148,7 +148,10 @@ class DeploymentRunner(NodeRunner):
                 refresh_candidates_s=Tunable("seconds between two recomputations of a target's count", gt=0),
                 unknown_availability=Tunable("the availability assumed of a node that advertises none",
                                              ge=0, le=1),
-            ), tick_s=2.0, report_interval_s=10.0, takeover_grace_s=15.0, pending_retry_s=10.0),
+                manager_suspect_s=Tunable("a group member suspected this long counts as gone when choosing "
+                                          "the manager", gt=0),
+            ), tick_s=2.0, report_interval_s=10.0, takeover_grace_s=15.0, pending_retry_s=10.0,
+                manager_suspect_s=120.0),
             "services": Field(50, int, "services deployed", ge=0),
             "targets": FloatList((0.99, 0.999), list, "availability targets, given in turn to the services "
                                  "without a fixed count", gt=0, le=1),
