@@ -61,6 +61,7 @@ from p2pdeploy.collective.deployment_messages import (
     MAX_REPORTED,
     SERVICE_RECORD_PREFIX,
     Decision,
+    ManagerAlive,
     ManagerHandoff,
     ReplicaReport,
     ReportAck,
@@ -163,13 +164,16 @@ class DeploymentConfig:
     #: (a detector slowed by its own poor health may take minutes to convict; the service would
     #: stay unmanaged meanwhile). Hosts are still replaced only on a verdict.
     manager_suspect_s: float = 20.0
+    #: A member that told it manages (``ManagerAlive``, every ``report_interval_s``) and has been
+    #: silent for this many intervals counts as gone when choosing the manager.
+    manager_silence_reports: int = 4
 
     def __post_init__(self) -> None:
         require_positive(self, "deployment.", "tick_s", "report_interval_s", "takeover_grace_s", "record_refresh_s",
                          "start_timeout_s", "refused_retry_s", "pending_retry_s", "refresh_candidates_s",
                          "query_timeout_s", "failure_backoff_s", "failure_backoff_max_s", "manager_suspect_s")
         require_at_least(self, "deployment.", 0, "unhealthy_grace_s")
-        require_at_least(self, "deployment.", 1, "report_misses", "max_records")
+        require_at_least(self, "deployment.", 1, "report_misses", "max_records", "manager_silence_reports")
         if not 0 <= self.unknown_availability <= 1:
             raise ValueError(f"deployment.unknown_availability must be between 0 and 1 (got {self.unknown_availability})")
 
@@ -195,7 +199,7 @@ class Deployment(OwnerOperations, HostReports, Protocol):
     """Service managers for the services whose records this node holds, the host side of the
     reports, and the owner's API; see the module docstring."""
 
-    handles = (ReplicaReport, ReportAck, ServiceQuery, ServiceReport, ManagerHandoff)
+    handles = (ReplicaReport, ReportAck, ServiceQuery, ServiceReport, ManagerHandoff, ManagerAlive)
     consumes = (QuorumValueAccepted, QuorumFinished, BlobStored, RecordFound, RecordStored, ProspectFinished,
                 AggregateFinished, RequestAnswered, RequestTimedOut, PeerDeclaredDead, PeerRecovered,
                 ReplicaStateChanged, LookupFinished)
@@ -247,6 +251,8 @@ class Deployment(OwnerOperations, HostReports, Protocol):
         self._reads: dict[int, int] = {}  # quorum read id -> service key
         self._list_reads: dict[int, tuple[int, bytes]] = {}  # record read id -> (ServicesListed query id, owner)
         self._next_op = 1
+        #: (service key, member id) -> when that member last said it manages the service.
+        self._heard_manager: dict[tuple[int, int], float] = {}
         self._load_records(now)
 
     def _arm(self, now: float) -> None:
@@ -286,6 +292,14 @@ class Deployment(OwnerOperations, HostReports, Protocol):
             self._on_status_reply(src, msg, now)
         elif isinstance(msg, ManagerHandoff):
             self._on_handoff(src, msg, now)
+        elif isinstance(msg, ManagerAlive):
+            record = self.records.get(msg.service)
+            member = next((m for m in record.group if self._fresh_contact(m).address == src or m.address == src),
+                          None) if record is not None else None
+            if member is None:
+                self.dropped["manager_alive_from_outside_the_group"] += 1
+                return
+            self._heard_manager[(msg.service, member.node_id)] = now
 
     def handle_event(self, event: Any, now: float) -> bool:
         if isinstance(event, QuorumValueAccepted):
@@ -396,6 +410,10 @@ class Deployment(OwnerOperations, HostReports, Protocol):
             liveness = self._liveness(member.node_id)
             if liveness is Liveness.dead:
                 continue
+            heard = self._heard_manager.get((key, member.node_id))
+            if heard is not None and now is not None and \
+                    now - heard > self.config.report_interval_s * self.config.manager_silence_reports:
+                continue  # it managed, and has been silent since
             if liveness is Liveness.suspect and now is not None and self.detector is not None:
                 since = self.detector.since(member.node_id)
                 if since is not None and now - since >= self.config.manager_suspect_s:
@@ -498,6 +516,11 @@ class Deployment(OwnerOperations, HostReports, Protocol):
     # -- the reconciler --------------------------------------------------------------------
     def _reconcile(self, manager: ServiceManager, now: float) -> None:
         c = self.config
+        if now >= manager.next_alive_s:
+            manager.next_alive_s = now + c.report_interval_s
+            for member in manager.group:
+                if member.node_id != self.node_id:
+                    self.send(self._fresh_contact(member).address, ManagerAlive(manager.key))
         if now >= manager.next_refresh_s:
             self._refresh(manager, now)
         spec = manager.spec

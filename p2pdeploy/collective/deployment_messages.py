@@ -208,6 +208,15 @@ class ManagerHandoff:
     replicas: list[PlacedReplica]
 
 
+@message(147)
+class ManagerAlive:
+    """A manager to the other members of its record's group, every report interval: it manages
+    ``service``. A member that stops hearing it counts it as gone when choosing the manager (its
+    failure detector, which probes one watched peer per period, may take long to notice)."""
+
+    service: NodeId
+
+
 @message(145)
 class ServicesList:
     """The value of an owner's list record: the names of its services, for ``ls``."""
@@ -230,5 +239,6 @@ __all__ = [
     "ServiceReport",
     "ServiceSpec",
     "ServicesList",
+    "ManagerAlive",
     "ManagerHandoff",
 ]

@@ -102,6 +102,8 @@ class ServiceManager:
     decisions: deque[Decision] = field(default_factory=lambda: deque(maxlen=MAX_DECISIONS))
     refreshing: int | None = None
     next_refresh_s: float = 0.0
+    #: When it next tells the other members of the group that it manages.
+    next_alive_s: float = 0.0
     #: Replicas that failed one after another (reset when one runs healthy): the placement backs off.
     failures: int = 0
 
