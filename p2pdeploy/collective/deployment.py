@@ -183,10 +183,6 @@ class DeploymentConfig:
         return self.report_interval_s * (self.report_misses + 2)
 
 
-
-
-
-
 @dataclass(slots=True)
 class _Record:
     service: ServiceId
@@ -263,12 +259,6 @@ class Deployment(OwnerOperations, HostReports, Protocol):
         if (self.hosting or self._managed_replicas()) and self.timer_deadline("report") is None:
             self.set_timer("report", now + self.config.report_interval_s)
 
-    # -- the owner's API -------------------------------------------------------------------
-
-
-
-
-
     # -- read-only views -------------------------------------------------------------------
     def managed(self) -> list[ServiceManager]:
         return list(self.managers.values())
@@ -294,8 +284,7 @@ class Deployment(OwnerOperations, HostReports, Protocol):
             self._on_handoff(src, msg, now)
         elif isinstance(msg, ManagerAlive):
             record = self.records.get(msg.service)
-            member = next((m for m in record.group if self._fresh_contact(m).address == src or m.address == src),
-                          None) if record is not None else None
+            member = self._member_at(record.group, src) if record is not None else None
             if member is None:
                 self.dropped["manager_alive_from_outside_the_group"] += 1
                 return
@@ -349,11 +338,8 @@ class Deployment(OwnerOperations, HostReports, Protocol):
             if self.records:
                 self.set_timer("tick", now + self.config.tick_s)
         elif name == "report":
-            keys = dict.fromkeys([*self.hosting, *(m.service_key for m in self._managed_replicas().values())])
-            for key in keys:
-                self._report(key, now, periodic=True)
-            if self.hosting or self._managed_replicas():
-                self.set_timer("report", now + self.config.report_interval_s)
+            for key in dict.fromkeys([*self.hosting, *(m.service_key for m in self._managed_replicas().values())]):
+                self._report(key, now, periodic=True)  # (it arms the next report while there is one)
         elif isinstance(name, tuple) and name[0] == "status":
             op = self._status_ops.pop(name[1], None)
             if op is not None:
@@ -430,6 +416,11 @@ class Deployment(OwnerOperations, HostReports, Protocol):
 
     def _fresh_group(self, group: list[Contact]) -> list[Contact]:
         return [self._fresh_contact(member) for member in group]
+
+    def _member_at(self, members: list[Contact], src: Address) -> Contact | None:
+        """The one of ``members`` that ``src`` is (at the address remembered or the one the
+        routing table knows now); None: a message from outside them."""
+        return next((m for m in members if m.address == src or self._fresh_contact(m).address == src), None)
 
     def _liveness(self, node_id: int) -> Liveness:
         if node_id == self.node_id:
@@ -531,11 +522,11 @@ class Deployment(OwnerOperations, HostReports, Protocol):
         live = manager.counted()
         current = [p for p in live if p.bundle_blob == spec.bundle_blob]
         outdated = [p for p in live if p.bundle_blob != spec.bundle_blob]
-        desired = 0 if spec.undeployed else manager.desired
         if spec.undeployed:
             for placed in live:
                 self._stop(manager, placed, "undeployed", now)
             return
+        desired = manager.desired
         if now < manager.grace_until:
             return
         placement = manager.placement
@@ -579,9 +570,7 @@ class Deployment(OwnerOperations, HostReports, Protocol):
             elif not placed.asking and placed.confirmed:
                 # alive but silent about it (it restarted before anyone held it dead, say): ask
                 placed.asking = True
-                host = self._fresh_contact(placed.host)
-                request = self.client.query(host.address, host.node_id, placed.replica_id, now)
-                self._requests[request] = (manager.key, placed.replica_id)
+                self._ask(manager, placed, self._fresh_contact(placed.host), now)
         if lost:
             del manager.replicas[placed.replica_id]
             if placed.live:
@@ -623,8 +612,9 @@ class Deployment(OwnerOperations, HostReports, Protocol):
         manager.last_candidates_s = now
         placement = manager.placement
         live = manager.counted()
+        hosts = {p.host.node_id for p in live}
         offers = [Offer(n.contact.node_id, n.contact.address, n.attributes) for n in event.nodes
-                  if n.contact.node_id not in {p.host.node_id for p in live}]
+                  if n.contact.node_id not in hosts]
         if placement.mode == "every":
             desired, reason = len(offers) + len(live), f"every node that satisfies the constraints ({len(offers) + len(live)})"
         elif placement.replicas is not None:
@@ -678,10 +668,8 @@ class Deployment(OwnerOperations, HostReports, Protocol):
     def _fresh(self, offer: Offer) -> Offer:
         """``offer`` at the address the routing table knows now (a node that restarted since the
         search listens elsewhere)."""
-        contact = self.overlay.table.get(offer.node_id)
-        if contact is None or contact.address == offer.address:
-            return offer
-        return Offer(offer.node_id, contact.address, offer.attributes)
+        address = self._fresh_contact(Contact(offer.node_id, offer.address)).address
+        return offer if address == offer.address else Offer(offer.node_id, address, offer.attributes)
 
     def _start(self, manager: ServiceManager, offer: Offer, now: float) -> None:
         spec = manager.spec
@@ -731,8 +719,7 @@ class Deployment(OwnerOperations, HostReports, Protocol):
         if placed.asking:
             placed.asking = False
             if isinstance(event, RequestAnswered) and not isinstance(event.reply, Refused):
-                placed.state, placed.reason, placed.healthy = event.reply.state, event.reply.reason, event.reply.healthy
-                placed.reported_s = now
+                placed.heard(event.reply, now)
             else:
                 del manager.replicas[replica_id]
                 why = "does not answer about it" if isinstance(event, RequestTimedOut) else "no longer has it"
@@ -744,7 +731,7 @@ class Deployment(OwnerOperations, HostReports, Protocol):
             if isinstance(event, RequestAnswered) and not isinstance(event.reply, Refused) \
                     and event.reply.replica_id == replica_id:
                 placed.confirmed = True
-                placed.state, placed.reason, placed.healthy = event.reply.state, event.reply.reason, event.reply.healthy
+                placed.heard(event.reply, now)
                 self._watch(placed.host, now)
             else:
                 del manager.replicas[replica_id]  # nobody there runs it: a false report
@@ -759,17 +746,10 @@ class Deployment(OwnerOperations, HostReports, Protocol):
             manager.next_search_s = now
             self._decide(manager, "refused", reason, now, placed)
             return True
-        reply = event.reply
-        placed.state, placed.reason, placed.healthy = reply.state, reply.reason, reply.healthy
-        placed.reported_s = now
+        placed.heard(event.reply, now)
         return True
 
-    # -- the host's side: what runs here -----------------------------------------------------
-
-    # -- reports between hosts and managers ------------------------------------------------
-
-
-
+    # -- reports a manager receives --------------------------------------------------------
     def _on_report(self, src: Address, msg: ReplicaReport, now: float) -> None:
         manager = self.managers.get(msg.service)
         if manager is None:
@@ -792,14 +772,10 @@ class Deployment(OwnerOperations, HostReports, Protocol):
             if placed is None:
                 if entry.state not in LIVE_STATES and entry.state != "failed":
                     continue
-                if len(manager.replicas) >= 2 * max(manager.desired, 1) + MAX_REPORTED:
+                placed = self._adopt(manager, entry.replica_id, host, entry.state, entry.bundle_blob, now)
+                if placed is None:
                     self.dropped["reported_replicas_over_limit"] += 1
                     continue
-                placed = Placed(entry.replica_id, host, entry.state, now, entry.bundle_blob, fine_s=now,
-                                confirmed=False)
-                manager.replicas[entry.replica_id] = placed
-                request = self.client.query(src, msg.host, entry.replica_id, now)
-                self._requests[request] = (manager.key, entry.replica_id)
             elif placed.host.node_id != msg.host:
                 self.dropped["report_of_another_hosts_replica"] += 1
                 continue
@@ -809,8 +785,7 @@ class Deployment(OwnerOperations, HostReports, Protocol):
                     continue
                 placed.host = Contact(msg.host, src)  # the host listens elsewhere since it restarted
             was_running = placed.state == "running"
-            placed.state, placed.reason, placed.healthy = entry.state, entry.reason, entry.healthy
-            placed.reported_s = now
+            placed.heard(entry, now)
             if entry.bundle_blob:
                 placed.bundle_blob = entry.bundle_blob
             if entry.state == "running" and not was_running and placed.replaces_lost_s is not None:
@@ -826,7 +801,7 @@ class Deployment(OwnerOperations, HostReports, Protocol):
 
     def _on_handoff(self, src: Address, msg: ManagerHandoff, now: float) -> None:
         record = self.records.get(msg.service)
-        if record is None or not any(self._fresh_contact(m).address == src or m.address == src for m in record.group):
+        if record is None or self._member_at(record.group, src) is None:
             self.dropped["handoff_from_outside_the_group"] += 1
             return
         self._tick_service(msg.service, now)
@@ -835,14 +810,26 @@ class Deployment(OwnerOperations, HostReports, Protocol):
             self.dropped["handoff_not_managed_here"] += 1
             return
         for entry in msg.replicas[:MAX_REPORTED]:
-            if entry.replica_id in manager.replicas or len(manager.replicas) >= 2 * max(manager.desired, 1) + MAX_REPORTED:
-                continue
-            host = self._fresh_contact(entry.host)
-            manager.replicas[entry.replica_id] = Placed(entry.replica_id, host, entry.state, now, entry.bundle_blob,
-                                                        fine_s=now, reported_s=now, confirmed=False)
-            request = self.client.query(host.address, host.node_id, entry.replica_id, now)
-            self._requests[request] = (manager.key, entry.replica_id)
+            if entry.replica_id not in manager.replicas:
+                self._adopt(manager, entry.replica_id, self._fresh_contact(entry.host), entry.state, entry.bundle_blob, now)
 
+    def _adopt(self, manager: ServiceManager, replica_id: str, host: Contact, state: str, bundle_blob: bytes,
+               now: float) -> Placed | None:
+        """A replica this manager did not start, told of by its host or by the previous manager:
+        kept unconfirmed (it does not count) until its host answers a signed query for it. None
+        when the manager tracks as many as it may."""
+        if len(manager.replicas) >= 2 * max(manager.desired, 1) + MAX_REPORTED:
+            return None
+        placed = manager.replicas[replica_id] = Placed(replica_id, host, state, now, bundle_blob, reported_s=now,
+                                                       fine_s=now, confirmed=False)
+        self._ask(manager, placed, host, now)
+        return placed
+
+    def _ask(self, manager: ServiceManager, placed: Placed, host: Contact, now: float) -> None:
+        """Ask ``host`` for the status of ``placed`` (a signed query); the answer comes to
+        :meth:`_on_remote_answer`."""
+        request = self.client.query(host.address, host.node_id, placed.replica_id, now)
+        self._requests[request] = (manager.key, placed.replica_id)
 
     def _on_liveness(self, event: PeerDeclaredDead | PeerRecovered, now: float) -> None:
         if isinstance(event, PeerDeclaredDead):
@@ -869,18 +856,6 @@ class Deployment(OwnerOperations, HostReports, Protocol):
         boss = self._manager_of(msg.service, record.group, now)
         self.send(src, ServiceReport(msg.query_id, msg.service, False, boss, record.item_sequence, 0, "", [], []))
 
-
-
-
-    # -- the owner's operations ------------------------------------------------------------
-
-
-
-
-
-
-
-
     def _on_quorum(self, event: QuorumFinished, now: float) -> bool:
         key = self._reads.pop(event.query_id, None)
         if key is not None:
@@ -895,7 +870,6 @@ class Deployment(OwnerOperations, HostReports, Protocol):
             return False
         self._owner_step(op, event, now)
         return True
-
 
     # -- decisions -------------------------------------------------------------------------
     def _decide(self, manager: ServiceManager, decision: str, reason: str, now: float,
@@ -912,18 +886,6 @@ class Deployment(OwnerOperations, HostReports, Protocol):
                 self.pubsub.publish(manager.service.topic, attributes, now)
             except ValueError:
                 self.dropped["decision_unpublishable"] += 1
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 __all__ = [

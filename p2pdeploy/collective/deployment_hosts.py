@@ -61,6 +61,7 @@ class HostReports:
     _liveness: Callable[[int], Liveness]
     _fresh_contact: Callable[[Contact], Contact]
     _fresh_group: Callable[[list[Contact]], list[Contact]]
+    _member_at: Callable[[list[Contact], Address], Contact | None]
 
     def _publish_replica(self, event: ReplicaStateChanged, now: float) -> None:
         managed = self.remote.managed.get(event.replica_id) if self.remote is not None else None
@@ -130,8 +131,7 @@ class HostReports:
         if hosted is None:
             self.dropped["ack_for_unknown_service"] += 1
             return
-        known = hosted.group or [hosted.manager]
-        if not any(member.address == src or self._fresh_contact(member).address == src for member in known):
+        if self._member_at(hosted.group or [hosted.manager], src) is None:
             self.dropped["ack_from_outside_the_group"] += 1
             return
         hosted.unacked = 0

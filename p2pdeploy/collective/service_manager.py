@@ -58,6 +58,11 @@ class Placed:
     #: A query about it is on its way (its live host stopped reporting it).
     asking: bool = False
 
+    def heard(self, status: Any, now: float) -> None:
+        """Its host told its state, reason and health (a report's entry, a status reply)."""
+        self.state, self.reason, self.healthy = status.state, status.reason, status.healthy
+        self.reported_s = now
+
     @property
     def live(self) -> bool:
         return self.confirmed and self.state in LIVE_STATES and not self.stopping
