@@ -30,15 +30,21 @@ def deployed(net: DeployNet, address: int = 0, name: str = "web", **bundle_optio
     return ServiceId(name, owner.public_key)
 
 
+def web_at_three_replicas(seed: int) -> tuple[DeployNet, ServiceId]:
+    """Ten nodes running "web" (node 0's) at 3 replicas."""
+    net = DeployNet(10, seed=seed)
+    net.run_for(5)
+    service = deployed(net)
+    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    return net, service
+
+
 def decisions(net: DeployNet, kind: str | None = None) -> list[Decision]:
     return [e for _, e in net.events if isinstance(e, Decision) and (kind is None or e.decision == kind)]
 
 
 def test_a_service_runs_its_replicas_on_distinct_nodes_of_distinct_owners():
-    net = DeployNet(10, seed=1)
-    net.run_for(5)
-    service = deployed(net)
-    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    net, service = web_at_three_replicas(seed=1)
     net.run_for(10)
     hosts = net.replicas_of("web")
     assert len(hosts) == 3 and len(set(hosts.values())) == 3
@@ -48,10 +54,7 @@ def test_a_service_runs_its_replicas_on_distinct_nodes_of_distinct_owners():
 
 
 def test_a_replica_whose_host_dies_is_replaced_elsewhere():
-    net = DeployNet(10, seed=2)
-    net.run_for(5)
-    service = deployed(net)
-    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    net, service = web_at_three_replicas(seed=2)
     manager = net.managers_of(service.key)[0]
     victim = next(a for a in net.replicas_of("web").values() if a != manager)
     crashed_at = net.now
@@ -67,10 +70,7 @@ def test_a_replica_whose_host_dies_is_replaced_elsewhere():
 
 
 def test_a_paused_host_is_not_replaced():
-    net = DeployNet(10, seed=3)
-    net.run_for(5)
-    deployed(net)
-    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    net, service = web_at_three_replicas(seed=3)
     before = dict(net.replicas_of("web"))
     victim = next(iter(before.values()))
     net.pause(victim)
@@ -82,10 +82,7 @@ def test_a_paused_host_is_not_replaced():
 
 
 def test_when_the_manager_dies_the_next_member_of_the_group_takes_over():
-    net = DeployNet(10, seed=4)
-    net.run_for(5)
-    service = deployed(net)
-    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    net, service = web_at_three_replicas(seed=4)
     [manager] = net.managers_of(service.key)
     net.crash(manager)
     net.run_until(lambda: net.managers_of(service.key) and len(net.replicas_of("web")) == 3, 60)
@@ -103,10 +100,7 @@ def test_when_the_manager_dies_the_next_member_of_the_group_takes_over():
 
 
 def test_undeploy_stops_every_replica_and_frees_every_reservation():
-    net = DeployNet(10, seed=5)
-    net.run_for(5)
-    deployed(net)
-    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    net, service = web_at_three_replicas(seed=5)
     op = net.call(7, lambda s, now: s.layer(Deployment).undeploy("web", now))
     assert not net.finished_op(7, op).ok  # node 7's key owns no service "web"
     op = net.call(0, lambda s, now: s.layer(Deployment).undeploy("web", now))
@@ -120,10 +114,7 @@ def test_undeploy_stops_every_replica_and_frees_every_reservation():
 
 
 def test_a_host_that_comes_back_has_its_surplus_replica_stopped():
-    net = DeployNet(10, seed=6)
-    net.run_for(5)
-    service = deployed(net)
-    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    net, service = web_at_three_replicas(seed=6)
     manager = net.managers_of(service.key)[0]
     victim = next(a for a in net.replicas_of("web").values() if a != manager)
     net.partition([[victim], [a for a in range(10) if a != victim]])
@@ -231,10 +222,7 @@ def test_a_new_version_starts_its_replicas_before_the_old_ones_stop():
 
 
 def test_a_false_report_of_replicas_changes_nothing():
-    net = DeployNet(10, seed=13)
-    net.run_for(5)
-    service = deployed(net)
-    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    net, service = web_at_three_replicas(seed=13)
     real = dict(net.replicas_of("web"))
     [manager] = net.managers_of(service.key)
     liar = next(a for a in range(10) if a not in real.values() and a != manager)
@@ -308,10 +296,7 @@ def test_a_service_whose_replicas_keep_failing_backs_off_instead_of_looping():
 
 
 def test_a_report_in_a_hosts_name_from_another_address_changes_nothing():
-    net = DeployNet(10, seed=17)
-    net.run_for(5)
-    service = deployed(net)
-    net.run_until(lambda: len(net.replicas_of("web")) == 3, 60)
+    net, service = web_at_three_replicas(seed=17)
     real = dict(net.replicas_of("web"))
     [manager] = net.managers_of(service.key)
     victim_id, host = next((r, a) for r, a in real.items() if a != manager)

@@ -240,10 +240,7 @@ def test_a_host_back_before_its_verdict_has_its_lost_replicas_replaced():
     net.restart(victim)  # back at once, as a supervisor restarts a crashed daemon
     net.run_for(SETTLE_S)
     assert len(net.replicas_of("web")) == 3
-    service = ServiceId("web", owner.public_key)
-    [manager] = net.managers_of(service.key)
-    assert all(p.bundle_blob == net.deployment(manager).managers[service.key].spec.bundle_blob
-               for p in net.deployment(manager).managers[service.key].replicas.values())
+    assert_runs_its_current_version(net, ServiceId("web", owner.public_key))
 
 
 def test_a_node_cut_off_and_healed_sees_the_community_again():
@@ -255,6 +252,12 @@ def test_a_node_cut_off_and_healed_sees_the_community_again():
     net.run_for(SETTLE_S)
     for address in (1, 0):
         assert len(prospected(net, address)) == 8, f"node {address} finds {prospected(net, address)} of 8 nodes"
+
+
+def assert_runs_its_current_version(net: DeployNet, service: ServiceId) -> None:
+    [manager] = net.managers_of(service.key)
+    managed = net.deployment(manager).managers[service.key]
+    assert all(p.bundle_blob == managed.spec.bundle_blob for p in managed.replicas.values())
 
 
 def prospected(net: DeployNet, address: int) -> list[int]:
@@ -281,10 +284,7 @@ def test_an_update_completes_when_every_eligible_node_already_runs_the_old_versi
     assert net.deploy(0, bundle, manifest).ok
     net.run_for(SETTLE_S)
     assert len(net.replicas_of("web")) == 3
-    service = ServiceId("web", owner.public_key)
-    [manager] = net.managers_of(service.key)
-    assert all(p.bundle_blob == net.deployment(manager).managers[service.key].spec.bundle_blob
-               for p in net.deployment(manager).managers[service.key].replicas.values())
+    assert_runs_its_current_version(net, ServiceId("web", owner.public_key))
 
 
 def test_a_manager_cut_off_and_healed_keeps_one_replica_per_node():
