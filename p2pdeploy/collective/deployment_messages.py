@@ -49,7 +49,7 @@ class ServiceId:
             raise ServiceIdError(f"service name {self.name!r} must be 1 to 48 of a-z, 0-9 and -, starting "
                                  f"with a letter or digit")
         if len(self.owner) != OWNER_KEY_BYTES:
-            raise ServiceIdError(f"a service's owner is a {OWNER_KEY_BYTES}-byte public key")
+            raise ServiceIdError(f"a service's owner is a {OWNER_KEY_BYTES}-byte public key (got {len(self.owner)})")
 
     @classmethod
     def parse(cls, text: str, default_owner: bytes | None = None) -> ServiceId:

@@ -50,10 +50,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from p2pdeploy.collective.deployment_messages import OWNER_KEY_BYTES, ServiceId
 from p2pdeploy.overlay.identity import Identity, key_id
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import Item, check_item, record_key, sign_record, signature_valid
-from p2pdeploy.resource.manifest import NAME_RE
 from p2pdeploy.wire import NodeId, message, record
 
 DEFAULT_MAX_RECORD_BYTES = 64 * 1024
@@ -63,7 +63,6 @@ MAX_GROUP = 16
 SERVICE_STATE_PREFIX = b"svcstate/"
 #: What the key of a service state record hashes before its name, so it meets no other key.
 SERVICE_STATE_DOMAIN = b"p2pdeploy service state\n"
-OWNER_KEY_BYTES = 32
 #: A key within a service's state: 1 to this many bytes, without NUL or line breaks.
 MAX_STATE_KEY_BYTES = 256
 _STATE_KEY_FORBIDDEN = frozenset(b"\x00\r\n")
@@ -78,11 +77,7 @@ class ServiceStateName:
     key: bytes
 
     def __post_init__(self) -> None:
-        if len(self.owner) != OWNER_KEY_BYTES:
-            raise ValueError(f"a service's owner is a {OWNER_KEY_BYTES}-byte public key (got {len(self.owner)})")
-        if not NAME_RE.fullmatch(self.service):
-            raise ValueError(f"service name {self.service!r} must be 1 to 48 of a-z, 0-9 and -, starting "
-                             f"with a letter or digit")
+        ServiceId(self.service, self.owner)  # the service's identity is valid (a ValueError names why)
         if not 1 <= len(self.key) <= MAX_STATE_KEY_BYTES or _STATE_KEY_FORBIDDEN & set(self.key):
             raise ValueError(f"a state key is 1 to {MAX_STATE_KEY_BYTES} bytes without NUL or line breaks "
                              f"(got {self.key!r})")

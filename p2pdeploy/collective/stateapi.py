@@ -38,10 +38,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from p2pdeploy.collective.deployment_messages import OWNER_KEY_BYTES, ServiceId, ServiceIdError
 from p2pdeploy.collective.persistence import Persistence, QuorumFinished
-from p2pdeploy.collective.records import OWNER_KEY_BYTES, ServiceStateName, quorum_key
+from p2pdeploy.collective.records import ServiceStateName, quorum_key
 from p2pdeploy.overlay.identity import Identity
-from p2pdeploy.resource.manifest import NAME_RE
 
 MAX_KEY_BYTES = 256
 MAX_NAMESPACE_BYTES = 128
@@ -69,23 +69,24 @@ def check_key(key: str) -> bytes:
 
 
 def service_namespace(service: str, owner: bytes) -> str:
-    """The namespace of the state of the service ``service@owner``: ``NAME@OWNER_HEX``."""
+    """The namespace of the state of the service ``service@owner``: ``NAME@OWNER_HEX``, the
+    service's identity."""
     namespace = f"{service}@{owner.hex()}"
     parse_service_namespace(namespace)
     return namespace
 
 
 def parse_service_namespace(namespace: str) -> tuple[str, bytes]:
-    """The service name and owner key of a service's namespace ``NAME@OWNER_HEX``."""
-    service, at, owner_hex = namespace.partition("@") if isinstance(namespace, str) else ("", "", "")
+    """The service name and owner key of a service's namespace ``NAME@OWNER_HEX`` (its
+    :class:`ServiceId`, written exactly so: lowercase hex)."""
     try:
-        owner = bytes.fromhex(owner_hex) if owner_hex == owner_hex.lower() else b""
-    except ValueError:
-        owner = b""
-    if not at or not NAME_RE.fullmatch(service) or len(owner) != OWNER_KEY_BYTES:
+        service = ServiceId.parse(namespace) if isinstance(namespace, str) and "@" in namespace else None
+    except ServiceIdError:
+        service = None
+    if service is None or str(service) != namespace:
         raise StateError(f"a service's state namespace is NAME@OWNER: the service's name and "
                          f"{2 * OWNER_KEY_BYTES} lowercase hex digits of its owner's key (got {namespace!r})")
-    return service, owner
+    return service.name, service.owner
 
 
 def record_name(namespace: str, key: str, *, service: bool = False) -> bytes:
