@@ -358,14 +358,18 @@ async def deploy(community: Community) -> None:
     )
     await _cli(community, "deploy", str(EXAMPLES_DIR / "hello"), "--replicas", str(count),
                "--data-dir", str(owner.data_dir))
-    report = await _service_report(community, owner)
+    service = f"hello@{load_or_create_identity(owner.data_dir)[0].public_key.hex()}"
+    report = await _service_report(service, owner)
     manager = names.get(f"{report.manager.node_id:040x}", "?") if report.manager else "?"
     _replica_table(community, report, f"hello: {count} replicas on {count} nodes, managed by {manager}")
     hosts = {f"{r.host.node_id:040x}" for r in report.replicas if r.state == "running"}
     if len(hosts) != count:
         raise ProcessOutputError(f"{count} replicas on {count} distinct nodes expected, got {len(hosts)} nodes")
     managing = f"{report.manager.node_id:040x}" if report.manager else ""
-    victim = next(n for n in community.nodes if n.node_id_hex in hosts and n.node_id_hex != managing)
+    # a host that neither manages nor owns the service, where there is one (with 3 nodes there may not be)
+    victim = min((n for n in community.nodes if n.node_id_hex in hosts and n.node_id_hex != managing),
+                 key=lambda n: n is owner)
+    watcher = next(n for n in community.nodes if n is not victim)  # asks for the service's status
     port = await _replica_port(victim)
     for _ in range(2):
         console.print(f"[bold]GET http://127.0.0.1:{port}/count[/] on {victim.name} → {await _http_get(port, '/count')}")
@@ -374,7 +378,7 @@ async def deploy(community: Community) -> None:
     await crash(victim)
     with trio.fail_after(120):
         while True:
-            report = await _service_report(community, owner)
+            report = await _service_report(service, watcher)
             healthy = {f"{r.host.node_id:040x}" for r in report.replicas if r.state == "running" and r.healthy}
             if len(healthy - {victim.node_id_hex}) >= count:
                 break
@@ -406,10 +410,10 @@ async def deploy(community: Community) -> None:
     console.print("every replica stopped, every reservation freed")
 
 
-async def _service_report(community: Community, via: JoinProcess) -> Any:
+async def _service_report(service: str, via: JoinProcess) -> Any:
     with trio.fail_after(30):
         while True:
-            reply = await control_request(via.data_dir, ServiceStatusRequest("hello"))
+            reply = await control_request(via.data_dir, ServiceStatusRequest(service))
             if reply.report is not None:
                 return reply.report
             await trio.sleep(0.2)
