@@ -309,9 +309,14 @@ SMALL = {
     "availability": ["duration_s=1200", "deployment.services=6"],
     "broadcast-churn": ["duration_s=1000", "broadcast.broadcasts=6"],
     "multicast": ["multicast.members=20", "multicast.messages=20"],
+    "node-churn": ["duration_s=800", "overlay.workload_window_s=400", "overlay.lookups=100", "overlay.gets=100",
+                   "persistence.blobs=4", "persistence.fetch_window_s=100", "node.prospects=50"],
     "overlay-churn": ["duration_s=700", "overlay.workload_window_s=400", "overlay.lookups=150", "overlay.gets=150"],
+    "overlay-churn-weibull": ["duration_s=700", "overlay.workload_window_s=400", "overlay.lookups=150",
+                              "overlay.gets=150"],
     "overlay-static": ["overlay.lookups=200"],
     "persistence-churn": ["duration_s=700", "persistence.blobs=6", "persistence.fetch_window_s=100"],
+    "persistence-churn-weibull": ["duration_s=700", "persistence.blobs=6", "persistence.fetch_window_s=100"],
     "prospector-churn": ["duration_s=600", "prospector.queries_window_s=250", "prospector.prospects=100"],
 }
 #: What may differ between a run that encodes and one that does not: speed and the trace hash.
