@@ -109,8 +109,17 @@ class HostReports:
             hosted.unacked += 1
             if hosted.unacked > self.config.report_misses:
                 self._next_manager(key, hosted)  # its reports were not acknowledged
-        self.send(self._fresh_contact(hosted.manager).address, ReplicaReport(key, self.node_id, entries))
+        report = ReplicaReport(key, self.node_id, entries)
+        for address in self._addresses_of(hosted.manager):
+            self.send(address, report)
         self._arm(now)
+
+    def _addresses_of(self, contact: Contact) -> list[Address]:
+        """Where ``contact`` may listen: the address the routing table knows and, when it differs,
+        the one this node was told (an ack names the manager as the member that sent it knows it;
+        a node that restarted listens elsewhere, and a table that has not heard from it since
+        still holds the old address, so both are tried until the table has checked the new one)."""
+        return list(dict.fromkeys([self._fresh_contact(contact).address, contact.address]))
 
     def _next_manager(self, key: int, hosted: _Hosted) -> None:
         """Report to the next member of the group (closest first, round and round), skipping
@@ -144,7 +153,11 @@ class HostReports:
             if entry is not None and entry.service_key == msg.service and status is not None \
                     and status.state.value == "stopped" and self.host is not None:
                 self.host.forget(replica_id, now)
+        if self._fresh_contact(msg.manager).address != msg.manager.address:
+            self.overlay.heard(msg.manager, now)  # the table challenges it there, and learns the address once proved
         if msg.manager.node_id != hosted.manager.node_id:
             hosted.manager = msg.manager
             self._watch(msg.manager, now)
             self._report(msg.service, now)
+        elif msg.manager.address != hosted.manager.address:
+            hosted.manager = msg.manager

@@ -16,6 +16,8 @@ from p2pdeploy.collective.persistence import Accept, Persistence
 from p2pdeploy.collective.pubsub import Delivered, PubSub
 from p2pdeploy.collective.records import Ballot
 from p2pdeploy.fabric.replicas import ReplicaHost
+from p2pdeploy.overlay.kademlia import Kademlia
+from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import sign_record
 from p2pdeploy.resource.description import NodeDescription
 from p2pdeploy.resource.protocol import Refused, RemoteClient, RemoteControl, RequestAnswered, StopReplica
@@ -309,3 +311,25 @@ def test_a_report_in_a_hosts_name_from_another_address_changes_nothing():
     assert net.replicas_of("web") == real
     assert not decisions(net, "stopped") and not decisions(net, "replaced")
     assert net.deployment(manager).dropped["report_from_another_address"] >= 8
+
+
+def test_a_host_whose_routing_table_holds_the_managers_old_address_still_reaches_it():
+    # A node that restarts listens at a new address; a host whose table has not heard from it
+    # since still holds the old one (as a real host did after the manager of its service came
+    # back: its stopped replica was never released after an undeploy). Here the table is set
+    # back to an address where nobody listens every second, as if it never heard from the manager.
+    net, service = web_at_three_replicas(seed=18)
+    [manager] = net.managers_of(service.key)
+    host = next(a for a in net.replicas_of("web").values() if a != manager)
+    nowhere = 10_000
+    op = net.call(0, lambda s, now: s.layer(Deployment).undeploy("web", now))
+    assert net.finished_op(0, op).ok
+    every_state = ("requested", "fetching", "installing", "starting", "running", "stopping", "stopped", "failed")
+    for _ in range(60):
+        net.layer(host, Kademlia).table.add(Contact(net.node_ids[manager], nowhere))
+        net.run_for(1)
+        if not net.replicas_of("web", states=every_state):
+            break
+    assert not net.replicas_of("web", states=every_state)
+    admission = net.layer(host, ReplicaHost).admission
+    assert not admission.holders() and not admission.retained
