@@ -558,6 +558,8 @@ class Deployment(OwnerOperations, HostReports, Protocol):
         if placed.state in ("stopped",):
             del manager.replicas[placed.replica_id]
             return
+        if placed.stopping and placed.state in LIVE_STATES and now - placed.stop_sent_s >= c.report_timeout_s:
+            self._send_stop(manager, placed, now)  # its host still runs it: the stop was lost (a partition, say)
         liveness = self._liveness(placed.host.node_id)
         lost = ""
         if liveness is Liveness.dead:
@@ -696,11 +698,15 @@ class Deployment(OwnerOperations, HostReports, Protocol):
             return
         placed.stopping = True
         placed.reason = reason
+        self._send_stop(manager, placed, now)
+        decision = "surplus_stopped" if reason.startswith("surplus") else "stopped"
+        self._decide(manager, decision, reason, now, placed)
+
+    def _send_stop(self, manager: ServiceManager, placed: Placed, now: float) -> None:
+        placed.stop_sent_s = now
         host = self._fresh_contact(placed.host)
         request = self.client.stop(host.address, host.node_id, placed.replica_id, now)
         self._requests[request] = (manager.key, placed.replica_id)
-        decision = "surplus_stopped" if reason.startswith("surplus") else "stopped"
-        self._decide(manager, decision, reason, now, placed)
 
     def _on_remote_answer(self, event: RequestAnswered | RequestTimedOut, now: float) -> bool:
         entry = self._requests.pop(event.request_id, None)

@@ -49,6 +49,8 @@ class Placed:
     #: When it last was fine (not failed, not unhealthy): the unhealthy grace counts from it.
     fine_s: float = 0.0
     stopping: bool = False
+    #: When the last stop was sent (it is sent again while its host still reports it running).
+    stop_sent_s: float = 0.0
     attributes: dict[str, Any] = field(default_factory=dict)
     #: When the replica it replaces was lost (its replacement time ends when this one runs).
     replaces_lost_s: float | None = None

@@ -294,3 +294,22 @@ def test_a_manager_cut_off_and_healed_keeps_one_replica_per_node():
     machine.cut_off(node=6)
     machine.run(seconds=15.0)
     machine.settle_and_check(restart=False)
+
+
+class _First:
+    """``data`` for a rule that samples from a list: the first element."""
+
+    def draw(self, strategy):
+        return sorted(strategy.elements)[0]
+
+
+def test_a_stop_lost_to_a_partition_is_sent_again():
+    # scaled down while the host of the replica it chose to stop was cut off: the stop was lost,
+    # and after the heal that host ran the surplus replica on while the manager held it stopping
+    machine = DeploymentUnderChurn()
+    machine.build(seed=105)
+    machine.settle_and_check(restart=True)
+    machine.settle_and_check(restart=False)
+    machine.cut_off(node=9)
+    machine.scale(_First(), replicas=2)
+    machine.settle_and_check(restart=False)
