@@ -103,6 +103,11 @@ def test_a_deployed_service_heals_keeps_its_state_and_obeys_only_its_owner(servi
                     left, len(statuses), report, [{k: v for k, v in s.counters.items() if "Deployment" in k}
                                                   for s in statuses if s.replicas])
             finally:
+                # shown only when the test fails: what each node decided and what its replicas did
+                for index, node in enumerate(community.nodes):
+                    print(f"-- node {index} {community.node_ids[index]:040x}")
+                    print("\n".join(line for line in node.stdout_lines
+                                    if line.startswith(("service ", "replica ", "peer ", "listening"))))
                 await stop_community(community)
 
     trio.run(main)
