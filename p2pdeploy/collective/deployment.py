@@ -165,7 +165,8 @@ class DeploymentConfig:
     #: stay unmanaged meanwhile). Hosts are still replaced only on a verdict.
     manager_suspect_s: float = 20.0
     #: A member that told it manages (``ManagerAlive``, every ``report_interval_s``) and has been
-    #: silent for this many intervals counts as gone when choosing the manager.
+    #: silent for this many intervals counts as gone when choosing the manager; so does one never
+    #: heard from this many intervals after this node took up the record (it started, or learned it).
     manager_silence_reports: int = 4
 
     def __post_init__(self) -> None:
@@ -249,6 +250,9 @@ class Deployment(OwnerOperations, HostReports, Protocol):
         self._next_op = 1
         #: (service key, member id) -> when that member last said it manages the service.
         self._heard_manager: dict[tuple[int, int], float] = {}
+        #: Service key -> when this run of the node took up its record: a member never heard
+        #: managing is given until ``manager_silence_reports`` intervals after it.
+        self._record_since: dict[int, float] = {}
         self._load_records(now)
 
     def _arm(self, now: float) -> None:
@@ -383,23 +387,28 @@ class Deployment(OwnerOperations, HostReports, Protocol):
         if known is not None and known.item_sequence > item.sequence:
             return
         self.records[key] = _Record(service, list(group), item.sequence, item.value)
+        self._record_since.setdefault(key, now)
         for member in group:
             self._watch(member, now)
         self._arm(now)
 
     def _manager_of(self, key: int, group: list[Contact], now: float | None = None) -> Contact | None:
         """The closest member of ``group`` that this node does not hold dead (nor has suspected
-        for ``manager_suspect_s``)."""
+        for ``manager_suspect_s``), nor has been without its ``ManagerAlive`` for
+        ``manager_silence_reports`` intervals (since the last one, or since this node took up the
+        record). Silence is evidence of its own: a node that restarts watches the members anew,
+        alive until its detector probes them, and with a hundred peers watched at a WAN period
+        that takes minutes; a closer member down all along kept the service unmanaged meanwhile."""
+        silence_s = self.config.report_interval_s * self.config.manager_silence_reports
         for member in sorted(group, key=lambda c: c.node_id ^ key):
             if member.node_id == self.node_id:
                 return self.contact
             liveness = self._liveness(member.node_id)
             if liveness is Liveness.dead:
                 continue
-            heard = self._heard_manager.get((key, member.node_id))
-            if heard is not None and now is not None and \
-                    now - heard > self.config.report_interval_s * self.config.manager_silence_reports:
-                continue  # it managed, and has been silent since
+            heard = self._heard_manager.get((key, member.node_id), self._record_since.get(key))
+            if heard is not None and now is not None and now - heard > silence_s:
+                continue  # it managed and has been silent since, or it never told it manages
             if liveness is Liveness.suspect and now is not None and self.detector is not None:
                 since = self.detector.since(member.node_id)
                 if since is not None and now - since >= self.config.manager_suspect_s:

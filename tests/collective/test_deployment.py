@@ -19,6 +19,7 @@ from p2pdeploy.fabric.replicas import ReplicaHost
 from p2pdeploy.overlay.kademlia import Kademlia
 from p2pdeploy.overlay.routing import Contact
 from p2pdeploy.overlay.storage import sign_record
+from p2pdeploy.overlay.swim import DetectorConfig
 from p2pdeploy.resource.description import NodeDescription
 from p2pdeploy.resource.protocol import Refused, RemoteClient, RemoteControl, RequestAnswered, StopReplica
 from tests.deploynet import DeployNet, service_bundle
@@ -99,6 +100,32 @@ def test_when_the_manager_dies_the_next_member_of_the_group_takes_over():
     assert status.report is not None and status.report.managing
     assert status.report.manager.node_id == net.node_ids[successor]
     assert sorted(r.replica_id for r in status.report.replicas) == sorted(net.replicas_of("web"))
+
+
+def test_a_member_that_restarts_alone_manages_though_its_detector_has_not_probed_the_closer_one_yet():
+    # A restarted node watches its groups' members anew, each alive until its detector probes it:
+    # with many peers at a WAN period that takes minutes (availability.toml at 1,000 nodes: 139
+    # peers at 5 s). The closer member, down all along, never tells it manages; after
+    # manager_silence_reports intervals without a word from it the restarted member manages.
+    net = DeployNet(10, seed=4, detector=DetectorConfig(protocol_period_s=30.0, probe_timeout_s=10.0))
+    net.run_for(5)
+    service = deployed(net)
+    net.run_until(lambda: len(net.replicas_of("web")) == 3, 120)
+    [first] = net.managers_of(service.key)
+    group = sorted(net.deployment(first).records[service.key].group, key=lambda c: c.node_id ^ service.key)
+    closest, second, third = (net.index_of(member.node_id) for member in group)
+    assert first == closest
+    net.crash(closest)
+    net.crash(third)
+    net.run_until(lambda: net.managers_of(service.key) == [second], 60)  # the closest fell silent
+    net.crash(second)
+    net.run_for(30)
+    net.restart(second)
+    restarted_at = net.now
+    assert net.deployment(second)._liveness(net.node_ids[closest]).name == "alive"  # not probed yet
+    net.run_until(lambda: net.managers_of(service.key) == [second], 60)
+    c = net.deployment_config
+    assert net.now - restarted_at <= c.report_interval_s * c.manager_silence_reports + 2 * c.tick_s
 
 
 def test_undeploy_stops_every_replica_and_frees_every_reservation():
