@@ -68,7 +68,22 @@ async def start_healing_community(
     trust = [arg for identity in identities for arg in ("--trust", identity.public_key.hex())]
     args = [*trust, *extra_args]
     nodes = await start_community(local, root, count, extra_args=args, start_timeout_s=start_timeout_s)
-    return HealingCommunity(local, root, nodes, [identity.node_id for identity in identities], args)
+    community = HealingCommunity(local, root, nodes, [identity.node_id for identity in identities], args)
+    await wait_acquainted(community, start_timeout_s)
+    return community
+
+
+async def wait_acquainted(community: HealingCommunity, timeout_s: float = 120.0) -> None:
+    """Wait until every node's routing table holds every other node. A service deployed before
+    that has its record's group, and its bundle's copies, chosen among the few nodes its owner
+    knows: a record written on a group of one is lost to management with that node."""
+    with trio.fail_after(timeout_s):
+        while True:
+            statuses = await node_statuses(community)
+            if len(statuses) == len(community.nodes) and \
+                    all(s.contacts >= len(community.nodes) - 1 for s in statuses):
+                return
+            await trio.sleep(POLL_INTERVAL_S * 5)
 
 
 async def report_of(community: HealingCommunity, service: str, *, besides: Sequence[int] = ()) -> ServiceReport | None:
