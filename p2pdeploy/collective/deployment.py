@@ -392,7 +392,7 @@ class Deployment(OwnerOperations, HostReports, Protocol):
             self._watch(member, now)
         self._arm(now)
 
-    def _manager_of(self, key: int, group: list[Contact], now: float | None = None) -> Contact | None:
+    def _manager_of(self, key: int, group: list[Contact], now: float) -> Contact | None:
         """The closest member of ``group`` that this node does not hold dead (nor has suspected
         for ``manager_suspect_s``), nor has been without its ``ManagerAlive`` for
         ``manager_silence_reports`` intervals (since the last one, or since this node took up the
@@ -407,9 +407,9 @@ class Deployment(OwnerOperations, HostReports, Protocol):
             if liveness is Liveness.dead:
                 continue
             heard = self._heard_manager.get((key, member.node_id), self._record_since.get(key))
-            if heard is not None and now is not None and now - heard > silence_s:
+            if heard is not None and now - heard > silence_s:
                 continue  # it managed and has been silent since, or it never told it manages
-            if liveness is Liveness.suspect and now is not None and self.detector is not None:
+            if liveness is Liveness.suspect and self.detector is not None:
                 since = self.detector.since(member.node_id)
                 if since is not None and now - since >= self.config.manager_suspect_s:
                     continue

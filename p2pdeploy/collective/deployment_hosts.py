@@ -155,9 +155,8 @@ class HostReports:
                 self.host.forget(replica_id, now)
         if self._fresh_contact(msg.manager).address != msg.manager.address:
             self.overlay.heard(msg.manager, now)  # the table challenges it there, and learns the address once proved
-        if msg.manager.node_id != hosted.manager.node_id:
-            hosted.manager = msg.manager
+        moved = msg.manager.node_id != hosted.manager.node_id
+        hosted.manager = msg.manager  # (or the address it listens at now)
+        if moved:
             self._watch(msg.manager, now)
             self._report(msg.service, now)
-        elif msg.manager.address != hosted.manager.address:
-            hosted.manager = msg.manager
